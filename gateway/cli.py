@@ -1,0 +1,82 @@
+"""Command line: ``gateway run | check | version``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from gateway import __version__
+from gateway.config import ConfigInvalid, format_errors, load_config
+from gateway.config.model import GatewayConfig
+
+log = logging.getLogger("gateway")
+
+DEFAULT_CONFIG = "config/gateway.yaml"
+
+
+def _load_or_report(path: str) -> GatewayConfig | None:
+    try:
+        return load_config(path)
+    except ConfigInvalid as invalid:
+        print(format_errors(invalid.errors), file=sys.stderr)
+        return None
+    except OSError as error:
+        print(f"{path}: cannot read config: {error.strerror or error}", file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config)
+    if config is None:
+        print(f"{args.config}: configuration is invalid", file=sys.stderr)
+        return 1
+    print(
+        f"{args.config}: configuration is valid "
+        f"({len(config.routes)} routes, {len(config.upstreams)} upstreams, "
+        f"sha256 {config.sha256[:12]})"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config)
+    if config is None:
+        print(f"{args.config}: refusing to start on an invalid configuration", file=sys.stderr)
+        return 1
+    import uvloop
+
+    from gateway.app import serve
+
+    return uvloop.run(serve(config, args.config, with_demo=args.with_demo))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="asyncio reverse proxy and API gateway"
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the gateway")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="route YAML file")
+    run.add_argument(
+        "--with-demo",
+        action="store_true",
+        help="also start the bundled demo service on the instances of the 'demo' upstream",
+    )
+    run.set_defaults(handler=cmd_run)
+    check = commands.add_parser("check", help="validate a config file and exit (like nginx -t)")
+    check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="route YAML file")
+    check.set_defaults(handler=cmd_check)
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(handler=lambda _args: print(__version__) or 0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        return int(args.handler(args))
+    return 130

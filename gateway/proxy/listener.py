@@ -1,0 +1,1140 @@
+"""Client side of the data plane: an ``asyncio.Protocol`` per client connection, on httptools.
+
+Everything here is callback code: no Task and no coroutine per request on the fast path (a new
+upstream connection is the exception, opened by ``InstancePool.connect``). One exchange is proxied
+at a time per client connection; pipelined requests wait in order (RFC 9112 §9.3.2) with reading
+paused. Requests are dispatched only after the parser accepted the whole chunk of bytes they came
+in, so bytes that fail to parse never reach an upstream.
+
+Timeouts are checked by one periodic sweep per server (``TICK`` seconds) against deadlines stored
+on the connection, instead of a timer handle per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+import orjson
+
+from gateway.proxy import headers as hdr
+from gateway.proxy.upstream import InstancePool, UpstreamConnection
+
+if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
+    from gateway.routing import Route
+    from gateway.snapshot import Instance, Snapshot, Upstream
+
+log = logging.getLogger("gateway.proxy")
+
+TICK = 0.1  # seconds between timeout sweeps; deadlines are this coarse
+REPLAY_LIMIT = (
+    64 * 1024
+)  # request body kept to replay once on a fresh connection if a pooled one was stale
+PENDING_BODY_LIMIT = (
+    256 * 1024
+)  # body buffered before the upstream is ready; beyond, reading pauses
+
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
+# Response body framing toward the client.
+FRAME_NONE = 0  # no body (HEAD, 1xx, 204, 304)
+FRAME_RAW = 1  # bytes as they come: Content-Length known, or close-delimited toward the client
+FRAME_CHUNKED = 2  # re-encoded as chunked
+
+_H_HOST = 1
+_H_CONTENT_LENGTH = 2
+_H_TRANSFER_ENCODING = 3
+_H_CONNECTION = 4
+_H_UPGRADE = 5
+_H_REQUEST_ID = 6
+_SPECIAL_HEADERS = {
+    b"host": _H_HOST,
+    b"content-length": _H_CONTENT_LENGTH,
+    b"transfer-encoding": _H_TRANSFER_ENCODING,
+    b"connection": _H_CONNECTION,
+    b"upgrade": _H_UPGRADE,
+    b"x-request-id": _H_REQUEST_ID,
+}
+
+_REASONS = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+class RequestRejected(Exception):
+    """Raised inside a parser callback to stop parsing with a specific status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Exchange:
+    """One request/response pair and everything the proxy tracks about it."""
+
+    __slots__ = (
+        "body_bytes",
+        "chunked",
+        "cl_count",
+        "conn",
+        "conn_tokens",
+        "content_length",
+        "deadline",
+        "error",
+        "head",
+        "header_bytes",
+        "headers",
+        "host",
+        "host_count",
+        "instance",
+        "interim",
+        "is_head",
+        "keep_alive",
+        "max_body",
+        "method",
+        "method_name",
+        "pending",
+        "pending_bytes",
+        "read_deadline",
+        "replay",
+        "request_complete",
+        "request_id",
+        "response_complete",
+        "response_frame",
+        "response_started",
+        "route",
+        "route_name",
+        "stale_retried",
+        "status",
+        "t_start",
+        "t_upstream",
+        "t_upstream_done",
+        "te_count",
+        "upgrade",
+        "upstream",
+        "upstream_chunked",
+        "upstream_name",
+        "url",
+        "version",
+    )
+
+    def __init__(self, now: float, max_body: int) -> None:
+        self.t_start = now
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.host: bytes | None = None
+        self.host_count = 0
+        self.content_length: bytes | None = None
+        self.cl_count = 0
+        self.chunked = False
+        self.te_count = 0
+        self.conn_tokens: frozenset[bytes] = frozenset()
+        self.upgrade: bytes | None = None
+        self.request_id: bytes | None = None
+        self.method = b""
+        self.method_name = ""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.is_head = False
+        self.error: RequestRejected | None = None
+        self.body_bytes = 0
+        self.max_body = max_body
+        self.pending: list[bytes] | None = None  # framed body bytes waiting for the upstream
+        self.pending_bytes = 0
+        self.replay: list[bytes] | None = (
+            None  # framed body bytes sent, for a stale-connection retry
+        )
+        self.request_complete = False
+        self.route: Route | None = None
+        self.route_name = "<none>"
+        self.upstream: Upstream | None = None
+        self.upstream_name = "<none>"
+        self.instance: Instance | None = None
+        self.conn: UpstreamConnection | None = None
+        self.head = b""
+        self.upstream_chunked = False
+        self.status = 0
+        self.interim = False
+        self.response_started = False
+        self.response_complete = False
+        self.response_frame = FRAME_NONE
+        self.stale_retried = False
+        self.deadline = 0.0
+        self.read_deadline = 0.0
+        self.t_upstream = 0.0
+        self.t_upstream_done = 0.0
+
+
+class ProxyServer:
+    """The listening socket, the live snapshot and the set of client connections."""
+
+    def __init__(self, snapshot: Snapshot, metrics: GatewayMetrics) -> None:
+        self.snapshot = snapshot
+        self.metrics = metrics
+        self.connections: set[ClientConnection] = set()
+        self.request_ids = hdr.RequestIds()
+        self.clock = time.monotonic()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def set_snapshot(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self),
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            backlog=4096,
+        )
+        self._sweeper = loop.call_later(TICK, self._sweep)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return list(self._server.sockets) if self._server is not None else []
+
+    def _sweep(self) -> None:
+        now = self.clock = time.monotonic()
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+        for pool in self.snapshot.pools():
+            if pool.idle:
+                pool.sweep(now)
+        assert self._loop is not None
+        self._sweeper = self._loop.call_later(TICK, self._sweep)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for conn in list(self.connections):
+            conn.abort()
+        for pool in self.snapshot.pools():
+            pool.close_all()
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "active",
+        "closed",
+        "head_deadline",
+        "idle_deadline",
+        "out",
+        "parser",
+        "parsing",
+        "peer_ip",
+        "peer_trusted",
+        "pending_error",
+        "queue",
+        "reading_paused",
+        "server",
+        "to_dispatch",
+        "transport",
+        "tunnel",
+        "tunnel_pending",
+        "upgrade_pending",
+        "upstream_write_paused",
+        "writing_paused",
+    )
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.parsing: Exchange | None = None
+        self.active: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.out: list[bytes] = []
+        self.peer_ip = ""
+        self.peer_trusted = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self.upstream_write_paused = False
+        self.to_dispatch = False
+        self.closed = False
+        self.head_deadline = 0.0
+        self.idle_deadline = 0.0
+        self.tunnel: UpstreamConnection | None = None
+        self.tunnel_pending: list[bytes] | None = None
+        self.upgrade_pending = False
+        self.pending_error: RequestRejected | None = None
+
+    # -- connection lifecycle -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        server = self.server
+        limits = server.snapshot.config.limits
+        if len(server.connections) >= limits.max_connections or server.draining:
+            self.closed = True
+            transport.abort()
+            return
+        server.connections.add(self)
+        server.metrics.connections_open += 1
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else "0.0.0.0"
+        self.peer_trusted = self.peer_ip in server.snapshot.trusted_proxies
+        # The first request line must arrive as fast as any later request head (slowloris).
+        self.idle_deadline = server.clock + limits.header_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        server = self.server
+        server.connections.discard(self)
+        server.metrics.connections_open -= 1
+        if self.tunnel is not None:
+            self.tunnel.owner = None
+            self.tunnel.abort()
+            self.tunnel = None
+        ex = self.active
+        if ex is not None:
+            self.active = None
+            conn = ex.conn
+            if conn is not None and not ex.response_complete:
+                # The client went away mid-exchange: the upstream connection is in an unknown
+                # state, so it is closed rather than pooled.
+                conn.owner = None
+                conn.abort()
+                self._release_instance(ex)
+            if not ex.response_complete:
+                self._observe(ex, 499)
+        self.queue.clear()
+        self.parsing = None
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_writing(self) -> None:
+        # Client's socket buffer is full: stop reading the upstream so it cannot pile up here.
+        self.writing_paused = True
+        ex = self.active
+        if ex is not None:
+            ex.read_deadline = 0.0  # the upstream is not slow, the client is
+            conn = ex.conn
+            if conn is not None and conn.transport is not None:
+                conn.transport.pause_reading()
+        if self.tunnel is not None and self.tunnel.transport is not None:
+            self.tunnel.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        ex = self.active
+        if ex is not None:
+            conn = ex.conn
+            if conn is not None and conn.transport is not None:
+                if ex.upstream is not None:
+                    ex.read_deadline = self.server.clock + ex.upstream.read_timeout
+                conn.transport.resume_reading()
+        if self.tunnel is not None and self.tunnel.transport is not None:
+            self.tunnel.transport.resume_reading()
+
+    def pause_client_reading(self) -> None:
+        """Upstream's socket buffer is full (large upload): stop reading the client."""
+        self.upstream_write_paused = True
+        self._update_reading()
+
+    def resume_client_reading(self) -> None:
+        self.upstream_write_paused = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        want_pause = (
+            self.upstream_write_paused
+            or bool(self.queue)
+            or self.upgrade_pending
+            or self.pending_error is not None
+        )
+        if not want_pause:
+            parsing = self.parsing
+            if parsing is not None and parsing.pending_bytes > PENDING_BODY_LIMIT:
+                want_pause = True
+        if want_pause and not self.reading_paused:
+            self.reading_paused = True
+            transport.pause_reading()
+        elif not want_pause and self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+
+    def check_timeouts(self, now: float) -> None:
+        ex = self.active
+        if ex is not None:
+            if ex.deadline and now > ex.deadline:
+                self._upstream_timeout(ex, "route timeout exceeded")
+                return
+            if ex.read_deadline and now > ex.read_deadline:
+                self._upstream_timeout(ex, "upstream read timeout")
+                return
+        if (
+            self.parsing is not None
+            and ex is None
+            and self.head_deadline
+            and now > self.head_deadline
+        ):
+            if self.parsing.headers or self.parsing.url:
+                self._reject_parsing(
+                    RequestRejected(408, "request_timeout", "request head not received in time")
+                )
+            else:
+                self.abort()
+            return
+        if (
+            ex is None
+            and self.parsing is None
+            and self.tunnel is None
+            and self.idle_deadline
+            and now > self.idle_deadline
+        ):
+            self.transport.close()  # type: ignore[union-attr]
+
+    # -- client bytes -----------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.send(data)
+            return
+        if self.upgrade_pending:
+            # Bytes after an Upgrade request belong to the new protocol; hold them until the
+            # upstream agrees (101) or refuses (then the connection closes).
+            assert self.tunnel_pending is not None
+            self.tunnel_pending.append(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgrade_pending = True
+            self.tunnel_pending = [data[upgrade.args[0] :]]
+            self._update_reading()
+        except httptools.HttpParserError as error:
+            self._on_parse_error(error)
+            return
+        if self.to_dispatch:
+            self.to_dispatch = False
+            ex = self.active
+            if ex is not None:
+                self._dispatch(ex)
+        else:
+            ex = self.active
+            if ex is not None and ex.conn is not None and ex.pending:
+                self._send_pending(ex)
+
+    # -- httptools callbacks (request) -------------------------------------------------------
+    def on_message_begin(self) -> None:
+        server = self.server
+        ex = Exchange(time.perf_counter(), server.snapshot.config.limits.max_body_bytes)
+        self.parsing = ex
+        self.head_deadline = server.clock + server.snapshot.config.limits.header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.url += url
+        if len(ex.url) > self.server.snapshot.config.limits.max_uri_bytes:
+            raise RequestRejected(414, "uri_too_long", "request target is too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        name = name.lower()
+        ex.header_bytes += len(name) + len(value) + 4
+        if ex.header_bytes > self.server.snapshot.config.limits.max_header_bytes:
+            raise RequestRejected(431, "headers_too_large", "request header fields too large")
+        special = _SPECIAL_HEADERS.get(name)
+        if special is not None:
+            if special == _H_HOST:
+                ex.host = value
+                ex.host_count += 1
+            elif special == _H_CONTENT_LENGTH:
+                ex.content_length = value
+                ex.cl_count += 1
+            elif special == _H_TRANSFER_ENCODING:
+                ex.chunked = True
+                ex.te_count += 1
+            elif special == _H_CONNECTION:
+                ex.conn_tokens = ex.conn_tokens | hdr.connection_tokens(value)
+            elif special == _H_UPGRADE:
+                ex.upgrade = value
+            elif special == _H_REQUEST_ID:
+                ex.request_id = value
+        ex.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        parser = self.parser
+        ex.method = method = parser.get_method()
+        ex.method_name = method.decode("ascii")
+        ex.version = version = parser.get_http_version()
+        ex.keep_alive = parser.should_keep_alive()
+        ex.is_head = method == b"HEAD"
+        upgrading = parser.should_upgrade()
+        # Framing checks llhttp leaves to us. RFC 9112 §3.2: exactly one Host in HTTP/1.1.
+        if ex.host_count > 1 or (ex.host_count == 0 and version == "1.1"):
+            ex.error = RequestRejected(400, "bad_request", "exactly one Host header is required")
+        elif ex.cl_count > 1:
+            # RFC 9112 §6.3: differing or repeated lengths make the framing ambiguous.
+            ex.error = RequestRejected(400, "bad_request", "more than one Content-Length header")
+        elif ex.chunked and ex.content_length is not None:
+            ex.error = RequestRejected(
+                400, "bad_request", "both Content-Length and Transfer-Encoding"
+            )
+        elif ex.chunked and version == "1.0":
+            # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message signals faulty framing.
+            ex.error = RequestRejected(
+                400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request"
+            )
+        elif ex.chunked and ex.te_count > 1:
+            ex.error = RequestRejected(400, "bad_request", "more than one Transfer-Encoding header")
+        elif method == b"CONNECT":
+            ex.error = RequestRejected(405, "method_not_allowed", "CONNECT is not supported")
+        if not upgrading or ex.error is not None or b"upgrade" not in ex.conn_tokens:
+            ex.upgrade = None
+        self.head_deadline = 0.0
+        if self.active is None and self.pending_error is None:
+            self.active = ex
+            self.to_dispatch = True
+        else:
+            self.queue.append(ex)
+            self._update_reading()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        size = len(body)
+        ex.body_bytes += size
+        if ex.body_bytes > ex.max_body:
+            raise RequestRejected(413, "body_too_large", "request body exceeds the limit")
+        framed = b"%x\r\n%b\r\n" % (size, body) if ex.chunked else body
+        conn = ex.conn
+        if conn is not None and not ex.pending:
+            conn.send(framed)
+            replay = ex.replay
+            if replay is not None:
+                if ex.body_bytes <= REPLAY_LIMIT:
+                    replay.append(framed)
+                else:
+                    ex.replay = None
+        else:
+            if ex.pending is None:
+                ex.pending = [framed]
+            else:
+                ex.pending.append(framed)
+            ex.pending_bytes += len(framed)
+            if ex.pending_bytes > PENDING_BODY_LIMIT:
+                self._update_reading()
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.request_complete = True
+        self.parsing = None
+        if ex.chunked:
+            conn = ex.conn
+            if conn is not None and not ex.pending:
+                conn.send(b"0\r\n\r\n")
+                if ex.replay is not None:
+                    ex.replay.append(b"0\r\n\r\n")
+            else:
+                if ex.pending is None:
+                    ex.pending = [b"0\r\n\r\n"]
+                else:
+                    ex.pending.append(b"0\r\n\r\n")
+        if ex.response_complete:
+            # The response finished before the request body did (early reply).
+            self._finish(ex)
+
+    # -- dispatch -------------------------------------------------------------------------
+    def _dispatch(self, ex: Exchange) -> None:
+        if ex.error is not None:
+            self._respond_error(ex, ex.error)
+            return
+        snapshot = self.server.snapshot
+        url = ex.url
+        host = ex.host
+        if url[:1] == b"/":
+            query_at = url.find(b"?")
+            if query_at < 0:
+                path, query = url, b""
+            else:
+                path, query = url[:query_at], url[query_at + 1 :]
+        elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
+            # RFC 9112 §3.2.2: absolute-form; its authority replaces the Host header.
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                self._respond_error(
+                    ex, RequestRejected(400, "bad_request", "invalid request target")
+                )
+                return
+            host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+            path = parsed.path or b"/"
+            query = parsed.query or b""
+            url = path + (b"?" + query if query else b"")
+        elif url == b"*" and ex.method == b"OPTIONS":
+            path, query = b"*", b""
+        else:
+            self._respond_error(ex, RequestRejected(400, "bad_request", "invalid request target"))
+            return
+        path_text = path.decode("latin-1")
+        route = snapshot.routes.match(
+            ex.method_name,
+            host.decode("latin-1") if host is not None else "",
+            path_text,
+            query.decode("latin-1") if query else "",
+            ex.headers,
+        )
+        if route is None:
+            self._respond_error(
+                ex, RequestRejected(404, "no_route", "no route matches the request")
+            )
+            return
+        ex.route = route
+        ex.route_name = route.name
+        if route.max_body_bytes is not None:
+            ex.max_body = route.max_body_bytes
+        if ex.content_length is not None:
+            try:
+                declared = int(ex.content_length)
+            except ValueError:
+                declared = -1
+            if declared < 0:
+                self._respond_error(
+                    ex, RequestRejected(400, "bad_request", "invalid Content-Length")
+                )
+                return
+            if declared > ex.max_body:
+                self._respond_error(
+                    ex, RequestRejected(413, "body_too_large", "request body exceeds the limit")
+                )
+                return
+        elif ex.body_bytes > ex.max_body:
+            self._respond_error(
+                ex, RequestRejected(413, "body_too_large", "request body exceeds the limit")
+            )
+            return
+        upstream = snapshot.upstreams[route.upstream]
+        ex.upstream = upstream
+        ex.upstream_name = upstream.name
+        instance = upstream.pick()
+        if instance is None:
+            self._respond_error(
+                ex,
+                RequestRejected(
+                    503,
+                    "no_healthy_instance",
+                    f"upstream '{upstream.name}' has no available instance",
+                ),
+            )
+            return
+        ex.instance = instance
+        instance.active_requests += 1
+        new_path = route.rewrite_path(path_text)
+        if new_path is not path_text:
+            url = new_path.encode("latin-1") + (b"?" + query if query else b"")
+        if ex.upgrade is not None:
+            framing = b""
+        elif ex.chunked:
+            framing = b"transfer-encoding: chunked\r\n"
+            ex.upstream_chunked = True
+        elif ex.content_length is not None:
+            framing = b"content-length: %d\r\n" % int(ex.content_length)
+        else:
+            framing = b""
+        request_id = ex.request_id
+        if request_id is None or not hdr.valid_request_id(request_id):
+            request_id = ex.request_id = self.server.request_ids.next()
+        host_out = route.host_rewrite.encode("latin-1") if route.host_rewrite else host
+        if host_out is None:
+            host_out = instance.address.encode("ascii")
+        ex.head = hdr.build_request_head(
+            ex.method,
+            url,
+            ex.headers,
+            host=host_out,
+            conn_tokens=ex.conn_tokens,
+            client_ip=self.peer_ip,
+            peer_trusted=self.peer_trusted,
+            request_id=request_id,
+            framing=framing,
+            upgrade=ex.upgrade,
+        )
+        if route.timeout:
+            ex.deadline = self.server.clock + route.timeout
+        self._connect(ex, instance.pool)
+
+    def _connect(self, ex: Exchange, pool: InstancePool) -> None:
+        conn = pool.acquire()
+        if conn is not None:
+            self._attach(ex, conn)
+            return
+
+        def connected(conn: UpstreamConnection | None, error: BaseException | None) -> None:
+            if conn is None:
+                if self.active is ex and not self.closed:
+                    if isinstance(error, TimeoutError):
+                        self._upstream_error(
+                            ex, 504, "upstream_timeout", "upstream connect timeout"
+                        )
+                    else:
+                        self._upstream_error(
+                            ex,
+                            502,
+                            "upstream_connect_failure",
+                            f"cannot connect to upstream: {error}",
+                        )
+                return
+            if self.active is not ex or self.closed:
+                pool.release(conn)  # never used: clean and safe to pool
+                return
+            self._attach(ex, conn)
+
+        pool.connect(connected)
+
+    def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        conn.owner = self
+        conn.skip_body = ex.is_head
+        ex.conn = conn
+        ex.t_upstream = time.perf_counter()
+        upstream = ex.upstream
+        assert upstream is not None
+        ex.read_deadline = self.server.clock + upstream.read_timeout
+        ex.replay = [] if conn.used and not ex.stale_retried else None
+        if ex.pending:
+            pending = ex.pending
+            ex.pending = None
+            ex.pending_bytes = 0
+            if ex.replay is not None:
+                if ex.body_bytes <= REPLAY_LIMIT:
+                    ex.replay.extend(pending)
+                else:
+                    ex.replay = None
+            assert conn.transport is not None
+            conn.transport.writelines([ex.head, *pending])
+            self._update_reading()
+        else:
+            conn.send(ex.head)
+
+    def _send_pending(self, ex: Exchange) -> None:
+        conn = ex.conn
+        pending = ex.pending
+        if conn is None or not pending or conn.transport is None:
+            return
+        ex.pending = None
+        ex.pending_bytes = 0
+        if ex.replay is not None:
+            ex.replay.extend(pending)
+        conn.transport.writelines(pending)
+        self._update_reading()
+
+    # -- upstream events ----------------------------------------------------------------------
+    def on_response_head(
+        self,
+        conn: UpstreamConnection,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        upstream_keep_alive: bool,
+    ) -> None:
+        ex = self.active
+        if ex is None or ex.conn is not conn:
+            return
+        upstream = ex.upstream
+        assert upstream is not None
+        ex.read_deadline = self.server.clock + upstream.read_timeout
+        if status < 200 and status != 101:
+            ex.interim = True
+            # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client; 100 only when the client asked.
+            if ex.version != "1.0":
+                self.out.append(hdr.interim_head(status, reason, headers))
+            return
+        ex.status = status
+        conn.reusable = upstream_keep_alive
+        keep_alive = ex.keep_alive and not self.server.draining
+        if status == 101:
+            upgrade_value = next((value for name, value in headers if name == b"upgrade"), None)
+            if ex.upgrade is None or upgrade_value is None:
+                self._upstream_failure(
+                    ex, conn, "upstream switched protocols without an upgrade request"
+                )
+                return
+            self.out.append(
+                hdr.build_response_head(
+                    101,
+                    reason,
+                    headers,
+                    conn_tokens=hdr.connection_tokens(b""),
+                    request_id=ex.request_id or b"",
+                    framing=b"",
+                    keep_alive=True,
+                    upgrade=upgrade_value,
+                )
+            )
+            ex.response_started = True
+            return
+        if ex.upgrade is not None:
+            keep_alive = False  # upgrade refused: the bytes that followed were not HTTP
+        no_body = ex.is_head or status == 204 or status == 304
+        content_length = conn.content_length
+        if no_body:
+            ex.response_frame = FRAME_NONE
+            if content_length is not None and status != 204:
+                framing = b"content-length: " + content_length + b"\r\n"
+            else:
+                framing = b""
+        elif content_length is not None:
+            ex.response_frame = FRAME_RAW
+            framing = b"content-length: " + content_length + b"\r\n"
+        else:
+            if not conn.chunked:
+                # Close-delimited (RFC 9112 §6.3 item 8): this connection cannot be reused.
+                conn.body_until_close = True
+                conn.reusable = False
+            if ex.version == "1.0":
+                ex.response_frame = FRAME_RAW
+                keep_alive = False
+                framing = b""
+            else:
+                ex.response_frame = FRAME_CHUNKED
+                framing = b"transfer-encoding: chunked\r\n"
+        if keep_alive and ex.version == "1.0":
+            framing += b"connection: keep-alive\r\n"
+        ex.keep_alive = keep_alive
+        conn_tokens = frozenset()
+        for name, value in headers:
+            if name == b"connection":
+                conn_tokens = conn_tokens | hdr.connection_tokens(value)
+        self.out.append(
+            hdr.build_response_head(
+                status,
+                reason,
+                headers,
+                conn_tokens=conn_tokens,
+                request_id=ex.request_id or b"",
+                framing=framing,
+                keep_alive=keep_alive,
+            )
+        )
+        ex.response_started = True
+
+    def on_response_body(self, body: bytes) -> None:
+        ex = self.active
+        if ex is None:
+            return
+        frame = ex.response_frame
+        if frame == FRAME_RAW:
+            self.out.append(body)
+        elif frame == FRAME_CHUNKED:
+            self.out.append(b"%x\r\n" % len(body))
+            self.out.append(body)
+            self.out.append(b"\r\n")
+        upstream = ex.upstream
+        if upstream is not None and not self.writing_paused:
+            ex.read_deadline = self.server.clock + upstream.read_timeout
+
+    def on_response_message_complete(self, conn: UpstreamConnection) -> None:
+        ex = self.active
+        if ex is None or ex.conn is not conn:
+            return
+        if ex.interim:
+            ex.interim = False
+            return
+        if ex.status == 101:
+            return  # the parser raises HttpParserUpgrade next; on_upstream_upgrade takes over
+        if ex.response_frame == FRAME_CHUNKED:
+            self.out.append(b"0\r\n\r\n")
+        self._response_done(ex, conn)
+
+    def on_response_complete(self, conn: UpstreamConnection) -> None:
+        """Close-delimited response ended with the upstream connection."""
+        ex = self.active
+        if ex is None or ex.conn is not conn:
+            return
+        if ex.response_frame == FRAME_CHUNKED:
+            self.out.append(b"0\r\n\r\n")
+        self._response_done(ex, conn)
+
+    def _response_done(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        ex.response_complete = True
+        ex.t_upstream_done = time.perf_counter()
+        ex.read_deadline = 0.0
+        if ex.request_complete and not ex.pending:
+            conn.pool.release(conn)
+        else:
+            # The upstream answered before the whole request body arrived: that connection is
+            # mid-message, and so is the client's; both close after this response.
+            conn.owner = None
+            conn.close()
+            ex.keep_alive = False
+        self._release_instance(ex)
+        self.flush_to_client()
+        if ex.request_complete or not ex.keep_alive:
+            self._finish(ex)
+
+    def on_upstream_upgrade(self, conn: UpstreamConnection, tail: bytes) -> None:
+        ex = self.active
+        if ex is None or ex.conn is not conn or ex.status != 101:
+            conn.owner = None
+            conn.abort()
+            return
+        # From here on both connections are a byte tunnel (RFC 9110 §7.8).
+        conn.tunnel = True
+        conn.reusable = False
+        self.tunnel = conn
+        self.upgrade_pending = False
+        if tail:
+            self.out.append(tail)
+        self.flush_to_client()
+        pending = self.tunnel_pending or []
+        self.tunnel_pending = None
+        for chunk in pending:
+            if chunk:
+                conn.send(chunk)
+        ex.response_complete = True
+        ex.t_upstream_done = time.perf_counter()
+        ex.read_deadline = 0.0
+        ex.deadline = 0.0
+        self._observe(ex, 101)
+        self._release_instance(ex)
+        self.active = None
+        self._update_reading()
+
+    def tunnel_to_client(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        if self.tunnel is conn:
+            self.tunnel = None
+            if self.transport is not None:
+                self.transport.close()
+            return
+        ex = self.active
+        if ex is None or ex.conn is not conn:
+            return
+        if (
+            conn.used
+            and not ex.stale_retried
+            and not ex.response_started
+            and ex.status == 0
+            and ex.replay is not None
+        ):
+            # RFC 9112 §9.3.1: a pooled connection the upstream closed before answering carried
+            # nothing it processed; retrying once on a fresh connection is safe for any method.
+            ex.stale_retried = True
+            ex.conn = None
+            replay = ex.replay
+            ex.replay = None
+            pending = ex.pending or []
+            ex.pending = replay + pending if replay or pending else None
+            ex.pending_bytes = sum(len(chunk) for chunk in ex.pending) if ex.pending else 0
+            assert ex.instance is not None
+            self._connect(ex, ex.instance.pool)
+            return
+        reason = f"upstream connection lost: {exc}" if exc else "upstream closed the connection"
+        self._upstream_failure(ex, conn, reason)
+
+    def on_upstream_failed(self, conn: UpstreamConnection, reason: str) -> None:
+        ex = self.active
+        if ex is None or ex.conn is not conn:
+            return
+        self._upstream_failure(ex, conn, reason)
+
+    def _upstream_failure(self, ex: Exchange, conn: UpstreamConnection, reason: str) -> None:
+        conn.owner = None
+        conn.abort()
+        self._upstream_error(ex, 502, "upstream_failure", reason)
+
+    def _upstream_timeout(self, ex: Exchange, reason: str) -> None:
+        conn = ex.conn
+        if conn is not None:
+            conn.owner = None
+            conn.abort()
+        self._upstream_error(ex, 504, "upstream_timeout", reason)
+
+    def _upstream_error(self, ex: Exchange, status: int, code: str, message: str) -> None:
+        self._release_instance(ex)
+        if ex.response_started:
+            # Part of the response is already out: a second response is impossible, so the only
+            # honest signal left is closing the connection mid-body.
+            self.flush_to_client()
+            self._observe(ex, ex.status)
+            self.active = None
+            self.abort()
+            return
+        ex.keep_alive = False
+        self._respond_error(ex, RequestRejected(status, code, message))
+
+    def _release_instance(self, ex: Exchange) -> None:
+        instance = ex.instance
+        if instance is not None:
+            instance.active_requests -= 1
+            ex.instance = None
+
+    # -- responses produced by the gateway ----------------------------------------------------
+    def _respond_error(self, ex: Exchange, error: RequestRejected) -> None:
+        request_id = ex.request_id
+        if request_id is None or not hdr.valid_request_id(request_id):
+            request_id = ex.request_id = self.server.request_ids.next()
+        body = orjson.dumps(
+            {
+                "error": error.code,
+                "message": error.message,
+                "status": error.status,
+                "request_id": request_id.decode("ascii"),
+            }
+        )
+        # The connection survives only if the request was read whole and framed unambiguously.
+        keep_alive = (
+            ex.keep_alive
+            and ex.request_complete
+            and not self.upgrade_pending
+            and error.status not in (400, 408, 413, 414, 431)
+            and not self.server.draining
+        )
+        ex.keep_alive = keep_alive
+        ex.status = error.status
+        head = [
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nx-request-id: %s\r\n"
+            % (error.status, _REASONS.get(error.status, b"Error"), len(body), request_id)
+        ]
+        if not keep_alive:
+            head.append(b"connection: close\r\n")
+        elif ex.version == "1.0":
+            head.append(b"connection: keep-alive\r\n")
+        head.append(b"\r\n")
+        self.out.append(b"".join(head))
+        if not ex.is_head:
+            self.out.append(body)
+        ex.response_started = True
+        ex.response_complete = True
+        self.flush_to_client()
+        self._finish(ex)
+
+    def _on_parse_error(self, error: httptools.HttpParserError) -> None:
+        cause = error.__context__
+        if isinstance(cause, RequestRejected):
+            rejected = cause
+        else:
+            rejected = RequestRejected(400, "bad_request", f"malformed request: {error}")
+        self._reject_parsing(rejected)
+
+    def _reject_parsing(self, rejected: RequestRejected) -> None:
+        """The request being parsed is bad: answer it (in order) and close the connection.
+
+        Requests parsed from the same bytes are never dispatched: their framing is suspect.
+        """
+        self.to_dispatch = False
+        ex = self.parsing
+        self.parsing = None
+        self.queue.clear()
+        if ex is not None and ex is self.active:
+            conn = ex.conn
+            if conn is not None:
+                # The error is inside a body already streaming upstream: abort that exchange.
+                conn.owner = None
+                conn.abort()
+                ex.conn = None
+            self._release_instance(ex)
+            if ex.response_started:
+                self._observe(ex, ex.status)
+                self.active = None
+                self.abort()
+                return
+            ex.keep_alive = False
+            self._respond_error(ex, rejected)
+            return
+        if self.active is None:
+            failed = ex if ex is not None else Exchange(time.perf_counter(), 0)
+            failed.keep_alive = False
+            self.active = failed
+            self._respond_error(failed, rejected)
+        else:
+            # An earlier request is still being answered; the error follows it, in order.
+            self.pending_error = rejected
+            self._update_reading()
+
+    # -- completion ---------------------------------------------------------------------------
+    def flush_to_client(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            transport = self.transport
+            if transport is not None and not self.closed:
+                if len(out) == 1:
+                    transport.write(out[0])
+                else:
+                    transport.writelines(out)
+
+    def _observe(self, ex: Exchange, status: int) -> None:
+        now = time.perf_counter()
+        total = now - ex.t_start
+        if ex.t_upstream:
+            upstream_time: float | None = (ex.t_upstream_done or now) - ex.t_upstream
+            overhead = total - upstream_time
+        else:
+            upstream_time = None
+            overhead = total
+        method = ex.method_name if ex.method_name in KNOWN_METHODS else "OTHER"
+        self.server.metrics.observe_request(
+            ex.route_name, ex.upstream_name, method, status, total, upstream_time, overhead
+        )
+
+    def _finish(self, ex: Exchange) -> None:
+        if self.active is not ex:
+            return
+        self._observe(ex, ex.status)
+        self.active = None
+        if not ex.keep_alive or self.closed:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.active = nxt
+            self._update_reading()
+            self._dispatch(nxt)
+            return
+        if self.pending_error is not None:
+            error = self.pending_error
+            self.pending_error = None
+            failed = Exchange(time.perf_counter(), 0)
+            failed.keep_alive = False
+            self.active = failed
+            self._respond_error(failed, error)
+            return
+        self.idle_deadline = (
+            self.server.clock + self.server.snapshot.config.limits.keepalive_timeout
+        )
+        self._update_reading()

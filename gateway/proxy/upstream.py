@@ -1,0 +1,266 @@
+"""Upstream side of the data plane: one keep-alive HTTP/1.1 connection, and a pool per instance.
+
+An ``UpstreamConnection`` parses responses with httptools and forwards every event to the
+``ClientConnection`` it is currently lent to (``owner``). Between exchanges it sits idle in its
+``InstancePool``; any byte or EOF arriving while idle means the upstream closed or misbehaved, so
+the connection leaves the pool at once and is never reused (stale-connection detection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import httptools
+
+if TYPE_CHECKING:
+    from gateway.proxy.listener import ClientConnection
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "body_until_close",
+        "chunked",
+        "content_length",
+        "headers",
+        "idle_since",
+        "owner",
+        "parser",
+        "pool",
+        "reason",
+        "reusable",
+        "skip_body",
+        "skipped",
+        "transport",
+        "tunnel",
+        "used",
+    )
+
+    def __init__(self, pool: InstancePool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.owner: ClientConnection | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.reusable = True
+        self.tunnel = False
+        self.used = False  # has carried an exchange before: a failure may mean it was stale
+        self.body_until_close = False
+        self.idle_since = 0.0
+        self.content_length: bytes | None = None
+        self.chunked = False
+        self.skip_body = False  # the request was HEAD: the response has no body whatever it says
+        self.skipped = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.pool.open_count += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.open_count -= 1
+        self.reusable = False
+        self.pool.forget(self)
+        owner = self.owner
+        if owner is not None:
+            self.owner = None
+            if self.body_until_close:
+                # A response without Content-Length or chunking ends at close (RFC 9112 §6.3).
+                self.body_until_close = False
+                owner.on_response_complete(self)
+            else:
+                owner.on_upstream_lost(self, exc)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; a half-closed upstream cannot carry another request
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is None:
+            # Bytes on an idle connection: the upstream broke the exchange protocol. Drop it.
+            self.close()
+            return
+        if self.tunnel:
+            owner.tunnel_to_client(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0]
+            owner.on_upstream_upgrade(self, data[offset:])
+        except httptools.HttpParserError as error:
+            self.reusable = False
+            if self.owner is not None:
+                self.owner = None
+                owner.on_upstream_failed(self, f"invalid response from upstream: {error}")
+            self.close()
+        else:
+            if self.skipped:
+                # llhttp cannot be told a response answers HEAD (httptools gives no way to
+                # return "skip body" from on_headers_complete), so it may be waiting for the
+                # body that Content-Length announces. The exchange ends here, parser anew.
+                self.skipped = False
+                self.skip_body = False
+                self.parser = httptools.HttpResponseParser(self)
+                owner.on_response_message_complete(self)
+            owner.flush_to_client()
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.resume_client_reading()
+
+    # -- httptools callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.reason = b""
+        self.content_length = None
+        self.chunked = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length":
+            self.content_length = value
+        elif name == b"transfer-encoding":
+            self.chunked = True  # llhttp rejects a response whose final coding is not chunked
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        owner = self.owner
+        if owner is not None:
+            parser = self.parser
+            status = parser.get_status_code()
+            if self.skip_body and status >= 200:
+                self.skipped = True
+            owner.on_response_head(
+                self, status, self.reason, self.headers, parser.should_keep_alive()
+            )
+
+    def on_body(self, body: bytes) -> None:
+        owner = self.owner
+        if owner is not None and not self.skipped:
+            owner.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        owner = self.owner
+        if owner is not None and not self.skipped:
+            owner.on_response_message_complete(self)
+
+    # -- used by the client side ------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class InstancePool:
+    """Idle keep-alive connections to one instance, most recently used first."""
+
+    __slots__ = (
+        "closed",
+        "connect_timeout",
+        "connecting",
+        "host",
+        "idle",
+        "idle_timeout",
+        "max_idle",
+        "open_count",
+        "port",
+    )
+
+    def __init__(
+        self, host: str, port: int, *, max_idle: int, idle_timeout: float, connect_timeout: float
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.idle: list[UpstreamConnection] = []
+        self.open_count = 0
+        self.connecting = 0
+        self.closed = False  # the instance left the config: connections close when released
+
+    def acquire(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.reusable and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    def release(self, conn: UpstreamConnection) -> None:
+        conn.owner = None
+        if self.closed or not conn.reusable or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.used = True
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle longer than ``idle_timeout`` (oldest are at the front)."""
+        idle = self.idle
+        cutoff = now - self.idle_timeout
+        while idle and idle[0].idle_since < cutoff:
+            idle.pop(0).close()
+
+    def close_all(self) -> None:
+        self.closed = True
+        while self.idle:
+            self.idle.pop().close()
+
+    def connect(
+        self,
+        on_done: Callable[[UpstreamConnection | None, BaseException | None], Any],
+    ) -> asyncio.Task[None]:
+        """Open a new connection off the hot path; ``on_done(conn, error)`` runs when it settles."""
+        loop = asyncio.get_running_loop()
+        self.connecting += 1
+
+        async def open_connection() -> None:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    _, protocol = await loop.create_connection(
+                        lambda: UpstreamConnection(self), self.host, self.port
+                    )
+            except (OSError, TimeoutError) as error:
+                self.connecting -= 1
+                on_done(None, error)
+            except asyncio.CancelledError:
+                self.connecting -= 1
+                raise
+            else:
+                self.connecting -= 1
+                on_done(protocol, None)
+
+        return loop.create_task(open_connection())
