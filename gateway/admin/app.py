@@ -1,0 +1,139 @@
+"""The admin server: health, readiness, Prometheus metrics and a read-only view of the config.
+
+Control plane only (aiohttp); nothing here is on the request hot path. Metrics are rendered at
+scrape time from ``GatewayMetrics`` via the registry's collector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from gateway.config.model import GatewayConfig, RouteConfig
+from gateway.metrics import GatewayMetrics
+
+__all__ = ["STATE_KEY", "AdminState", "create_admin_app", "json_response"]
+
+
+@dataclass
+class AdminState:
+    config: GatewayConfig
+    metrics: GatewayMetrics
+    registry: CollectorRegistry
+    ready: bool = False  # set by startup code once the data plane listens
+    draining: bool = False  # set on shutdown: load balancers should stop sending traffic
+    routes_describe: Callable[[], list[dict[str, Any]]] | None = None  # compiled route table
+
+
+STATE_KEY: web.AppKey[AdminState] = web.AppKey("admin_state", AdminState)
+
+_JSON = "application/json"
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """JSON via orjson; unknown types (e.g. YAML timestamps, sets) fall back to ``str``."""
+    body = orjson.dumps(data, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
+    return web.Response(body=body, status=status, content_type=_JSON)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    return str(obj)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    # Liveness: the process and its event loop answer. Nothing else is checked on purpose, so
+    # an orchestrator does not restart a gateway whose upstreams are down.
+    return json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    if state.draining:
+        return json_response({"status": "draining"}, status=503)
+    if not state.ready:
+        return json_response({"status": "starting"}, status=503)
+    return json_response({"status": "ready"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    # Prometheus asks for OpenMetrics in its Accept header when it can; choose_encoder falls
+    # back to the classic text format (version 0.0.4) otherwise.
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(state.registry)
+    # content_type carries parameters (version, charset), so it goes in as a raw header.
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _config(request: web.Request) -> web.Response:
+    cfg = request.app[STATE_KEY].config
+    return json_response({"sha256": cfg.sha256, "source": cfg.source, "config": cfg.raw})
+
+
+def _describe_route(route: RouteConfig) -> dict[str, Any]:
+    return dataclasses.asdict(route)
+
+
+async def _routes(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    if state.routes_describe is not None:
+        routes = state.routes_describe()
+    else:
+        # No compiled table wired in: describe the configured routes in config order.
+        routes = [_describe_route(r) for r in state.config.routes]
+    return json_response({"routes": routes})
+
+
+async def _index(request: web.Request) -> web.Response:
+    return json_response(
+        {
+            "endpoints": [
+                "/healthz",
+                "/readyz",
+                "/metrics",
+                "/admin/config",
+                "/admin/routes",
+            ]
+        }
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn aiohttp's plain-text 404/405 into the same JSON shape as every other answer."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        body: dict[str, Any] = {"error": exc.reason.lower(), "status": exc.status}
+        if exc.status == 404:
+            body["path"] = request.path
+        resp = json_response(body, status=exc.status)
+        if exc.status == 405 and "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
+
+
+def create_admin_app(state: AdminState) -> web.Application:
+    app = web.Application(middlewares=[_json_errors])
+    app[STATE_KEY] = state
+    app.router.add_get("/", _index)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/admin/config", _config)
+    app.router.add_get("/admin/routes", _routes)
+    return app
