@@ -1,0 +1,199 @@
+"""Header rules of the proxy (pure functions)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.proxy import headers as hdr
+
+
+def _parse_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    assert head.endswith(b"\r\n\r\n")
+    first, *lines = head[:-4].split(b"\r\n")
+    return first, [tuple(line.split(b": ", 1)) for line in lines]  # type: ignore[misc]
+
+
+def _request_head(
+    headers: list[tuple[bytes, bytes]], **overrides: object
+) -> tuple[bytes, dict[bytes, list[bytes]]]:
+    options: dict[str, object] = {
+        "host": b"api.example.com",
+        "conn_tokens": frozenset(),
+        "client_ip": "192.0.2.7",
+        "peer_trusted": False,
+        "request_id": b"rid-1",
+        "framing": b"",
+        "upgrade": None,
+    }
+    options.update(overrides)
+    head = hdr.build_request_head(b"GET", b"/x?y=1", headers, **options)  # type: ignore[arg-type]
+    first, pairs = _parse_head(head)
+    grouped: dict[bytes, list[bytes]] = {}
+    for name, value in pairs:
+        grouped.setdefault(name, []).append(value)
+    return first, grouped
+
+
+def test_request_line_is_http11_and_host_first() -> None:
+    first, grouped = _request_head([(b"accept", b"*/*")])
+    assert first == b"GET /x?y=1 HTTP/1.1"
+    assert grouped[b"host"] == [b"api.example.com"]
+    assert grouped[b"accept"] == [b"*/*"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"content-length",
+    ],
+)
+def test_hop_by_hop_request_headers_are_dropped(name: bytes) -> None:
+    _, grouped = _request_head([(name, b"whatever"), (b"accept", b"*/*")])
+    assert name not in grouped
+
+
+def test_headers_named_in_connection_are_dropped() -> None:
+    # RFC 9110 §7.6.1
+    _, grouped = _request_head(
+        [(b"x-secret", b"1"), (b"x-keep", b"2")],
+        conn_tokens=hdr.connection_tokens(b"close, X-Secret"),
+    )
+    assert b"x-secret" not in grouped
+    assert grouped[b"x-keep"] == [b"2"]
+
+
+def test_untrusted_peer_forwarding_headers_are_replaced() -> None:
+    _, grouped = _request_head(
+        [
+            (b"x-forwarded-for", b"10.9.9.9"),
+            (b"forwarded", b"for=10.9.9.9"),
+            (b"x-forwarded-proto", b"https"),
+            (b"x-forwarded-host", b"evil"),
+            (b"x-request-id", b"spoof"),
+        ]
+    )
+    assert grouped[b"x-forwarded-for"] == [b"192.0.2.7"]
+    assert grouped[b"x-forwarded-proto"] == [b"http"]
+    assert grouped[b"x-forwarded-host"] == [b"api.example.com"]
+    assert grouped[b"forwarded"] == [b"for=192.0.2.7;proto=http;host=api.example.com"]
+    assert grouped[b"x-request-id"] == [b"rid-1"]
+
+
+def test_trusted_peer_forwarding_headers_are_extended() -> None:
+    _, grouped = _request_head(
+        [
+            (b"x-forwarded-for", b"203.0.113.1"),
+            (b"forwarded", b"for=203.0.113.1"),
+            (b"x-forwarded-proto", b"https"),
+            (b"x-forwarded-host", b"public.example"),
+        ],
+        peer_trusted=True,
+    )
+    assert grouped[b"x-forwarded-for"] == [b"203.0.113.1, 192.0.2.7"]
+    assert grouped[b"x-forwarded-proto"] == [b"https"]
+    assert grouped[b"x-forwarded-host"] == [b"public.example"]
+    assert grouped[b"forwarded"] == [
+        b"for=203.0.113.1, for=192.0.2.7;proto=http;host=api.example.com"
+    ]
+
+
+def test_forwarded_quotes_ipv6_and_host_with_port() -> None:
+    # RFC 7239 §6: IPv6 nodes are bracketed and quoted; host:port is not a token.
+    _, grouped = _request_head([], client_ip="2001:db8::1", host=b"example.com:8080")
+    assert grouped[b"forwarded"] == [b'for="[2001:db8::1]";proto=http;host="example.com:8080"']
+
+
+def test_upgrade_is_re_requested_on_the_upstream_hop() -> None:
+    _, grouped = _request_head([(b"upgrade", b"websocket")], upgrade=b"websocket")
+    assert grouped[b"connection"] == [b"upgrade"]
+    assert grouped[b"upgrade"] == [b"websocket"]
+
+
+def test_framing_header_is_ours() -> None:
+    _, grouped = _request_head([(b"content-length", b"99")], framing=b"content-length: 5\r\n")
+    assert grouped[b"content-length"] == [b"5"]
+
+
+def test_response_head_drops_hop_by_hop_and_adds_request_id_and_close() -> None:
+    head = hdr.build_response_head(
+        200,
+        b"OK",
+        [
+            (b"content-type", b"text/plain"),
+            (b"keep-alive", b"timeout=5"),
+            (b"x-private", b"1"),
+            (b"transfer-encoding", b"chunked"),
+            (b"x-request-id", b"upstream-id"),
+        ],
+        conn_tokens=frozenset({b"x-private"}),
+        request_id=b"rid-9",
+        framing=b"content-length: 3\r\n",
+        keep_alive=False,
+    )
+    first, pairs = _parse_head(head)
+    names = [name for name, _ in pairs]
+    assert first == b"HTTP/1.1 200 OK"
+    assert (
+        b"keep-alive" not in names
+        and b"x-private" not in names
+        and b"transfer-encoding" not in names
+    )
+    assert (b"x-request-id", b"rid-9") in pairs
+    assert (b"connection", b"close") in pairs
+    assert (b"content-length", b"3") in pairs
+
+
+def test_interim_head_keeps_end_to_end_fields() -> None:
+    head = hdr.interim_head(
+        103, b"Early Hints", [(b"link", b"</a.css>; rel=preload"), (b"connection", b"x")]
+    )
+    assert head == b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"
+
+
+def test_connection_tokens_are_lowercased_and_trimmed() -> None:
+    assert hdr.connection_tokens(b" Keep-Alive ,Upgrade,, X-Foo") == {
+        b"keep-alive",
+        b"upgrade",
+        b"x-foo",
+    }
+
+
+def test_trusted_proxies_cidrs() -> None:
+    trusted = hdr.TrustedProxies(["10.0.0.0/8", "::1/128"])
+    assert "10.1.2.3" in trusted
+    assert "::1" in trusted
+    assert "11.0.0.1" not in trusted
+    assert "not-an-ip" not in trusted
+    assert "10.1.2.3" not in hdr.TrustedProxies([])
+
+
+def test_request_ids_are_unique_and_valid() -> None:
+    ids = hdr.RequestIds()
+    seen = {ids.next() for _ in range(1000)}
+    assert len(seen) == 1000
+    assert all(hdr.valid_request_id(value) for value in seen)
+    assert hdr.RequestIds().next() not in seen
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        (b"abc-123", True),
+        (b"", False),
+        (b"a b", False),
+        (b"x" * 200, True),
+        (b"x" * 201, False),
+        (b"caf\xc3\xa9", False),
+        (b"tab\there", False),
+    ],
+)
+def test_valid_request_id(value: bytes, valid: bool) -> None:
+    assert hdr.valid_request_id(value) is valid
