@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 Headers = list[tuple[bytes, bytes]]
@@ -170,14 +171,12 @@ def build_request_head(
 
 def _quote(value: bytes) -> bytes:
     """RFC 7239 §4 values that are not tokens (e.g. host:port) must be quoted strings."""
-    if all(byte in _TOKEN_BYTES for byte in value):
+    if _TOKEN_RE.fullmatch(value):
         return value
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-_TOKEN_BYTES = frozenset(
-    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 tchar
 
 
 def build_response_head(
