@@ -93,8 +93,7 @@ async def serve(config: GatewayConfig, config_path: str, *, with_demo: bool = Fa
     await stop.wait()
     log.info("shutting down")
     state.draining = True
-    server.draining = True
-    await server.close()
+    await server.drain(DRAIN_TIMEOUT)
     await admin_runner.cleanup()
     for runner in demo_runners:
         await runner.cleanup()

@@ -13,6 +13,7 @@ on the connection, instead of a timer handle per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -152,6 +153,7 @@ class ProxyServer:
         self.request_ids = hdr.RequestIds()
         self.clock = time.monotonic()
         self.draining = False
+        self._drained = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -184,6 +186,24 @@ class ProxyServer:
                 pool.sweep(now)
         assert self._loop is not None
         self._sweeper = self._loop.call_later(TICK, self._sweep)
+
+    async def drain(self, grace_period: float) -> None:
+        """Stop accepting, let in-flight exchanges finish (up to ``grace_period``), then close.
+
+        Responses sent while draining carry ``Connection: close``; idle keep-alive connections
+        are closed at once.
+        """
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.is_idle():
+                conn.close_idle()
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_period):
+                    await self._drained.wait()
+        await self.close()
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -272,6 +292,8 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         server.connections.discard(self)
         server.metrics.connections_open -= 1
+        if server.draining and not server.connections:
+            server._drained.set()
         if self.tunnel is not None:
             self.tunnel.owner = None
             self.tunnel.abort()
@@ -294,6 +316,13 @@ class ClientConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def is_idle(self) -> bool:
+        return self.active is None and self.parsing is None and self.tunnel is None
+
+    def close_idle(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     def pause_writing(self) -> None:
         # Client's socket buffer is full: stop reading the upstream so it cannot pile up here.
@@ -371,14 +400,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.abort()
             return
-        if (
-            ex is None
-            and self.parsing is None
-            and self.tunnel is None
-            and self.idle_deadline
-            and now > self.idle_deadline
-        ):
-            self.transport.close()  # type: ignore[union-attr]
+        if self.idle_deadline and now > self.idle_deadline and self.is_idle():
+            self.close_idle()
 
     # -- client bytes -----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
