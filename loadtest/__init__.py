@@ -1,0 +1,1 @@
+"""Benchmark harness (``python -m loadtest``): the gateway vs direct, nginx, haproxy, caddy."""
