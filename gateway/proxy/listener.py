@@ -708,8 +708,7 @@ class ClientConnection(asyncio.Protocol):
         pool.connect(connected)
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
-        conn.owner = self
-        conn.skip_body = ex.is_head
+        conn.begin_exchange(self, ex.is_head)
         ex.conn = conn
         ex.t_upstream = time.perf_counter()
         upstream = ex.upstream
@@ -748,8 +747,7 @@ class ClientConnection(asyncio.Protocol):
         self,
         conn: UpstreamConnection,
         status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
+        head: hdr.ResponseHead,
         upstream_keep_alive: bool,
     ) -> None:
         ex = self.active
@@ -760,16 +758,15 @@ class ClientConnection(asyncio.Protocol):
         ex.read_deadline = self.server.clock + upstream.read_timeout
         if status < 200 and status != 101:
             ex.interim = True
-            # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client; 100 only when the client asked.
+            # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client.
             if ex.version != "1.0":
-                self.out.append(hdr.interim_head(status, reason, headers))
+                self.out.append(hdr.interim_head(status, head))
             return
         ex.status = status
         conn.reusable = upstream_keep_alive
         keep_alive = ex.keep_alive and not self.server.draining
         if status == 101:
-            upgrade_value = next((value for name, value in headers if name == b"upgrade"), None)
-            if ex.upgrade is None or upgrade_value is None:
+            if ex.upgrade is None or head.upgrade is None:
                 self._upstream_failure(
                     ex, conn, "upstream switched protocols without an upgrade request"
                 )
@@ -777,22 +774,19 @@ class ClientConnection(asyncio.Protocol):
             self.out.append(
                 hdr.build_response_head(
                     101,
-                    reason,
-                    headers,
-                    conn_tokens=hdr.connection_tokens(b""),
+                    head,
                     request_id=ex.request_id or b"",
                     framing=b"",
                     keep_alive=True,
-                    upgrade=upgrade_value,
+                    upgrade=head.upgrade,
                 )
             )
             ex.response_started = True
             return
         if ex.upgrade is not None:
             keep_alive = False  # upgrade refused: the bytes that followed were not HTTP
-        no_body = ex.is_head or status == 204 or status == 304
-        content_length = conn.content_length
-        if no_body:
+        content_length = head.content_length
+        if ex.is_head or status == 204 or status == 304:
             ex.response_frame = FRAME_NONE
             if content_length is not None and status != 204:
                 framing = b"content-length: " + content_length + b"\r\n"
@@ -802,7 +796,7 @@ class ClientConnection(asyncio.Protocol):
             ex.response_frame = FRAME_RAW
             framing = b"content-length: " + content_length + b"\r\n"
         else:
-            if not conn.chunked:
+            if not head.chunked:
                 # Close-delimited (RFC 9112 §6.3 item 8): this connection cannot be reused.
                 conn.body_until_close = True
                 conn.reusable = False
@@ -816,16 +810,10 @@ class ClientConnection(asyncio.Protocol):
         if keep_alive and ex.version == "1.0":
             framing += b"connection: keep-alive\r\n"
         ex.keep_alive = keep_alive
-        conn_tokens = frozenset()
-        for name, value in headers:
-            if name == b"connection":
-                conn_tokens = conn_tokens | hdr.connection_tokens(value)
         self.out.append(
             hdr.build_response_head(
                 status,
-                reason,
-                headers,
-                conn_tokens=conn_tokens,
+                head,
                 request_id=ex.request_id or b"",
                 framing=framing,
                 keep_alive=keep_alive,

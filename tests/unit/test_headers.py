@@ -123,39 +123,61 @@ def test_framing_header_is_ours() -> None:
 
 
 def test_response_head_drops_hop_by_hop_and_adds_request_id_and_close() -> None:
+    parsed = hdr.parse_response_head(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nKeep-Alive: timeout=5\r\n"
+        b"Connection: keep-alive, X-Private\r\nX-Private: 1\r\nTransfer-Encoding: chunked\r\n"
+        b"X-Request-ID: upstream-id\r\nContent-Length: 3\r\nX-Other: kept\r\n"
+    )
+    assert parsed.reason == b"OK"
+    assert parsed.content_length == b"3"
+    assert parsed.chunked is True
+    assert parsed.fields == b"Content-Type: text/plain\r\nX-Other: kept\r\n"
     head = hdr.build_response_head(
-        200,
-        b"OK",
-        [
-            (b"content-type", b"text/plain"),
-            (b"keep-alive", b"timeout=5"),
-            (b"x-private", b"1"),
-            (b"transfer-encoding", b"chunked"),
-            (b"x-request-id", b"upstream-id"),
-        ],
-        conn_tokens=frozenset({b"x-private"}),
-        request_id=b"rid-9",
-        framing=b"content-length: 3\r\n",
-        keep_alive=False,
+        200, parsed, request_id=b"rid-9", framing=b"content-length: 3\r\n", keep_alive=False
     )
     first, pairs = _parse_head(head)
-    names = [name for name, _ in pairs]
     assert first == b"HTTP/1.1 200 OK"
-    assert (
-        b"keep-alive" not in names
-        and b"x-private" not in names
-        and b"transfer-encoding" not in names
+    assert pairs == [
+        (b"Content-Type", b"text/plain"),
+        (b"X-Other", b"kept"),
+        (b"x-request-id", b"rid-9"),
+        (b"connection", b"close"),
+        (b"content-length", b"3"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "fields"),
+    [
+        (b"HTTP/1.1 204 No Content\r\n", b""),
+        (b"HTTP/1.1 200 \r\nServer: x\r\n", b"Server: x\r\n"),
+        (b"HTTP/1.1 200 OK\r\nTE: x\r\nTEST: kept\r\nTrailer: y\r\n", b"TEST: kept\r\n"),
+        (b"HTTP/1.1 200 OK\r\nupgrade: h2c\r\nContent-Length:5\r\n", b""),
+    ],
+)
+def test_parse_response_head_fields(raw: bytes, fields: bytes) -> None:
+    assert hdr.parse_response_head(raw).fields == fields
+
+
+def test_parse_response_head_values() -> None:
+    parsed = hdr.parse_response_head(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: abc\r\n"
     )
-    assert (b"x-request-id", b"rid-9") in pairs
-    assert (b"connection", b"close") in pairs
-    assert (b"content-length", b"3") in pairs
+    assert parsed.reason == b"Switching Protocols"
+    assert parsed.upgrade == b"WebSocket"
+    assert parsed.content_length is None
+    assert parsed.chunked is False
+    assert parsed.fields == b"Sec-WebSocket-Accept: abc\r\n"
 
 
 def test_interim_head_keeps_end_to_end_fields() -> None:
-    head = hdr.interim_head(
-        103, b"Early Hints", [(b"link", b"</a.css>; rel=preload"), (b"connection", b"x")]
+    parsed = hdr.parse_response_head(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nConnection: x\r\n"
     )
-    assert head == b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"
+    assert hdr.interim_head(103, parsed) == (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    )
 
 
 def test_connection_tokens_are_lowercased_and_trimmed() -> None:
