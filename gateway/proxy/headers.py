@@ -119,6 +119,7 @@ def build_request_head(
     headers: Sequence[tuple[bytes, bytes]],
     *,
     host: bytes,
+    client_host: bytes | None = None,
     conn_tokens: frozenset[bytes],
     client_ip: str,
     peer_trusted: bool,
@@ -128,10 +129,14 @@ def build_request_head(
 ) -> bytes:
     """The request line and headers sent upstream (always HTTP/1.1).
 
+    ``host`` is the Host sent upstream; ``client_host`` the one the client sent, when a rewrite
+    changed it (X-Forwarded-Host and Forwarded ``host=`` carry the original, RFC 7239 §5.3).
     ``framing`` is the body-framing header line(s) the gateway will honour (``content-length: N``
     or ``transfer-encoding: chunked``, CRLF-terminated) or ``b""`` for no body.
     """
     out = [method, b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
+    if client_host is not None:
+        host = client_host
     if peer_trusted:
         for name, value in headers:
             if name in _REQUEST_DROP or name in conn_tokens:

@@ -668,6 +668,7 @@ class ClientConnection(asyncio.Protocol):
             url,
             ex.headers,
             host=host_out,
+            client_host=host if host_out is not host else None,
             conn_tokens=ex.conn_tokens,
             client_ip=self.peer_ip,
             peer_trusted=self.peer_trusted,
@@ -676,7 +677,7 @@ class ClientConnection(asyncio.Protocol):
             upgrade=ex.upgrade,
         )
         if route.timeout:
-            ex.deadline = self.server.clock + route.timeout
+            ex.deadline = time.monotonic() + route.timeout  # exact: the tick clock may lag
         self._connect(ex, instance.pool)
 
     def _connect(self, ex: Exchange, pool: InstancePool) -> None:
@@ -713,7 +714,7 @@ class ClientConnection(asyncio.Protocol):
         ex.t_upstream = time.perf_counter()
         upstream = ex.upstream
         assert upstream is not None
-        ex.read_deadline = self.server.clock + upstream.read_timeout
+        ex.read_deadline = time.monotonic() + upstream.read_timeout
         ex.replay = [] if conn.used and not ex.stale_retried else None
         if ex.pending:
             pending = ex.pending

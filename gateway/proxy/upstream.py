@@ -96,13 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
             owner.tunnel_to_client(data)
             return
         if self.collecting:
-            buffer = self.head_buffer = self.head_buffer + data if self.head_buffer else data
-            if len(buffer) - self.head_start > MAX_RESPONSE_HEAD_BYTES:
-                self.reusable = False
-                self.owner = None
-                owner.on_upstream_failed(self, "upstream response head too large")
-                self.close()
-                return
+            self.head_buffer = self.head_buffer + data if self.head_buffer else data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -123,6 +117,15 @@ class UpstreamConnection(asyncio.Protocol):
                 self.skip_body = False
                 self.parser = httptools.HttpResponseParser(self)
                 owner.on_response_message_complete(self)
+            elif (
+                self.collecting
+                and len(self.head_buffer) - self.head_start > MAX_RESPONSE_HEAD_BYTES
+            ):
+                # Still no end of head after this many bytes: refuse rather than buffer more.
+                self.reusable = False
+                self.owner = None
+                owner.on_upstream_failed(self, "upstream response head too large")
+                self.close()
             owner.flush_to_client()
 
     def pause_writing(self) -> None:
