@@ -7,6 +7,7 @@ reload does not drop warm upstream connections.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.balancing import make_balancer
@@ -71,7 +72,17 @@ def _pool_key(
     )
 
 
-def build_snapshot(config: GatewayConfig, previous: Snapshot | None = None) -> Snapshot:
+def build_snapshot(
+    config: GatewayConfig,
+    previous: Snapshot | None = None,
+    discovered: Mapping[str, Sequence[InstanceConfig]] | None = None,
+) -> Snapshot:
+    """Compile ``config`` into a snapshot.
+
+    ``discovered`` maps upstream names to instance lists from a discovery backend; they replace
+    the upstream's static ``instances``. Pools of (upstream, host, port) that exist in
+    ``previous`` are carried over with their idle connections.
+    """
     old_pools: dict[tuple[str, str, int, float, float, int], InstancePool] = {}
     if previous is not None:
         for old_upstream in previous.upstreams.values():
@@ -80,7 +91,10 @@ def build_snapshot(config: GatewayConfig, previous: Snapshot | None = None) -> S
     upstreams: dict[str, Upstream] = {}
     for name, upstream_config in config.upstreams.items():
         instances: list[Instance] = []
-        for instance_config in upstream_config.instances:
+        instance_configs = upstream_config.instances
+        if discovered is not None and name in discovered:
+            instance_configs = tuple(discovered[name])
+        for instance_config in instance_configs:
             key = _pool_key(upstream_config, instance_config)
             pool = old_pools.pop(key, None)
             if pool is None:
