@@ -181,9 +181,16 @@ class ProxyServer:
         now = self.clock = time.monotonic()
         for conn in list(self.connections):
             conn.check_timeouts(now)
-        for pool in self.snapshot.pools():
-            if pool.idle:
-                pool.sweep(now)
+        metrics = self.metrics
+        for upstream in self.snapshot.upstreams.values():
+            idle = open_count = 0
+            for instance in upstream.instances:
+                pool = instance.pool
+                if pool.idle:
+                    pool.sweep(now)
+                idle += len(pool.idle)
+                open_count += pool.open_count
+            metrics.upstream_connections(upstream.name, open_count - idle, idle)
         assert self._loop is not None
         self._sweeper = self._loop.call_later(TICK, self._sweep)
 
