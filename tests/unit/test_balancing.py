@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from gateway.balancing import RoundRobin, SmoothWeightedRoundRobin, make_balancer
+from gateway.balancing import (
+    EdfWeightedRoundRobin,
+    RoundRobin,
+    SmoothWeightedRoundRobin,
+    make_balancer,
+)
 
 
 @dataclass
@@ -58,6 +63,6 @@ def test_smooth_weighted_ignores_unavailable() -> None:
 
 def test_make_balancer_names() -> None:
     assert isinstance(make_balancer("round_robin", []), RoundRobin)
-    assert isinstance(make_balancer("weighted_round_robin", []), SmoothWeightedRoundRobin)
+    assert isinstance(make_balancer("weighted_round_robin", []), EdfWeightedRoundRobin)
     with pytest.raises(ValueError, match="unknown balancer"):
         make_balancer("nope", [])

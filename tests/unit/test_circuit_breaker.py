@@ -1,0 +1,45 @@
+"""Circuit breaker: counters with caps and overflow counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.resilience import CircuitBreaker
+
+KINDS = [
+    ("requests", "try_request", "release_request"),
+    ("pending", "try_pending", "release_pending"),
+    ("connections", "try_connection", "release_connection"),
+]
+
+
+@pytest.mark.parametrize(("kind", "take", "give"), KINDS)
+def test_cap_overflow_and_release(kind: str, take: str, give: str) -> None:
+    breaker = CircuitBreaker(max_connections=2, max_pending=2, max_requests=2)
+    assert getattr(breaker, take)() and getattr(breaker, take)()
+    assert breaker.open
+    assert not getattr(breaker, take)()
+    assert not getattr(breaker, take)()
+    assert breaker.overflow[kind] == 2
+    assert sum(breaker.overflow.values()) == 2  # other kinds untouched
+    getattr(breaker, give)()
+    assert not breaker.open
+    assert getattr(breaker, take)()
+    for _ in range(5):
+        getattr(breaker, give)()
+    assert getattr(breaker, kind) == 0  # never negative
+
+
+def test_zero_means_unlimited() -> None:
+    breaker = CircuitBreaker(max_connections=0, max_pending=0, max_requests=0)
+    assert all(breaker.try_request() for _ in range(10_000))
+    assert not breaker.open and breaker.requests_overflow == 0
+
+
+def test_kinds_are_independent() -> None:
+    breaker = CircuitBreaker(max_connections=1, max_pending=1, max_requests=1)
+    assert breaker.try_request()
+    assert breaker.try_pending()
+    assert breaker.try_connection()
+    assert not breaker.try_request()
+    assert breaker.overflow == {"connections": 0, "pending": 0, "requests": 1}

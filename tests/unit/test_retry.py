@@ -1,0 +1,233 @@
+"""Retry decisions, backoff bounds, Retry-After parsing and the retry budget."""
+
+from __future__ import annotations
+
+import random
+from email.utils import formatdate
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.resilience import (
+    CONNECT_FAILURE,
+    RESET,
+    STATUS,
+    TIMEOUT,
+    Backoff,
+    RetryBudget,
+    RetryPolicy,
+    full_jitter_backoff,
+    is_gateway_failure,
+    parse_retry_after,
+)
+from gateway.resilience.backoff import parse_http_date
+from gateway.resilience.retry import body_replayable
+
+
+# -- methods -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "key", "opt_in", "allowed"),
+    [
+        (b"GET", False, False, True),
+        (b"HEAD", False, False, True),
+        (b"OPTIONS", False, False, True),
+        (b"PUT", False, False, True),
+        (b"DELETE", False, False, True),
+        (b"TRACE", False, False, True),
+        ("GET", False, False, True),
+        (b"POST", False, False, False),
+        (b"PATCH", False, False, False),
+        (b"CONNECT", False, False, False),
+        (b"POST", True, False, True),
+        (b"PATCH", False, True, True),
+        (b"get", False, False, False),  # methods are case-sensitive (RFC 9110 §9.1)
+    ],
+)
+def test_method_retryable(method: bytes | str, key: bool, opt_in: bool, allowed: bool) -> None:
+    assert RetryPolicy().method_retryable(method, key, opt_in) is allowed
+
+
+def test_policy_level_opt_in_and_connect_failure_is_safe_for_any_method() -> None:
+    assert RetryPolicy(allow_non_idempotent=True).method_retryable(b"POST", False)
+    assert RetryPolicy.safe_for_any_method(CONNECT_FAILURE)
+    assert not RetryPolicy.safe_for_any_method(RESET)
+    assert not RetryPolicy.safe_for_any_method(TIMEOUT)
+
+
+# -- conditions --------------------------------------------------------------------------------
+ON_ALL = ["connect_failure", "reset", "timeout"]
+
+
+@pytest.mark.parametrize(
+    ("on", "kind", "status", "retry"),
+    [
+        (ON_ALL, CONNECT_FAILURE, 0, True),
+        (ON_ALL, RESET, 0, True),
+        (ON_ALL, TIMEOUT, 0, True),
+        (ON_ALL, STATUS, 503, False),
+        (["connect_failure"], RESET, 0, False),
+        (["reset"], CONNECT_FAILURE, 0, False),
+        (["5xx"], STATUS, 500, True),
+        (["5xx"], STATUS, 599, True),
+        (["5xx"], STATUS, 404, False),
+        (["5xx"], RESET, 0, True),
+        (["gateway_error"], STATUS, 502, True),
+        (["gateway_error"], STATUS, 503, True),
+        (["gateway_error"], STATUS, 504, True),
+        (["gateway_error"], STATUS, 500, False),
+        (["gateway_error"], CONNECT_FAILURE, 0, True),
+        ([429, "503"], STATUS, 429, True),
+        ([429, "503"], STATUS, 503, True),
+        ([429, "503"], STATUS, 502, False),
+        ([429], TIMEOUT, 0, False),
+    ],
+)
+def test_should_retry_conditions(on: list[str | int], kind: str, status: int, retry: bool) -> None:
+    policy = RetryPolicy(attempts=3, on=on)
+    assert policy.should_retry(1, kind, status) is retry
+
+
+def test_should_retry_limits() -> None:
+    policy = RetryPolicy(attempts=3, on=["reset"])
+    assert policy.should_retry(1, RESET)
+    assert policy.should_retry(2, RESET)
+    assert not policy.should_retry(3, RESET)  # attempts counts every try
+    assert not policy.should_retry(1, RESET, response_started=True)
+    assert not policy.should_retry(1, RESET, body_replayable=False)
+    assert not RetryPolicy(attempts=1, on=["reset"]).should_retry(1, RESET)
+    assert not RetryPolicy(attempts=1).enabled
+
+
+def test_body_replay_rules() -> None:
+    policy = RetryPolicy(max_body_bytes=10)
+    assert policy.body_fits(10) and not policy.body_fits(11)
+    assert body_replayable(True, 5000)
+    assert body_replayable(False, 0)
+    assert not body_replayable(False, 1)
+
+
+def test_bad_policies() -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(attempts=0)
+    with pytest.raises(ValueError, match="unknown retry condition"):
+        RetryPolicy(on=["sometimes"])
+    with pytest.raises(ValueError):
+        RetryPolicy(on=[99])
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "gateway"),
+    [
+        (CONNECT_FAILURE, 0, True),
+        (RESET, 0, True),
+        (TIMEOUT, 0, True),
+        (STATUS, 503, True),
+        (STATUS, 500, False),
+        (STATUS, 200, False),
+    ],
+)
+def test_is_gateway_failure(kind: str, status: int, gateway: bool) -> None:
+    assert is_gateway_failure(kind, status) is gateway
+
+
+def test_try_deadline() -> None:
+    assert RetryPolicy(per_try_timeout=2.0).try_deadline(10.0) == 12.0
+    assert RetryPolicy(per_try_timeout=2.0).try_deadline(10.0, 11.0) == 11.0
+    assert RetryPolicy(per_try_timeout=None).try_deadline(10.0, 15.0) == 15.0
+    assert RetryPolicy().try_deadline(10.0) == 0.0
+
+
+# -- backoff ----------------------------------------------------------------------------------
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=1, max_value=200), st.integers(min_value=0, max_value=2**32))
+def test_full_jitter_bounds(retry: int, seed: int) -> None:
+    delay = full_jitter_backoff(retry, random.Random(seed), base=0.025, cap=0.25)
+    assert 0.0 <= delay <= min(0.25, 0.025 * 2 ** (retry - 1))
+
+
+def test_full_jitter_uses_the_whole_range() -> None:
+    backoff = Backoff(rng=random.Random(3))
+    delays = [backoff.delay(3) for _ in range(2000)]  # ceiling 0.1
+    assert max(delays) > 0.09 and min(delays) < 0.01
+    assert sum(delays) / len(delays) == pytest.approx(0.05, abs=0.005)
+
+
+def test_retry_delay_honours_retry_after_up_to_the_cap() -> None:
+    policy = RetryPolicy(retry_after_cap=2.0)
+    rng = random.Random(4)
+    assert 0.0 <= policy.retry_delay(1, rng) <= 0.025  # type: ignore[operator]
+    assert policy.retry_delay(1, rng, retry_after=1.5) == 1.5
+    assert policy.retry_delay(1, rng, retry_after=0.0) <= 0.025  # type: ignore[operator]
+    assert policy.retry_delay(1, rng, retry_after=5.0) is None  # longer than we wait: no retry
+
+
+# -- Retry-After ------------------------------------------------------------------------------
+NOW = 784111777.0  # Sun, 06 Nov 1994 08:49:37 GMT
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"120", 120.0),
+        (b" 0 ", 0.0),
+        (b"Sun, 06 Nov 1994 08:49:37 GMT", 0.0),
+        (b"Sun, 06 Nov 1994 08:50:07 GMT", 30.0),
+        (b"Sunday, 06-Nov-94 08:50:07 GMT", 30.0),  # RFC 850
+        (b"Sun Nov  6 08:50:07 1994", 30.0),  # asctime
+        (b"Sat, 05 Nov 1994 08:49:37 GMT", 0.0),  # in the past
+        (b"-5", None),
+        (b"1.5", None),
+        (b"soon", None),
+        (b"", None),
+        (b"Sun, 06 Nov 1994 08:49:37 PST", None),
+        (b"Sun, 06 Foo 1994 08:49:37 GMT", None),
+        (b"Sun, 06 Nov 1994 25:49:37 GMT", None),
+        ("60", 60.0),
+    ],
+)
+def test_parse_retry_after(value: bytes | str, expected: float | None) -> None:
+    assert parse_retry_after(value, NOW) == expected
+
+
+def test_parse_retry_after_cap() -> None:
+    assert parse_retry_after(b"3600", NOW, cap=5.0) == 5.0
+    assert parse_retry_after(b"2", NOW, cap=5.0) == 2.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=0, max_value=4_000_000_000))
+def test_http_date_round_trip(epoch: int) -> None:
+    assert parse_http_date(formatdate(epoch, usegmt=True).encode()) == float(epoch)
+
+
+# -- retry budget ------------------------------------------------------------------------------
+def test_budget_minimum_and_percent() -> None:
+    budget = RetryBudget(budget_percent=20.0, min_retry_concurrency=3)
+    assert budget.limit(0) == 3 and budget.limit(10) == 3 and budget.limit(100) == 20
+    granted = sum(budget.try_acquire(active_requests=5) for _ in range(10))
+    assert granted == 3 and budget.overflow == 7
+    budget.release()
+    assert budget.try_acquire(5)
+    assert sum(budget.try_acquire(100) for _ in range(100)) == 20 - 3
+    for _ in range(100):
+        budget.release()
+    assert budget.in_flight == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.floats(min_value=0, max_value=100),
+    st.integers(min_value=0, max_value=10),
+    st.lists(st.tuples(st.booleans(), st.integers(0, 500)), max_size=200),
+)
+def test_budget_never_exceeded(percent: float, minimum: int, ops: list[tuple[bool, int]]) -> None:
+    budget = RetryBudget(percent, minimum)
+    for acquire, active in ops:
+        if acquire:
+            before = budget.in_flight
+            if budget.try_acquire(active):
+                assert budget.in_flight == before + 1 <= max(minimum, int(active * percent / 100))
+        else:
+            budget.release()
+        assert budget.in_flight >= 0
