@@ -76,6 +76,7 @@ _REASONS = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 
 
@@ -229,6 +230,8 @@ class ClientConnection(asyncio.Protocol):
         "active",
         "closed",
         "head_deadline",
+        "head_limit",
+        "head_received",
         "idle_deadline",
         "limits",
         "out",
@@ -273,6 +276,8 @@ class ClientConnection(asyncio.Protocol):
         self.upgrade_pending = False
         self.pending_error: RequestRejected | None = None
         self.limits = server.snapshot.config.limits  # a reload applies to new connections
+        self.head_received = 0  # raw bytes seen while a request head is incomplete
+        self.head_limit = self.limits.max_header_bytes + self.limits.max_uri_bytes
 
     # -- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -335,25 +340,25 @@ class ClientConnection(asyncio.Protocol):
         # Client's socket buffer is full: stop reading the upstream so it cannot pile up here.
         self.writing_paused = True
         ex = self.active
-        if ex is not None:
+        if ex is not None and not ex.response_complete:
             ex.read_deadline = 0.0  # the upstream is not slow, the client is
             conn = ex.conn
-            if conn is not None and conn.transport is not None:
-                conn.transport.pause_reading()
-        if self.tunnel is not None and self.tunnel.transport is not None:
-            self.tunnel.transport.pause_reading()
+            if conn is not None:
+                conn.pause_reading()
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         ex = self.active
-        if ex is not None:
+        if ex is not None and not ex.response_complete:
             conn = ex.conn
-            if conn is not None and conn.transport is not None:
+            if conn is not None:
                 if ex.upstream is not None:
                     ex.read_deadline = self.server.clock + ex.upstream.read_timeout
-                conn.transport.resume_reading()
-        if self.tunnel is not None and self.tunnel.transport is not None:
-            self.tunnel.transport.resume_reading()
+                conn.resume_reading()
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
 
     def pause_client_reading(self) -> None:
         """Upstream's socket buffer is full (large upload): stop reading the client."""
@@ -424,12 +429,29 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            self.head_received = 0
             self.upgrade_pending = True
             self.tunnel_pending = [data[upgrade.args[0] :]]
             self._update_reading()
         except httptools.HttpParserError as error:
             self._on_parse_error(error)
             return
+        parsing = self.parsing
+        if parsing is not None and parsing.method == b"":
+            # Still inside a request head. httptools hands over a header only once it is
+            # complete, so an endless header line would grow unchecked: count raw bytes.
+            if self.head_received < 0:
+                # The head began in this chunk, after any earlier messages in it: estimate its
+                # size from the last end of a head (an underestimate only delays by a chunk).
+                end = data.rfind(b"\r\n\r\n")
+                self.head_received = len(data) - (end + 4 if end >= 0 else 0)
+            else:
+                self.head_received += len(data)
+            if self.head_received > self.head_limit:
+                self._reject_parsing(
+                    RequestRejected(431, "headers_too_large", "request header fields too large")
+                )
+                return
         if self.to_dispatch:
             self.to_dispatch = False
             ex = self.active
@@ -444,6 +466,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         server = self.server
         limits = self.limits
+        self.head_received = -1  # "began in the current chunk"
         self.parsing = Exchange(time.perf_counter(), limits.max_body_bytes)
         self.head_deadline = server.clock + limits.header_timeout
 
@@ -507,6 +530,11 @@ class ClientConnection(asyncio.Protocol):
             )
         elif ex.chunked and ex.te_count > 1:
             ex.error = RequestRejected(400, "bad_request", "more than one Transfer-Encoding header")
+        elif version != "1.1" and version != "1.0":
+            # RFC 9110 §15.6.6: llhttp parses "HTTP/2.0" in a request line; this is HTTP/1.x only.
+            ex.error = RequestRejected(
+                505, "version_not_supported", f"HTTP/{version} is not supported"
+            )
         elif method == b"CONNECT":
             ex.error = RequestRejected(405, "method_not_allowed", "CONNECT is not supported")
         if not upgrading or ex.error is not None or b"upgrade" not in ex.conn_tokens:
@@ -870,6 +898,10 @@ class ClientConnection(asyncio.Protocol):
         ex.response_complete = True
         ex.t_upstream_done = time.perf_counter()
         ex.read_deadline = 0.0
+        # Flush first: a full client buffer pauses the upstream's reading, which must happen
+        # while the connection is still ours, not after it went back to the pool.
+        self.flush_to_client()
+        self.upstream_write_paused = False
         if ex.request_complete and not ex.pending:
             conn.pool.release(conn)
         else:
@@ -879,7 +911,6 @@ class ClientConnection(asyncio.Protocol):
             conn.close()
             ex.keep_alive = False
         self._release_instance(ex)
-        self.flush_to_client()
         if ex.request_complete or not ex.keep_alive:
             self._finish(ex)
 
@@ -1001,7 +1032,7 @@ class ClientConnection(asyncio.Protocol):
             ex.keep_alive
             and ex.request_complete
             and not self.upgrade_pending
-            and error.status not in (400, 408, 413, 414, 431)
+            and error.status not in (400, 408, 413, 414, 431, 505)
             and not self.server.draining
         )
         ex.keep_alive = keep_alive
@@ -1037,10 +1068,15 @@ class ClientConnection(asyncio.Protocol):
 
         Requests parsed from the same bytes are never dispatched: their framing is suspect.
         """
+        undispatched = self.to_dispatch
         self.to_dispatch = False
         ex = self.parsing
         self.parsing = None
         self.queue = None
+        if undispatched and self.active is not None:
+            # The active request arrived in the same bytes as the bad one and was not sent
+            # yet: it is dropped too, answered with the error.
+            ex = self.active
         if ex is not None and ex is self.active:
             conn = ex.conn
             if conn is not None:

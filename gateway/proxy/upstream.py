@@ -35,6 +35,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "owner",
         "parser",
+        "paused",
         "pool",
         "reusable",
         "skip_body",
@@ -57,6 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.collecting = False  # response head bytes are being gathered
         self.head_buffer = b""
         self.head_start = 0
+        self.paused = False  # reading paused because the client cannot take more
         self.skip_body = False  # the request was HEAD: the response has no body whatever it says
         self.skipped = False
 
@@ -171,6 +173,16 @@ class UpstreamConnection(asyncio.Protocol):
             owner.on_response_message_complete(self)
 
     # -- used by the client side ------------------------------------------------------------
+    def pause_reading(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
     def begin_exchange(self, owner: ClientConnection, head_only: bool) -> None:
         self.owner = owner
         self.skip_body = head_only
@@ -236,6 +248,7 @@ class InstancePool:
             conn.close()
             return
         conn.used = True
+        conn.resume_reading()  # an idle connection must see the upstream's EOF
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
 
