@@ -206,8 +206,19 @@ class RawBackend:
         self.connections = 0
 
     def close(self) -> None:
+        """Stop serving; handlers still waiting on (gateway-pooled) connections are cancelled on
+        their own loop first, so none is destroyed with the loop at interpreter exit."""
         self.server.close()
+        self.thread.call(_cancel_other_tasks())
         self.thread.stop()
+
+
+async def _cancel_other_tasks() -> None:
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _fixed_ok(buffer: bytes) -> bytes | None:

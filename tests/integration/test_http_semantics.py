@@ -6,7 +6,6 @@ Raw sockets everywhere: these tests check framing, so they must see the exact by
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -141,24 +140,6 @@ def client(gateway: GatewayProcess) -> Iterator[ResponseReader]:
 # -- raw upstreams and a gateway of our own --------------------------------------------------------
 
 
-async def _cancel_handlers() -> None:
-    current = asyncio.current_task()
-    tasks = [task for task in asyncio.all_tasks() if task is not current]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def close_raw_backend(backend: RawBackend) -> None:
-    """Close a RawBackend whose handlers may still wait on open (pooled) connections.
-
-    Stopping its loop with handlers pending would leave coroutines to die at interpreter exit,
-    which pytest reports as unraisable exceptions.
-    """
-    backend.thread.call(_cancel_handlers())
-    backend.close()
-
-
 def _after_head(reply: bytes) -> Callable[[bytes], bytes | None]:
     """A RawBackend responder sending ``reply`` once a whole request head arrived."""
 
@@ -231,7 +212,7 @@ def raw_upstreams() -> Iterator[dict[str, RawBackend]]:
     }
     yield backends
     for backend in backends.values():
-        close_raw_backend(backend)
+        backend.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ barrier's head and nothing else. The positive controls prove those assertions ca
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 from collections.abc import Callable, Iterator
@@ -41,27 +40,11 @@ def complete_message_responder(buffer: bytes) -> bytes | None:
     return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 
 
-async def _cancel_other_tasks() -> None:
-    current = asyncio.current_task()
-    tasks = [task for task in asyncio.all_tasks() if task is not current]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def close_raw_backend(backend: RawBackend) -> None:
-    """Close a RawBackend whose connection handlers may still be open (pooled by a gateway):
-    they are cancelled on their own loop first, so none is destroyed with the loop closed."""
-    backend.server.close()
-    backend.thread.call(_cancel_other_tasks())
-    backend.close()
-
-
 @pytest.fixture(scope="module")
 def raw() -> Iterator[RawBackend]:
     backend = RawBackend(complete_message_responder)
     yield backend
-    close_raw_backend(backend)
+    backend.close()
 
 
 @pytest.fixture(scope="module")

@@ -62,16 +62,6 @@ async def cancel_handlers() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def close_raw_backend(backend: RawBackend) -> None:
-    """Close a RawBackend whose handlers may still wait on open (pooled) connections.
-
-    Stopping its loop with handlers pending would leave coroutines to die at interpreter exit,
-    which pytest reports as unraisable exceptions.
-    """
-    backend.thread.call(cancel_handlers())
-    backend.close()
-
-
 # -- a scripted upstream that records connection events --------------------------------------------
 
 Handler = Callable[
@@ -202,7 +192,7 @@ def raw_upstreams() -> Iterator[dict[str, RawBackend]]:
     }
     yield backends
     for backend in backends.values():
-        close_raw_backend(backend)
+        backend.close()
 
 
 @pytest.fixture(scope="module")
