@@ -108,6 +108,12 @@ class GatewayMetrics:
         self.connections_open: int = 0
         # upstream -> (active, idle) pooled connections, last reported value.
         self.upstream_conns: dict[str, tuple[int, int]] = {}
+        # (upstream, reason) -> retries started (reason "budget_exhausted": retry refused).
+        self.retries: dict[tuple[str, str], int] = {}
+        # (upstream, limit) -> requests refused by the circuit breaker.
+        self.overflows: dict[tuple[str, str], int] = {}
+        # upstream -> {state: count} of its instances (healthy, unhealthy, ejected), last report.
+        self.instance_states: dict[str, dict[str, int]] = {}
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -149,6 +155,18 @@ class GatewayMetrics:
             h = self.overhead[route] = _new_hist(self._n)
         h[bisect_left(bounds, overhead_s)] += 1
         h[-1] += overhead_s
+
+    def retry(self, upstream: str, reason: str) -> None:
+        key = (upstream, reason)
+        self.retries[key] = self.retries.get(key, 0) + 1
+
+    def breaker_overflow(self, upstream: str, kind: str) -> None:
+        key = (upstream, kind)
+        self.overflows[key] = self.overflows.get(key, 0) + 1
+
+    def upstream_instances(self, upstream: str, states: dict[str, int]) -> None:
+        """Report how many instances of ``upstream`` are in each state (a gauge; last wins)."""
+        self.instance_states[upstream] = states
 
     def upstream_connections(self, upstream: str, active: int, idle: int) -> None:
         """Report the current pooled connection counts of one upstream (a gauge; last wins)."""
@@ -199,7 +217,7 @@ class GatewayMetrics:
         )
         upstream_duration = self._hist_family(
             "gateway_upstream_duration_seconds",
-            "Time from sending the request upstream to receiving the upstream's response head.",
+            "Time from sending the request upstream to the last byte of its response.",
             ["upstream"],
             [((k,), list(h)) for k, h in list(self.upstream_duration.items())],
         )
@@ -223,7 +241,41 @@ class GatewayMetrics:
         for upstream, (active, idle) in list(self.upstream_conns.items()):
             pooled.add_metric([upstream, "active"], active)
             pooled.add_metric([upstream, "idle"], idle)
-        return [requests, duration, upstream_duration, overhead, clients, pooled]
+        retries = CounterMetricFamily(
+            "gateway_retries_total",
+            "Retries started, by upstream and the failure that caused them (connect_failure, "
+            "reset, timeout or a status code); budget_exhausted counts retries the budget refused.",
+            labels=["upstream", "reason"],
+        )
+        for (upstream, reason), count in list(self.retries.items()):
+            retries.add_metric([upstream, reason], count)
+        overflows = CounterMetricFamily(
+            "gateway_circuit_breaker_overflow_total",
+            "Requests answered 503 at once because a circuit-breaker limit was reached.",
+            labels=["upstream", "limit"],
+        )
+        for (upstream, kind), count in list(self.overflows.items()):
+            overflows.add_metric([upstream, kind], count)
+        instances = GaugeMetricFamily(
+            "gateway_upstream_instances",
+            "Instances of an upstream by state: healthy, unhealthy (active checks) or ejected "
+            "(outlier detection).",
+            labels=["upstream", "state"],
+        )
+        for upstream, states in list(self.instance_states.items()):
+            for state, count in states.items():
+                instances.add_metric([upstream, state], count)
+        return [
+            requests,
+            duration,
+            upstream_duration,
+            overhead,
+            clients,
+            pooled,
+            retries,
+            overflows,
+            instances,
+        ]
 
     # -- multi-process aggregation ---------------------------------------------------------
 
@@ -240,6 +292,9 @@ class GatewayMetrics:
             "overhead": [[r, list(h)] for r, h in list(self.overhead.items())],
             "connections_open": self.connections_open,
             "upstream_connections": [[u, a, i] for u, (a, i) in list(self.upstream_conns.items())],
+            "retries": [[u, r, n] for (u, r), n in list(self.retries.items())],
+            "overflows": [[u, k, n] for (u, k), n in list(self.overflows.items())],
+            "instance_states": {u: dict(c) for u, c in list(self.instance_states.items())},
         }
 
     def merge_state(self, state: dict[str, Any]) -> None:
@@ -279,6 +334,13 @@ class GatewayMetrics:
         for upstream, active, idle in state["upstream_connections"]:
             a, i = self.upstream_conns.get(upstream, (0, 0))
             self.upstream_conns[upstream] = (a + active, i + idle)
+        for upstream, reason, count in state.get("retries", ()):
+            self.retries[(upstream, reason)] = self.retries.get((upstream, reason), 0) + count
+        for upstream, kind, count in state.get("overflows", ()):
+            self.overflows[(upstream, kind)] = self.overflows.get((upstream, kind), 0) + count
+        # Instance states are the supervisor's view (one per gateway), not summed per worker.
+        for upstream, states in state.get("instance_states", {}).items():
+            self.instance_states[upstream] = dict(states)
 
 
 class _GatewayCollector:
@@ -291,6 +353,9 @@ class _GatewayCollector:
         ("gateway_overhead_seconds", "histogram"),
         ("gateway_client_connections", "gauge"),
         ("gateway_upstream_connections", "gauge"),
+        ("gateway_retries", "counter"),
+        ("gateway_circuit_breaker_overflow", "counter"),
+        ("gateway_upstream_instances", "gauge"),
     )
 
     def __init__(self, metrics: GatewayMetrics) -> None:

@@ -7,42 +7,194 @@ reload does not drop warm upstream connections.
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.balancing import make_balancer
-from gateway.config.model import GatewayConfig, InstanceConfig, UpstreamConfig
+from gateway.balancing import SlowStart, compile_hash_key, make_balancer
+from gateway.config.model import GatewayConfig, InstanceConfig, RetryConfig, UpstreamConfig
+from gateway.health.outlier import OutlierDetector
 from gateway.proxy.headers import TrustedProxies
 from gateway.proxy.upstream import InstancePool
+from gateway.resilience.budget import RetryBudget
+from gateway.resilience.circuit_breaker import CircuitBreaker
+from gateway.resilience.retry import RetryPolicy
 from gateway.routing import RouteTable
+
+log = logging.getLogger("gateway.upstreams")
 
 
 class Instance:
-    """One upstream instance as the balancer and the proxy see it."""
+    """One upstream instance as the balancer and the proxy see it.
 
-    __slots__ = ("active_requests", "address", "available", "config", "pool", "weight")
+    ``available`` is what balancers read: healthy (active checks) and not ejected (outlier
+    detection). Both flags live here so either can flip without knowing about the other.
+    """
+
+    __slots__ = (
+        "active_requests",
+        "address",
+        "available",
+        "config",
+        "ejected",
+        "failing",
+        "healthy",
+        "pool",
+        "weight",
+    )
 
     def __init__(self, config: InstanceConfig, pool: InstancePool) -> None:
         self.config = config
         self.address = config.address
         self.weight = config.weight
-        self.available = True  # health checks and outlier detection (later) flip this
+        self.healthy = True
+        self.ejected = False
+        self.failing = False  # the last try failed: the next success must reset the streak
+        self.available = True
         self.pool = pool
         self.active_requests = 0
 
+    def update_availability(self) -> bool:
+        """Recompute ``available``; True when it changed."""
+        available = self.healthy and not self.ejected
+        if available is self.available:
+            return False
+        self.available = available
+        return True
+
+
+def retry_policy(config: RetryConfig) -> RetryPolicy | None:
+    if config.attempts <= 1:
+        return None
+    return RetryPolicy(
+        attempts=config.attempts,
+        on=config.on,
+        per_try_timeout=config.per_try_timeout,
+        max_body_bytes=config.max_body_bytes,
+        allow_non_idempotent=config.allow_non_idempotent,
+    )
+
 
 class Upstream:
-    __slots__ = ("balancer", "config", "instances", "name", "read_timeout")
+    __slots__ = (
+        "balancer",
+        "breaker",
+        "budget",
+        "config",
+        "hash_key",
+        "instances",
+        "name",
+        "outlier",
+        "read_timeout",
+        "retry",
+        "rng",
+    )
 
-    def __init__(self, config: UpstreamConfig, instances: list[Instance]) -> None:
+    def __init__(
+        self, config: UpstreamConfig, instances: list[Instance], previous: Upstream | None = None
+    ) -> None:
+        now = time.monotonic()
         self.config = config
         self.name = config.name
         self.instances = instances
         self.read_timeout = config.timeouts.read
-        self.balancer = make_balancer(config.balancer, instances)
+        self.rng = random.Random()
+        self.balancer = make_balancer(
+            config.balancer,
+            instances,
+            panic_threshold=config.panic_threshold,
+            slow_start=SlowStart(config.slow_start) if config.slow_start else None,
+            rng=self.rng,
+            now=now,
+        )
+        self.hash_key = compile_hash_key(config.hash_key) if config.hash_key else None
+        self.retry = retry_policy(config.retry)
+        self.budget = RetryBudget(config.retry.budget_percent)
+        breaker = config.circuit_breaker
+        self.breaker = CircuitBreaker(
+            breaker.max_connections, breaker.max_pending, breaker.max_requests
+        )
+        outlier = config.outlier
+        if outlier is None:
+            self.outlier: OutlierDetector | None = None
+        elif (
+            previous is not None
+            and previous.outlier is not None
+            and previous.config.outlier == outlier
+        ):
+            self.outlier = previous.outlier  # ejection history survives a reload
+        else:
+            self.outlier = OutlierDetector(
+                consecutive_failures=outlier.consecutive_failures,
+                consecutive_gateway_failures=outlier.consecutive_gateway_failures,
+                base_ejection_time=outlier.base_ejection_time,
+                max_ejection_time=outlier.max_ejection_time,
+                max_ejection_percent=outlier.max_ejection_percent,
+            )
+        if self.outlier is not None:
+            self.outlier.set_instances(instance.address for instance in instances)
+            for instance in instances:
+                if self.outlier.is_ejected(instance.address, now):
+                    instance.ejected = True
+                    instance.update_availability()
+            self.balancer.refresh(now)
 
-    def pick(self) -> Instance | None:
-        return self.balancer.pick()
+    def pick(self, key: bytes | None = None, exclude: object | None = None) -> Instance | None:
+        return self.balancer.pick(key, exclude)
+
+    def record_outcome(self, instance: Instance, success: bool, gateway_failure: bool) -> None:
+        """Passive health: feed one try's outcome to outlier detection."""
+        instance.failing = not success
+        outlier = self.outlier
+        if outlier is None:
+            return
+        now = time.monotonic()
+        if outlier.record(instance.address, success, gateway_failure, now) and not instance.ejected:
+            instance.ejected = True
+            if instance.update_availability():
+                self.balancer.refresh(now)
+            log.warning(
+                "upstream %s: instance %s ejected after consecutive failures",
+                self.name,
+                instance.address,
+            )
+
+    def tick(self, now: float) -> None:
+        """Once a second: return ejected instances whose time is up; advance slow start."""
+        outlier = self.outlier
+        changed = False
+        if outlier is not None and outlier.ejected_count():
+            returned = set(outlier.sweep(now))
+            for instance in self.instances:
+                if instance.address in returned and instance.ejected:
+                    instance.ejected = False
+                    changed |= instance.update_availability()
+                    log.info(
+                        "upstream %s: instance %s returned to service", self.name, instance.address
+                    )
+        if changed:
+            self.balancer.refresh(now)
+        self.balancer.tick(now)
+
+    def set_health(self, instance: Instance, healthy: bool) -> None:
+        if instance.healthy is healthy:
+            return
+        instance.healthy = healthy
+        if instance.update_availability():
+            self.balancer.refresh(time.monotonic())
+
+    def state_counts(self) -> dict[str, int]:
+        counts = {"healthy": 0, "unhealthy": 0, "ejected": 0}
+        for instance in self.instances:
+            if instance.ejected:
+                counts["ejected"] += 1
+            elif instance.healthy:
+                counts["healthy"] += 1
+            else:
+                counts["unhealthy"] += 1
+        return counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +203,7 @@ class Snapshot:
     routes: RouteTable
     upstreams: dict[str, Upstream]
     trusted_proxies: TrustedProxies
+    route_retry: dict[str, RetryPolicy | None]  # routes whose retry overrides the upstream's
 
     def pools(self) -> list[InstancePool]:
         return [
@@ -106,7 +259,14 @@ def build_snapshot(
                     connect_timeout=upstream_config.timeouts.connect,
                 )
             instances.append(Instance(instance_config, pool))
-        upstreams[name] = Upstream(upstream_config, instances)
+        previous_upstream = previous.upstreams.get(name) if previous is not None else None
+        if previous_upstream is not None:
+            # Health state of instances that remain carries over.
+            old_health = {i.address: i.healthy for i in previous_upstream.instances}
+            for instance in instances:
+                instance.healthy = old_health.get(instance.address, True)
+                instance.update_availability()
+        upstreams[name] = Upstream(upstream_config, instances, previous_upstream)
     # Pools of instances that disappeared: idle connections close now; busy ones finish first.
     for pool in old_pools.values():
         pool.close_all()
@@ -115,4 +275,9 @@ def build_snapshot(
         routes=RouteTable(config.routes),
         upstreams=upstreams,
         trusted_proxies=TrustedProxies(config.trusted_proxies),
+        route_retry={
+            route.name: retry_policy(route.retry)
+            for route in config.routes
+            if route.retry is not None
+        },
     )

@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-BalancerName = Literal["round_robin", "weighted_round_robin"]
+BalancerName = Literal[
+    "round_robin",
+    "weighted_round_robin",
+    "least_request",
+    "peak_ewma",
+    "random",
+    "ring_hash",
+    "maglev",
+]
 PathKind = Literal["exact", "prefix", "regex"]
 
 
@@ -41,12 +49,68 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """``retry:`` of an upstream (or a route's override). ``attempts`` counts the first try."""
+
+    attempts: int = 2
+    on: tuple[str | int, ...] = ("connect_failure", "reset", "gateway_error")
+    per_try_timeout: float | None = None
+    budget_percent: float = 20.0  # retries in flight vs active requests of the upstream
+    max_body_bytes: int = 64 * 1024  # request bodies kept for a replay up to this size
+    allow_non_idempotent: bool = False  # POST/PATCH retried without an Idempotency-Key
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    # Any 5xx in a row; off by default: an application's own 500s should not eject it.
+    consecutive_failures: int = 0
+    consecutive_gateway_failures: int = 5  # 502/503/504 or transport failures in a row
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: float = 50.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    expected_statuses: tuple[int, ...] = (200,)
+    jitter: float = 0.1  # fraction of the interval
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    max_connections: int = 1024
+    max_pending: int = 1024
+    max_requests: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     instances: tuple[InstanceConfig, ...]
     balancer: BalancerName = "round_robin"
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_idle_connections: int = 64  # per instance
+    # Service discovery (instead of static ``instances``): backend name and service to follow.
+    discovery: str | None = None
+    service: str | None = None
+    tags: tuple[str, ...] = ()  # Consul: instances must carry every tag
+    datacenter: str | None = None  # Consul: overrides the backend's datacenter
+    passing_only: bool = True  # Consul: only instances whose checks all pass
+    # Balancing and failover.
+    hash_key: str | None = (
+        None  # ring_hash/maglev: header:NAME, cookie:NAME, client_ip, path, query:NAME
+    )
+    slow_start: float | None = None  # window (s) over which a new/recovered instance ramps up
+    panic_threshold: float = 0.5  # below this share of available instances, use all of them
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    outlier: OutlierConfig | None = field(default_factory=OutlierConfig)
+    health: HealthConfig | None = None  # active checks, off unless configured
+    circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +145,7 @@ class RouteConfig:
     rewrite: RewriteConfig | None = None
     timeout: float | None = None  # whole request, response head to last byte; None = no bound
     max_body_bytes: int | None = None  # None = limits.max_body_bytes
+    retry: RetryConfig | None = None  # overrides the upstream's retry policy for this route
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +156,46 @@ class LimitsConfig:
     header_timeout: float = 10.0  # whole request head must arrive within -> 408
     keepalive_timeout: float = 75.0  # idle client keep-alive connection is closed after
     max_connections: int = 10_000  # concurrent client connections; beyond, new ones are closed
+
+
+DiscoveryType = Literal["registry", "dns", "consul"]
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """One named discovery backend (``discovery:`` section). Keys of other types stay None."""
+
+    name: str
+    type: DiscoveryType
+    allow_empty: bool = False  # honour an empty answer from a healthy backend
+    retry_min: float = 0.2  # backoff after a backend failure, doubled per failure, with jitter
+    retry_max: float = 10.0
+    # registry
+    state_file: str | None = None  # where registrations persist; relative to the config file
+    default_ttl: float | None = None  # TTL of registrations that give none; None = no expiry
+    # dns
+    nameservers: tuple[str, ...] = ()  # "ip" or "ip:port"; empty = the system's resolvers
+    min_ttl: float = 1.0  # refresh no more often than this, whatever the record TTL says
+    max_ttl: float = 60.0  # and at least this often
+    timeout: float = 2.0  # dns: per query; consul: connect timeout
+    # consul
+    address: str | None = None  # base URL, e.g. http://127.0.0.1:8500
+    token: str | None = None  # ACL token (X-Consul-Token)
+    datacenter: str | None = None
+    wait: float = 30.0  # blocking query wait
+    ca_file: str | None = None  # TLS: CA bundle for https addresses
+    cert_file: str | None = None  # TLS client certificate (with key_file)
+    key_file: str | None = None
+    tls_verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``admin:`` given as a mapping: where it listens plus the registration API's settings."""
+
+    address: Address
+    token: str | None = None  # required (Bearer / X-Admin-Token) on mutating registry calls
+    registry: str | None = None  # discovery backend that /register and /discover use
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +210,6 @@ class GatewayConfig:
     source: str  # file name the config came from ("<string>" for text)
     sha256: str  # hex digest of the file bytes
     raw: dict[str, Any]  # the parsed YAML document, for /admin/config
+    discovery: dict[str, DiscoveryConfig] = field(default_factory=dict)
+    admin_token: str | None = None  # admin.token: guards mutating registration API calls
+    admin_registry: str | None = None  # admin.registry: backend of the registration API

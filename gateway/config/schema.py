@@ -13,10 +13,16 @@ from typing import Any
 from gateway.config.durations import DURATION_HINT, DURATION_PATTERN
 from gateway.config.model import (
     Address,
+    AdminConfig,
+    CircuitBreakerConfig,
+    DiscoveryConfig,
+    HealthConfig,
     InstanceConfig,
     LimitsConfig,
     MatchConfig,
+    OutlierConfig,
     PathMatch,
+    RetryConfig,
     RewriteConfig,
     RouteConfig,
     Timeouts,
@@ -27,9 +33,11 @@ from gateway.config.validate import (
     ADDRESS_PATTERN,
     HOSTNAME_PATTERN,
     REQUIRED,
+    Bool,
     Enum,
     Field,
     Int,
+    JsonGen,
     ListOf,
     MapOf,
     Mapped,
@@ -44,7 +52,16 @@ from gateway.config.validate import (
     parse_regex,
 )
 
-BALANCERS = ("round_robin", "weighted_round_robin")
+BALANCERS = (
+    "round_robin",
+    "weighted_round_robin",
+    "least_request",
+    "peak_ewma",
+    "random",
+    "ring_hash",
+    "maglev",
+)
+HASH_BALANCERS = ("ring_hash", "maglev")
 
 # RFC 9110 §5.6.2: token = 1*tchar; methods (§9.1) and field names (§5.1) are tokens.
 TOKEN_PATTERN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -162,17 +179,200 @@ TIMEOUTS = Struct(
     build=Timeouts,
 )
 
-UPSTREAM = Struct(
+
+RETRY_CONDITIONS = ("connect_failure", "reset", "timeout", "5xx", "gateway_error")
+HASH_KEY = Text(
+    "header:NAME, cookie:NAME, query:NAME, client_ip or path",
+    pattern=r"(header|cookie|query):[!#$%&'*+.^_`|~0-9A-Za-z-]+|client_ip|path",
+)
+STATUS_CODE = Int(100, 599)
+
+RETRY = Struct(
+    "retry",
+    "Retries of failed tries, on another instance when there is one. Only idempotent methods"
+    " are retried (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) unless the request carries an"
+    " Idempotency-Key or allow_non_idempotent is set; a connect failure is retried for any"
+    " method. Never after a response byte went to the client.",
+    [
+        Field("attempts", Int(1, 10), "Tries in all, the first included (1 = no retries).", 2),
+        Field(
+            "on",
+            ListOf(Union(Enum(RETRY_CONDITIONS), STATUS_CODE), min_items=1, unique=True),
+            "Failures that are retried: connect_failure, reset, timeout, 5xx (any 5xx plus the"
+            " three), gateway_error (502/503/504 plus the three), or status codes.",
+            ["connect_failure", "reset", "gateway_error"],
+        ),
+        Field("per_try_timeout", DURATION, "Time for one try's response head (default: read)."),
+        Field(
+            "budget_percent",
+            Int(0, 100),
+            "Retries in flight may not exceed this share of the upstream's active requests"
+            " (with a floor of 3), so a failing upstream is not hit by a retry storm.",
+            20,
+        ),
+        Field(
+            "max_body_bytes",
+            Size(),
+            "Request bodies up to this size are kept for a retry.",
+            "64KiB",
+        ),
+        Field(
+            "allow_non_idempotent",
+            Bool(),
+            "Also retry POST/PATCH without an Idempotency-Key header.",
+            False,
+        ),
+    ],
+    build=RetryConfig,
+)
+
+
+def _outlier(enabled: bool, **values: Any) -> OutlierConfig | None:
+    return OutlierConfig(**values) if enabled else None
+
+
+OUTLIER = Struct(
+    "outlier",
+    "Passive health: instances failing in a row are ejected for a time that grows with each"
+    " ejection (Envoy's outlier detection). On by default.",
+    [
+        Field("enabled", Bool(), "false turns outlier detection off.", True),
+        Field(
+            "consecutive_failures",
+            Int(0),
+            "Eject after this many 5xx answers or transport failures in a row (0: never; the"
+            " default, as an application's own 500s say little about the instance).",
+            0,
+        ),
+        Field(
+            "consecutive_gateway_failures",
+            Int(0),
+            "Eject after this many 502/503/504 or transport failures in a row (0: never).",
+            5,
+        ),
+        Field("base_ejection_time", DURATION, "Ejection time, times the ejection count.", "30s"),
+        Field("max_ejection_time", DURATION, "Longest ejection.", "300s"),
+        Field(
+            "max_ejection_percent",
+            Int(0, 100),
+            "Never eject more than this share of the instances (one may always be ejected).",
+            50,
+        ),
+    ],
+    build=_outlier,
+)
+
+HEALTH = Struct(
+    "health",
+    "Active health checks: an HTTP GET to each instance every interval (with jitter).",
+    [
+        Field("path", URL_PATH, "Path probed on each instance.", "/healthz"),
+        Field("interval", DURATION, "Time between probes of one instance.", "5s"),
+        Field("timeout", DURATION, "A probe slower than this fails.", "1s"),
+        Field("healthy_threshold", Int(1), "Passes in a row to become healthy.", 2),
+        Field("unhealthy_threshold", Int(1), "Failures in a row to become unhealthy.", 3),
+        Field(
+            "expected_statuses",
+            ListOf(STATUS_CODE, min_items=1, unique=True),
+            "Statuses that count as a pass.",
+            [200],
+        ),
+    ],
+    build=HealthConfig,
+)
+
+CIRCUIT_BREAKER = Struct(
+    "circuit_breaker",
+    "Limits per upstream; beyond them requests get 503 at once (no queueing).",
+    [
+        Field("max_connections", Int(0), "Open connections to all instances (0: no limit).", 1024),
+        Field("max_pending", Int(0), "Requests waiting for a new connection (0: no limit).", 1024),
+        Field("max_requests", Int(0), "Requests in flight (0: no limit).", 1024),
+    ],
+    build=CircuitBreakerConfig,
+)
+
+
+def _percent(value: int) -> float:
+    return value / 100.0
+
+
+def _instances_or_discovery(values: dict[str, Any]) -> list[tuple[str, str]]:
+    has_static, backend = values["instances"] is not None, values["discovery"]
+    if not has_static and backend is None:
+        return [("instances", "required key is missing")]
+    if has_static and backend is not None:
+        return [("discovery", "give either instances or discovery, not both")]
+    if backend is not None and values["service"] is None:
+        return [("service", "required with discovery: the service name to follow")]
+    if backend is None:
+        given = [k for k in ("service", "tags", "datacenter") if values[k]]
+        return [(k, "only meaningful with discovery") for k in given]
+    return []
+
+
+def _hash_key_needed(values: dict[str, Any]) -> list[tuple[str, str]]:
+    if values["balancer"] in HASH_BALANCERS and values["hash_key"] is None:
+        return [("hash_key", f"required with balancer {values['balancer']}")]
+    if values["balancer"] not in HASH_BALANCERS and values["hash_key"] is not None:
+        return [("hash_key", "only meaningful with balancer ring_hash or maglev")]
+    return []
+
+
+def _upstream(**values: Any) -> UpstreamConfig:
+    # The name is the mapping key; MapOf(key_field="name") fills it in.
+    values["instances"] = values["instances"] or ()
+    return UpstreamConfig(name="", **values)
+
+
+class _UpstreamStruct(Struct):
+    """The JSON Schema half of ``_instances_or_discovery`` (the validator words it better)."""
+
+    def json(self, gen: JsonGen) -> dict[str, Any]:
+        out = super().json(gen)
+        out["oneOf"] = [{"required": ["instances"]}, {"required": ["discovery"]}]
+        out["dependentRequired"] = {"discovery": ["service"]}
+        return out
+
+
+UPSTREAM = _UpstreamStruct(
     "upstream",
     "A named group of instances that routes send traffic to.",
     [
         Field(
             "instances",
             ListOf(INSTANCE, min_items=1),
-            "Static instances: 'host:port' strings or {address, weight} mappings.",
-            REQUIRED,
+            "Static instances: 'host:port' strings or {address, weight} mappings"
+            " (required unless discovery is set).",
         ),
-        Field("balancer", Enum(BALANCERS), "How an instance is picked per request.", BALANCERS[0]),
+        Field(
+            "balancer",
+            Enum(BALANCERS),
+            "How an instance is picked per request: round_robin, weighted_round_robin (EDF),"
+            " least_request (power of two choices), peak_ewma (latency), random (weighted),"
+            " ring_hash or maglev (consistent hashing on hash_key).",
+            BALANCERS[0],
+        ),
+        Field(
+            "hash_key",
+            HASH_KEY,
+            "What ring_hash/maglev hash: header:NAME, cookie:NAME, query:NAME, client_ip or path.",
+        ),
+        Field(
+            "slow_start",
+            DURATION,
+            "Window over which a new or recovered instance's share ramps up linearly.",
+        ),
+        Field(
+            "panic_threshold",
+            Mapped(Int(0, 100), _percent),
+            "Percent: when fewer instances than this are available, balance over all of them.",
+            50,
+        ),
+        Field("retry", RETRY, "Retry policy (overridable per route).", {}),
+        Field("outlier", OUTLIER, "Passive outlier detection.", {}),
+        Field("health", HEALTH, "Active health checks (off unless given)."),
+        Field("circuit_breaker", CIRCUIT_BREAKER, "Connection and request limits.", {}),
         Field("timeouts", TIMEOUTS, "Connect, read and idle timeouts.", {}),
         Field(
             "max_idle_connections",
@@ -180,9 +380,29 @@ UPSTREAM = Struct(
             "Keep-alive connections kept open per instance when idle.",
             64,
         ),
+        Field("discovery", NAME, "Discovery backend (a key of `discovery`) instead of instances."),
+        Field(
+            "service",
+            Text("a service name"),
+            "Service to follow: registry/Consul service name; DNS 'host:port' (A/AAAA) or an"
+            " SRV name such as '_http._tcp.api.example'.",
+        ),
+        Field(
+            "tags",
+            ListOf(Text("a tag"), unique=True),
+            "Consul/registry: only instances carrying every one of these tags.",
+            [],
+        ),
+        Field("datacenter", Text("a datacenter name"), "Consul: datacenter to query."),
+        Field(
+            "passing_only",
+            Bool(),
+            "Consul: only instances whose health checks all pass (false: every instance).",
+            True,
+        ),
     ],
-    # The name is the mapping key; MapOf(key_field="name") fills it in.
-    build=lambda **values: UpstreamConfig(name="", **values),
+    build=_upstream,
+    checks=[_instances_or_discovery, _hash_key_needed],
 )
 
 # --- routes -----------------------------------------------------------------------------------
@@ -276,9 +496,140 @@ ROUTE = Struct(
         Field("rewrite", REWRITE, "How the request is changed before it goes upstream."),
         Field("timeout", DURATION, "Bound on the whole request, retries included."),
         Field("max_body_bytes", Size(), "Request body cap for this route (413 beyond)."),
+        Field("retry", RETRY, "Overrides the upstream's retry policy for this route."),
     ],
     build=RouteConfig,
 )
+
+# --- discovery --------------------------------------------------------------------------------
+
+DISCOVERY_TYPES = ("registry", "dns", "consul")
+_TYPE_KEYS = {
+    "registry": ("state_file", "default_ttl"),
+    "dns": ("nameservers", "min_ttl", "max_ttl", "timeout"),
+    "consul": (
+        "address",
+        "token",
+        "datacenter",
+        "wait",
+        "timeout",
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "tls_verify",
+    ),
+}
+_TYPE_DEFAULTS = {"min_ttl": 1.0, "max_ttl": 60.0, "timeout": 2.0, "wait": 30.0, "tls_verify": True}
+
+
+def _discovery_keys(values: dict[str, Any]) -> list[tuple[str, str]]:
+    kind = values["type"]
+    problems = []
+    for other, keys in _TYPE_KEYS.items():
+        for key in keys:
+            if other != kind and key not in _TYPE_KEYS[kind] and values[key] is not None:
+                problems.append((key, f"not a key of type {kind} (it belongs to type {other})"))
+    if kind == "consul" and values["address"] is None:
+        problems.append(("address", "required for type consul, e.g. http://127.0.0.1:8500"))
+    low, high = values["min_ttl"], values["max_ttl"]
+    if low is not None and high is not None and low > high:
+        problems.append(("min_ttl", "must not be greater than max_ttl"))
+    if values["retry_min"] > values["retry_max"]:
+        problems.append(("retry_min", "must not be greater than retry_max"))
+    if (values["cert_file"] is None) != (values["key_file"] is None):
+        problems.append(("cert_file", "cert_file and key_file must be given together"))
+    return problems
+
+
+def _discovery(**values: Any) -> DiscoveryConfig:
+    for key, default in _TYPE_DEFAULTS.items():
+        if values[key] is None:
+            values[key] = default
+    values["nameservers"] = values["nameservers"] or ()
+    return DiscoveryConfig(name="", **values)
+
+
+NAMESERVER = Text(
+    "an IP address, optionally with :port (IPv6 as [::1]:53)",
+    pattern=r"[0-9.]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?|[0-9A-Fa-f:]+",
+)
+HTTP_URL = Text("an http:// or https:// URL", pattern=r"https?://[^\s/?#]+/?")
+
+DISCOVERY = Struct(
+    "discovery_backend",
+    "A discovery backend. Keys other than type, allow_empty and retry_* belong to one type.",
+    [
+        Field("type", Enum(DISCOVERY_TYPES), "Backend kind.", REQUIRED),
+        Field(
+            "allow_empty",
+            Bool(),
+            "Honour an empty instance list from a healthy backend (default: keep the last"
+            " non-empty list and log it).",
+            False,
+        ),
+        Field("retry_min", DURATION, "First retry delay after a backend failure.", "200ms"),
+        Field("retry_max", DURATION, "Longest retry delay (doubling with jitter).", "10s"),
+        Field(
+            "state_file",
+            Text("a file path"),
+            "registry: file that keeps registrations across restarts (relative to the config"
+            " file; default gateway-registry.json beside it).",
+        ),
+        Field("default_ttl", DURATION, "registry: TTL of registrations that give none."),
+        Field(
+            "nameservers",
+            ListOf(NAMESERVER),
+            "dns: servers to ask ('127.0.0.1', '127.0.0.1:5353'); default: the system's.",
+        ),
+        Field("min_ttl", DURATION, "dns: shortest refresh interval (default 1s)."),
+        Field("max_ttl", DURATION, "dns: longest refresh interval (default 60s)."),
+        Field("timeout", DURATION, "dns: query timeout; consul: connect timeout (default 2s)."),
+        Field("address", HTTP_URL, "consul: agent HTTP API base URL."),
+        Field("token", Text("an ACL token"), "consul: ACL token sent as X-Consul-Token."),
+        Field("datacenter", Text("a datacenter name"), "consul: default datacenter."),
+        Field("wait", DURATION, "consul: blocking query wait time (default 30s)."),
+        Field("ca_file", Text("a file path"), "consul: CA bundle for https."),
+        Field("cert_file", Text("a file path"), "consul: TLS client certificate."),
+        Field("key_file", Text("a file path"), "consul: TLS client key."),
+        Field("tls_verify", Bool(), "consul: verify the server certificate (default true)."),
+    ],
+    build=_discovery,
+    checks=[_discovery_keys],
+)
+
+ADMIN = Union(
+    LISTEN_ADDRESS,
+    Struct(
+        "admin",
+        "Admin server address plus the registration API's settings.",
+        [
+            Field("address", LISTEN_ADDRESS, "Address of the admin/metrics server.", REQUIRED),
+            Field(
+                "token",
+                Text("a token"),
+                "Required on mutating registration calls (Authorization: Bearer TOKEN).",
+            ),
+            Field(
+                "registry",
+                NAME,
+                "Discovery backend (type registry or consul) behind /register and /discover;"
+                " default: the embedded registry.",
+            ),
+        ],
+        build=AdminConfig,
+    ),
+    expected=f"an address ({ADDRESS_HINT}) or a mapping {{address, token, registry}}",
+)
+
+
+def _root(**values: Any) -> dict[str, Any]:
+    admin = values["admin"]
+    if isinstance(admin, AdminConfig):
+        values["admin"] = admin.address
+        values["admin_token"] = admin.token
+        values["admin_registry"] = admin.registry
+    return values
+
 
 # --- top level --------------------------------------------------------------------------------
 
@@ -301,7 +652,12 @@ ROOT = Struct(
     "Gateway configuration (routes, upstreams, listeners, limits).",
     [
         Field("listen", LISTEN_ADDRESS, "Address for client traffic.", "0.0.0.0:8080"),
-        Field("admin", LISTEN_ADDRESS, "Address of the admin/metrics server.", "127.0.0.1:9901"),
+        Field(
+            "admin",
+            ADMIN,
+            "Admin/metrics server: an address, or {address, token, registry}.",
+            "127.0.0.1:9901",
+        ),
         Field(
             "workers",
             Union(Int(1), Enum(["auto"]), expected="a positive integer or 'auto'"),
@@ -322,6 +678,12 @@ ROOT = Struct(
             {},
         ),
         Field("routes", ListOf(ROUTE), "Routes, in priority order for ties.", []),
+        Field(
+            "discovery",
+            MapOf(NAME, DISCOVERY, key_field="name"),
+            "Discovery backends by name; upstreams refer to them with `discovery: NAME`.",
+            {},
+        ),
     ],
-    build=dict,
+    build=_root,
 )

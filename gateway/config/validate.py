@@ -219,6 +219,21 @@ class Int(Type):
         return out
 
 
+class Bool(Type):
+    expected = "true or false"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, bool)
+
+    def check(self, ctx: Context, path: Path, value: Any) -> Any:
+        if not isinstance(value, bool):
+            return _type_error(ctx, path, self.expected, value)
+        return value
+
+    def json(self, gen: JsonGen) -> dict[str, Any]:
+        return {"type": "boolean"}
+
+
 class Enum(Type):
     def __init__(self, values: Sequence[str]) -> None:
         self.values = tuple(values)
@@ -682,6 +697,46 @@ def cross_check(ctx: Context, data: dict[str, Any]) -> None:
             if isinstance(upstream, dict) and isinstance(upstream.get("instances"), list):
                 _duplicate_instances(ctx, ("upstreams", name, "instances"), upstream["instances"])
     _listen_admin_clash(ctx, data)
+    _discovery_references(ctx, data)
+
+
+# The embedded registry exists even when the `discovery` section does not name it.
+EMBEDDED_REGISTRY = "registry"
+
+
+def _discovery_references(ctx: Context, data: dict[str, Any]) -> None:
+    backends = data.get("discovery")
+    if not isinstance(backends, dict | None):
+        return  # reported by the schema
+    types = {EMBEDDED_REGISTRY: "registry"}
+    for name, backend in (backends or {}).items():
+        types[name] = backend.get("type") if isinstance(backend, dict) else None
+    known = ", ".join(sorted(types))
+    upstreams = data.get("upstreams")
+    if isinstance(upstreams, dict):
+        for name, upstream in upstreams.items():
+            target = upstream.get("discovery") if isinstance(upstream, dict) else None
+            if not isinstance(target, str):
+                continue
+            path = ("upstreams", name, "discovery")
+            if target not in types:
+                ctx.error(path, f"unknown discovery backend {target!r} (known: {known})")
+                continue
+            kind = types[target]
+            for key in ("tags", "datacenter"):
+                if upstream.get(key) and kind == "dns":
+                    ctx.error(("upstreams", name, key), f"not supported by dns backend {target!r}")
+    admin = data.get("admin")
+    registry = admin.get("registry") if isinstance(admin, dict) else None
+    if isinstance(registry, str):
+        if registry not in types:
+            ctx.error(("admin", "registry"), f"unknown discovery backend {registry!r} ({known})")
+        elif types[registry] not in ("registry", "consul"):
+            ctx.error(
+                ("admin", "registry"),
+                f"backend {registry!r} is of type {types[registry]}: registration needs"
+                " type registry or consul",
+            )
 
 
 def _duplicate_instances(ctx: Context, path: Path, instances: list[Any]) -> None:

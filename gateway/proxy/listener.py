@@ -25,6 +25,17 @@ import orjson
 
 from gateway.proxy import headers as hdr
 from gateway.proxy.upstream import InstancePool, UpstreamConnection
+from gateway.resilience.backoff import parse_retry_after
+from gateway.resilience.retry import (
+    CONNECT_FAILURE,
+    GATEWAY_STATUSES,
+    IDEMPOTENT_METHODS,
+    RESET,
+    STATUS,
+    TIMEOUT,
+    RetryPolicy,
+    is_gateway_failure,
+)
 
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
@@ -78,6 +89,16 @@ _REASONS = {
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
+
+
+def _retry_after(fields: bytes) -> float | None:
+    """Seconds from a Retry-After field (RFC 9110 §10.2.3) in a raw header block, if any."""
+    lowered = fields.lower()
+    at = lowered.find(b"retry-after:")
+    if at < 0 or (at > 0 and lowered[at - 1 : at] != b"\n"):
+        return None
+    end = lowered.find(b"\r\n", at)
+    return parse_retry_after(fields[at + 12 : end].strip(), time.time())
 
 
 class RequestRejected(Exception):
@@ -137,6 +158,18 @@ class Exchange:
     read_deadline = 0.0
     t_upstream = 0.0
     t_upstream_done = 0.0
+    # Retries (RFC 9110 §9.2.2 decides which methods may be repeated).
+    retry: RetryPolicy | None = None
+    retry_method_ok = False
+    attempt = 1
+    hash_key: bytes | None = None
+    failed_instance: Instance | None = None
+    budget_held = False
+    breaker_held = False
+    body_sent = False  # a body byte went to some upstream
+    replay_limit = REPLAY_LIMIT
+    retry_timer: asyncio.TimerHandle | None = None
+    counted = False  # upstream-level counters (active requests, breaker) were taken
 
     def __init__(self, now: float, max_body: int) -> None:
         self.t_start = now
@@ -153,6 +186,7 @@ class ProxyServer:
         self.connections: set[ClientConnection] = set()
         self.request_ids = hdr.RequestIds()
         self.clock = time.monotonic()
+        self._next_second = 0.0
         self.draining = False
         self._drained = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -183,7 +217,13 @@ class ProxyServer:
         for conn in list(self.connections):
             conn.check_timeouts(now)
         metrics = self.metrics
+        once_a_second = now >= self._next_second
+        if once_a_second:
+            self._next_second = now + 1.0
         for upstream in self.snapshot.upstreams.values():
+            if once_a_second:
+                upstream.tick(now)
+                metrics.upstream_instances(upstream.name, upstream.state_counts())
             idle = open_count = 0
             for instance in upstream.instances:
                 pool = instance.pool
@@ -394,7 +434,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.active
         if ex is not None:
             if ex.deadline and now > ex.deadline:
-                self._upstream_timeout(ex, "route timeout exceeded")
+                self._upstream_timeout(ex, "route timeout exceeded", retryable=False)
                 return
             if ex.read_deadline and now > ex.read_deadline:
                 self._upstream_timeout(ex, "upstream read timeout")
@@ -560,9 +600,10 @@ class ClientConnection(asyncio.Protocol):
         conn = ex.conn
         if conn is not None and not ex.pending:
             conn.send(framed)
+            ex.body_sent = True
             replay = ex.replay
             if replay is not None:
-                if ex.body_bytes <= REPLAY_LIMIT:
+                if ex.body_bytes <= ex.replay_limit:
                     replay.append(framed)
                 else:
                     ex.replay = None
@@ -667,7 +708,22 @@ class ClientConnection(asyncio.Protocol):
         upstream = snapshot.upstreams[route.upstream]
         ex.upstream = upstream
         ex.upstream_name = upstream.name
-        instance = upstream.pick()
+        breaker = upstream.breaker
+        if breaker.max_requests and breaker.requests >= breaker.max_requests:
+            breaker.requests_overflow += 1
+            self.server.metrics.breaker_overflow(upstream.name, "requests")
+            self._respond_error(
+                ex,
+                RequestRejected(
+                    503, "circuit_open", f"upstream '{upstream.name}' is at max_requests"
+                ),
+            )
+            return
+        ex.counted = True
+        breaker.requests += 1  # also the upstream's active-request count (retry budget)
+        if upstream.hash_key is not None:
+            ex.hash_key = self._hash_key(ex, upstream, path, query)
+        instance = upstream.pick(ex.hash_key)
         if instance is None:
             self._respond_error(
                 ex,
@@ -680,6 +736,19 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.instance = instance
         instance.active_requests += 1
+        policy = (
+            snapshot.route_retry.get(route.name, upstream.retry)
+            if snapshot.route_retry
+            else upstream.retry
+        )
+        if policy is not None:
+            ex.retry = policy
+            ex.replay_limit = max(policy.max_body_bytes, REPLAY_LIMIT)
+            method = ex.method
+            ex.retry_method_ok = method in IDEMPOTENT_METHODS or policy.method_retryable(
+                method, any(name == b"idempotency-key" for name, _ in ex.headers)
+            )
+        ex.replay = []
         if route.rewrites_path:
             new_path = route.rewrite_path(path_text).encode("latin-1")
             url = new_path + (b"?" + query if query else b"")
@@ -721,9 +790,32 @@ class ClientConnection(asyncio.Protocol):
             self._attach(ex, conn)
             return
 
+        upstream = ex.upstream
+        assert upstream is not None
+        breaker = upstream.breaker
+        if not breaker.try_pending():
+            self.server.metrics.breaker_overflow(upstream.name, "pending")
+            self._upstream_error(
+                ex, 503, "circuit_open", f"upstream '{upstream.name}' is at max_pending"
+            )
+            return
+        if breaker.max_connections and (
+            sum(i.pool.open_count + i.pool.connecting for i in upstream.instances)
+            >= breaker.max_connections
+        ):
+            breaker.release_pending()
+            self.server.metrics.breaker_overflow(upstream.name, "connections")
+            self._upstream_error(
+                ex, 503, "circuit_open", f"upstream '{upstream.name}' is at max_connections"
+            )
+            return
+
         def connected(conn: UpstreamConnection | None, error: BaseException | None) -> None:
+            breaker.release_pending()
             if conn is None:
                 if self.active is ex and not self.closed:
+                    if self._try_failed(ex, CONNECT_FAILURE):
+                        return
                     if isinstance(error, TimeoutError):
                         self._upstream_error(
                             ex, 504, "upstream_timeout", "upstream connect timeout"
@@ -749,14 +841,18 @@ class ClientConnection(asyncio.Protocol):
         ex.t_upstream = time.perf_counter()
         upstream = ex.upstream
         assert upstream is not None
-        ex.read_deadline = time.monotonic() + upstream.read_timeout
-        ex.replay = [] if conn.used and not ex.stale_retried else None
+        first_read = upstream.read_timeout
+        policy = ex.retry
+        if policy is not None and policy.per_try_timeout and policy.per_try_timeout < first_read:
+            first_read = policy.per_try_timeout
+        ex.read_deadline = time.monotonic() + first_read
         if ex.pending:
             pending = ex.pending
             ex.pending = None
             ex.pending_bytes = 0
+            ex.body_sent = True
             if ex.replay is not None:
-                if ex.body_bytes <= REPLAY_LIMIT:
+                if ex.body_bytes <= ex.replay_limit:
                     ex.replay.extend(pending)
                 else:
                     ex.replay = None
@@ -773,8 +869,12 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.pending = None
         ex.pending_bytes = 0
+        ex.body_sent = True
         if ex.replay is not None:
-            ex.replay.extend(pending)
+            if ex.body_bytes <= ex.replay_limit:
+                ex.replay.extend(pending)
+            else:
+                ex.replay = None
         conn.transport.writelines(pending)
         self._update_reading()
 
@@ -798,6 +898,16 @@ class ClientConnection(asyncio.Protocol):
             if ex.version != "1.0":
                 self.out.append(hdr.interim_head(status, head))
             return
+        instance = ex.instance
+        policy = ex.retry
+        if policy is not None and status in policy.retry_statuses:
+            retry_after = _retry_after(head.fields) if status == 503 or status == 429 else None
+            if self._try_failed(ex, STATUS, status, retry_after, drop=conn):
+                return
+            # Not retried: this response goes to the client (the failure is already recorded).
+        elif instance is not None and (status >= 500 or instance.failing):
+            # Successes matter to outlier detection only when they end a failure streak.
+            upstream.record_outcome(instance, status < 500, status in GATEWAY_STATUSES)
         ex.status = status
         conn.reusable = upstream_keep_alive
         keep_alive = ex.keep_alive and not self.server.draining
@@ -967,13 +1077,17 @@ class ClientConnection(asyncio.Protocol):
             ex.stale_retried = True
             ex.conn = None
             replay = ex.replay
-            ex.replay = None
+            ex.replay = []  # refilled from pending when the fresh connection is attached
             pending = ex.pending or []
             ex.pending = replay + pending if replay or pending else None
             ex.pending_bytes = sum(len(chunk) for chunk in ex.pending) if ex.pending else 0
             assert ex.instance is not None
             self._connect(ex, ex.instance.pool)
             return
+        if not ex.response_started:
+            conn.owner = None
+            if self._try_failed(ex, RESET):
+                return
         reason = f"upstream connection lost: {exc}" if exc else "upstream closed the connection"
         self._upstream_failure(ex, conn, reason)
 
@@ -981,18 +1095,115 @@ class ClientConnection(asyncio.Protocol):
         ex = self.active
         if ex is None or ex.conn is not conn:
             return
+        if not ex.response_started:
+            conn.owner = None
+            conn.abort()
+            if self._try_failed(ex, RESET):
+                return
         self._upstream_failure(ex, conn, reason)
+
+    # -- retries ------------------------------------------------------------------------------
+    def _try_failed(
+        self,
+        ex: Exchange,
+        kind: str,
+        status: int = 0,
+        retry_after: float | None = None,
+        drop: UpstreamConnection | None = None,
+    ) -> bool:
+        """One try failed before any response byte reached the client. Record it for outlier
+        detection and, when the policy, the method, the body, the budget and the route deadline
+        all allow, schedule another try on a different instance. True if a retry is scheduled
+        (the caller has already detached the failed connection)."""
+        upstream = ex.upstream
+        instance = ex.instance
+        if upstream is None or instance is None:
+            return False
+        upstream.record_outcome(instance, False, is_gateway_failure(kind, status))
+        policy = ex.retry
+        if policy is None or ex.response_started or self.closed:
+            return False
+        replayable = ex.replay is not None or not ex.body_sent
+        if not policy.should_retry(ex.attempt, kind, status, False, replayable):
+            return False
+        if not (ex.retry_method_ok or policy.safe_for_any_method(kind)):
+            return False
+        delay = policy.retry_delay(ex.attempt, upstream.rng, retry_after)
+        if delay is None:
+            return False
+        if ex.deadline and time.monotonic() + delay >= ex.deadline:
+            return False
+        metrics = self.server.metrics
+        if not ex.budget_held:
+            if not upstream.budget.try_acquire(upstream.breaker.requests):
+                metrics.retry(upstream.name, "budget_exhausted")
+                return False
+            ex.budget_held = True
+        metrics.retry(upstream.name, kind if kind != STATUS else str(status))
+        if drop is not None:
+            drop.owner = None
+            drop.abort()  # the failed response's body is not wanted: closing beats draining it
+        self._release_instance(ex)
+        ex.failed_instance = instance
+        ex.conn = None
+        ex.status = 0
+        ex.interim = False
+        ex.read_deadline = 0.0
+        ex.attempt += 1
+        replay = ex.replay or []
+        pending = ex.pending or []
+        ex.pending = replay + pending if replay or pending else None
+        ex.pending_bytes = sum(len(chunk) for chunk in ex.pending) if ex.pending else 0
+        ex.replay = [] if ex.replay is not None else None
+        ex.retry_timer = asyncio.get_running_loop().call_later(delay, self._retry_now, ex)
+        return True
+
+    def _retry_now(self, ex: Exchange) -> None:
+        ex.retry_timer = None
+        if self.active is not ex or self.closed:
+            return
+        upstream = ex.upstream
+        assert upstream is not None
+        instance = upstream.pick(ex.hash_key, ex.failed_instance)
+        if instance is None:
+            self._respond_error(
+                ex,
+                RequestRejected(
+                    503,
+                    "no_healthy_instance",
+                    f"upstream '{upstream.name}' has no available instance",
+                ),
+            )
+            return
+        ex.instance = instance
+        instance.active_requests += 1
+        self._connect(ex, instance.pool)
+
+    def _hash_key(
+        self, ex: Exchange, upstream: Upstream, path: bytes, query: bytes
+    ) -> bytes | None:
+        assert upstream.hash_key is not None
+        cookies = b"; ".join(value for name, value in ex.headers if name == b"cookie")
+        return upstream.hash_key(
+            headers=ex.headers,
+            cookies_header=cookies or None,
+            client_ip=self.peer_ip,
+            path=path,
+            query=query,
+        )
 
     def _upstream_failure(self, ex: Exchange, conn: UpstreamConnection, reason: str) -> None:
         conn.owner = None
         conn.abort()
         self._upstream_error(ex, 502, "upstream_failure", reason)
 
-    def _upstream_timeout(self, ex: Exchange, reason: str) -> None:
+    def _upstream_timeout(self, ex: Exchange, reason: str, *, retryable: bool = True) -> None:
         conn = ex.conn
         if conn is not None:
             conn.owner = None
             conn.abort()
+        if retryable and not ex.response_started and self._try_failed(ex, TIMEOUT):
+            return
         self._upstream_error(ex, 504, "upstream_timeout", reason)
 
     def _upstream_error(self, ex: Exchange, status: int, code: str, message: str) -> None:
@@ -1116,6 +1327,19 @@ class ClientConnection(asyncio.Protocol):
                     transport.writelines(out)
 
     def _observe(self, ex: Exchange, status: int) -> None:
+        """The exchange is over (answered, failed or abandoned): count it and give back the
+        upstream-level slots it held."""
+        if ex.counted:
+            ex.counted = False
+            upstream = ex.upstream
+            assert upstream is not None
+            upstream.breaker.requests -= 1
+            if ex.budget_held:
+                ex.budget_held = False
+                upstream.budget.release()
+        if ex.retry_timer is not None:
+            ex.retry_timer.cancel()
+            ex.retry_timer = None
         now = time.perf_counter()
         total = now - ex.t_start
         if ex.t_upstream:

@@ -72,12 +72,28 @@ ERROR_CASES: list[tuple[str, str, list[str]]] = [
     ),
     (
         "later-issue-keys-are-unknown",
-        "upstreams:\n  b:\n    instances: [h:1]\n    health: {path: /}\ndiscovery: {}\n",
+        "upstreams:\n  b:\n    instances: [h:1]\n    hedge: {after: 50ms}\n"
+        "routes:\n  - {name: r, upstream: b, rate_limit: {rate: 1/s}}\n",
         [
-            "gateway.yaml:4: upstreams.b.health: unknown key 'health' "
-            "(allowed: instances, balancer, timeouts, max_idle_connections)",
-            "gateway.yaml:5: discovery: unknown key 'discovery' (allowed: listen, admin, "
-            "workers, trusted_proxies, limits, upstreams, routes)",
+            "gateway.yaml:4: upstreams.b.hedge: unknown key 'hedge' (allowed: instances, "
+            "balancer, hash_key, slow_start, panic_threshold, retry, outlier, health, "
+            "circuit_breaker, timeouts, max_idle_connections, discovery, service, tags, "
+            "datacenter, passing_only)",
+            "gateway.yaml:6: routes[0].rate_limit: unknown key 'rate_limit' (allowed: name, "
+            "match, upstream, rewrite, timeout, max_body_bytes, retry)",
+        ],
+    ),
+    (
+        "hash-balancer-needs-hash-key",
+        "upstreams:\n  a:\n    instances: [h:1]\n    balancer: maglev\n",
+        ["gateway.yaml:3: upstreams.a.hash_key: required with balancer maglev"],
+    ),
+    (
+        "bad-retry",
+        "upstreams:\n  a:\n    instances: [h:1]\n    retry: {attempts: 0, on: [reset, 99]}\n",
+        [
+            "gateway.yaml:4: upstreams.a.retry.attempts: must be at least 1, got 0",
+            "gateway.yaml:4: upstreams.a.retry.on[1]: must be at least 100, got 99",
         ],
     ),
     (
@@ -249,7 +265,8 @@ ERROR_CASES: list[tuple[str, str, list[str]]] = [
         "upstreams:\n  a:\n    instances: [127.0.0.1:1]\n    balancer: round_robbin\n",
         [
             "gateway.yaml:4: upstreams.a.balancer: 'round_robbin' is not one of round_robin, "
-            "weighted_round_robin (did you mean 'round_robin'?)"
+            "weighted_round_robin, least_request, peak_ewma, random, ring_hash, maglev "
+            "(did you mean 'round_robin'?)"
         ],
     ),
     (
@@ -574,9 +591,9 @@ def test_merge_key_positions_point_at_the_anchor() -> None:
     """
     assert errors_of(text) == [
         "gateway.yaml:4: upstreams.a.balancer: 'nope' is not one of round_robin, "
-        "weighted_round_robin",
+        "weighted_round_robin, least_request, peak_ewma, random, ring_hash, maglev",
         "gateway.yaml:4: upstreams.b.balancer: 'nope' is not one of round_robin, "
-        "weighted_round_robin",
+        "weighted_round_robin, least_request, peak_ewma, random, ring_hash, maglev",
     ]
 
 

@@ -118,7 +118,7 @@ def test_valid_docs_accepted_by_both(text: str) -> None:
 # Each is invalid for a reason JSON Schema can express too; both must reject it.
 INVALID_DOCS = {
     "unknown-top-key": "lisen: 0.0.0.0:80",
-    "later-issue-key": "upstreams: {a: {instances: [h:1], health: {path: /}}}",
+    "later-issue-key": "upstreams: {a: {instances: [h:1], hedge: {after: 50ms}}}",
     "rate-limit-on-route": "upstreams: {a: {instances: [h:1]}}\n"
     "routes: [{name: r, upstream: a, rate_limit: {rate: 1/s}}]",
     "listen-type": "listen: 8080",
@@ -133,7 +133,11 @@ INVALID_DOCS = {
     "max-connections-zero": "limits: {max_connections: 0}",
     "zero-instances": "upstreams: {a: {instances: []}}",
     "no-instances": "upstreams: {a: {balancer: round_robin}}",
-    "balancer": "upstreams: {a: {instances: [h:1], balancer: least_request}}",
+    "balancer": "upstreams: {a: {instances: [h:1], balancer: fastest}}",
+    "retry-condition": "upstreams: {a: {instances: [h:1], retry: {on: [sometimes]}}}",
+    "retry-status": "upstreams: {a: {instances: [h:1], retry: {on: [700]}}}",
+    "hash-key": "upstreams: {a: {instances: [h:1], balancer: maglev, hash_key: 'cookie:'}}",
+    "percent": "upstreams: {a: {instances: [h:1], outlier: {max_ejection_percent: 120}}}",
     "weight": "upstreams: {a: {instances: [{address: 'h:1', weight: 0}]}}",
     "instance-no-address": "upstreams: {a: {instances: [{weight: 2}]}}",
     "upstream-name": "upstreams: {'a b': {instances: [h:1]}}",

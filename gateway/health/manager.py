@@ -1,0 +1,78 @@
+"""Runs the active health checks of every upstream that configures ``health:`` (control plane).
+
+One ``ActiveHealthChecker`` per upstream, keyed by instance address. A transition flips the
+instance's ``healthy`` flag in the *current* snapshot (looked up by address at that moment, so a
+reload or a discovery update in between is harmless) and refreshes that upstream's balancer.
+``update(snapshot)`` follows config and discovery changes: checkers of upstreams whose health
+settings changed are replaced, the others only get the new target list; new snapshots inherit
+the last known health of instances that remain (``build_snapshot`` carries it over).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable
+
+from gateway.config.model import HealthConfig
+from gateway.health.active import ActiveHealthChecker
+from gateway.snapshot import Snapshot
+
+log = logging.getLogger("gateway.health")
+
+
+class HealthManager:
+    def __init__(self, current: Callable[[], Snapshot]) -> None:
+        self._current = current
+        self._checkers: dict[str, tuple[HealthConfig, ActiveHealthChecker]] = {}
+
+    async def update(self, snapshot: Snapshot) -> None:
+        wanted = {
+            name: upstream
+            for name, upstream in snapshot.upstreams.items()
+            if upstream.config.health is not None
+        }
+        for name in list(self._checkers):
+            health, checker = self._checkers[name]
+            if name not in wanted or wanted[name].config.health != health:
+                del self._checkers[name]
+                await checker.stop()
+        for name, upstream in wanted.items():
+            addresses = [instance.address for instance in upstream.instances]
+            existing = self._checkers.get(name)
+            if existing is not None:
+                existing[1].update_targets(addresses)
+                continue
+            health = upstream.config.health
+            assert health is not None
+            checker = ActiveHealthChecker(
+                addresses,
+                path=health.path,
+                interval=health.interval,
+                timeout=health.timeout,
+                healthy_threshold=health.healthy_threshold,
+                unhealthy_threshold=health.unhealthy_threshold,
+                expected_statuses=health.expected_statuses,
+                jitter=health.jitter,
+                on_transition=self._transition_handler(name),
+            )
+            self._checkers[name] = (health, checker)
+            await checker.start()
+
+    def _transition_handler(self, upstream_name: str) -> Callable[[Hashable, bool], None]:
+        def on_transition(target: Hashable, healthy: bool) -> None:
+            upstream = self._current().upstreams.get(upstream_name)
+            if upstream is None:
+                return
+            for instance in upstream.instances:
+                if instance.address == target:
+                    upstream.set_health(instance, healthy)
+
+        return on_transition
+
+    def transitions(self) -> dict[str, int]:
+        return {name: checker.transitions for name, (_, checker) in self._checkers.items()}
+
+    async def stop(self) -> None:
+        for _, checker in self._checkers.values():
+            await checker.stop()
+        self._checkers.clear()
