@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 
 from gateway.admin.app import AdminState, create_admin_app
 from gateway.config import ConfigInvalid, format_errors, load_config
 from gateway.config.model import GatewayConfig
+from gateway.discovery import DiscoveryManager, add_discovery_routes
+from gateway.health.manager import HealthManager
 from gateway.metrics import GatewayMetrics, make_registry
 from gateway.proxy.listener import ProxyServer
 from gateway.snapshot import build_snapshot
@@ -28,7 +32,11 @@ async def serve(config: GatewayConfig, config_path: str, *, with_demo: bool = Fa
     loop = asyncio.get_running_loop()
     metrics = GatewayMetrics()
     registry = make_registry(metrics)
-    snapshot = build_snapshot(config)
+    # Discovery first, so that the first snapshot already holds discovered instances.
+    discovery = DiscoveryManager(config)
+    registry.register(discovery.collector())
+    await discovery.start()
+    snapshot = build_snapshot(config, None, discovery.instances())
     server = ProxyServer(snapshot, metrics)
     state = AdminState(
         config=config,
@@ -48,7 +56,24 @@ async def serve(config: GatewayConfig, config_path: str, *, with_demo: bool = Fa
         demo_runners = await start_demo([instance.port for instance in demo.instances])
         log.info("demo service on %s", ", ".join(instance.address for instance in demo.instances))
 
-    admin_runner = web.AppRunner(create_admin_app(state), access_log=None)
+    health = HealthManager(lambda: server.snapshot)
+    background: set[asyncio.Task[None]] = set()
+
+    def in_background(coro: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    def apply_discovery() -> None:
+        # A discovery change: same config, new instance lists; pools of kept instances survive.
+        server.set_snapshot(build_snapshot(state.config, server.snapshot, discovery.instances()))
+        in_background(health.update(server.snapshot))
+
+    discovery.on_change = apply_discovery
+    state.ready_detail = lambda: {"stale_upstreams": discovery.stale_upstreams()}
+    admin_app = create_admin_app(state)
+    add_discovery_routes(admin_app, discovery)
+    admin_runner = web.AppRunner(admin_app, access_log=None)
     await admin_runner.setup()
     try:
         await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
@@ -56,7 +81,9 @@ async def serve(config: GatewayConfig, config_path: str, *, with_demo: bool = Fa
     except OSError as error:
         log.error("cannot listen: %s", error)
         await admin_runner.cleanup()
+        await discovery.stop()
         return 1
+    await health.update(server.snapshot)
     state.ready = True
     log.info(
         "gateway listening on %s (admin %s), %d routes, config %s sha256 %s",
@@ -84,8 +111,11 @@ async def serve(config: GatewayConfig, config_path: str, *, with_demo: bool = Fa
             return
         if new_config.listen != server.snapshot.config.listen:
             log.warning("listen address changed in %s: takes effect after a restart", config_path)
-        server.set_snapshot(build_snapshot(new_config, server.snapshot))
+        discovered = discovery.instances(new_config)
+        server.set_snapshot(build_snapshot(new_config, server.snapshot, discovered))
         state.config = new_config
+        in_background(discovery.reconfigure(new_config))
+        in_background(health.update(server.snapshot))
         log.info("config reloaded, sha256 %s", new_config.sha256[:12])
 
     loop.add_signal_handler(signal.SIGHUP, reload)
@@ -94,6 +124,8 @@ async def serve(config: GatewayConfig, config_path: str, *, with_demo: bool = Fa
     log.info("shutting down")
     state.draining = True
     await server.drain(DRAIN_TIMEOUT)
+    await health.stop()
+    await discovery.stop()
     await admin_runner.cleanup()
     for runner in demo_runners:
         await runner.cleanup()

@@ -30,6 +30,9 @@ class AdminState:
     ready: bool = False  # set by startup code once the data plane listens
     draining: bool = False  # set on shutdown: load balancers should stop sending traffic
     routes_describe: Callable[[], list[dict[str, Any]]] | None = None  # compiled route table
+    # Extra detail for /readyz (e.g. upstreams running on stale discovery data); never makes
+    # the gateway unready: serving the last known instances is the intended behaviour.
+    ready_detail: Callable[[], dict[str, Any]] | None = None
 
 
 STATE_KEY: web.AppKey[AdminState] = web.AppKey("admin_state", AdminState)
@@ -61,7 +64,8 @@ async def _readyz(request: web.Request) -> web.Response:
         return json_response({"status": "draining"}, status=503)
     if not state.ready:
         return json_response({"status": "starting"}, status=503)
-    return json_response({"status": "ready"})
+    detail = state.ready_detail() if state.ready_detail is not None else {}
+    return json_response({"status": "ready", **detail})
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -102,6 +106,9 @@ async def _index(request: web.Request) -> web.Response:
                 "/metrics",
                 "/admin/config",
                 "/admin/routes",
+                "/admin/discovery",
+                "/register",
+                "/discover",
             ]
         }
     )
