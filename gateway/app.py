@@ -1,132 +1,529 @@
-"""Process wiring: config -> snapshot -> data plane listener + admin server, signals, reload.
+"""Process wiring: config -> control plane (discovery, health, admin, reload) -> data plane.
 
-Single process for now; the supervisor/worker split of the process-model issue builds on
-``serve``'s pieces (``build_snapshot``, ``ProxyServer.set_snapshot``).
+``workers: 1`` runs everything in this one process, exactly as before: the data plane is a
+``ProxyServer`` in the same event loop (``LocalPlane``). ``workers: N`` (or ``auto``) makes this
+process the supervisor: the data plane is N worker processes fed over pipes (``WorkerPlane``,
+see ``gateway/workers.py``). The control plane (``ControlPlane``) is the same in both cases.
+
+Signals: SIGHUP reloads; SIGTERM (or a first SIGINT) drains: stop accepting, let requests in
+flight finish up to ``drain_timeout``, exit 0; SIGQUIT or a second SIGINT exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
+import os
 import signal
-from collections.abc import Coroutine
+import time
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from gateway.accesslog import AccessLog
 from gateway.admin.app import AdminState, create_admin_app
-from gateway.config import ConfigInvalid, format_errors, load_config
-from gateway.config.model import GatewayConfig
+from gateway.config import ConfigError, ConfigInvalid, format_errors, load_config, load_config_text
+from gateway.config.model import GatewayConfig, InstanceConfig
 from gateway.discovery import DiscoveryManager, add_discovery_routes
 from gateway.health.manager import HealthManager
 from gateway.metrics import GatewayMetrics, make_registry
 from gateway.proxy.listener import ProxyServer
-from gateway.snapshot import build_snapshot
+from gateway.snapshot import Snapshot, build_snapshot, describe_upstreams
+from gateway.workers import WorkerPool, WorkerStartError, encode_discovered, worker_count
 
 log = logging.getLogger("gateway")
 
-DRAIN_TIMEOUT = 10.0
+# Keys that only take effect when the process starts (sockets, process count, histogram shapes).
+RESTART_KEYS = ("listen", "admin", "workers", "metrics")
+WATCH_INTERVAL = 1.0
+
+Discovered = dict[str, tuple[InstanceConfig, ...]]
+
+
+def read_config(path: str) -> tuple[GatewayConfig, str]:
+    """Load and validate ``path``; also return its text, so workers parse the very same bytes."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        text = data.decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        load_config(path)  # raises ConfigInvalid with the file-level error
+        raise
+    config = load_config_text(text, path)
+    return dataclasses.replace(config, sha256=hashlib.sha256(data).hexdigest()), text
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _file_sha256(path: str) -> str:
+    return hashlib.sha256(_read_bytes(path)).hexdigest()
+
+
+class ReloadStats:
+    """``gateway_config_*`` metrics and the last reload's outcome (for /admin/config)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.results = {"success": 0, "error": 0}
+        self.sha256 = config.sha256
+        self.last_success = time.time()  # the running config was loaded at start
+        self.last_error: dict[str, Any] | None = None
+        self.restart_required: list[str] = []
+
+    def success(self, sha256: str, restart_required: list[str]) -> None:
+        self.results["success"] += 1
+        self.sha256 = sha256
+        self.last_success = time.time()
+        self.last_error = None
+        self.restart_required = restart_required
+
+    def error(self, errors: list[str], trigger: str) -> None:
+        self.results["error"] += 1
+        self.last_error = {"time": time.time(), "trigger": trigger, "errors": errors}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "running_sha256": self.sha256,
+            "last_success_timestamp": self.last_success,
+            "reloads": dict(self.results),
+            "last_error": self.last_error,
+            "restart_required": self.restart_required,
+        }
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        reloads = CounterMetricFamily(
+            "gateway_config_reloads",
+            "Config reloads by result (success: swapped in everywhere; error: rejected, the "
+            "running config is unchanged).",
+            labels=["result"],
+        )
+        for result, count in self.results.items():
+            reloads.add_metric([result], count)
+        yield reloads
+        info = GaugeMetricFamily(
+            "gateway_config_hash",
+            "SHA-256 of the running config file (the label; the value is always 1).",
+            labels=["sha256"],
+        )
+        info.add_metric([self.sha256], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "gateway_config_last_reload_success_timestamp_seconds",
+            "Unix time the running config was loaded (start or last successful reload).",
+            value=self.last_success,
+        )
+
+
+# --------------------------------------------------------------------------- data planes
+
+
+class LocalPlane:
+    """``workers: 1``: the data plane lives in this process and event loop."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.metrics = GatewayMetrics(bucket_overrides=dict(config.metrics.buckets))
+        self.metrics.declare((route.name, route.upstream) for route in config.routes)
+        self.registry = make_registry(self.metrics)
+        self.server: ProxyServer | None = None
+        self.describe_workers = None
+        self.refresh_metrics = None
+
+    def current(self) -> Snapshot:
+        assert self.server is not None
+        return self.server.snapshot
+
+    def health_manager(self) -> HealthManager:
+        return HealthManager(self.current)
+
+    async def start(self, config: GatewayConfig, text: str, discovered: Discovered) -> None:
+        server = ProxyServer(build_snapshot(config, None, discovered), self.metrics)
+        if config.access_log is not None:
+            server.access_log = AccessLog(config.access_log.path, config.access_log.sample)
+        self.server = server
+        await server.start(config.listen.host, config.listen.port)
+
+    async def apply(self, config: GatewayConfig, text: str, discovered: Discovered) -> list[str]:
+        assert self.server is not None
+        self.server.set_snapshot(build_snapshot(config, self.server.snapshot, discovered))
+        self.metrics.declare((route.name, route.upstream) for route in config.routes)
+        return []
+
+    def apply_discovered(self, discovered: Discovered) -> None:
+        server = self.server
+        assert server is not None
+        server.set_snapshot(build_snapshot(server.snapshot.config, server.snapshot, discovered))
+
+    def ready(self) -> bool:
+        return self.server is not None
+
+    def ready_detail(self) -> dict[str, Any]:
+        return {}
+
+    async def drain(self, grace_period: float) -> None:
+        if self.server is None:
+            return
+        await self.server.drain(grace_period)
+        if self.server.access_log is not None:
+            self.server.access_log.close()
+
+    def kill_now(self) -> None:
+        pass
+
+
+class _NotifyingHealth(HealthManager):
+    """Active checks in the supervisor: each transition is applied to the supervisor's own
+    snapshot (the parent does that) and then pushed to every worker."""
+
+    def __init__(self, plane: WorkerPlane) -> None:
+        super().__init__(plane.current)
+        self._plane = plane
+
+    def _transition_handler(self, upstream_name: str) -> Any:
+        apply = super()._transition_handler(upstream_name)
+
+        def on_transition(target: Any, healthy: bool) -> None:
+            apply(target, healthy)
+            self._plane.health_changed(upstream_name, str(target), healthy)
+
+        return on_transition
+
+
+class _MergedCollector:
+    """Renders the supervisor's latest sum of worker metrics (refreshed before each scrape)."""
+
+    def __init__(self, plane: WorkerPlane) -> None:
+        self._plane = plane
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._plane.metrics.collector().describe()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._plane.metrics.families()
+        yield CounterMetricFamily(
+            "gateway_worker_restarts",
+            "Worker processes that died and were started again.",
+            value=self._plane.pool.restarts,
+        )
+        yield GaugeMetricFamily(
+            "gateway_workers",
+            "Worker processes running with a live snapshot.",
+            value=self._plane.pool.ready_count(),
+        )
+
+
+class WorkerPlane:
+    """``workers: N``: the data plane is N worker processes; this process supervises them."""
+
+    def __init__(self, config: GatewayConfig, count: int) -> None:
+        self.buckets = dict(config.metrics.buckets)
+        self.metrics = GatewayMetrics(bucket_overrides=self.buckets)  # replaced at each scrape
+        self.pool = WorkerPool(
+            count, config.listen.host, config.listen.port, log_level=logging.getLogger().level
+        )
+        # The supervisor's own snapshot: what health checks probe and /admin/* describe. Its
+        # pools never open a connection (no requests go through the supervisor).
+        self.snapshot: Snapshot | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_MergedCollector(self))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+    def current(self) -> Snapshot:
+        assert self.snapshot is not None
+        return self.snapshot
+
+    def health_manager(self) -> HealthManager:
+        return _NotifyingHealth(self)
+
+    def _unhealthy(self) -> list[list[str]]:
+        return [
+            [upstream.name, instance.address]
+            for upstream in self.current().upstreams.values()
+            for instance in upstream.instances
+            if not instance.healthy
+        ]
+
+    def _message(self, config: GatewayConfig, text: str, discovered: Discovered) -> dict[str, Any]:
+        return {
+            "source": config.source,
+            "text": text,
+            "sha256": config.sha256,
+            "discovered": encode_discovered(discovered),
+            "unhealthy": self._unhealthy(),
+        }
+
+    async def start(self, config: GatewayConfig, text: str, discovered: Discovered) -> None:
+        self.snapshot = build_snapshot(config, None, discovered)
+        self.pool.current = self._message(config, text, discovered)
+        await self.pool.start()
+
+    async def apply(self, config: GatewayConfig, text: str, discovered: Discovered) -> list[str]:
+        self.snapshot = build_snapshot(config, self.snapshot, discovered)
+        return await self.pool.apply_config(self._message(config, text, discovered))
+
+    def apply_discovered(self, discovered: Discovered) -> None:
+        self.snapshot = build_snapshot(self.current().config, self.snapshot, discovered)
+        self.pool.update_instances(encode_discovered(discovered), self._unhealthy())
+
+    def health_changed(self, upstream: str, address: str, healthy: bool) -> None:
+        self.pool.health(upstream, address, healthy, self._unhealthy())
+
+    async def refresh_metrics(self) -> None:
+        merged = GatewayMetrics(bucket_overrides=self.buckets)
+        merged.declare((route.name, route.upstream) for route in self.current().config.routes)
+        for state in await self.pool.gather_metrics():
+            try:
+                merged.merge_state(state)
+            except ValueError as error:
+                log.warning("worker metrics not merged: %s", error)
+        self.metrics = merged
+
+    def describe_workers(self) -> list[dict[str, Any]]:
+        return self.pool.describe()
+
+    def ready(self) -> bool:
+        return self.pool.ready_count() > 0
+
+    def ready_detail(self) -> dict[str, Any]:
+        return {"workers": {"ready": self.pool.ready_count(), "total": self.pool.count}}
+
+    async def drain(self, grace_period: float) -> None:
+        await self.pool.stop(grace_period)
+
+    def kill_now(self) -> None:
+        self.pool.kill_now()
+
+
+Plane = LocalPlane | WorkerPlane
+
+
+# --------------------------------------------------------------------------- control plane
+
+
+class ControlPlane:
+    def __init__(self, config: GatewayConfig, text: str, config_path: str, plane: Plane) -> None:
+        self.config = config
+        self.text = text
+        self.config_path = config_path
+        self.plane = plane
+        self.stats = ReloadStats(config)
+        self.discovery = DiscoveryManager(config)
+        self.health = plane.health_manager()
+        self.state = AdminState(
+            config=config,
+            metrics=plane.metrics,
+            registry=plane.registry,
+            routes_describe=lambda: plane.current().routes.describe(),
+            upstreams_describe=lambda: describe_upstreams(
+                plane.current(), self.discovery.stale_upstreams()
+            ),
+            reload=self.reload,
+            reload_status=self.stats.status,
+            refresh_metrics=plane.refresh_metrics,
+            workers_describe=plane.describe_workers,
+        )
+        self._reload_lock = asyncio.Lock()
+        self._failed_sha256: str | None = None  # a bad file seen by the watcher: not retried
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reload(self, trigger: str = "SIGHUP") -> dict[str, Any]:
+        """Re-read the config file; swap it in everywhere if it is valid, else change nothing."""
+        async with self._reload_lock:
+            path = self.config_path
+            try:
+                new_config, text = read_config(path)
+            except ConfigInvalid as invalid:
+                return self._rejected(invalid.errors, trigger)
+            except OSError as error:
+                return self._rejected([ConfigError(path, None, "", str(error))], trigger)
+            old = self.config
+            restart = [key for key in RESTART_KEYS if getattr(new_config, key) != getattr(old, key)]
+            if restart:
+                log.warning(
+                    "%s: %s changed: takes effect after a restart; running with the old value",
+                    path,
+                    ", ".join(restart),
+                )
+                new_config = dataclasses.replace(
+                    new_config, **{key: getattr(old, key) for key in restart}
+                )
+            discovered = self.discovery.instances(new_config)
+            problems = await self.plane.apply(new_config, text, discovered)
+            self.config = self.state.config = new_config
+            self.text = text
+            self._failed_sha256 = None
+            self.in_background(self.discovery.reconfigure(new_config))
+            await self.health.update(self.plane.current())
+            if problems:  # a worker died or did not answer; it restarts with the new config
+                log.error("config swap incomplete: %s", "; ".join(problems))
+            self.stats.success(new_config.sha256, restart)
+            log.info(
+                "config reloaded (%s), %d routes, sha256 %s",
+                trigger,
+                len(new_config.routes),
+                new_config.sha256[:12],
+            )
+            return {
+                "result": "success",
+                "sha256": new_config.sha256,
+                "routes": len(new_config.routes),
+                "restart_required": restart,
+                "problems": problems,
+            }
+
+    def _rejected(self, errors: list[ConfigError], trigger: str) -> dict[str, Any]:
+        log.error(
+            "reload (%s) rejected, running config unchanged:\n%s", trigger, format_errors(errors)
+        )
+        messages = [str(error) for error in errors]
+        self.stats.error(messages, trigger)
+        return {"result": "error", "errors": messages}
+
+    async def watch(self) -> None:
+        """``watch: true``: poll the file's stat every second; reload when its hash changes."""
+        path = self.config_path
+        last: tuple[int, int, int] | None = None
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            if not self.config.watch:
+                last = None
+                continue
+            try:
+                st = os.stat(path)
+                signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+                if signature == last:
+                    continue
+                last = signature
+                digest = _file_sha256(path)
+            except OSError:
+                continue  # mid-rename or deleted: look again next second
+            if digest in (self.stats.sha256, self._failed_sha256):
+                continue
+            result = await self.reload("file change")
+            if result["result"] == "error":
+                self._failed_sha256 = digest
+
+    async def run(self, *, with_demo: bool = False) -> int:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        discovery = self.discovery
+        registry = self.plane.registry
+        registry.register(discovery.collector())
+        registry.register(self.stats)
+        # Discovery first, so that the first snapshot already holds discovered instances.
+        await discovery.start()
+
+        demo_runners: list[web.AppRunner] = []
+        if with_demo:
+            from gateway.demo import start_demo
+
+            demo = config.upstreams.get("demo")
+            if demo is None:
+                log.error("--with-demo needs an upstream named 'demo' in %s", self.config_path)
+                await discovery.stop()
+                return 1
+            demo_runners = await start_demo([instance.port for instance in demo.instances])
+            log.info("demo service on %s", ", ".join(i.address for i in demo.instances))
+
+        def apply_discovery() -> None:
+            # Same config, new instance lists; pools of kept instances survive.
+            self.plane.apply_discovered(discovery.instances())
+            self.in_background(self.health.update(self.plane.current()))
+
+        discovery.on_change = apply_discovery
+
+        def ready_detail() -> dict[str, Any]:
+            return {"stale_upstreams": discovery.stale_upstreams(), **self.plane.ready_detail()}
+
+        self.state.ready_detail = ready_detail
+        self.state.ready_check = self.plane.ready
+        admin_app = create_admin_app(self.state)
+        add_discovery_routes(admin_app, discovery)
+        admin_runner = web.AppRunner(admin_app, access_log=None)
+        await admin_runner.setup()
+        try:
+            await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
+            await self.plane.start(config, self.text, discovery.instances())
+        except (OSError, WorkerStartError) as error:
+            log.error("cannot listen: %s", error)
+            await admin_runner.cleanup()
+            await discovery.stop()
+            return 1
+        await self.health.update(self.plane.current())
+        self.state.ready = True
+        log.info(
+            "gateway listening on %s (admin %s, %s), %d routes, config %s sha256 %s",
+            config.listen,
+            config.admin,
+            "1 process"
+            if isinstance(self.plane, LocalPlane)
+            else f"{self.plane.pool.count} workers",
+            len(config.routes),
+            self.config_path,
+            config.sha256[:12],
+        )
+
+        stop = asyncio.Event()
+
+        def exit_now(code: int) -> None:
+            log.warning("exiting now (in-flight requests are dropped)")
+            self.plane.kill_now()
+            os._exit(code)
+
+        def on_sigint() -> None:
+            if stop.is_set():
+                exit_now(130)
+            stop.set()
+
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        loop.add_signal_handler(signal.SIGQUIT, exit_now, 128 + signal.SIGQUIT)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.in_background(self.reload("SIGHUP")))
+        self.in_background(self.watch())
+
+        await stop.wait()
+        drain_timeout = self.config.drain_timeout
+        log.info("shutting down: draining for up to %.1fs", drain_timeout)
+        self.state.draining = True
+        await self.plane.drain(drain_timeout)
+        for task in list(self._background):
+            task.cancel()
+        await self.health.stop()
+        await discovery.stop()
+        await admin_runner.cleanup()
+        for runner in demo_runners:
+            await runner.cleanup()
+        log.info("stopped")
+        return 0
 
 
 async def serve(config: GatewayConfig, config_path: str, *, with_demo: bool = False) -> int:
-    loop = asyncio.get_running_loop()
-    metrics = GatewayMetrics()
-    registry = make_registry(metrics)
-    # Discovery first, so that the first snapshot already holds discovered instances.
-    discovery = DiscoveryManager(config)
-    registry.register(discovery.collector())
-    await discovery.start()
-    snapshot = build_snapshot(config, None, discovery.instances())
-    server = ProxyServer(snapshot, metrics)
-    state = AdminState(
-        config=config,
-        metrics=metrics,
-        registry=registry,
-        routes_describe=lambda: server.snapshot.routes.describe(),
-    )
-
-    demo_runners: list[web.AppRunner] = []
-    if with_demo:
-        from gateway.demo import start_demo
-
-        demo = config.upstreams.get("demo")
-        if demo is None:
-            log.error("--with-demo needs an upstream named 'demo' in %s", config_path)
-            return 1
-        demo_runners = await start_demo([instance.port for instance in demo.instances])
-        log.info("demo service on %s", ", ".join(instance.address for instance in demo.instances))
-
-    health = HealthManager(lambda: server.snapshot)
-    background: set[asyncio.Task[None]] = set()
-
-    def in_background(coro: Coroutine[Any, Any, None]) -> None:
-        task = loop.create_task(coro)
-        background.add(task)
-        task.add_done_callback(background.discard)
-
-    def apply_discovery() -> None:
-        # A discovery change: same config, new instance lists; pools of kept instances survive.
-        server.set_snapshot(build_snapshot(state.config, server.snapshot, discovery.instances()))
-        in_background(health.update(server.snapshot))
-
-    discovery.on_change = apply_discovery
-    state.ready_detail = lambda: {"stale_upstreams": discovery.stale_upstreams()}
-    admin_app = create_admin_app(state)
-    add_discovery_routes(admin_app, discovery)
-    admin_runner = web.AppRunner(admin_app, access_log=None)
-    await admin_runner.setup()
+    # Workers get the file's text: make sure it is the text `config` was parsed from.
     try:
-        await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
-        await server.start(config.listen.host, config.listen.port)
-    except OSError as error:
-        log.error("cannot listen: %s", error)
-        await admin_runner.cleanup()
-        await discovery.stop()
+        data = _read_bytes(config_path)
+        if hashlib.sha256(data).hexdigest() == config.sha256:
+            text = data.decode("utf-8-sig")
+        else:  # changed since the CLI read it: validate the new one
+            config, text = read_config(config_path)
+    except (ConfigInvalid, OSError, UnicodeDecodeError) as error:
+        log.error("cannot read %s again at start: %s", config_path, error)
         return 1
-    await health.update(server.snapshot)
-    state.ready = True
-    log.info(
-        "gateway listening on %s (admin %s), %d routes, config %s sha256 %s",
-        config.listen,
-        config.admin,
-        len(config.routes),
-        config_path,
-        config.sha256[:12],
-    )
-
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
-    def reload() -> None:
-        try:
-            new_config = load_config(config_path)
-        except ConfigInvalid as invalid:
-            log.error(
-                "reload rejected, running config unchanged:\n%s", format_errors(invalid.errors)
-            )
-            return
-        except OSError as error:
-            log.error("reload rejected, cannot read %s: %s", config_path, error)
-            return
-        if new_config.listen != server.snapshot.config.listen:
-            log.warning("listen address changed in %s: takes effect after a restart", config_path)
-        discovered = discovery.instances(new_config)
-        server.set_snapshot(build_snapshot(new_config, server.snapshot, discovered))
-        state.config = new_config
-        in_background(discovery.reconfigure(new_config))
-        in_background(health.update(server.snapshot))
-        log.info("config reloaded, sha256 %s", new_config.sha256[:12])
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-
-    await stop.wait()
-    log.info("shutting down")
-    state.draining = True
-    await server.drain(DRAIN_TIMEOUT)
-    await health.stop()
-    await discovery.stop()
-    await admin_runner.cleanup()
-    for runner in demo_runners:
-        await runner.cleanup()
-    return 0
+    count = worker_count(config.workers)
+    plane: Plane = LocalPlane(config) if count == 1 else WorkerPlane(config, count)
+    return await ControlPlane(config, text, config_path, plane).run(with_demo=with_demo)

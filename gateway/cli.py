@@ -1,11 +1,14 @@
-"""Command line: ``gateway run | check | version``."""
+"""Command line: ``gateway run | check | reload | version``."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import os
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 
 from gateway import __version__
@@ -15,6 +18,7 @@ from gateway.config.model import GatewayConfig
 log = logging.getLogger("gateway")
 
 DEFAULT_CONFIG = "config/gateway.yaml"
+DEFAULT_ADMIN = "127.0.0.1:9901"
 
 
 def _load_or_report(path: str) -> GatewayConfig | None:
@@ -53,6 +57,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return uvloop.run(serve(config, args.config, with_demo=args.with_demo))
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """POST /admin/reload on a running gateway's admin port; print the outcome."""
+    import orjson
+
+    admin = args.admin if "://" in args.admin else f"http://{args.admin}"
+    request = urllib.request.Request(admin.rstrip("/") + "/admin/reload", method="POST", data=b"")
+    if args.token:
+        request.add_header("X-Admin-Token", args.token)
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            body = orjson.loads(response.read())
+    except urllib.error.HTTPError as error:
+        try:
+            body = orjson.loads(error.read())
+        except orjson.JSONDecodeError:
+            print(f"{admin}: reload failed: HTTP {error.code}", file=sys.stderr)
+            return 1
+    except OSError as error:
+        print(f"{admin}: cannot reach the admin server: {error}", file=sys.stderr)
+        return 1
+    if body.get("result") != "success":
+        errors = body.get("errors") or [body.get("message") or body.get("error") or str(body)]
+        print("\n".join(str(e) for e in errors), file=sys.stderr)
+        print("reload rejected: the running config is unchanged", file=sys.stderr)
+        return 1
+    print(f"config reloaded: {body.get('routes')} routes, sha256 {str(body.get('sha256'))[:12]}")
+    for key in body.get("restart_required") or ():
+        print(f"note: {key} changed and takes effect after a restart")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="gateway", description="asyncio reverse proxy and API gateway"
@@ -70,6 +105,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate a config file and exit (like nginx -t)")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="route YAML file")
     check.set_defaults(handler=cmd_check)
+    reload = commands.add_parser(
+        "reload", help="make a running gateway re-read its config file (via the admin port)"
+    )
+    reload.add_argument(
+        "-a", "--admin", default=DEFAULT_ADMIN, help=f"admin address (default {DEFAULT_ADMIN})"
+    )
+    reload.add_argument(
+        "--token",
+        default=os.environ.get("GATEWAY_ADMIN_TOKEN"),
+        help="admin.token, if configured (default: $GATEWAY_ADMIN_TOKEN)",
+    )
+    reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
+    reload.set_defaults(handler=cmd_reload)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(handler=lambda _args: print(__version__) or 0)
     args = parser.parse_args(argv)

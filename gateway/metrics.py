@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -60,6 +60,18 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     60.0,
 )
 
+# Request/response body sizes: 100 B up to 100 MB, one step per decade.
+DEFAULT_SIZE_BUCKETS: tuple[float, ...] = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 1e8)
+
+# The histograms and their default buckets; each can be overridden by name (config `metrics`).
+HISTOGRAMS: dict[str, tuple[float, ...]] = {
+    "request_duration": DEFAULT_BUCKETS,
+    "upstream_duration": DEFAULT_BUCKETS,
+    "overhead": DEFAULT_BUCKETS,
+    "request_body": DEFAULT_SIZE_BUCKETS,
+    "response_body": DEFAULT_SIZE_BUCKETS,
+}
+
 # Label value used by callers for requests that matched no route (and so have no upstream).
 NO_ROUTE = "<none>"
 
@@ -69,12 +81,23 @@ _KNOWN_METHODS: frozenset[str] = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 )
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def normalize_method(method: str) -> str:
     """Return ``method`` if it is a well-known HTTP method, else ``"OTHER"`` (bounded labels)."""
     return method if method in _KNOWN_METHODS else "OTHER"
+
+
+def _check_bounds(buckets: Sequence[float]) -> tuple[float, ...]:
+    bounds = tuple(float(b) for b in buckets)
+    if not bounds:
+        raise ValueError("at least one bucket bound is required")
+    if any(not math.isfinite(b) for b in bounds):
+        raise ValueError("bucket bounds must be finite (+Inf is implicit)")
+    if any(a >= b for a, b in pairwise(bounds)):
+        raise ValueError("bucket bounds must be strictly increasing")
+    return bounds
 
 
 def _new_hist(nbounds: int) -> list[float]:
@@ -86,16 +109,34 @@ def _new_hist(nbounds: int) -> list[float]:
 class GatewayMetrics:
     """Cheap per-request recording; conversion to Prometheus families happens at scrape time."""
 
-    def __init__(self, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
-        bounds = tuple(float(b) for b in buckets)
-        if not bounds:
-            raise ValueError("at least one bucket bound is required")
-        if any(not math.isfinite(b) for b in bounds):
-            raise ValueError("bucket bounds must be finite (+Inf is implicit)")
-        if any(a >= b for a, b in pairwise(bounds)):
-            raise ValueError("bucket bounds must be strictly increasing")
-        self.buckets: tuple[float, ...] = bounds
-        self._n = len(bounds)
+    def __init__(
+        self,
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+        *,
+        bucket_overrides: Mapping[str, Sequence[float]] | None = None,
+    ) -> None:
+        """``buckets`` applies to the three duration histograms; ``bucket_overrides`` replaces
+        the buckets of single histograms by name (see ``HISTOGRAMS``)."""
+        overrides = dict(bucket_overrides or {})
+        unknown = set(overrides) - set(HISTOGRAMS)
+        if unknown:
+            raise ValueError(f"unknown histogram(s) {sorted(unknown)}; known: {sorted(HISTOGRAMS)}")
+        durations = _check_bounds(buckets)
+        self.bounds: dict[str, tuple[float, ...]] = {
+            name: _check_bounds(overrides[name])
+            if name in overrides
+            else (default if default is not DEFAULT_BUCKETS else durations)
+            for name, default in HISTOGRAMS.items()
+        }
+        self.buckets: tuple[float, ...] = self.bounds["request_duration"]
+        self._n = len(self.buckets)
+        self._upstream_bounds = self.bounds["upstream_duration"]
+        self._overhead_bounds = self.bounds["overhead"]
+        self._request_body_bounds = self.bounds["request_body"]
+        self._response_body_bounds = self.bounds["response_body"]
+        # route -> histogram list, body sizes
+        self.request_body: dict[str, list[float]] = {}
+        self.response_body: dict[str, list[float]] = {}
         # (route, upstream, method, code) -> count
         self.requests: dict[tuple[str, str, str, int], int] = {}
         # (route, upstream) -> histogram list (see _new_hist)
@@ -126,8 +167,11 @@ class GatewayMetrics:
         total_s: float,
         upstream_s: float | None,
         overhead_s: float,
+        request_bytes: int = 0,
+        response_bytes: int = 0,
     ) -> None:
-        """Record one finished request. Durations in seconds; ``upstream_s`` None = not sent."""
+        """Record one finished request. Durations in seconds; ``upstream_s`` None = not sent;
+        body sizes in bytes as they crossed the gateway."""
         if method not in _KNOWN_METHODS:
             method = "OTHER"
         key = (route, upstream, method, code)
@@ -144,17 +188,48 @@ class GatewayMetrics:
         h[-1] += total_s
 
         if upstream_s is not None:
+            bounds = self._upstream_bounds
             h = self.upstream_duration.get(upstream)
             if h is None:
-                h = self.upstream_duration[upstream] = _new_hist(self._n)
+                h = self.upstream_duration[upstream] = _new_hist(len(bounds))
             h[bisect_left(bounds, upstream_s)] += 1
             h[-1] += upstream_s
 
+        bounds = self._overhead_bounds
         h = self.overhead.get(route)
         if h is None:
-            h = self.overhead[route] = _new_hist(self._n)
+            h = self.overhead[route] = _new_hist(len(bounds))
         h[bisect_left(bounds, overhead_s)] += 1
         h[-1] += overhead_s
+
+        bounds = self._request_body_bounds
+        h = self.request_body.get(route)
+        if h is None:
+            h = self.request_body[route] = _new_hist(len(bounds))
+        h[bisect_left(bounds, request_bytes)] += 1
+        h[-1] += request_bytes
+
+        bounds = self._response_body_bounds
+        h = self.response_body.get(route)
+        if h is None:
+            h = self.response_body[route] = _new_hist(len(bounds))
+        h[bisect_left(bounds, response_bytes)] += 1
+        h[-1] += response_bytes
+
+    def declare(self, routes: Iterable[tuple[str, str]]) -> None:
+        """Create zero-valued series for configured (route, upstream) pairs, so Prometheus sees
+        each series start at 0 and ``rate()`` over the first scrapes is not skewed."""
+        for route, upstream in routes:
+            if (route, upstream) not in self.request_duration:
+                self.request_duration[(route, upstream)] = _new_hist(self._n)
+            if upstream not in self.upstream_duration:
+                self.upstream_duration[upstream] = _new_hist(len(self._upstream_bounds))
+            if route not in self.overhead:
+                self.overhead[route] = _new_hist(len(self._overhead_bounds))
+            if route not in self.request_body:
+                self.request_body[route] = _new_hist(len(self._request_body_bounds))
+            if route not in self.response_body:
+                self.response_body[route] = _new_hist(len(self._response_body_bounds))
 
     def retry(self, upstream: str, reason: str) -> None:
         key = (upstream, reason)
@@ -184,11 +259,13 @@ class GatewayMetrics:
         doc: str,
         labelnames: list[str],
         items: Iterable[tuple[tuple[str, ...], list[float]]],
+        bounds: tuple[float, ...] | None = None,
     ) -> HistogramMetricFamily:
         fam = HistogramMetricFamily(name, doc, labels=labelnames)
-        les = [floatToGoString(b) for b in self.buckets]
+        bounds = self.buckets if bounds is None else bounds
+        les = [floatToGoString(b) for b in bounds]
         les.append("+Inf")
-        n = self._n
+        n = len(bounds)
         for labels, hist in items:
             cumulative: list[tuple[str, float]] = []
             acc = 0
@@ -220,6 +297,7 @@ class GatewayMetrics:
             "Time from sending the request upstream to the last byte of its response.",
             ["upstream"],
             [((k,), list(h)) for k, h in list(self.upstream_duration.items())],
+            self._upstream_bounds,
         )
         overhead = self._hist_family(
             "gateway_overhead_seconds",
@@ -227,6 +305,21 @@ class GatewayMetrics:
             "upstream).",
             ["route"],
             [((k,), list(h)) for k, h in list(self.overhead.items())],
+            self._overhead_bounds,
+        )
+        request_body = self._hist_family(
+            "gateway_request_body_bytes",
+            "Size of request bodies sent on to the upstream, per route.",
+            ["route"],
+            [((k,), list(h)) for k, h in list(self.request_body.items())],
+            self._request_body_bounds,
+        )
+        response_body = self._hist_family(
+            "gateway_response_body_bytes",
+            "Size of response bodies sent to clients, per route.",
+            ["route"],
+            [((k,), list(h)) for k, h in list(self.response_body.items())],
+            self._response_body_bounds,
         )
         clients = GaugeMetricFamily(
             "gateway_client_connections",
@@ -270,6 +363,8 @@ class GatewayMetrics:
             duration,
             upstream_duration,
             overhead,
+            request_body,
+            response_body,
             clients,
             pooled,
             retries,
@@ -283,13 +378,15 @@ class GatewayMetrics:
         """All totals as plain JSON-able data (lists, str, int, float)."""
         return {
             "version": _STATE_VERSION,
-            "buckets": list(self.buckets),
+            "buckets": {name: list(bounds) for name, bounds in self.bounds.items()},
             "requests": [[r, u, m, c, n] for (r, u, m, c), n in list(self.requests.items())],
             "request_duration": [
                 [r, u, list(h)] for (r, u), h in list(self.request_duration.items())
             ],
             "upstream_duration": [[u, list(h)] for u, h in list(self.upstream_duration.items())],
             "overhead": [[r, list(h)] for r, h in list(self.overhead.items())],
+            "request_body": [[r, list(h)] for r, h in list(self.request_body.items())],
+            "response_body": [[r, list(h)] for r, h in list(self.response_body.items())],
             "connections_open": self.connections_open,
             "upstream_connections": [[u, a, i] for u, (a, i) in list(self.upstream_conns.items())],
             "retries": [[u, r, n] for (u, r), n in list(self.retries.items())],
@@ -306,20 +403,22 @@ class GatewayMetrics:
         """
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported metrics state version {state.get('version')!r}")
-        if tuple(float(b) for b in state["buckets"]) != self.buckets:
+        theirs = state["buckets"]
+        if set(theirs) != set(self.bounds) or any(
+            tuple(float(b) for b in theirs[name]) != bounds for name, bounds in self.bounds.items()
+        ):
             raise ValueError("cannot merge metrics recorded with different histogram buckets")
-        size = self._n + 2
 
         for route, upstream, method, code, count in state["requests"]:
             key = (route, upstream, method, int(code))
             self.requests[key] = self.requests.get(key, 0) + count
 
         def add(target: dict[Any, list[float]], key: Any, hist: list[float]) -> None:
-            if len(hist) != size:
-                raise ValueError("histogram state has the wrong number of slots")
             mine = target.get(key)
             if mine is None:
-                mine = target[key] = _new_hist(self._n)
+                mine = target[key] = _new_hist(len(hist) - 2)
+            if len(hist) != len(mine):
+                raise ValueError("histogram state has the wrong number of slots")
             for i, v in enumerate(hist):
                 mine[i] += v
 
@@ -329,6 +428,10 @@ class GatewayMetrics:
             add(self.upstream_duration, upstream, hist)
         for route, hist in state["overhead"]:
             add(self.overhead, route, hist)
+        for route, hist in state.get("request_body", ()):
+            add(self.request_body, route, hist)
+        for route, hist in state.get("response_body", ()):
+            add(self.response_body, route, hist)
 
         self.connections_open += state["connections_open"]
         for upstream, active, idle in state["upstream_connections"]:
@@ -351,6 +454,8 @@ class _GatewayCollector:
         ("gateway_request_duration_seconds", "histogram"),
         ("gateway_upstream_duration_seconds", "histogram"),
         ("gateway_overhead_seconds", "histogram"),
+        ("gateway_request_body_bytes", "histogram"),
+        ("gateway_response_body_bytes", "histogram"),
         ("gateway_client_connections", "gauge"),
         ("gateway_upstream_connections", "gauge"),
         ("gateway_retries", "counter"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.balancing import SlowStart, compile_hash_key, make_balancer
@@ -41,6 +41,7 @@ class Instance:
         "ejected",
         "failing",
         "healthy",
+        "latency",
         "pool",
         "weight",
     )
@@ -52,6 +53,7 @@ class Instance:
         self.healthy = True
         self.ejected = False
         self.failing = False  # the last try failed: the next success must reset the streak
+        self.latency = 0.0  # moving average of upstream response time (s), for /admin/upstreams
         self.available = True
         self.pool = pool
         self.active_requests = 0
@@ -86,6 +88,7 @@ class Upstream:
         "hash_key",
         "instances",
         "name",
+        "observes_latency",
         "outlier",
         "read_timeout",
         "retry",
@@ -110,6 +113,7 @@ class Upstream:
             now=now,
         )
         self.hash_key = compile_hash_key(config.hash_key) if config.hash_key else None
+        self.observes_latency = hasattr(self.balancer, "observe")  # peak_ewma
         self.retry = retry_policy(config.retry)
         self.budget = RetryBudget(config.retry.budget_percent)
         breaker = config.circuit_breaker
@@ -281,3 +285,56 @@ def build_snapshot(
             if route.retry is not None
         },
     )
+
+
+def describe_upstreams(snapshot: Snapshot, stale: Collection[str] = ()) -> list[dict[str, object]]:
+    """The upstreams and their instances as /admin/upstreams shows them (JSON-able).
+
+    ``stale`` names upstreams whose discovery backend is failing (last good set in use)."""
+    now = time.monotonic()
+    out: list[dict[str, object]] = []
+    for upstream in snapshot.upstreams.values():
+        outlier = upstream.outlier
+        instances = []
+        for instance in upstream.instances:
+            info = outlier.info(instance.address) if outlier is not None else None
+            ejected_for = max(0.0, info.ejected_until - now) if info and info.ejected_until else 0.0
+            pool = instance.pool
+            instances.append(
+                {
+                    "address": instance.address,
+                    "weight": instance.weight,
+                    "state": "ejected"
+                    if instance.ejected
+                    else ("healthy" if instance.healthy else "unhealthy"),
+                    "available": instance.available,
+                    "active_requests": instance.active_requests,
+                    "recent_latency_seconds": round(instance.latency, 6)
+                    if instance.latency
+                    else None,
+                    "connections": {"open": pool.open_count, "idle": len(pool.idle)},
+                    "ejection": {
+                        "times_ejected": info.times_ejected if info else 0,
+                        "ejected_for_seconds": round(ejected_for, 3),
+                        "consecutive_failures": info.consecutive_failures if info else 0,
+                    },
+                }
+            )
+        out.append(
+            {
+                "name": upstream.name,
+                "balancer": upstream.config.balancer,
+                "discovery": upstream.config.discovery,
+                "stale": upstream.name in stale,
+                "panic": upstream.balancer.panic,
+                "retry": None
+                if upstream.retry is None
+                else {"attempts": upstream.retry.attempts, "on": list(upstream.retry.on)},
+                "circuit_breaker": {
+                    "requests": upstream.breaker.requests,
+                    "max_requests": upstream.breaker.max_requests,
+                },
+                "instances": instances,
+            }
+        )
+    return out

@@ -139,6 +139,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="how to start the gateway; {python} and {config} are substituted "
         f"(default: {DEFAULT_GATEWAY_CMD!r})",
     )
+    ap.add_argument(
+        "--workers",
+        default=1,
+        type=lambda t: t if t == "auto" else int(t),
+        help="the gateway's `workers:` (1 = single process, the default; N or auto = a "
+        "supervisor and N SO_REUSEPORT workers). With N > 1 the proxy still gets only "
+        "--proxy-cpu; give it more cores with e.g. --proxy-cpu 0,1 or --no-pin",
+    )
     ap.add_argument("--out", default=str(REPO_ROOT / "loadtest" / "results"), type=Path)
     ap.add_argument(
         "--idle-conns",
@@ -347,7 +355,8 @@ class Harness:
         if name == "gateway":
             admin = free_port()
             cfg = d / "gateway.yaml"
-            cfg.write_text(gateway_yaml(gateway_config(port, admin, self.backend_port, extra)))
+            document = gateway_config(port, admin, self.backend_port, extra, self.args.workers)
+            cfg.write_text(gateway_yaml(document))
             argv = gateway_argv(self.args.gateway_cmd, sys.executable, cfg)
             proc = self.spawn(name, argv, self.proxy_cpu, d, cwd=REPO_ROOT, env=self._env())
 

@@ -180,7 +180,11 @@ http://127.0.0.1:{port} {{
 
 
 def gateway_config(
-    port: int, admin_port: int, backend_port: int, extra_routes: int = 0
+    port: int,
+    admin_port: int,
+    backend_port: int,
+    extra_routes: int = 0,
+    workers: int | str = 1,
 ) -> dict[str, Any]:
     """The gateway's YAML document (DESIGN.md contract): one upstream, ``bench`` route last."""
     routes: list[dict[str, Any]] = [
@@ -191,7 +195,7 @@ def gateway_config(
     return {
         "listen": f"127.0.0.1:{port}",
         "admin": f"127.0.0.1:{admin_port}",
-        "workers": 1,
+        "workers": workers,
         "upstreams": {"bench": {"instances": [f"127.0.0.1:{backend_port}"]}},
         "routes": routes,
     }

@@ -7,6 +7,7 @@ scrape time from ``GatewayMetrics`` via the registry's collector.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +31,21 @@ class AdminState:
     ready: bool = False  # set by startup code once the data plane listens
     draining: bool = False  # set on shutdown: load balancers should stop sending traffic
     routes_describe: Callable[[], list[dict[str, Any]]] | None = None  # compiled route table
+    # Upstreams with their instances' state, weight, load, latency and ejection info.
+    upstreams_describe: Callable[[], list[dict[str, Any]]] | None = None
     # Extra detail for /readyz (e.g. upstreams running on stale discovery data); never makes
     # the gateway unready: serving the last known instances is the intended behaviour.
     ready_detail: Callable[[], dict[str, Any]] | None = None
+    # False while no data-plane process has a live snapshot (e.g. every worker is restarting).
+    ready_check: Callable[[], bool] | None = None
+    # Re-read and apply the config file (POST /admin/reload); the argument names the trigger.
+    reload: Callable[[str], Awaitable[dict[str, Any]]] | None = None
+    # Last reload outcome for /admin/config (running sha256, last error with file:line...).
+    reload_status: Callable[[], dict[str, Any]] | None = None
+    # Awaited before each /metrics render: the supervisor pulls and sums its workers' totals.
+    refresh_metrics: Callable[[], Awaitable[None]] | None = None
+    # Worker processes (pid, ready, config hash) for /admin/workers; None = single process.
+    workers_describe: Callable[[], list[dict[str, Any]]] | None = None
 
 
 STATE_KEY: web.AppKey[AdminState] = web.AppKey("admin_state", AdminState)
@@ -64,6 +77,8 @@ async def _readyz(request: web.Request) -> web.Response:
         return json_response({"status": "draining"}, status=503)
     if not state.ready:
         return json_response({"status": "starting"}, status=503)
+    if state.ready_check is not None and not state.ready_check():
+        return json_response({"status": "no live workers"}, status=503)
     detail = state.ready_detail() if state.ready_detail is not None else {}
     return json_response({"status": "ready", **detail})
 
@@ -73,14 +88,54 @@ async def _metrics(request: web.Request) -> web.Response:
     # Prometheus asks for OpenMetrics in its Accept header when it can; choose_encoder falls
     # back to the classic text format (version 0.0.4) otherwise.
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    if state.refresh_metrics is not None:
+        await state.refresh_metrics()
     body = encoder(state.registry)
     # content_type carries parameters (version, charset), so it goes in as a raw header.
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def _config(request: web.Request) -> web.Response:
-    cfg = request.app[STATE_KEY].config
-    return json_response({"sha256": cfg.sha256, "source": cfg.source, "config": cfg.raw})
+    state = request.app[STATE_KEY]
+    cfg = state.config
+    body: dict[str, Any] = {"sha256": cfg.sha256, "source": cfg.source, "config": cfg.raw}
+    if state.reload_status is not None:
+        # "reload": running hash, last success time, counts, and the last rejected file's
+        # errors (file:line: key: message) until a later reload succeeds.
+        body["reload"] = state.reload_status()
+    return json_response(body)
+
+
+def _token_ok(request: web.Request, token: str | None) -> bool:
+    if not token:
+        return True
+    given = request.headers.get("X-Admin-Token", "")
+    if not given:
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        given = credentials.strip() if scheme.lower() == "bearer" else ""
+    return bool(given) and hmac.compare_digest(given.encode(), token.encode())
+
+
+async def _reload(request: web.Request) -> web.Response:
+    """Re-read the config file: 200 with the new hash, or 400 listing every error (nothing
+    changed). Guarded by ``admin.token`` when one is configured."""
+    state = request.app[STATE_KEY]
+    if not _token_ok(request, state.config.admin_token):
+        return json_response(
+            {"error": "unauthorized", "message": "a valid admin token is required"}, status=401
+        )
+    if state.reload is None:
+        return json_response({"error": "reload is not available"}, status=501)
+    result = await state.reload("admin API")
+    return json_response(result, status=200 if result.get("result") == "success" else 400)
+
+
+async def _workers(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    workers = state.workers_describe() if state.workers_describe is not None else None
+    return json_response(
+        {"mode": "single process" if workers is None else "supervisor", "workers": workers or []}
+    )
 
 
 def _describe_route(route: RouteConfig) -> dict[str, Any]:
@@ -97,6 +152,12 @@ async def _routes(request: web.Request) -> web.Response:
     return json_response({"routes": routes})
 
 
+async def _upstreams(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    upstreams = state.upstreams_describe() if state.upstreams_describe is not None else []
+    return json_response({"upstreams": upstreams})
+
+
 async def _index(request: web.Request) -> web.Response:
     return json_response(
         {
@@ -106,6 +167,9 @@ async def _index(request: web.Request) -> web.Response:
                 "/metrics",
                 "/admin/config",
                 "/admin/routes",
+                "/admin/upstreams",
+                "/admin/workers",
+                "/admin/reload (POST)",
                 "/admin/discovery",
                 "/register",
                 "/discover",
@@ -143,4 +207,7 @@ def create_admin_app(state: AdminState) -> web.Application:
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/admin/config", _config)
     app.router.add_get("/admin/routes", _routes)
+    app.router.add_get("/admin/upstreams", _upstreams)
+    app.router.add_get("/admin/workers", _workers)
+    app.router.add_post("/admin/reload", _reload)
     return app

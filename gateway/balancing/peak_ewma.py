@@ -7,11 +7,13 @@ sample below pulls it down with weight ``1 - exp(-Δt / decay)`` (trust improvem
 Starvation guard: a slow spell would otherwise park an instance forever, since an instance that
 gets no traffic produces no samples to lower its average. As in Finagle, the average *also decays
 toward zero with time* while no samples arrive: its cost is read as
-``ewma * exp(-(now - last_sample) / decay)``. A stale instance therefore looks cheaper and cheaper
-until it is probed again; the probe's latency then sets its average (peak rule) if still slow, or
-lets it back in if fast. A never-sampled instance costs 0 while idle, so it is probed at once,
-but with a request in flight and no sample yet it costs ``penalty`` (so a fresh instance takes one
-probe at a time, not a stampede).
+``ewma * exp(-(now - last_sample) / idle_decay)``, with a short ``idle_decay`` (1 s) so that an
+instance 300x slower for a moment is probed again within about 6 s, and the decayed value is
+what the next sample is averaged with (one fast probe after a long gap readmits it). A stale
+instance therefore looks cheaper and cheaper until it is probed again; the probe's latency then
+sets its average (peak rule) if still slow, or lets it back in if fast. A never-sampled instance
+costs 0 while idle, so it is probed at once, but with a request in flight and no sample yet it
+costs ``penalty`` (so a fresh instance takes one probe at a time, not a stampede).
 
 ``now`` is the latest time given to :meth:`observe` / :meth:`tick` / :meth:`refresh` (picks carry
 no clock). State is kept per index and looked up from an instance by ``id()``.
@@ -29,22 +31,24 @@ from gateway.balancing.slow_start import SlowStart
 
 class PeakEwma(Balancer[T]):
     name = "peak_ewma"
-    __slots__ = ("_by_id", "_candidates", "_decay", "_ewma", "_last", "_penalty")
+    __slots__ = ("_by_id", "_candidates", "_decay", "_ewma", "_idle_decay", "_last", "_penalty")
 
     def __init__(
         self,
         instances: Sequence[T] = (),
         *,
         decay: float = 5.0,
+        idle_decay: float = 1.0,
         penalty: float = 1e3,
         panic_threshold: float = 0.0,
         slow_start: SlowStart | None = None,
         rng: random.Random | None = None,
         now: float = 0.0,
     ) -> None:
-        if decay <= 0:
-            raise ValueError("decay must be positive")
+        if decay <= 0 or idle_decay <= 0:
+            raise ValueError("decay and idle_decay must be positive")
         self._decay = decay
+        self._idle_decay = idle_decay
         self._penalty = penalty
         self._ewma: list[float] = []
         self._last: list[float] = []
@@ -81,6 +85,8 @@ class PeakEwma(Balancer[T]):
         elapsed = now - self._last[index]
         self._last[index] = now
         current = self._ewma[index]
+        if elapsed > 0:
+            current *= math.exp(-elapsed / self._idle_decay)  # what the cost has been showing
         if latency > current:
             self._ewma[index] = latency  # peak: slowdowns count at once
         else:
@@ -99,7 +105,7 @@ class PeakEwma(Balancer[T]):
     def latency(self, instance: T) -> float:
         """The instance's time-decayed latency estimate in seconds."""
         index = self._by_id[id(instance)]
-        return self._ewma[index] * math.exp(-(self._now - self._last[index]) / self._decay)
+        return self._ewma[index] * math.exp(-(self._now - self._last[index]) / self._idle_decay)
 
     def _cost(self, index: int, active: int, weight: float) -> float:
         ewma = self._ewma[index]
@@ -107,7 +113,7 @@ class PeakEwma(Balancer[T]):
             return self._penalty + active if active else 0.0
         elapsed = self._now - self._last[index]
         if elapsed > 0:
-            ewma *= math.exp(-elapsed / self._decay)
+            ewma *= math.exp(-elapsed / self._idle_decay)
         return ewma * (active + 1) / weight
 
     def pick(self, key: bytes | None = None, exclude: object | None = None) -> T | None:

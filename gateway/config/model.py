@@ -146,6 +146,7 @@ class RouteConfig:
     timeout: float | None = None  # whole request, response head to last byte; None = no bound
     max_body_bytes: int | None = None  # None = limits.max_body_bytes
     retry: RetryConfig | None = None  # overrides the upstream's retry policy for this route
+    server_timing: bool = False  # add a Server-Timing header (gateway and upstream time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +159,7 @@ class LimitsConfig:
     max_connections: int = 10_000  # concurrent client connections; beyond, new ones are closed
 
 
-DiscoveryType = Literal["registry", "dns", "consul"]
+DiscoveryType = Literal["registry", "dns", "consul", "kubernetes", "etcd", "zookeeper", "eureka"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +188,20 @@ class DiscoveryConfig:
     cert_file: str | None = None  # TLS client certificate (with key_file)
     key_file: str | None = None
     tls_verify: bool = True
+    # kubernetes (address/token/ca_file/cert_file/key_file/tls_verify/wait as above)
+    namespace: str | None = None  # default: the pod's namespace (in cluster), else "default"
+    kubeconfig: str | None = None  # use this kubeconfig's current context instead of in-cluster
+    token_file: str | None = None  # bearer token file, re-read when it changes
+    port: str | None = None  # default port name or number of the endpoints
+    include_terminating: bool = False  # also terminating endpoints that still serve
+    # etcd / zookeeper
+    prefix: str | None = None  # key / znode prefix under which services live
+    value_format: str = "json"  # etcd: "json" ({"address", "port", ...}) or "address" (h:p)
+    hosts: str | None = None  # zookeeper connect string "h1:2181,h2:2181"
+    session_timeout: float = 10.0  # zookeeper session timeout
+    # eureka
+    refresh_interval: float = 30.0  # eureka: how often the registry is fetched
+    delta: bool = True  # eureka: use /apps/delta between full fetches
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +211,19 @@ class AdminConfig:
     address: Address
     token: str | None = None  # required (Bearer / X-Admin-Token) on mutating registry calls
     registry: str | None = None  # discovery backend that /register and /discover use
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    path: str = "-"  # "-" is stdout
+    sample: float = 1.0  # fraction of requests logged
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # Histogram name (request_duration, upstream_duration, overhead, request_body,
+    # response_body) -> bucket bounds replacing the defaults.
+    buckets: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,3 +241,7 @@ class GatewayConfig:
     discovery: dict[str, DiscoveryConfig] = field(default_factory=dict)
     admin_token: str | None = None  # admin.token: guards mutating registration API calls
     admin_registry: str | None = None  # admin.registry: backend of the registration API
+    access_log: AccessLogConfig | None = None  # off unless configured
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    watch: bool = False  # reload when the config file changes (polled every second)
+    drain_timeout: float = 10.0  # SIGTERM: how long in-flight requests may take to finish

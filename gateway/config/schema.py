@@ -8,10 +8,12 @@ Defaults are written the way a user writes them in YAML ("30s", "32KiB").
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from gateway.config.durations import DURATION_HINT, DURATION_PATTERN
 from gateway.config.model import (
+    AccessLogConfig,
     Address,
     AdminConfig,
     CircuitBreakerConfig,
@@ -20,6 +22,7 @@ from gateway.config.model import (
     InstanceConfig,
     LimitsConfig,
     MatchConfig,
+    MetricsConfig,
     OutlierConfig,
     PathMatch,
     RetryConfig,
@@ -41,6 +44,7 @@ from gateway.config.validate import (
     ListOf,
     MapOf,
     Mapped,
+    Number,
     Size,
     Struct,
     Text,
@@ -497,29 +501,64 @@ ROUTE = Struct(
         Field("timeout", DURATION, "Bound on the whole request, retries included."),
         Field("max_body_bytes", Size(), "Request body cap for this route (413 beyond)."),
         Field("retry", RETRY, "Overrides the upstream's retry policy for this route."),
+        Field(
+            "server_timing",
+            Bool(),
+            "Add a Server-Timing response header with the gateway's and the upstream's time.",
+            False,
+        ),
     ],
     build=RouteConfig,
 )
 
 # --- discovery --------------------------------------------------------------------------------
 
-DISCOVERY_TYPES = ("registry", "dns", "consul")
+DISCOVERY_TYPES = ("registry", "dns", "consul", "kubernetes", "etcd", "zookeeper", "eureka")
+_TLS_KEYS = ("ca_file", "cert_file", "key_file", "tls_verify")
 _TYPE_KEYS = {
     "registry": ("state_file", "default_ttl"),
     "dns": ("nameservers", "min_ttl", "max_ttl", "timeout"),
-    "consul": (
+    "consul": ("address", "token", "datacenter", "wait", "timeout", *_TLS_KEYS),
+    "kubernetes": (
         "address",
         "token",
-        "datacenter",
+        "token_file",
+        "kubeconfig",
+        "namespace",
+        "port",
+        "include_terminating",
         "wait",
         "timeout",
-        "ca_file",
-        "cert_file",
-        "key_file",
-        "tls_verify",
+        *_TLS_KEYS,
     ),
+    "etcd": ("address", "prefix", "value_format", "timeout", *_TLS_KEYS),
+    "zookeeper": ("hosts", "prefix", "session_timeout", "timeout"),
+    "eureka": ("address", "refresh_interval", "delta", "timeout", *_TLS_KEYS),
 }
-_TYPE_DEFAULTS = {"min_ttl": 1.0, "max_ttl": 60.0, "timeout": 2.0, "wait": 30.0, "tls_verify": True}
+_TYPE_DEFAULTS = {
+    "min_ttl": 1.0,
+    "max_ttl": 60.0,
+    "timeout": 2.0,
+    "wait": 30.0,
+    "tls_verify": True,
+    "include_terminating": False,
+    "value_format": "json",
+    "session_timeout": 10.0,
+    "refresh_interval": 30.0,
+    "delta": True,
+}
+# Defaults that differ by type: (type, key) -> value.
+_PER_TYPE_DEFAULTS = {
+    ("kubernetes", "wait"): 300.0,  # watch timeoutSeconds: resumed from resourceVersion
+    ("etcd", "prefix"): "/services/",
+    ("zookeeper", "prefix"): "/services",
+}
+_REQUIRED_KEYS = {
+    "consul": ("address", "http://127.0.0.1:8500"),
+    "etcd": ("address", "http://127.0.0.1:2379"),
+    "eureka": ("address", "http://127.0.0.1:8761/eureka"),
+    "zookeeper": ("hosts", "127.0.0.1:2181"),
+}
 
 
 def _discovery_keys(values: dict[str, Any]) -> list[tuple[str, str]]:
@@ -529,8 +568,13 @@ def _discovery_keys(values: dict[str, Any]) -> list[tuple[str, str]]:
         for key in keys:
             if other != kind and key not in _TYPE_KEYS[kind] and values[key] is not None:
                 problems.append((key, f"not a key of type {kind} (it belongs to type {other})"))
-    if kind == "consul" and values["address"] is None:
-        problems.append(("address", "required for type consul, e.g. http://127.0.0.1:8500"))
+    if kind in _REQUIRED_KEYS:
+        key, example = _REQUIRED_KEYS[kind]
+        if values[key] is None:
+            problems.append((key, f"required for type {kind}, e.g. {example}"))
+    if kind == "kubernetes" and values["kubeconfig"] is not None:
+        given = [k for k in ("address", "token", "token_file") if values[k] is not None]
+        problems += [(k, "give either kubeconfig or address/token settings") for k in given]
     low, high = values["min_ttl"], values["max_ttl"]
     if low is not None and high is not None and low > high:
         problems.append(("min_ttl", "must not be greater than max_ttl"))
@@ -542,6 +586,9 @@ def _discovery_keys(values: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _discovery(**values: Any) -> DiscoveryConfig:
+    for (kind, key), default in _PER_TYPE_DEFAULTS.items():
+        if values["type"] == kind and values[key] is None:
+            values[key] = default
     for key, default in _TYPE_DEFAULTS.items():
         if values[key] is None:
             values[key] = default
@@ -554,6 +601,7 @@ NAMESERVER = Text(
     pattern=r"[0-9.]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?|[0-9A-Fa-f:]+",
 )
 HTTP_URL = Text("an http:// or https:// URL", pattern=r"https?://[^\s/?#]+/?")
+HTTP_URL_PATH = Text("an http:// or https:// URL", pattern=r"https?://[^\s/?#]+(/[^\s?#]*)?")
 
 DISCOVERY = Struct(
     "discovery_backend",
@@ -583,15 +631,82 @@ DISCOVERY = Struct(
         ),
         Field("min_ttl", DURATION, "dns: shortest refresh interval (default 1s)."),
         Field("max_ttl", DURATION, "dns: longest refresh interval (default 60s)."),
-        Field("timeout", DURATION, "dns: query timeout; consul: connect timeout (default 2s)."),
-        Field("address", HTTP_URL, "consul: agent HTTP API base URL."),
-        Field("token", Text("an ACL token"), "consul: ACL token sent as X-Consul-Token."),
+        Field(
+            "timeout",
+            DURATION,
+            "dns: query timeout; consul, kubernetes, etcd, eureka: connect timeout; zookeeper:"
+            " how long to wait for a connection before reporting stale (default 2s).",
+        ),
+        Field(
+            "address",
+            HTTP_URL_PATH,
+            "consul: agent HTTP API base URL; kubernetes: API server URL (default: in-cluster);"
+            " etcd: client URL; eureka: server URL including /eureka.",
+        ),
+        Field(
+            "token",
+            Text("a token"),
+            "consul: ACL token sent as X-Consul-Token; kubernetes: bearer token.",
+        ),
         Field("datacenter", Text("a datacenter name"), "consul: default datacenter."),
-        Field("wait", DURATION, "consul: blocking query wait time (default 30s)."),
-        Field("ca_file", Text("a file path"), "consul: CA bundle for https."),
-        Field("cert_file", Text("a file path"), "consul: TLS client certificate."),
-        Field("key_file", Text("a file path"), "consul: TLS client key."),
-        Field("tls_verify", Bool(), "consul: verify the server certificate (default true)."),
+        Field(
+            "wait",
+            DURATION,
+            "consul: blocking query wait time (default 30s); kubernetes: watch timeoutSeconds"
+            " (default 5m).",
+        ),
+        Field("ca_file", Text("a file path"), "consul, kubernetes, etcd, eureka: CA bundle."),
+        Field("cert_file", Text("a file path"), "TLS client certificate (https backends)."),
+        Field("key_file", Text("a file path"), "TLS client key (with cert_file)."),
+        Field("tls_verify", Bool(), "https: verify the server certificate (default true)."),
+        Field(
+            "namespace",
+            Text("a Kubernetes namespace"),
+            "kubernetes: namespace of the Services (default: the pod's own, else 'default').",
+        ),
+        Field(
+            "kubeconfig",
+            Text("a file path"),
+            "kubernetes: kubeconfig file (its current context) instead of in-cluster settings.",
+        ),
+        Field(
+            "token_file",
+            Text("a file path"),
+            "kubernetes: bearer token file, re-read when it rotates (default: the pod's"
+            " service-account token).",
+        ),
+        Field(
+            "port",
+            Text("a port name or number", pattern=r"[0-9]{1,5}|[a-z0-9]([-a-z0-9]*[a-z0-9])?"),
+            "kubernetes: endpoint port by name or number when `service` does not say"
+            " (default: the only port).",
+        ),
+        Field(
+            "include_terminating",
+            Bool(),
+            "kubernetes: also route to terminating endpoints that are still serving"
+            " (default false).",
+        ),
+        Field(
+            "prefix",
+            Text("a key prefix starting with /", pattern=r"/.*"),
+            "etcd: key prefix (default /services/); zookeeper: Curator base path"
+            " (default /services).",
+        ),
+        Field(
+            "value_format",
+            Enum(("json", "address")),
+            "etcd: values are JSON {address, port, weight, tags, meta} (json, default) or"
+            " plain 'host:port' (address).",
+        ),
+        Field("hosts", Text("host:port[,host:port…]"), "zookeeper: connect string."),
+        Field("session_timeout", DURATION, "zookeeper: session timeout (default 10s)."),
+        Field(
+            "refresh_interval",
+            DURATION,
+            "eureka: how often instances are fetched (default 30s).",
+        ),
+        Field("delta", Bool(), "eureka: use /apps/delta between full fetches (default true)."),
     ],
     build=_discovery,
     checks=[_discovery_keys],
@@ -630,6 +745,55 @@ def _root(**values: Any) -> dict[str, Any]:
         values["admin_registry"] = admin.registry
     return values
 
+
+# --- observability --------------------------------------------------------------------------
+
+ACCESS_LOG = Struct(
+    "access_log",
+    "One JSON line per request, written off the event loop.",
+    [
+        Field("path", Text("a file path, or '-' for stdout"), "Where lines go ('-': stdout).", "-"),
+        Field("sample", Number(0, 1), "Fraction of requests logged (1 = all).", 1.0),
+    ],
+    build=AccessLogConfig,
+)
+
+HISTOGRAM_NAMES = (
+    "request_duration",
+    "upstream_duration",
+    "overhead",
+    "request_body",
+    "response_body",
+)
+
+
+def _increasing(values: dict[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    for name, bounds in values["buckets"]:
+        if any(a >= b for a, b in itertools.pairwise(bounds)):
+            problems.append(("buckets", f"{name}: bucket bounds must be strictly increasing"))
+    return problems
+
+
+METRICS = Struct(
+    "metrics",
+    "Prometheus metrics settings.",
+    [
+        Field(
+            "buckets",
+            MapOf(
+                Text("a histogram name", pattern="|".join(HISTOGRAM_NAMES)),
+                ListOf(Number(0), min_items=1),
+                pairs=True,
+            ),
+            "Bucket bounds per histogram (request_duration, upstream_duration, overhead in"
+            " seconds; request_body, response_body in bytes), replacing the defaults.",
+            {},
+        ),
+    ],
+    build=MetricsConfig,
+    checks=[_increasing],
+)
 
 # --- top level --------------------------------------------------------------------------------
 
@@ -683,6 +847,20 @@ ROOT = Struct(
             MapOf(NAME, DISCOVERY, key_field="name"),
             "Discovery backends by name; upstreams refer to them with `discovery: NAME`.",
             {},
+        ),
+        Field("access_log", ACCESS_LOG, "Access log (off unless given)."),
+        Field("metrics", METRICS, "Metrics settings.", {}),
+        Field(
+            "watch",
+            Bool(),
+            "Reload when the config file changes (its mtime and hash are checked every second).",
+            False,
+        ),
+        Field(
+            "drain_timeout",
+            DURATION,
+            "On SIGTERM: how long requests in flight may take to finish before the exit.",
+            "10s",
         ),
     ],
     build=_root,

@@ -219,6 +219,37 @@ class Int(Type):
         return out
 
 
+class Number(Type):
+    """An integer or a decimal number (not a boolean)."""
+
+    def __init__(self, minimum: float | None = None, maximum: float | None = None) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self.expected = "a number"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    def check(self, ctx: Context, path: Path, value: Any) -> Any:
+        if not self.accepts(value) or value != value:  # NaN is not a number here
+            return _type_error(ctx, path, self.expected, value)
+        if self.minimum is not None and value < self.minimum:
+            ctx.error(path, f"must be at least {self.minimum}, got {value}")
+            return INVALID
+        if self.maximum is not None and value > self.maximum:
+            ctx.error(path, f"must be at most {self.maximum}, got {value}")
+            return INVALID
+        return float(value)
+
+    def json(self, gen: JsonGen) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "number"}
+        if self.minimum is not None:
+            out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
+        return out
+
+
 class Bool(Type):
     expected = "true or false"
 
@@ -702,6 +733,11 @@ def cross_check(ctx: Context, data: dict[str, Any]) -> None:
 
 # The embedded registry exists even when the `discovery` section does not name it.
 EMBEDDED_REGISTRY = "registry"
+# Upstream filters a backend type cannot apply (it has no such data).
+_NO_FILTER_TYPES = {
+    "tags": ("dns", "kubernetes", "zookeeper", "eureka"),
+    "datacenter": ("dns", "kubernetes", "etcd", "zookeeper", "eureka"),
+}
 
 
 def _discovery_references(ctx: Context, data: dict[str, Any]) -> None:
@@ -724,8 +760,10 @@ def _discovery_references(ctx: Context, data: dict[str, Any]) -> None:
                 continue
             kind = types[target]
             for key in ("tags", "datacenter"):
-                if upstream.get(key) and kind == "dns":
-                    ctx.error(("upstreams", name, key), f"not supported by dns backend {target!r}")
+                if upstream.get(key) and kind in _NO_FILTER_TYPES.get(key, ()):
+                    ctx.error(
+                        ("upstreams", name, key), f"not supported by {kind} backend {target!r}"
+                    )
     admin = data.get("admin")
     registry = admin.get("registry") if isinstance(admin, dict) else None
     if isinstance(registry, str):

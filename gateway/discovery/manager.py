@@ -143,6 +143,22 @@ class DiscoveryManager:
             from gateway.discovery.consul import ConsulBackend
 
             return ConsulBackend(config, self)
+        if config.type == "kubernetes":
+            from gateway.discovery.kubernetes import KubernetesBackend
+
+            return KubernetesBackend(config, self, base)
+        if config.type == "etcd":
+            from gateway.discovery.etcd import EtcdBackend
+
+            return EtcdBackend(config, self)
+        if config.type == "zookeeper":
+            from gateway.discovery.zookeeper import ZooKeeperBackend
+
+            return ZooKeeperBackend(config, self)
+        if config.type == "eureka":
+            from gateway.discovery.eureka import EurekaBackend
+
+            return EurekaBackend(config, self)
         raise ValueError(f"unsupported discovery type {config.type!r}")
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 import orjson
 
+from gateway.accesslog import AccessLog, iso_time
 from gateway.proxy import headers as hdr
 from gateway.proxy.upstream import InstancePool, UpstreamConnection
 from gateway.resilience.backoff import parse_retry_after
@@ -170,6 +171,10 @@ class Exchange:
     replay_limit = REPLAY_LIMIT
     retry_timer: asyncio.TimerHandle | None = None
     counted = False  # upstream-level counters (active requests, breaker) were taken
+    idempotent = False  # RFC 9110 §9.2.2 method, or an Idempotency-Key header
+    bytes_out = 0  # response body bytes relayed to the client
+    instance_address = ""
+    error_code = ""  # why the gateway answered itself (no_route, upstream_timeout, ...)
 
     def __init__(self, now: float, max_body: int) -> None:
         self.t_start = now
@@ -186,6 +191,7 @@ class ProxyServer:
         self.connections: set[ClientConnection] = set()
         self.request_ids = hdr.RequestIds()
         self.clock = time.monotonic()
+        self.access_log: AccessLog | None = None
         self._next_second = 0.0
         self.draining = False
         self._drained = asyncio.Event()
@@ -217,6 +223,8 @@ class ProxyServer:
         for conn in list(self.connections):
             conn.check_timeouts(now)
         metrics = self.metrics
+        if self.access_log is not None:
+            self.access_log.flush()
         once_a_second = now >= self._next_second
         if once_a_second:
             self._next_second = now + 1.0
@@ -741,13 +749,14 @@ class ClientConnection(asyncio.Protocol):
             if snapshot.route_retry
             else upstream.retry
         )
+        method = ex.method
+        ex.idempotent = method in IDEMPOTENT_METHODS or any(
+            name == b"idempotency-key" for name, _ in ex.headers
+        )
         if policy is not None:
             ex.retry = policy
             ex.replay_limit = max(policy.max_body_bytes, REPLAY_LIMIT)
-            method = ex.method
-            ex.retry_method_ok = method in IDEMPOTENT_METHODS or policy.method_retryable(
-                method, any(name == b"idempotency-key" for name, _ in ex.headers)
-            )
+            ex.retry_method_ok = ex.idempotent or policy.method_retryable(method, False)
         ex.replay = []
         if route.rewrites_path:
             new_path = route.rewrite_path(path_text).encode("latin-1")
@@ -837,6 +846,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
         conn.begin_exchange(self, ex.is_head)
+        if ex.instance is not None:
+            ex.instance_address = ex.instance.address
         ex.conn = conn
         ex.t_upstream = time.perf_counter()
         upstream = ex.upstream
@@ -955,6 +966,16 @@ class ClientConnection(asyncio.Protocol):
                 framing = b"transfer-encoding: chunked\r\n"
         if keep_alive and ex.version == "1.0":
             framing += b"connection: keep-alive\r\n"
+        route = ex.route
+        if route is not None and route.config.server_timing:
+            # W3C Server-Timing: the gateway's own share and the upstream's, in milliseconds.
+            now = time.perf_counter()
+            upstream_ms = (now - ex.t_upstream) * 1000.0
+            gateway_ms = (now - ex.t_start) * 1000.0 - upstream_ms
+            framing += b"server-timing: gateway;dur=%.3f, upstream;dur=%.3f\r\n" % (
+                gateway_ms,
+                upstream_ms,
+            )
         ex.keep_alive = keep_alive
         self.out.append(
             hdr.build_response_head(
@@ -972,6 +993,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is None:
             return
         frame = ex.response_frame
+        ex.bytes_out += len(body)
         if frame == FRAME_RAW:
             self.out.append(body)
         elif frame == FRAME_CHUNKED:
@@ -1006,7 +1028,15 @@ class ClientConnection(asyncio.Protocol):
 
     def _response_done(self, ex: Exchange, conn: UpstreamConnection) -> None:
         ex.response_complete = True
-        ex.t_upstream_done = time.perf_counter()
+        ex.t_upstream_done = done = time.perf_counter()
+        instance = ex.instance
+        if instance is not None:
+            sample = done - ex.t_upstream
+            previous = instance.latency
+            instance.latency = sample if not previous else previous * 0.8 + sample * 0.2
+            upstream = ex.upstream
+            if upstream is not None and upstream.observes_latency:
+                upstream.balancer.observe(instance, sample, time.monotonic())  # type: ignore[attr-defined]
         ex.read_deadline = 0.0
         # Flush first: a full client buffer pauses the upstream's reading, which must happen
         # while the connection is still ours, not after it went back to the pool.
@@ -1071,9 +1101,13 @@ class ClientConnection(asyncio.Protocol):
             and not ex.response_started
             and ex.status == 0
             and ex.replay is not None
+            and ex.idempotent
         ):
-            # RFC 9112 §9.3.1: a pooled connection the upstream closed before answering carried
-            # nothing it processed; retrying once on a fresh connection is safe for any method.
+            # RFC 9112 §9.3.1: a pooled connection the upstream closed before answering most
+            # likely went stale while idle; one retry on a fresh connection is allowed, but
+            # RFC 9112 §9.3.1.1 forbids it for non-idempotent requests: the upstream may have
+            # processed the request before the connection broke.
+            self.server.metrics.retry(ex.upstream_name, "stale_connection")
             ex.stale_retried = True
             ex.conn = None
             replay = ex.replay
@@ -1128,13 +1162,18 @@ class ClientConnection(asyncio.Protocol):
             return False
         if not (ex.retry_method_ok or policy.safe_for_any_method(kind)):
             return False
-        delay = policy.retry_delay(ex.attempt, upstream.rng, retry_after)
+        if kind == CONNECT_FAILURE:
+            # Nothing reached the instance: retry at once elsewhere, outside the budget (the
+            # budget protects upstreams from retry storms, and a dead instance gets none).
+            delay: float | None = 0.0
+        else:
+            delay = policy.retry_delay(ex.attempt, upstream.rng, retry_after)
         if delay is None:
             return False
         if ex.deadline and time.monotonic() + delay >= ex.deadline:
             return False
         metrics = self.server.metrics
-        if not ex.budget_held:
+        if not ex.budget_held and kind != CONNECT_FAILURE:
             if not upstream.budget.try_acquire(upstream.breaker.requests):
                 metrics.retry(upstream.name, "budget_exhausted")
                 return False
@@ -1248,6 +1287,7 @@ class ClientConnection(asyncio.Protocol):
         )
         ex.keep_alive = keep_alive
         ex.status = error.status
+        ex.error_code = error.code
         head = [
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nx-request-id: %s\r\n"
@@ -1349,9 +1389,39 @@ class ClientConnection(asyncio.Protocol):
             upstream_time = None
             overhead = total
         method = ex.method_name if ex.method_name in KNOWN_METHODS else "OTHER"
-        self.server.metrics.observe_request(
-            ex.route_name, ex.upstream_name, method, status, total, upstream_time, overhead
+        server = self.server
+        server.metrics.observe_request(
+            ex.route_name,
+            ex.upstream_name,
+            method,
+            status,
+            total,
+            upstream_time,
+            overhead,
+            ex.body_bytes,
+            ex.bytes_out,
         )
+        access_log = server.access_log
+        if access_log is not None:
+            access_log.record(
+                {
+                    "time": iso_time(time.time()),
+                    "request_id": (ex.request_id or b"").decode("ascii", "replace"),
+                    "client": self.peer_ip,
+                    "method": ex.method_name,
+                    "path": ex.url.decode("latin-1"),
+                    "route": ex.route_name,
+                    "upstream": ex.upstream_name,
+                    "instance": ex.instance_address,
+                    "status": status,
+                    "bytes_in": ex.body_bytes,
+                    "bytes_out": ex.bytes_out,
+                    "duration": round(total, 6),
+                    "upstream_duration": None if upstream_time is None else round(upstream_time, 6),
+                    "retries": ex.attempt - 1,
+                    "error": ex.error_code or None,
+                }
+            )
 
     def _finish(self, ex: Exchange) -> None:
         if self.active is not ex:

@@ -408,9 +408,14 @@ def test_upstream_closing_after_each_response_is_handled(
     assert closing.connections == 5
 
 
-@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize(
+    ("method", "extra"), [("GET", ""), ("POST", "Idempotency-Key: k-{index}\r\n")]
+)
 def test_stale_pooled_connection_is_retried_on_a_fresh_one(
-    upstream_gateway: GatewayProcess, scripted_upstreams: dict[str, ScriptedUpstream], method: str
+    upstream_gateway: GatewayProcess,
+    scripted_upstreams: dict[str, ScriptedUpstream],
+    method: str,
+    extra: str,
 ) -> None:
     stale = scripted_upstreams["stale"]
     answered_before, dropped_before = stale.answered, stale.dropped
@@ -418,7 +423,7 @@ def test_stale_pooled_connection_is_retried_on_a_fresh_one(
     for index in range(3):
         sock.sendall(
             f"{method} /stale?n={index} HTTP/1.1\r\nHost: example.test\r\n"
-            f"Content-Length: 5\r\n\r\nhello".encode()
+            f"{extra.format(index=index)}Content-Length: 5\r\n\r\nhello".encode()
         )
         status, _, body = read_response(sock)
         assert status == 200
@@ -427,6 +432,26 @@ def test_stale_pooled_connection_is_retried_on_a_fresh_one(
     assert stale.answered - answered_before == 3
     # Requests 2 and 3 went out on the pooled connection, were dropped, and were replayed.
     assert wait_until(lambda: stale.dropped - dropped_before >= 2)
+
+
+def test_stale_pooled_connection_never_replays_a_plain_post(
+    upstream_gateway: GatewayProcess, scripted_upstreams: dict[str, ScriptedUpstream]
+) -> None:
+    # RFC 9112 §9.3.1.1: the upstream may have applied it before the connection broke.
+    stale = scripted_upstreams["stale"]
+    sock = upstream_gateway.connect()
+    sock.sendall(b"GET /stale?warm=1 HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    assert read_response(sock)[0] == 200  # leaves a pooled connection the upstream will drop
+    answered_before, dropped_before = stale.answered, stale.dropped
+    sock.sendall(
+        b"POST /stale?plain=1 HTTP/1.1\r\nHost: example.test\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    status, _, body = read_response(sock)
+    sock.close()
+    assert status == 502
+    assert json.loads(body)["error"] == "upstream_failure"
+    assert wait_until(lambda: stale.dropped - dropped_before == 1)
+    assert stale.answered == answered_before
 
 
 def test_client_disconnect_mid_request_closes_upstream_connection(

@@ -449,3 +449,217 @@ def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulAgent]:
     agent.start()
     yield agent
     agent.stop()
+
+
+# --- etcd ---------------------------------------------------------------------------------------
+
+ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+
+
+class EtcdServer:
+    """A single-member etcd (Debian's etcd-server) on random loopback ports with a temp data
+    dir; restartable on the same ports and data (the keys survive a restart)."""
+
+    def __init__(self, workdir: Path) -> None:
+        if not os.path.exists(ETCD):
+            pytest.fail(
+                "etcd is not installed (apt-get install -y etcd-server); .ci/run installs it",
+                pytrace=False,
+            )
+        self.workdir = workdir
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.log = workdir / "etcd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        self.process = subprocess.Popen(
+            [
+                ETCD,
+                "--name=test",
+                f"--data-dir={self.workdir / 'data'}",
+                f"--listen-client-urls={self.address}",
+                f"--advertise-client-urls={self.address}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=test={peer}",
+                "--log-level=warn",
+            ],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._healthy, timeout=30, interval=0.05, what="etcd to answer")
+
+    def _healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"etcd exited: {self.log.read_text()[-3000:]}")
+        try:
+            status, _ = http_json("POST", self.address + "/v3/kv/range", {"key": "AA=="})
+        except OSError:
+            return False
+        return status == 200
+
+    def call(self, path: str, body: dict[str, Any]) -> Any:
+        status, answer = http_json("POST", self.address + path, body)
+        assert status == 200, answer
+        return answer
+
+    def put(self, key: str, value: str | dict[str, Any]) -> int:
+        import base64
+
+        raw = value if isinstance(value, str) else json.dumps(value)
+        answer = self.call(
+            "/v3/kv/put",
+            {
+                "key": base64.b64encode(key.encode()).decode(),
+                "value": base64.b64encode(raw.encode()).decode(),
+            },
+        )
+        return int(answer["header"]["revision"])
+
+    def delete(self, key: str) -> int:
+        import base64
+
+        answer = self.call("/v3/kv/deleterange", {"key": base64.b64encode(key.encode()).decode()})
+        return int(answer["header"]["revision"])
+
+    def compact(self, revision: int) -> None:
+        self.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+# --- ZooKeeper ----------------------------------------------------------------------------------
+
+JAVA = shutil.which("java") or "/usr/bin/java"
+# Jars of Debian's zookeeper package (and its dependencies) that a standalone server needs.
+ZOOKEEPER_JARS = (
+    "zookeeper",
+    "zookeeper-jute",
+    "slf4j-api",
+    "slf4j-simple",
+    "netty-handler",
+    "netty-common",
+    "netty-transport",
+    "netty-buffer",
+    "netty-codec",
+    "netty-resolver",
+    "netty-transport-native-epoll",
+    "netty-transport-native-unix-common",
+    "metrics-core",
+    "commons-cli",
+    "snappy-java",
+    "commons-io",
+)
+
+
+def zookeeper_classpath() -> str:
+    jars = [Path("/usr/share/java") / f"{name}.jar" for name in ZOOKEEPER_JARS]
+    missing = [str(j) for j in jars if not j.exists()]
+    if not os.path.exists(JAVA) or missing:
+        pytest.fail(
+            "ZooKeeper is not installed (apt-get install -y zookeeper, which brings java);"
+            f" .ci/run installs it. Missing: {', '.join(missing) or JAVA}",
+            pytrace=False,
+        )
+    return ":".join(str(j) for j in jars)
+
+
+class ZooKeeperServer:
+    """A standalone ZooKeeper (Debian's zookeeper jars, QuorumPeerMain in the foreground) on a
+    random loopback port with a temp dataDir; restartable on the same port and data."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.classpath = zookeeper_classpath()
+        self.workdir = workdir
+        self.port = free_port()
+        self.log = workdir / "zookeeper.log"
+        self.config = workdir / "zoo.cfg"
+        self.config.write_text(
+            "\n".join(
+                [
+                    "tickTime=500",  # sessions may be as short as 2 ticks: quick expiry tests
+                    f"dataDir={workdir / 'data'}",
+                    f"clientPort={self.port}",
+                    "clientPortAddress=127.0.0.1",
+                    "admin.enableServer=false",
+                    "minSessionTimeout=1000",
+                    "maxSessionTimeout=30000",
+                    "4lw.commands.whitelist=ruok",
+                ]
+            )
+            + "\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def hosts(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                JAVA,
+                "-Xmx256m",
+                "-XX:+UseSerialGC",
+                "-XX:TieredStopAtLevel=1",  # start quickly; a test server needs no C2
+                "-cp",
+                self.classpath,
+                "org.apache.zookeeper.server.quorum.QuorumPeerMain",
+                str(self.config),
+            ],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._ok, timeout=30, interval=0.05, what="ZooKeeper to answer ruok")
+
+    def _ok(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"ZooKeeper exited: {self.log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"ruok")
+                return sock.recv(16) == b"imok"
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def zookeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeperServer]:
+    server = ZooKeeperServer(tmp_path_factory.mktemp("zookeeper"))
+    server.start()
+    yield server
+    server.stop()

@@ -86,6 +86,9 @@ def test_srv_follow_changes_survive_outage(
     wait_for(lambda: gw.discovery()["upstreams"]["web"]["stale"], what="stale mark")
     status, ready = http_json("GET", gw.admin_url + "/readyz")
     assert status == 200 and ready["stale_upstreams"] == ["web"]
+    status, upstreams = http_json("GET", gw.admin_url + "/admin/upstreams")
+    assert status == 200
+    assert {u["name"]: u["stale"] for u in upstreams["upstreams"]}["web"] is True
     assert (metric(gw, "gateway_discovery_errors_total", "dns1") or 0) > errors_before
     success = metric(gw, "gateway_discovery_last_success_timestamp_seconds", "dns1")
     assert success is not None and success <= time.time()

@@ -80,7 +80,7 @@ ERROR_CASES: list[tuple[str, str, list[str]]] = [
             "circuit_breaker, timeouts, max_idle_connections, discovery, service, tags, "
             "datacenter, passing_only)",
             "gateway.yaml:6: routes[0].rate_limit: unknown key 'rate_limit' (allowed: name, "
-            "match, upstream, rewrite, timeout, max_body_bytes, retry)",
+            "match, upstream, rewrite, timeout, max_body_bytes, retry, server_timing)",
         ],
     ),
     (

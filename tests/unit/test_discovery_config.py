@@ -79,8 +79,9 @@ upstreams:
             "gateway.yaml:2: discovery.d.min_ttl: must not be greater than max_ttl",
         ),
         (
-            "discovery:\n  d: {type: etcd}\n",
-            "gateway.yaml:2: discovery.d.type: 'etcd' is not one of registry, dns, consul",
+            "discovery:\n  d: {type: nacos}\n",
+            "gateway.yaml:2: discovery.d.type: 'nacos' is not one of registry, dns, consul,"
+            " kubernetes, etcd, zookeeper, eureka",
         ),
         (
             "discovery:\n  d: {type: dns}\n"
@@ -109,7 +110,7 @@ def test_json_schema_agrees_on_discovery_shapes() -> None:
     for bad in (
         {"upstreams": {"a": {"discovery": "c"}}},  # no service
         {"upstreams": {"a": {"discovery": "c", "service": "s", "instances": ["h:1"]}}},
-        {"discovery": {"d": {"type": "zookeeper"}}},
+        {"discovery": {"d": {"type": "nacos"}}},
     ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)

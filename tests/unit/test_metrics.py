@@ -249,3 +249,34 @@ def test_registry_accepts_no_duplicate_collector() -> None:
     registry = make_registry(m)
     with pytest.raises(ValueError):
         registry.register(m.collector())
+
+
+def test_body_size_histograms_and_overrides() -> None:
+    m = GatewayMetrics(bucket_overrides={"request_body": (10, 100)})
+    m.observe_request("r", "u", "POST", 200, 0.01, 0.005, 0.005, 50, 5000)
+    text = generate_latest(make_registry(m)).decode()
+    assert 'gateway_request_body_bytes_bucket{le="10.0",route="r"} 0.0' in text
+    assert 'gateway_request_body_bytes_bucket{le="100.0",route="r"} 1.0' in text
+    assert 'gateway_response_body_bytes_sum{route="r"} 5000.0' in text
+    with pytest.raises(ValueError, match="unknown histogram"):
+        GatewayMetrics(bucket_overrides={"nope": (1,)})
+
+
+def test_declare_creates_zero_series() -> None:
+    m = GatewayMetrics()
+    m.declare([("r", "u")])
+    text = generate_latest(make_registry(m)).decode()
+    assert 'gateway_request_duration_seconds_count{route="r",upstream="u"} 0.0' in text
+    assert 'gateway_upstream_duration_seconds_count{upstream="u"} 0.0' in text
+
+
+def test_retry_overflow_and_instance_metrics() -> None:
+    m = GatewayMetrics()
+    m.retry("u", "reset")
+    m.retry("u", "reset")
+    m.breaker_overflow("u", "requests")
+    m.upstream_instances("u", {"healthy": 2, "unhealthy": 0, "ejected": 1})
+    text = generate_latest(make_registry(m)).decode()
+    assert 'gateway_retries_total{reason="reset",upstream="u"} 2.0' in text
+    assert 'gateway_circuit_breaker_overflow_total{limit="requests",upstream="u"} 1.0' in text
+    assert 'gateway_upstream_instances{state="ejected",upstream="u"} 1.0' in text

@@ -1,0 +1,558 @@
+"""Per-route admission: a list of GCRA limits that must all pass, plus a concurrency cap.
+
+The data plane calls one method per request, after the route matched, with what it already holds
+(no request object is built):
+
+    decision = limiter.check(now, peer_ip, peer_trusted, headers, query, callback)
+
+- ``decision`` is a ``Decision`` when the answer is known at once (only local limits, Redis
+  down, a local limit or ``max_in_flight`` already refused, a missing key rejected);
+- ``None`` when a Redis round trip is needed: ``callback(decision)`` is called later from the
+  event loop, within the store's ``timeout`` (with the fallback decision if Redis is late).
+
+``check_local`` is the same without a callback, for limiters whose ``uses_redis`` is False.
+
+A decision with ``holds_slot`` (route has ``max_in_flight``) must be followed by exactly one
+``limiter.release()`` when the exchange ends, whatever way it ends. Nothing else needs releasing.
+
+When several limits apply, a request consumes from all of them or from none: local limits are
+taken one by one and given back (``refund``) if a later one denies; Redis limits of one request
+are decided all-or-nothing inside one script call. Limits are evaluated in config order, local
+ones before the Redis round trip (a request refused locally costs no round trip).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.ratelimit import headers as rlh
+from gateway.ratelimit.gcra import SLACK, retry_after_seconds
+from gateway.ratelimit.keys import Headers, KeyExtractor, compile_key
+from gateway.ratelimit.local import DEFAULT_MAX_KEYS, LocalStore
+from gateway.ratelimit.redis_store import RedisStore
+
+__all__ = [
+    "ALLOW",
+    "Decision",
+    "Limit",
+    "LimitSpec",
+    "RouteLimiter",
+    "build_limiters",
+    "parse_rate",
+]
+
+StoreKind = Literal["local", "redis"]
+OnStoreError = Literal["allow", "local", "deny"]
+Missing = Literal["shared", "reject"]
+
+_MISSING = b""  # the shared bucket of requests without a key value (real values are non-empty)
+
+_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
+_PERIODS |= {"h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """``"100/s"`` -> ``(100, 1.0)``; also ``N/min``, ``N/h``, ``N/day``, ``N/10s``."""
+    match = _RATE.match(text.lower())
+    if match is None or match.group(3) not in _PERIODS:
+        raise ValueError(f"invalid rate {text!r}: expected N/s, N/min or N/h")
+    count = int(match.group(1))
+    if count <= 0:
+        raise ValueError(f"invalid rate {text!r}: must be positive")
+    period = _PERIODS[match.group(3)] * (int(match.group(2)) if match.group(2) else 1)
+    if period <= 0:
+        raise ValueError(f"invalid rate {text!r}: period must be positive")
+    return count, period
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """One ``rate_limit`` entry as the config validator produces it."""
+
+    count: int  # requests ...
+    period: float  # ... per this many seconds (the sustained rate)
+    burst: int | None = None  # requests admitted at once from idle; None = ``count``
+    key: str | tuple[str, ...] = "client_ip"
+    store: StoreKind = "local"
+    dry_run: bool = False
+    missing: Missing = "shared"
+    on_store_error: OnStoreError = "local"
+    name: str | None = None  # policy name in headers and in the Redis key; default limitN
+    max_keys: int = DEFAULT_MAX_KEYS  # local bucket table bound (LRU)
+
+
+class Decision:
+    """What the listener needs: admit or not, the status, and header lines to add."""
+
+    __slots__ = (
+        "allowed",
+        "dry_run",
+        "headers",
+        "holds_slot",
+        "limit",
+        "reason",
+        "retry_after",
+        "status",
+        "store_error",
+    )
+
+    def __init__(
+        self,
+        allowed: bool,
+        status: int = 200,
+        reason: str = "ok",
+        headers: bytes = b"",
+        retry_after: int = 0,
+        limit: str = "",
+        dry_run: bool = False,
+        store_error: bool = False,
+        holds_slot: bool = False,
+    ) -> None:
+        self.allowed = allowed
+        self.status = status  # 200 admitted; 429 limited; 503 max_in_flight or store down
+        self.reason = reason  # ok, rate_limited, max_in_flight, store_unavailable, missing_key
+        self.headers = headers  # b"name: value\r\n" lines for the response (may be b"")
+        self.retry_after = retry_after  # integer seconds >= 1 on refusals, 0 when admitted
+        self.limit = limit  # the limit that refused (or would have, in dry run)
+        self.dry_run = dry_run  # a dry-run limit would have refused this admitted request
+        self.store_error = store_error  # a Redis limit was decided by its fallback
+        self.holds_slot = holds_slot  # call limiter.release() when the exchange ends
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision(allowed={self.allowed}, status={self.status}, reason={self.reason!r}, "
+            f"retry_after={self.retry_after}, limit={self.limit!r}, dry_run={self.dry_run}, "
+            f"store_error={self.store_error})"
+        )
+
+
+ALLOW = Decision(True)  # shared: admitted, no headers, no slot
+_ALLOW_SLOT = Decision(True, holds_slot=True)
+
+
+class Limit:
+    """One compiled limit of a route."""
+
+    __slots__ = (
+        "burst",
+        "count",
+        "dry_run",
+        "interval",
+        "interval_us",
+        "key",
+        "local",
+        "name",
+        "on_store_error",
+        "period",
+        "policy",
+        "qname",
+        "redis_prefix",
+        "reject_missing",
+        "span",
+        "span_cmp",
+        "span_us",
+        "store",
+        "window",
+    )
+
+    def __init__(
+        self, spec: LimitSpec, route: str, index: int, trusted: Container[str], prefix: str
+    ) -> None:
+        self.name = spec.name or f"limit{index}"
+        self.count = spec.count
+        self.period = spec.period
+        self.burst = spec.burst if spec.burst is not None else spec.count
+        if self.burst < 1:
+            raise ValueError("burst must be at least 1")
+        self.interval = spec.period / spec.count
+        self.span = self.burst * self.interval
+        self.span_cmp = self.span + SLACK
+        # Redis works in integer microseconds (exact in Lua doubles up to 2**53).
+        self.interval_us = max(1, round(self.interval * 1_000_000))
+        self.span_us = self.burst * self.interval_us
+        self.key: KeyExtractor = compile_key(spec.key, trusted)
+        self.store: StoreKind = spec.store
+        self.dry_run = spec.dry_run
+        self.reject_missing = spec.missing == "reject"
+        self.on_store_error: OnStoreError = spec.on_store_error
+        # Local limits keep their buckets here; Redis limits keep their fallback buckets.
+        self.local = LocalStore(spec.max_keys)
+        # ``prefix:route:limit:keyvalue``: two routes (or two limits) never share a bucket.
+        self.redis_prefix = f"{prefix}:{route}:{self.name}:".encode()
+        self.qname = rlh.sf_string(self.name)
+        self.window = max(1, math.ceil(spec.period))
+        self.policy = rlh.policy_item(self.name, spec.count, self.window)
+
+    def remaining(self, x: float) -> int:
+        left = int((self.span_cmp - x) / self.interval)
+        return left if left > 0 else 0
+
+
+class _Pending:
+    """A request waiting for its Redis round trip (one per Redis-limited request)."""
+
+    __slots__ = ("callback", "dry", "keys", "limiter", "now", "redis_idx", "taken", "xs")
+
+    def __init__(
+        self,
+        limiter: RouteLimiter,
+        now: float,
+        keys: list[str | bytes | None],
+        xs: list[float | None],
+        taken: list[tuple[Limit, str | bytes]],
+        dry: Limit | None,
+        redis_idx: list[int],
+        callback: Callable[[Decision], None],
+    ) -> None:
+        self.limiter = limiter
+        self.now = now
+        self.keys = keys
+        self.xs = xs
+        self.taken = taken
+        self.dry = dry
+        self.redis_idx = redis_idx
+        self.callback = callback
+
+    def done(self, result: list[int] | None) -> None:
+        self.callback(self.limiter._complete(self, result))
+
+
+class RouteLimiter:
+    """All admission control of one route. Build one per route per snapshot (buckets live in
+    the ``Limit`` objects: pass ``previous`` to keep them across a reload)."""
+
+    def __init__(
+        self,
+        route: str,
+        specs: Sequence[LimitSpec],
+        *,
+        trusted: Container[str] = (),
+        headers: bool = False,
+        legacy_headers: bool = False,
+        max_in_flight: int = 0,
+        redis: RedisStore | None = None,
+        previous: RouteLimiter | None = None,
+    ) -> None:
+        self.route = route
+        prefix = redis.prefix if redis is not None else "gateway"
+        self.limits = [
+            Limit(spec, route, index, trusted, prefix) for index, spec in enumerate(specs)
+        ]
+        names = [limit.name for limit in self.limits]
+        if len(set(names)) != len(names):
+            raise ValueError(f"route {route!r}: rate limit names must be unique: {names}")
+        self.uses_redis = any(limit.store == "redis" for limit in self.limits)
+        if self.uses_redis and redis is None:
+            raise ValueError(f"route {route!r}: store: redis needs a top-level redis section")
+        if previous is not None:
+            # A reload keeps the buckets of limits whose parameters did not change.
+            old = {(lim.name, lim.interval, lim.span): lim.local for lim in previous.limits}
+            for limit in self.limits:
+                kept = old.get((limit.name, limit.interval, limit.span))
+                if kept is not None:
+                    limit.local = kept
+        self.redis = redis
+        self.headers = headers
+        self.legacy_headers = legacy_headers
+        self.max_in_flight = max_in_flight
+        self.in_flight = previous.in_flight if previous is not None else 0
+        self.policy_line = (
+            rlh.policy_line([limit.policy for limit in self.limits]) if self.limits else b""
+        )
+        # The fast path: one local limit, refusals are real (no dry run).
+        only = self.limits[0] if len(self.limits) == 1 else None
+        self._single = only if only is not None and only.store == "local" else None
+        self._single_head: bytes | None = None
+        if self._single is not None and headers and not legacy_headers:
+            self._single_head = self.policy_line + b"ratelimit: " + self._single.qname + b";r="
+        self._overload = Decision(
+            False, 503, "max_in_flight", rlh.retry_after_line(1), 1, "max_in_flight"
+        )
+        # Counters for gateway_ratelimit_decisions_total{route,result}.
+        self.allowed = 0
+        self.limited = 0
+        self.dry_run_hits = 0
+        self.store_errors = 0
+        self.overloaded = 0
+        self.missing_rejected = 0
+
+    # -- data plane ------------------------------------------------------------------------
+    def check_local(
+        self, now: float, peer_ip: str, peer_trusted: bool, headers: Headers, query: bytes
+    ) -> Decision:
+        """Decide a request of a route without Redis limits (``uses_redis`` False)."""
+        limit = self._single
+        if limit is None or self.max_in_flight:
+            decision = self.check(now, peer_ip, peer_trusted, headers, query, None)
+            assert decision is not None
+            return decision
+        key = limit.key(peer_ip, peer_trusted, headers, query)
+        if key is None:
+            if limit.reject_missing:
+                return self._missing(limit)
+            key = _MISSING
+        x = limit.local.take(key, now, limit.interval, limit.span_cmp)
+        if x <= limit.span_cmp:
+            self.allowed += 1
+            if not self.headers:
+                return ALLOW
+            if self._single_head is None:
+                return self._admit([limit], [x], None, False)
+            # Pre-rendered up to r=; only two integers are formatted per request.
+            left = int((limit.span_cmp - x) / limit.interval)
+            reset = int(x - SLACK) + 1  # ceil for x > 0
+            return Decision(True, 200, "ok", self._single_head + b"%d;t=%d\r\n" % (left, reset))
+        if limit.dry_run:
+            return self._admit([limit], [None], limit, False)
+        return self._deny(limit, x)
+
+    def check(
+        self,
+        now: float,
+        peer_ip: str,
+        peer_trusted: bool,
+        headers: Headers,
+        query: bytes,
+        callback: Callable[[Decision], None] | None,
+    ) -> Decision | None:
+        """Decide now (return a Decision) or after a Redis round trip (return None, then call
+        ``callback(decision)`` from the event loop). ``callback`` may be None only when
+        ``uses_redis`` is False."""
+        slot = False
+        if self.max_in_flight:
+            if self.in_flight >= self.max_in_flight:
+                self.overloaded += 1
+                return self._overload
+            self.in_flight += 1  # reserved now: concurrent Redis decisions cannot overshoot
+            slot = True
+        limits = self.limits
+        n = len(limits)
+        keys: list[str | bytes | None] = [None] * n
+        xs: list[float | None] = [None] * n
+        taken: list[tuple[Limit, str | bytes]] = []
+        dry: Limit | None = None
+        redis_idx: list[int] = []
+        for i in range(n):
+            limit = limits[i]
+            key = limit.key(peer_ip, peer_trusted, headers, query)
+            if key is None:
+                if limit.reject_missing:
+                    self._undo(taken, slot)
+                    return self._missing(limit)
+                key = _MISSING
+            keys[i] = key
+            if limit.store == "redis":
+                redis_idx.append(i)
+                continue
+            x = limit.local.take(key, now, limit.interval, limit.span_cmp)
+            xs[i] = x
+            if x > limit.span_cmp:
+                if limit.dry_run:
+                    dry = dry or limit
+                    xs[i] = None
+                    continue
+                self._undo(taken, slot)
+                return self._deny(limit, x)
+            taken.append((limit, key))
+        if redis_idx:
+            redis = self.redis
+            assert redis is not None
+            if callback is None:
+                raise RuntimeError("a route with Redis limits needs check(..., callback)")
+            rkeys: list[bytes] = []
+            args: list[int] = [len(redis_idx)]
+            for i in redis_idx:
+                limit = limits[i]
+                key = keys[i]
+                assert key is not None
+                rkeys.append(
+                    limit.redis_prefix + (key.encode("latin-1") if isinstance(key, str) else key)
+                )
+                args += (limit.interval_us, limit.span_us, 1 if limit.dry_run else 0)
+            pending = _Pending(self, now, keys, xs, taken, dry, redis_idx, callback)
+            if redis.submit(rkeys, args, pending.done):
+                return None
+            return self._complete(pending, None)
+        return self._admit(limits, xs, dry, False, slot)
+
+    def release(self) -> None:
+        """The exchange of a decision with ``holds_slot`` ended."""
+        if self.in_flight > 0:
+            self.in_flight -= 1
+
+    def expire(self, now: float) -> None:
+        """Periodic (e.g. once a second): drop idle keys so memory shrinks after a flood."""
+        for limit in self.limits:
+            limit.local.expire(now)
+
+    def stats(self) -> dict[str, int]:
+        """Decision counts by result, for ``gateway_ratelimit_decisions_total{route,result}``."""
+        return {
+            "allowed": self.allowed,
+            "limited": self.limited,
+            "dry_run": self.dry_run_hits,
+            "store_error": self.store_errors,
+            "max_in_flight": self.overloaded,
+            "missing_key": self.missing_rejected,
+        }
+
+    # -- internals ---------------------------------------------------------------------------
+    def _complete(self, pending: _Pending, result: list[int] | None) -> Decision:
+        """Finish a decision with Redis results (``result``) or the fallback (None)."""
+        limits = self.limits
+        xs = pending.xs
+        taken = pending.taken
+        dry = pending.dry
+        slot = bool(self.max_in_flight)
+        if result is not None:
+            denied: Limit | None = None
+            worst = 0.0
+            for j, i in enumerate(pending.redis_idx):
+                limit = limits[i]
+                x_us = result[j]
+                if x_us > limit.span_us:
+                    if limit.dry_run:
+                        dry = dry or limit
+                        continue
+                    wait = (x_us - limit.span_us) / 1_000_000
+                    if denied is None or wait > worst:
+                        denied, worst = limit, wait
+                    continue
+                xs[i] = x_us / 1_000_000
+            if denied is not None:
+                self._undo(taken, slot)
+                return self._deny(denied, worst + denied.span)
+            return self._admit(limits, xs, dry, False, slot)
+        self.store_errors += 1
+        now = pending.now
+        for i in pending.redis_idx:
+            limit = limits[i]
+            mode = limit.on_store_error
+            if mode == "allow":
+                continue
+            if mode == "deny":
+                if limit.dry_run:
+                    dry = dry or limit
+                    continue
+                self._undo(taken, slot)
+                self.limited += 1
+                return Decision(
+                    False,
+                    503,
+                    "store_unavailable",
+                    self.policy_line + rlh.retry_after_line(1),
+                    1,
+                    limit.name,
+                    store_error=True,
+                )
+            key = pending.keys[i]
+            assert key is not None
+            x = limit.local.take(key, now, limit.interval, limit.span_cmp)
+            if x > limit.span_cmp:
+                if limit.dry_run:
+                    dry = dry or limit
+                    continue
+                self._undo(taken, slot)
+                return self._deny(limit, x, store_error=True)
+            taken.append((limit, key))
+            xs[i] = x
+        return self._admit(limits, xs, dry, True, slot)
+
+    def _undo(self, taken: list[tuple[Limit, str | bytes]], slot: bool) -> None:
+        for limit, key in taken:
+            limit.local.refund(key, limit.interval)
+        if slot:
+            self.in_flight -= 1
+
+    def _admit(
+        self,
+        limits: Sequence[Limit],
+        xs: Sequence[float | None],
+        dry: Limit | None,
+        store_error: bool,
+        slot: bool = False,
+    ) -> Decision:
+        if dry is None:
+            self.allowed += 1
+            if not self.headers and not store_error:
+                return _ALLOW_SLOT if slot else ALLOW
+        else:
+            self.dry_run_hits += 1
+        lines = b""
+        if self.headers:
+            items: list[tuple[bytes, int, int]] = []
+            tightest: tuple[int, int, int] | None = None
+            for limit, x in zip(limits, xs, strict=True):
+                if x is None:
+                    continue
+                left = limit.remaining(x)
+                reset = math.ceil(x - SLACK)
+                items.append((limit.qname, left, reset))
+                if tightest is None or left < tightest[1]:
+                    tightest = (limit.count, left, reset)
+            lines = self.policy_line
+            if items:
+                lines += rlh.ratelimit_line(items)
+            if self.legacy_headers and tightest is not None:
+                lines += rlh.legacy_lines(*tightest)
+        return Decision(
+            True,
+            headers=lines,
+            limit=dry.name if dry is not None else "",
+            dry_run=dry is not None,
+            store_error=store_error,
+            holds_slot=slot,
+        )
+
+    def _deny(self, limit: Limit, x: float, store_error: bool = False) -> Decision:
+        self.limited += 1
+        retry = retry_after_seconds(x - limit.span)
+        # §6 of the draft: Retry-After not earlier than the end of the effective window t.
+        lines = (
+            self.policy_line
+            + rlh.ratelimit_line([(limit.qname, 0, retry)])
+            + rlh.retry_after_line(retry)
+        )
+        if self.legacy_headers:
+            lines += rlh.legacy_lines(limit.count, 0, retry)
+        return Decision(
+            False, 429, "rate_limited", lines, retry, limit.name, store_error=store_error
+        )
+
+    def _missing(self, limit: Limit) -> Decision:
+        self.missing_rejected += 1
+        # Not 429: waiting does not help a request that lacks the key (RFC 9110 §15.5.1).
+        return Decision(False, 400, "missing_key", b"", 0, limit.name)
+
+
+def build_limiters(
+    routes: dict[str, Sequence[LimitSpec]],
+    *,
+    trusted: Container[str] = (),
+    redis: RedisStore | None = None,
+    previous: dict[str, RouteLimiter] | None = None,
+    headers: bool = False,
+    legacy_headers: bool = False,
+    max_in_flight: dict[str, int] | None = None,
+) -> dict[str, RouteLimiter]:
+    """Convenience for the snapshot builder: one RouteLimiter per route that has limits."""
+    out: dict[str, RouteLimiter] = {}
+    in_flight = max_in_flight or {}
+    for route in set(routes) | set(in_flight):
+        specs = routes.get(route, ())
+        out[route] = RouteLimiter(
+            route,
+            specs,
+            trusted=trusted,
+            headers=headers,
+            legacy_headers=legacy_headers,
+            max_in_flight=in_flight.get(route, 0),
+            redis=redis,
+            previous=(previous or {}).get(route),
+        )
+    return out

@@ -1,0 +1,103 @@
+"""In-process GCRA state: one float (the TAT) per key, in a bounded LRU.
+
+Memory is bounded under a flood of distinct keys (1 million random client IPs): beyond
+``max_keys`` the least recently used key is dropped. Dropping a key whose TAT lies in the past
+loses nothing (an idle bucket is a full bucket); dropping an active one makes that key start from
+a full bucket again, which only happens when more than ``max_keys`` keys were seen since it was
+last used. ``expire(now)`` drops idle keys from the cold end so that memory also shrinks when the
+flood stops.
+
+Store contract (``BucketStore``): ``take`` and ``refund``. Both are the whole read-modify-write of
+one key, so a replacement that shares buckets across worker processes (issue 3) only has to make
+these two operations atomic. The intended shared implementation:
+
+- a ``multiprocessing.shared_memory`` block created by the supervisor before forking workers,
+  holding a fixed-size open-addressing table per limit: slots of (64-bit key hash, float64 TAT),
+  linear probing over a bounded probe window, a slot whose TAT is in the past is free for reuse
+  (idle expiry and the memory bound come for free: the table never grows);
+- ``take`` hashes the key (a per-table random seed, so clients cannot aim at collisions), then
+  under a lock striped by slot (an array of ``multiprocessing.Lock``, or one ``fcntl`` byte-range
+  lock per stripe) reads the TAT, computes ``x`` and writes the new TAT: ~1 µs more than here;
+- a full probe window evicts the slot with the smallest TAT (the one closest to idle).
+
+``take`` returns ``x`` (see ``gcra``) and commits only when ``x <= span_cmp``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Protocol
+
+__all__ = ["DEFAULT_MAX_KEYS", "BucketStore", "LocalStore"]
+
+DEFAULT_MAX_KEYS = 100_000  # per limit; ~130 bytes per key with a str key of an IPv4 address
+
+
+class BucketStore(Protocol):
+    def take(self, key: str | bytes, now: float, interval: float, span_cmp: float) -> float: ...
+
+    def refund(self, key: str | bytes, interval: float) -> None: ...
+
+
+class LocalStore:
+    """Single-process bucket table. Not thread-safe: used from the event-loop thread only."""
+
+    __slots__ = ("_tats", "evicted", "max_keys")
+
+    def __init__(self, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        self.max_keys = max_keys
+        self._tats: OrderedDict[str | bytes, float] = OrderedDict()
+        self.evicted = 0  # active keys dropped because of the cap
+
+    def __len__(self) -> int:
+        return len(self._tats)
+
+    def take(self, key: str | bytes, now: float, interval: float, span_cmp: float) -> float:
+        """One request of ``key`` at ``now``: ``x = max(tat, now) + interval - now``.
+
+        The new TAT is stored only if ``x <= span_cmp`` (allowed). A denied key is still marked
+        recently used: a client being limited is the last one whose state should be dropped.
+        """
+        tats = self._tats
+        tat = tats.get(key)
+        if tat is None:
+            x = interval  # unknown key: a full bucket
+            if x <= span_cmp:
+                tats[key] = now + x
+                if len(tats) > self.max_keys:
+                    _, old = tats.popitem(last=False)
+                    if old > now:
+                        self.evicted += 1
+            return x
+        if tat < now:
+            tat = now
+        x = tat + interval - now
+        if x <= span_cmp:
+            tats[key] = tat + interval
+        tats.move_to_end(key)
+        return x
+
+    def refund(self, key: str | bytes, interval: float) -> None:
+        """Give back one request taken by ``take`` (another limit of the decision denied)."""
+        tats = self._tats
+        tat = tats.get(key)
+        if tat is not None:
+            tats[key] = tat - interval
+
+    def peek(self, key: str | bytes) -> float | None:
+        return self._tats.get(key)
+
+    def expire(self, now: float, budget: int = 10_000) -> int:
+        """Drop idle keys (TAT in the past) from the cold end; at most ``budget`` per call so a
+        periodic sweep never stalls the loop. Returns how many were dropped."""
+        tats = self._tats
+        dropped = 0
+        while tats and dropped < budget:
+            key, tat = next(iter(tats.items()))
+            if tat > now:
+                break
+            del tats[key]
+            dropped += 1
+        return dropped

@@ -1,0 +1,583 @@
+"""Supervisor and worker processes for ``workers: N`` (N > 1 or ``auto``).
+
+Workers are separate interpreters started as ``python -m gateway.workers`` (not ``fork``: the
+supervisor has aiohttp sessions, discovery clients and threads that must not be duplicated, and
+an explicit argv shows up in ``ps``). Each worker binds the listen port with ``SO_REUSEPORT`` (the
+kernel spreads new connections over the listening sockets) and runs only the data plane on
+uvloop. The supervisor keeps the control plane: config, discovery, health checks, admin server.
+
+Supervisor and worker talk over a socketpair inherited by the worker (``--ipc-fd``), one frame
+per message: a 4-byte big-endian length, then an orjson object with an ``op``:
+
+supervisor -> worker
+  ``config``      {seq, source, text, sha256, discovered, unhealthy}: parse ``text`` (the exact
+                  bytes the supervisor validated), build a snapshot from the previous one (pools
+                  carry over), swap it in; answered by ``ack`` (or ``ready`` for the first one).
+  ``discovered``  {discovered, unhealthy}: same config, new instance lists.
+  ``health``      {upstream, address, healthy}: an active-check transition.
+  ``metrics``     {seq}: answered by ``metrics`` {seq, state: GatewayMetrics.export_state()}.
+
+worker -> supervisor
+  ``ready`` {seq, pid, sha256}, ``ack`` {seq, sha256}, ``reject`` {seq, error}, ``metrics``.
+
+``discovered`` maps upstream -> [[host, port, weight], ...]; ``unhealthy`` lists
+[upstream, address] pairs that active checks hold down. Both are full state, so a restarted
+worker starts from the supervisor's current view with one ``config`` message.
+
+Shutdown: the supervisor forwards SIGTERM and waits; a worker whose supervisor vanished (EOF on
+the pipe) drains and exits on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "WorkerPool",
+    "WorkerStartError",
+    "main",
+    "receive",
+    "run_worker",
+    "send",
+    "worker_count",
+]
+
+log = logging.getLogger("gateway.workers")
+
+_FRAME = struct.Struct("!I")
+_MAX_FRAME = 256 * 1024 * 1024  # a 10,000-route config plus its metrics stays far below
+START_TIMEOUT = 60.0  # a worker parses and compiles the whole config before it is ready
+REPLY_TIMEOUT = 30.0  # config swaps: parsing a large file takes a while
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 10.0
+STABLE_AFTER = 10.0  # a worker that lived this long resets the restart backoff
+
+
+def worker_count(workers: int | str) -> int:
+    """``workers`` from the config as a number of processes (``auto``: one per core)."""
+    if workers == "auto":
+        return max(1, os.cpu_count() or 1)
+    return int(workers)
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def send(writer: asyncio.StreamWriter, message: Mapping[str, Any]) -> None:
+    data = orjson.dumps(message)
+    writer.write(_FRAME.pack(len(data)) + data)
+
+
+async def receive(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    """The next message, or None at EOF (the other side is gone)."""
+    try:
+        head = await reader.readexactly(_FRAME.size)
+        (size,) = _FRAME.unpack(head)
+        if size > _MAX_FRAME:
+            raise ValueError(f"control frame of {size} bytes")
+        message: dict[str, Any] = orjson.loads(await reader.readexactly(size))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    return message
+
+
+def encode_discovered(discovered: Mapping[str, Iterable[Any]]) -> dict[str, list[list[Any]]]:
+    """DiscoveryManager.instances() -> JSON-able ``{upstream: [[host, port, weight], ...]}``."""
+    return {
+        name: [[i.host, i.port, i.weight] for i in instances]
+        for name, instances in discovered.items()
+    }
+
+
+# --------------------------------------------------------------------------- supervisor side
+
+
+class WorkerStartError(Exception):
+    """A worker could not start (e.g. the port is taken): the gateway cannot run."""
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    process: asyncio.subprocess.Process
+    writer: asyncio.StreamWriter
+    started: float
+    ready: asyncio.Future[dict[str, Any]]
+    pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    last_state: dict[str, Any] | None = None  # its latest metrics export
+    sha256: str = ""
+    reader_task: asyncio.Task[None] | None = None
+    gone: bool = False  # its end of the pipe is closed: no answer will come
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def is_ready(self) -> bool:
+        """Running, with its first snapshot live and its listener open."""
+        ready = self.ready
+        return (
+            self.process.returncode is None
+            and ready.done()
+            and not ready.cancelled()
+            and ready.exception() is None
+            and not self.writer.is_closing()
+        )
+
+    def requests(self) -> int:
+        if self.last_state is None:
+            return 0
+        return int(sum(row[4] for row in self.last_state["requests"]))
+
+
+class WorkerPool:
+    """The supervisor's side: spawn, feed, watch and restart ``count`` workers."""
+
+    def __init__(self, count: int, host: str, port: int, *, log_level: int = logging.INFO):
+        self.count = count
+        self.host = host
+        self.port = port
+        self.log_level = log_level
+        self.workers: dict[int, _Worker] = {}
+        self.restarts = 0
+        self.stopping = False
+        # What a (re)started worker needs: the last config message plus later discovery and
+        # health updates folded in. Set before start().
+        self.current: dict[str, Any] = {}
+        # Metrics of workers that died: counters must not go backwards on /metrics.
+        self.retired: list[dict[str, Any]] = []
+        self._seq = 0
+        self._placeholder: socket.socket | None = None
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _reserve_port(self) -> None:
+        """Bind (without listening) the listen address with SO_REUSEPORT.
+
+        It resolves port 0 to one concrete port for every worker, fails early and clearly when
+        the port is taken, and holds the port while a worker restarts. A socket that does not
+        listen is not in the kernel's reuseport group, so it is never handed a connection.
+        """
+        infos = socket.getaddrinfo(
+            self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        self._placeholder = sock
+
+    async def start(self) -> None:
+        """Start every worker and wait until each has its first snapshot live and listens."""
+        try:
+            self._reserve_port()
+        except OSError as error:
+            raise WorkerStartError(f"cannot listen on {self.host}:{self.port}: {error}") from None
+        for index in range(self.count):
+            self.workers[index] = await self._spawn(index)
+        for worker in list(self.workers.values()):
+            exited = asyncio.ensure_future(worker.process.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {worker.ready, exited},
+                    timeout=START_TIMEOUT,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                exited.cancel()
+            if worker.ready not in done or worker.ready.exception() is not None:
+                self.kill_now()
+                code = worker.process.returncode
+                raise WorkerStartError(
+                    f"worker {worker.index} did not start"
+                    + (f" (exit code {code})" if code is not None else " in time")
+                )
+        for worker in self.workers.values():
+            self._watch(worker)
+
+    async def _spawn(self, index: int) -> _Worker:
+        parent, child = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gateway.workers",
+                "--ipc-fd",
+                str(child.fileno()),
+                "--index",
+                str(index),
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+                "--log-level",
+                logging.getLevelName(self.log_level),
+                pass_fds=(child.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        reader, writer = await asyncio.open_connection(sock=parent)
+        loop = asyncio.get_running_loop()
+        worker = _Worker(index, process, writer, time.monotonic(), loop.create_future())
+        worker.reader_task = loop.create_task(self._read(worker, reader))
+        seq = self._next_seq()
+        worker.pending[seq] = worker.ready
+        send(writer, {**self.current, "op": "config", "seq": seq})
+        log.info("worker %d started (pid %d)", index, process.pid)
+        return worker
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
+        while True:
+            message = await receive(reader)
+            if message is None:
+                break
+            op = message.get("op")
+            if op in ("ready", "ack"):
+                worker.sha256 = str(message.get("sha256", ""))
+            future = worker.pending.pop(int(message.get("seq", -1)), None)
+            if future is not None and not future.done():
+                future.set_result(message)
+        worker.gone = True
+        for future in worker.pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError(f"worker {worker.index} is gone"))
+        worker.pending.clear()
+
+    def _watch(self, worker: _Worker) -> None:
+        task = asyncio.get_running_loop().create_task(self._supervise(worker))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _supervise(self, worker: _Worker) -> None:
+        """Wait for the worker to exit; unless shutting down, start a new one with backoff."""
+        backoff = BACKOFF_MIN
+        while True:
+            code = await worker.process.wait()
+            if worker.reader_task is not None:
+                await worker.reader_task
+            worker.writer.close()
+            if self.stopping:
+                return
+            if worker.last_state is not None:
+                self.retired = _combine([*self.retired, _counters_only(worker.last_state)])
+            self.restarts += 1
+            lived = time.monotonic() - worker.started
+            if lived >= STABLE_AFTER:
+                backoff = BACKOFF_MIN
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            log.error(
+                "worker %d (pid %d) died (%s) after %.1fs; restarting in %.1fs",
+                worker.index,
+                worker.pid,
+                how,
+                lived,
+                backoff,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            if self.stopping:
+                return
+            try:
+                worker = await self._spawn(worker.index)
+            except OSError as error:
+                log.error("worker %d could not be started: %s", worker.index, error)
+                continue
+            self.workers[worker.index] = worker
+
+    async def stop(self, grace_period: float) -> None:
+        """Forward SIGTERM (each worker drains for up to its ``drain_timeout``) and wait."""
+        self.stopping = True
+        for worker in self.workers.values():
+            if worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signal.SIGTERM)
+        waits = [w.process.wait() for w in self.workers.values()]
+        try:
+            async with asyncio.timeout(grace_period + 5.0):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            log.error("workers still running %.0fs after SIGTERM: killing them", grace_period + 5)
+            self.kill_now()
+            await asyncio.gather(*(w.process.wait() for w in self.workers.values()))
+        for task in list(self._watchers):
+            task.cancel()
+        for worker in self.workers.values():
+            worker.writer.close()
+        if self._placeholder is not None:
+            self._placeholder.close()
+
+    def kill_now(self) -> None:
+        self.stopping = True
+        for worker in self.workers.values():
+            if worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+
+    # -- feeding workers -----------------------------------------------------------------------
+
+    def _live(self) -> list[_Worker]:
+        return [w for w in self.workers.values() if w.is_ready]
+
+    def broadcast(self, message: Mapping[str, Any]) -> None:
+        """Send to every started worker (ones still starting got ``current`` already)."""
+        for worker in self.workers.values():
+            if worker.process.returncode is None and not worker.writer.is_closing():
+                send(worker.writer, message)
+
+    async def _ask(self, worker: _Worker, message: dict[str, Any], wait: float) -> Any:
+        if worker.gone:
+            raise ConnectionError(f"worker {worker.index} is gone")
+        seq = self._next_seq()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        worker.pending[seq] = future
+        send(worker.writer, {**message, "seq": seq})
+        try:
+            async with asyncio.timeout(wait):
+                return await future
+        finally:
+            worker.pending.pop(seq, None)
+
+    async def apply_config(self, message: dict[str, Any]) -> list[str]:
+        """Swap a new config into every worker; returns the problems (empty = all swapped)."""
+        self.current = message
+        live = [w for w in self.workers.values() if w.process.returncode is None]
+        results = await asyncio.gather(
+            *(self._ask(w, {**message, "op": "config"}, REPLY_TIMEOUT) for w in live),
+            return_exceptions=True,
+        )
+        problems = []
+        for worker, result in zip(live, results, strict=True):
+            if isinstance(result, BaseException):
+                problems.append(f"worker {worker.index}: {result!r}")
+            elif result.get("op") == "reject":
+                problems.append(f"worker {worker.index}: {result.get('error')}")
+        return problems
+
+    def update_instances(
+        self, discovered: Mapping[str, Any], unhealthy: Sequence[Sequence[str]]
+    ) -> None:
+        self.current = {**self.current, "discovered": discovered, "unhealthy": list(unhealthy)}
+        self.broadcast({"op": "discovered", "discovered": discovered, "unhealthy": unhealthy})
+
+    def health(
+        self, upstream: str, address: str, healthy: bool, unhealthy: Sequence[Sequence[str]]
+    ) -> None:
+        self.current = {**self.current, "unhealthy": list(unhealthy)}
+        self.broadcast(
+            {"op": "health", "upstream": upstream, "address": address, "healthy": healthy}
+        )
+
+    async def gather_metrics(self, wait: float = 1.0) -> list[dict[str, Any]]:
+        """Every live worker's ``export_state()``; a worker that does not answer in ``wait`` s
+        is represented by its previous answer, so counters never go backwards."""
+        live = self._live()
+        results = await asyncio.gather(
+            *(self._ask(w, {"op": "metrics"}, wait) for w in live), return_exceptions=True
+        )
+        states = list(self.retired)
+        for worker, result in zip(live, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("worker %d did not answer the metrics request", worker.index)
+            else:
+                worker.last_state = result["state"]
+            if worker.last_state is not None:
+                states.append(worker.last_state)
+        return states
+
+    def ready_count(self) -> int:
+        return len(self._live())
+
+    def describe(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [
+            {
+                "index": w.index,
+                "pid": w.pid,
+                "ready": w.is_ready,
+                "uptime_seconds": round(now - w.started, 3),
+                "config_sha256": w.sha256,
+                "requests": w.requests(),  # as of the last /metrics scrape
+            }
+            for w in sorted(self.workers.values(), key=lambda w: w.index)
+        ]
+
+
+def _combine(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold several exported states into one, so dead workers do not pile up."""
+    if len(states) < 2:
+        return states
+    from gateway.metrics import GatewayMetrics
+
+    total = GatewayMetrics(bucket_overrides=states[0]["buckets"])
+    for state in states:
+        total.merge_state(state)
+    return [total.export_state()]
+
+
+def _counters_only(state: dict[str, Any]) -> dict[str, Any]:
+    """A dead worker's last export without its gauges (its connections are gone)."""
+    return {**state, "connections_open": 0, "upstream_connections": [], "instance_states": {}}
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _build(config: Any, previous: Any, message: Mapping[str, Any]) -> Any:
+    from gateway.config.model import InstanceConfig
+    from gateway.snapshot import build_snapshot
+
+    discovered = {
+        name: tuple(InstanceConfig(str(h), int(p), int(w)) for h, p, w in rows)
+        for name, rows in message.get("discovered", {}).items()
+    }
+    snapshot = build_snapshot(config, previous, discovered)
+    down = {(u, a) for u, a in message.get("unhealthy", ())}
+    for upstream in snapshot.upstreams.values():
+        for instance in upstream.instances:
+            upstream.set_health(instance, (upstream.name, instance.address) not in down)
+    return snapshot
+
+
+def _parse(message: Mapping[str, Any]) -> Any:
+    import dataclasses
+
+    from gateway.config import load_config_text
+
+    config = load_config_text(str(message["text"]), str(message["source"]))
+    # The supervisor hashed the file's bytes; keep its digest so both report the same one.
+    return dataclasses.replace(config, sha256=str(message.get("sha256") or config.sha256))
+
+
+async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
+    """A worker process: the data plane only, fed over the control pipe."""
+    from gateway.accesslog import AccessLog
+    from gateway.config import ConfigInvalid, format_errors
+    from gateway.metrics import GatewayMetrics
+    from gateway.proxy.listener import ProxyServer
+
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=ipc_fd))
+    first = await receive(reader)
+    if first is None or first.get("op") != "config":
+        log.error("no config from the supervisor")
+        return 2
+    try:
+        config = _parse(first)
+    except ConfigInvalid as invalid:  # the supervisor validated it: should not happen
+        log.error("config rejected:\n%s", format_errors(invalid.errors))
+        return 2
+    metrics = GatewayMetrics(bucket_overrides=dict(config.metrics.buckets))
+    metrics.declare((route.name, route.upstream) for route in config.routes)
+    server = ProxyServer(_build(config, None, first), metrics)
+    if config.access_log is not None:
+        server.access_log = AccessLog(config.access_log.path, config.access_log.sample)
+    try:
+        await server.start(host, port, reuse_port=True)
+    except OSError as error:
+        log.error("cannot listen on %s:%d: %s", host, port, error)
+        return 1
+    send(writer, {"op": "ready", "seq": first["seq"], "pid": os.getpid(), "sha256": config.sha256})
+
+    stop = asyncio.Event()
+
+    def graceful(signum: int) -> None:
+        if signum == signal.SIGINT and stop.is_set():
+            os._exit(130)  # second Ctrl-C: exit now
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, graceful, signum)
+    loop.add_signal_handler(signal.SIGQUIT, os._exit, 128 + signal.SIGQUIT)
+    # Reload is the supervisor's job; a SIGHUP to the process group must not kill workers.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+
+    def handle(message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "metrics":
+            send(writer, {"op": "metrics", "seq": message["seq"], "state": metrics.export_state()})
+        elif op == "health":
+            upstream = server.snapshot.upstreams.get(message["upstream"])
+            if upstream is not None:
+                for instance in upstream.instances:
+                    if instance.address == message["address"]:
+                        upstream.set_health(instance, bool(message["healthy"]))
+        elif op == "discovered":
+            server.set_snapshot(_build(server.snapshot.config, server.snapshot, message))
+        elif op == "config":
+            try:
+                new_config = _parse(message)
+            except ConfigInvalid as invalid:
+                error = format_errors(invalid.errors)
+                send(writer, {"op": "reject", "seq": message["seq"], "error": error})
+                return
+            server.set_snapshot(_build(new_config, server.snapshot, message))
+            metrics.declare((route.name, route.upstream) for route in new_config.routes)
+            send(writer, {"op": "ack", "seq": message["seq"], "sha256": new_config.sha256})
+        else:
+            log.warning("unknown control message %r", op)
+
+    async def control() -> None:
+        while (message := await receive(reader)) is not None:
+            handle(message)
+        log.warning("supervisor is gone: draining")
+
+    control_task = loop.create_task(control())
+    stop_task = loop.create_task(stop.wait())
+    await asyncio.wait({control_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    drain_timeout = server.snapshot.config.drain_timeout
+    await server.drain(drain_timeout)
+    if server.access_log is not None:
+        server.access_log.close()
+    control_task.cancel()
+    stop_task.cancel()
+    writer.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.workers", description=__doc__)
+    parser.add_argument("--ipc-fd", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s worker-{args.index}[{os.getpid()}] %(name)s: "
+        "%(message)s",
+    )
+    import uvloop
+
+    return int(uvloop.run(run_worker(args.ipc_fd, args.index, args.host, args.port)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

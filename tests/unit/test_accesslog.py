@@ -1,0 +1,55 @@
+"""AccessLog: sampling, bounded backlog, lines written by the thread."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from gateway.accesslog import AccessLog, iso_time
+
+
+def _lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_lines_reach_the_file_after_flush(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    for i in range(3):
+        log.record({"n": i})
+    assert _lines(path) == []  # nothing written before a flush
+    log.flush()
+    deadline = time.monotonic() + 5
+    while len(_lines(path)) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    log.close()
+    assert [line["n"] for line in _lines(path)] == [0, 1, 2]
+
+
+def test_sampling_zero_logs_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path), sample=0.0)
+    for i in range(100):
+        log.record({"n": i})
+    log.close()
+    assert _lines(path) == []
+
+
+def test_backlog_is_bounded_and_drops_are_counted(tmp_path: Path) -> None:
+    log = AccessLog(str(tmp_path / "access.log"), max_pending_lines=10)
+    for i in range(25):
+        log.record({"n": i})
+    assert log.dropped == 15
+    log.close()
+
+
+def test_unwritable_path_does_not_raise(tmp_path: Path) -> None:
+    log = AccessLog(str(tmp_path / "missing-dir" / "access.log"))
+    log.record({"n": 1})
+    log.close()
+
+
+def test_iso_time() -> None:
+    assert iso_time(0.25) == "1970-01-01T00:00:00.250Z"
