@@ -80,12 +80,17 @@ class FakeTransport:
         pass
 
 
-def run(requests: int, balancer: str = "round_robin", resilience: bool = True) -> float:
+def run(
+    requests: int, balancer: str = "round_robin", resilience: bool = True, metrics: bool = True
+) -> float:
     config = load_config_text(
         CONFIG.format(balancer=balancer, resilience="" if resilience else RESILIENCE_OFF)
     )
     snapshot = build_snapshot(config)
-    server = ProxyServer(snapshot, GatewayMetrics())
+    recorder = GatewayMetrics()
+    if not metrics:
+        recorder.observe_request = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    server = ProxyServer(snapshot, recorder)
     client = ClientConnection(server)
     client_transport = FakeTransport(("127.0.0.1", 40000))
     client.connection_made(client_transport)  # type: ignore[arg-type]
@@ -116,24 +121,37 @@ def main() -> None:
         action="store_true",
         help="also run with retries, outlier detection and circuit breaker off, and compare",
     )
+    parser.add_argument(
+        "--compare-metrics",
+        action="store_true",
+        help="also run with per-request metrics recording replaced by a no-op, and compare",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="runs per variant; the best counts")
     args = parser.parse_args()
 
-    async def measure(resilience: bool) -> float:
-        return run(args.requests, args.balancer, resilience)
+    async def measure(resilience: bool, metrics: bool = True) -> float:
+        return run(args.requests, args.balancer, resilience, metrics)
 
     # Variants alternate and the fastest round of each counts: on a shared machine the
     # minimum is the figure least disturbed by other processes.
     on: list[float] = []
     off: list[float] = []
+    no_metrics: list[float] = []
     for _ in range(args.rounds):
         on.append(asyncio.run(measure(True)))
         if args.compare_resilience:
             off.append(asyncio.run(measure(False)))
+        if args.compare_metrics:
+            no_metrics.append(asyncio.run(measure(True, metrics=False)))
     print(
         f"data plane Python cost ({args.balancer}, resilience on): {min(on):.2f} µs/request"
         f" (best of {args.rounds} x {args.requests} requests)"
     )
+    if no_metrics:
+        print(
+            f"data plane Python cost without metrics recording: {min(no_metrics):.2f} µs/request;"
+            f" metrics cost {min(on) - min(no_metrics):+.2f} µs"
+        )
     if off:
         print(
             f"data plane Python cost ({args.balancer}, resilience off): {min(off):.2f} µs/request;"
