@@ -33,7 +33,7 @@ from gateway.discovery import DiscoveryManager, add_discovery_routes
 from gateway.health.manager import HealthManager
 from gateway.metrics import GatewayMetrics, make_registry
 from gateway.proxy.listener import ProxyServer
-from gateway.snapshot import Snapshot, build_snapshot, describe_upstreams
+from gateway.snapshot import Snapshot, build_snapshot, close_redis_stores, describe_upstreams
 from gateway.workers import WorkerPool, WorkerStartError, encode_discovered, worker_count
 
 log = logging.getLogger("gateway")
@@ -506,6 +506,7 @@ class ControlPlane:
             task.cancel()
         await self.health.stop()
         await discovery.stop()
+        await close_redis_stores()
         await admin_runner.cleanup()
         for runner in demo_runners:
             await runner.cleanup()

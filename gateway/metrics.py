@@ -153,6 +153,8 @@ class GatewayMetrics:
         self.retries: dict[tuple[str, str], int] = {}
         # (upstream, limit) -> requests refused by the circuit breaker.
         self.overflows: dict[tuple[str, str], int] = {}
+        # (route, result) -> rate-limit decisions.
+        self.ratelimits: dict[tuple[str, str], int] = {}
         # upstream -> {state: count} of its instances (healthy, unhealthy, ejected), last report.
         self.instance_states: dict[str, dict[str, int]] = {}
 
@@ -234,6 +236,10 @@ class GatewayMetrics:
     def retry(self, upstream: str, reason: str) -> None:
         key = (upstream, reason)
         self.retries[key] = self.retries.get(key, 0) + 1
+
+    def ratelimit(self, route: str, result: str) -> None:
+        key = (route, result)
+        self.ratelimits[key] = self.ratelimits.get(key, 0) + 1
 
     def breaker_overflow(self, upstream: str, kind: str) -> None:
         key = (upstream, kind)
@@ -349,6 +355,15 @@ class GatewayMetrics:
         )
         for (upstream, kind), count in list(self.overflows.items()):
             overflows.add_metric([upstream, kind], count)
+        ratelimits = CounterMetricFamily(
+            "gateway_ratelimit_decisions_total",
+            "Rate-limit decisions by route and result: allowed, limited, dry_run (admitted, would"
+            " have been limited), store_error (decided by the fallback), max_in_flight,"
+            " missing_key.",
+            labels=["route", "result"],
+        )
+        for (route, result), count in list(self.ratelimits.items()):
+            ratelimits.add_metric([route, result], count)
         instances = GaugeMetricFamily(
             "gateway_upstream_instances",
             "Instances of an upstream by state: healthy, unhealthy (active checks) or ejected "
@@ -369,6 +384,7 @@ class GatewayMetrics:
             pooled,
             retries,
             overflows,
+            ratelimits,
             instances,
         ]
 
@@ -391,6 +407,7 @@ class GatewayMetrics:
             "upstream_connections": [[u, a, i] for u, (a, i) in list(self.upstream_conns.items())],
             "retries": [[u, r, n] for (u, r), n in list(self.retries.items())],
             "overflows": [[u, k, n] for (u, k), n in list(self.overflows.items())],
+            "ratelimits": [[r, x, n] for (r, x), n in list(self.ratelimits.items())],
             "instance_states": {u: dict(c) for u, c in list(self.instance_states.items())},
         }
 
@@ -439,6 +456,8 @@ class GatewayMetrics:
             self.upstream_conns[upstream] = (a + active, i + idle)
         for upstream, reason, count in state.get("retries", ()):
             self.retries[(upstream, reason)] = self.retries.get((upstream, reason), 0) + count
+        for route, result, count in state.get("ratelimits", ()):
+            self.ratelimits[(route, result)] = self.ratelimits.get((route, result), 0) + count
         for upstream, kind, count in state.get("overflows", ()):
             self.overflows[(upstream, kind)] = self.overflows.get((upstream, kind), 0) + count
         # Instance states are the supervisor's view (one per gateway), not summed per worker.
@@ -460,6 +479,7 @@ class _GatewayCollector:
         ("gateway_upstream_connections", "gauge"),
         ("gateway_retries", "counter"),
         ("gateway_circuit_breaker_overflow", "counter"),
+        ("gateway_ratelimit_decisions", "counter"),
         ("gateway_upstream_instances", "gauge"),
     )
 

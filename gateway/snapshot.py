@@ -10,20 +10,31 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.balancing import SlowStart, compile_hash_key, make_balancer
-from gateway.config.model import GatewayConfig, InstanceConfig, RetryConfig, UpstreamConfig
+from gateway.config.model import (
+    GatewayConfig,
+    InstanceConfig,
+    RedisConfig,
+    RetryConfig,
+    UpstreamConfig,
+)
 from gateway.health.outlier import OutlierDetector
 from gateway.proxy.headers import TrustedProxies
 from gateway.proxy.upstream import InstancePool
+from gateway.ratelimit import LimitSpec, RedisStore, RouteLimiter
 from gateway.resilience.budget import RetryBudget
 from gateway.resilience.circuit_breaker import CircuitBreaker
 from gateway.resilience.retry import RetryPolicy
 from gateway.routing import RouteTable
 
 log = logging.getLogger("gateway.upstreams")
+
+LATENCY_SAMPLES = 512  # recent upstream latencies kept for a percentile-based hedge delay
+MIN_LATENCY_SAMPLES = 20
 
 
 class Instance:
@@ -86,7 +97,9 @@ class Upstream:
         "budget",
         "config",
         "hash_key",
+        "hedge_delay",
         "instances",
+        "latency_samples",
         "name",
         "observes_latency",
         "outlier",
@@ -114,6 +127,12 @@ class Upstream:
         )
         self.hash_key = compile_hash_key(config.hash_key) if config.hash_key else None
         self.observes_latency = hasattr(self.balancer, "observe")  # peak_ewma
+        # Hedging: a fixed delay, or one derived each second from recent latencies.
+        hedge = config.hedge
+        self.hedge_delay = hedge.delay if hedge is not None and hedge.delay else 0.0
+        self.latency_samples: deque[float] | None = (
+            deque(maxlen=LATENCY_SAMPLES) if hedge is not None and hedge.percentile else None
+        )
         self.retry = retry_policy(config.retry)
         self.budget = RetryBudget(config.retry.budget_percent)
         breaker = config.circuit_breaker
@@ -181,6 +200,15 @@ class Upstream:
         if changed:
             self.balancer.refresh(now)
         self.balancer.tick(now)
+        samples = self.latency_samples
+        hedge = self.config.hedge
+        if samples is not None and hedge is not None and hedge.percentile:
+            if len(samples) >= MIN_LATENCY_SAMPLES:
+                ordered = sorted(samples)
+                index = min(len(ordered) - 1, int(hedge.percentile * len(ordered)))
+                self.hedge_delay = ordered[index]
+            else:
+                self.hedge_delay = 0.0  # too little history to know what "slow" is yet
 
     def set_health(self, instance: Instance, healthy: bool) -> None:
         if instance.healthy is healthy:
@@ -208,6 +236,7 @@ class Snapshot:
     upstreams: dict[str, Upstream]
     trusted_proxies: TrustedProxies
     route_retry: dict[str, RetryPolicy | None]  # routes whose retry overrides the upstream's
+    limiters: dict[str, RouteLimiter]  # routes with rate limits or max_in_flight
 
     def pools(self) -> list[InstancePool]:
         return [
@@ -279,6 +308,7 @@ def build_snapshot(
         routes=RouteTable(config.routes),
         upstreams=upstreams,
         trusted_proxies=TrustedProxies(config.trusted_proxies),
+        limiters=_limiters(config, previous),
         route_retry={
             route.name: retry_policy(route.retry)
             for route in config.routes
@@ -338,3 +368,60 @@ def describe_upstreams(snapshot: Snapshot, stale: Collection[str] = ()) -> list[
             }
         )
     return out
+
+
+# One RedisStore per (url, timeout, prefix, connections) per process, shared by snapshots: a
+# reload that keeps the redis section keeps the connections.
+_REDIS_STORES: dict[RedisConfig, RedisStore] = {}
+
+
+def redis_store(config: RedisConfig) -> RedisStore:
+    store = _REDIS_STORES.get(config)
+    if store is None:
+        store = _REDIS_STORES[config] = RedisStore(
+            config.url,
+            timeout=config.timeout,
+            prefix=config.prefix,
+            max_connections=config.max_connections,
+        )
+    return store
+
+
+async def close_redis_stores() -> None:
+    while _REDIS_STORES:
+        _, store = _REDIS_STORES.popitem()
+        await store.close()
+
+
+def _limiters(config: GatewayConfig, previous: Snapshot | None) -> dict[str, RouteLimiter]:
+    limiters: dict[str, RouteLimiter] = {}
+    trusted = TrustedProxies(config.trusted_proxies)
+    for route in config.routes:
+        if not route.rate_limit and not route.max_in_flight:
+            continue
+        uses_redis = any(limit.store == "redis" for limit in route.rate_limit)
+        limiters[route.name] = RouteLimiter(
+            route.name,
+            [
+                LimitSpec(
+                    count=limit.count,
+                    period=limit.period,
+                    burst=limit.burst,
+                    key=limit.key,
+                    store=limit.store,
+                    dry_run=limit.dry_run,
+                    missing=limit.missing,
+                    on_store_error=limit.on_store_error,
+                    name=limit.name,
+                    max_keys=limit.max_keys,
+                )
+                for limit in route.rate_limit
+            ],
+            trusted=trusted,
+            headers=route.rate_limit_headers,
+            legacy_headers=route.rate_limit_legacy_headers,
+            max_in_flight=route.max_in_flight,
+            redis=redis_store(config.redis) if uses_redis and config.redis is not None else None,
+            previous=previous.limiters.get(route.name) if previous is not None else None,
+        )
+    return limiters

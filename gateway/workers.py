@@ -46,6 +46,8 @@ from typing import Any
 
 import orjson
 
+from gateway.snapshot import close_redis_stores
+
 __all__ = [
     "WorkerPool",
     "WorkerStartError",
@@ -553,6 +555,7 @@ async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
     await asyncio.wait({control_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     drain_timeout = server.snapshot.config.drain_timeout
     await server.drain(drain_timeout)
+    await close_redis_stores()
     if server.access_log is not None:
         server.access_log.close()
     control_task.cancel()

@@ -82,6 +82,14 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HedgeConfig:
+    """Send a second try to another instance when the first has not answered in time."""
+
+    delay: float | None = None  # fixed wait before hedging, or
+    percentile: float | None = None  # wait the upstream's recent latency at this quantile
+
+
+@dataclass(frozen=True, slots=True)
 class CircuitBreakerConfig:
     max_connections: int = 1024
     max_pending: int = 1024
@@ -110,6 +118,7 @@ class UpstreamConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     outlier: OutlierConfig | None = field(default_factory=OutlierConfig)
     health: HealthConfig | None = None  # active checks, off unless configured
+    hedge: HedgeConfig | None = None  # hedged requests, off unless configured
     circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
 
 
@@ -138,6 +147,30 @@ class RewriteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """One ``rate_limit`` entry of a route (GCRA: ``count`` per ``period`` s, ``burst`` extra)."""
+
+    count: int
+    period: float
+    burst: int | None = None  # admitted at once from idle; None = count
+    key: str | tuple[str, ...] = "client_ip"
+    store: Literal["local", "redis"] = "local"
+    dry_run: bool = False
+    missing: Literal["shared", "reject"] = "shared"
+    on_store_error: Literal["allow", "local", "deny"] = "local"
+    name: str | None = None
+    max_keys: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout: float = 0.02  # no rate-limit decision waits longer; then on_store_error applies
+    prefix: str = "gateway"
+    max_connections: int = 16
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     name: str
     match: MatchConfig
@@ -147,6 +180,10 @@ class RouteConfig:
     max_body_bytes: int | None = None  # None = limits.max_body_bytes
     retry: RetryConfig | None = None  # overrides the upstream's retry policy for this route
     server_timing: bool = False  # add a Server-Timing header (gateway and upstream time)
+    rate_limit: tuple[RateLimitConfig, ...] = ()  # all must admit
+    rate_limit_headers: bool = False  # RateLimit/RateLimit-Policy on admitted responses too
+    rate_limit_legacy_headers: bool = False  # X-RateLimit-Limit/Remaining/Reset as well
+    max_in_flight: int = 0  # concurrent requests of this route (0: no cap) -> 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,5 +280,6 @@ class GatewayConfig:
     admin_registry: str | None = None  # admin.registry: backend of the registration API
     access_log: AccessLogConfig | None = None  # off unless configured
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    redis: RedisConfig | None = None  # the shared store of `store: redis` rate limits
     watch: bool = False  # reload when the config file changes (polled every second)
     drain_timeout: float = 10.0  # SIGTERM: how long in-flight requests may take to finish

@@ -9,6 +9,7 @@ Defaults are written the way a user writes them in YAML ("30s", "32KiB").
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Any
 
 from gateway.config.durations import DURATION_HINT, DURATION_PATTERN
@@ -19,12 +20,15 @@ from gateway.config.model import (
     CircuitBreakerConfig,
     DiscoveryConfig,
     HealthConfig,
+    HedgeConfig,
     InstanceConfig,
     LimitsConfig,
     MatchConfig,
     MetricsConfig,
     OutlierConfig,
     PathMatch,
+    RateLimitConfig,
+    RedisConfig,
     RetryConfig,
     RewriteConfig,
     RouteConfig,
@@ -285,6 +289,35 @@ HEALTH = Struct(
     build=HealthConfig,
 )
 
+
+def _hedge_after(text: str) -> HedgeConfig:
+    match = re.fullmatch(r"p(\d{1,2}(?:\.\d+)?)|(\d{1,2}(?:\.\d+)?)th_percentile", text)
+    if match:
+        return HedgeConfig(percentile=float(match.group(1) or match.group(2)) / 100.0)
+    return HedgeConfig(delay=parse_positive_duration(text))
+
+
+HEDGE = Struct(
+    "hedge",
+    "Hedged requests: when the first try of an idempotent request without a body has no"
+    " response head after `after`, a second try goes to another instance; the first response"
+    " head wins and the other try is cancelled.",
+    [
+        Field(
+            "after",
+            Text(
+                "a duration (50ms) or a percentile of the upstream's recent latency (p95 or"
+                " 95th_percentile)",
+                pattern=DURATION_PATTERN + r"|p\d{1,2}(\.\d+)?|\d{1,2}(\.\d+)?th_percentile",
+                parse=_hedge_after,
+            ),
+            "When to send the hedge.",
+            REQUIRED,
+        ),
+    ],
+    build=lambda after: after,
+)
+
 CIRCUIT_BREAKER = Struct(
     "circuit_breaker",
     "Limits per upstream; beyond them requests get 503 at once (no queueing).",
@@ -376,6 +409,7 @@ UPSTREAM = _UpstreamStruct(
         Field("retry", RETRY, "Retry policy (overridable per route).", {}),
         Field("outlier", OUTLIER, "Passive outlier detection.", {}),
         Field("health", HEALTH, "Active health checks (off unless given)."),
+        Field("hedge", HEDGE, "Hedged requests (off unless given)."),
         Field("circuit_breaker", CIRCUIT_BREAKER, "Connection and request limits.", {}),
         Field("timeouts", TIMEOUTS, "Connect, read and idle timeouts.", {}),
         Field(
@@ -490,6 +524,61 @@ REWRITE = Struct(
     checks=[_replacement_ok],
 )
 
+
+def _rate(text: str) -> tuple[int, float]:
+    from gateway.ratelimit.limiter import parse_rate
+
+    return parse_rate(text)
+
+
+LIMIT_KEY = Text(
+    "client_ip, route, header:NAME or query:NAME",
+    pattern=r"client_ip|route|(header|query):[!#$%&'*+.^_`|~0-9A-Za-z-]+",
+)
+
+RATE_LIMIT = Struct(
+    "rate_limit",
+    "A rate limit (GCRA): `rate` sustained, `burst` admitted at once from idle, per key value.",
+    [
+        Field(
+            "rate",
+            Text("a rate such as 100/s, 6000/min, 10/10s or 1000/h", parse=_rate),
+            "Sustained rate.",
+            REQUIRED,
+        ),
+        Field("burst", Int(1), "Requests admitted at once from idle (default: the rate's count)."),
+        Field(
+            "key",
+            Union(LIMIT_KEY, ListOf(LIMIT_KEY, min_items=1, unique=True)),
+            "What gets its own bucket: client_ip (honouring trusted_proxies), header:NAME,"
+            " query:NAME, route (one bucket), or a list combining them.",
+            "client_ip",
+        ),
+        Field(
+            "store", Enum(("local", "redis")), "local (this gateway) or redis (shared).", "local"
+        ),
+        Field("dry_run", Bool(), "Count what would be refused, refuse nothing.", False),
+        Field(
+            "missing",
+            Enum(("shared", "reject")),
+            "A request without the key's value: share one bucket, or reject it (400).",
+            "shared",
+        ),
+        Field(
+            "on_store_error",
+            Enum(("allow", "local", "deny")),
+            "When Redis fails or is slower than redis.timeout: admit, use a local bucket with the"
+            " same limit, or refuse (503).",
+            "local",
+        ),
+        Field("name", NAME, "Policy name in the RateLimit headers and the Redis key."),
+        Field(
+            "max_keys", Int(1), "Bound on local buckets (least recently used go first).", 100_000
+        ),
+    ],
+    build=lambda rate, **values: RateLimitConfig(count=rate[0], period=rate[1], **values),
+)
+
 ROUTE = Struct(
     "route",
     "A route: requests matching `match` go to `upstream`.",
@@ -507,8 +596,34 @@ ROUTE = Struct(
             "Add a Server-Timing response header with the gateway's and the upstream's time.",
             False,
         ),
+        Field(
+            "rate_limit",
+            Union(
+                Mapped(RATE_LIMIT, lambda limit: (limit,)),
+                ListOf(RATE_LIMIT, min_items=1),
+            ),
+            "A rate limit, or a list of them that must all admit (429 beyond).",
+        ),
+        Field(
+            "rate_limit_headers",
+            Bool(),
+            "Send RateLimit / RateLimit-Policy headers on admitted responses too.",
+            False,
+        ),
+        Field(
+            "rate_limit_legacy_headers",
+            Bool(),
+            "Also send X-RateLimit-Limit/-Remaining/-Reset (for older clients).",
+            False,
+        ),
+        Field(
+            "max_in_flight",
+            Int(0),
+            "Concurrent requests of this route (0: no cap); beyond, 503 with Retry-After.",
+            0,
+        ),
     ],
-    build=RouteConfig,
+    build=lambda rate_limit, **values: RouteConfig(rate_limit=rate_limit or (), **values),
 )
 
 # --- discovery --------------------------------------------------------------------------------
@@ -795,6 +910,37 @@ METRICS = Struct(
     checks=[_increasing],
 )
 
+REDIS = Struct(
+    "redis",
+    "The Redis server shared by `store: redis` rate limits.",
+    [
+        Field(
+            "url",
+            Text("a redis:// or rediss:// URL", pattern=r"rediss?://\S+"),
+            "Redis URL.",
+            "redis://127.0.0.1:6379/0",
+        ),
+        Field("timeout", DURATION, "Longest wait for a decision (then on_store_error).", "20ms"),
+        Field("prefix", Text("a key prefix"), "Prefix of every key the gateway writes.", "gateway"),
+        Field("max_connections", Int(1), "Connections to Redis.", 16),
+    ],
+    build=RedisConfig,
+)
+
+
+def _redis_for_redis_limits(values: dict[str, Any]) -> list[tuple[str, str]]:
+    if values.get("redis") is not None:
+        return []
+    users = [
+        route.name
+        for route in values.get("routes") or ()
+        if any(limit.store == "redis" for limit in route.rate_limit)
+    ]
+    if users:
+        return [("redis", "required: routes " + ", ".join(users) + " use store: redis")]
+    return []
+
+
 # --- top level --------------------------------------------------------------------------------
 
 LIMITS = Struct(
@@ -862,6 +1008,8 @@ ROOT = Struct(
             "On SIGTERM: how long requests in flight may take to finish before the exit.",
             "10s",
         ),
+        Field("redis", REDIS, "Redis for shared rate limits (store: redis)."),
     ],
     build=_root,
+    checks=[_redis_for_redis_limits],
 )

@@ -26,6 +26,7 @@ import orjson
 from gateway.accesslog import AccessLog, iso_time
 from gateway.proxy import headers as hdr
 from gateway.proxy.upstream import InstancePool, UpstreamConnection
+from gateway.ratelimit import Decision, RouteLimiter
 from gateway.resilience.backoff import parse_retry_after
 from gateway.resilience.retry import (
     CONNECT_FAILURE,
@@ -102,6 +103,20 @@ def _retry_after(fields: bytes) -> float | None:
     return parse_retry_after(fields[at + 12 : end].strip(), time.time())
 
 
+# Rate-limit refusals: metric label and the message of the JSON error body.
+_REFUSAL_RESULTS = {
+    "rate_limited": "limited",
+    "store_unavailable": "store_error",
+    "max_in_flight": "max_in_flight",
+    "missing_key": "missing_key",
+}
+_REFUSAL_MESSAGES = {
+    429: "rate limit exceeded",
+    503: "too many requests in flight, or the rate-limit store is unavailable",
+    400: "the request lacks the value its rate limit is keyed on",
+}
+
+
 class RequestRejected(Exception):
     """Raised inside a parser callback to stop parsing with a specific status."""
 
@@ -172,6 +187,13 @@ class Exchange:
     retry_timer: asyncio.TimerHandle | None = None
     counted = False  # upstream-level counters (active requests, breaker) were taken
     idempotent = False  # RFC 9110 §9.2.2 method, or an Idempotency-Key header
+    hedge_conn: UpstreamConnection | None = None  # a second, hedged try in flight
+    hedge_instance: Instance | None = None
+    hedge_timer: asyncio.TimerHandle | None = None
+    hedged = False
+    limiter: RouteLimiter | None = None  # holds a max_in_flight slot to give back
+    ratelimit = ""  # the rate-limit decision, for the access log
+    ratelimit_headers = b""  # RateLimit header lines for the admitted response
     bytes_out = 0  # response body bytes relayed to the client
     instance_address = ""
     error_code = ""  # why the gateway answered itself (no_route, upstream_timeout, ...)
@@ -228,6 +250,9 @@ class ProxyServer:
         once_a_second = now >= self._next_second
         if once_a_second:
             self._next_second = now + 1.0
+        if once_a_second:
+            for limiter in self.snapshot.limiters.values():
+                limiter.expire(now)
         for upstream in self.snapshot.upstreams.values():
             if once_a_second:
                 upstream.tick(now)
@@ -713,6 +738,69 @@ class ClientConnection(asyncio.Protocol):
                 ex, RequestRejected(413, "body_too_large", "request body exceeds the limit")
             )
             return
+        limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
+        if limiter is not None:
+            if limiter.uses_redis:
+
+                def decided(decision: Decision) -> None:
+                    # Redis answered (or its timeout fell back) after this callback returned.
+                    if self.active is not ex or self.closed:
+                        if decision.holds_slot:
+                            limiter.release()
+                        return
+                    if self._admit(ex, limiter, decision):
+                        self._forward(ex, snapshot, route, url, host, path, query, path_text)
+
+                decision = limiter.check(
+                    time.monotonic(), self.peer_ip, self.peer_trusted, ex.headers, query, decided
+                )
+                if decision is None:
+                    return  # the decision arrives through ``decided``
+            else:
+                decision = limiter.check_local(
+                    time.monotonic(), self.peer_ip, self.peer_trusted, ex.headers, query
+                )
+            if not self._admit(ex, limiter, decision):
+                return
+        self._forward(ex, snapshot, route, url, host, path, query, path_text)
+
+    def _admit(self, ex: Exchange, limiter: RouteLimiter, decision: Decision) -> bool:
+        """Apply a rate-limit decision: count it, answer a refusal, keep headers to add."""
+        if decision.holds_slot:
+            ex.limiter = limiter
+        if decision.allowed:
+            if decision.dry_run:
+                result = "dry_run"
+            elif decision.store_error:
+                result = "store_error"
+            else:
+                result = "allowed"
+        else:
+            result = _REFUSAL_RESULTS.get(decision.reason, decision.reason)
+        ex.ratelimit = result
+        self.server.metrics.ratelimit(ex.route_name, result)
+        if decision.allowed:
+            ex.ratelimit_headers = decision.headers
+            return True
+        self._respond_error(
+            ex,
+            RequestRejected(decision.status, decision.reason, _REFUSAL_MESSAGES[decision.status]),
+            extra_headers=decision.headers,
+        )
+        return False
+
+    def _forward(
+        self,
+        ex: Exchange,
+        snapshot: Snapshot,
+        route: Route,
+        url: bytes,
+        host: bytes | None,
+        path: bytes,
+        query: bytes,
+        path_text: str,
+    ) -> None:
+        """Pick an instance of the route's upstream and send the request there."""
         upstream = snapshot.upstreams[route.upstream]
         ex.upstream = upstream
         ex.upstream_name = upstream.name
@@ -857,6 +945,18 @@ class ClientConnection(asyncio.Protocol):
         if policy is not None and policy.per_try_timeout and policy.per_try_timeout < first_read:
             first_read = policy.per_try_timeout
         ex.read_deadline = time.monotonic() + first_read
+        if (
+            upstream.hedge_delay
+            and not ex.hedged
+            and ex.idempotent
+            and ex.request_complete
+            and not ex.body_bytes
+            and ex.upgrade is None
+        ):
+            ex.hedged = True
+            ex.hedge_timer = asyncio.get_running_loop().call_later(
+                upstream.hedge_delay, self._hedge, ex
+            )
         if ex.pending:
             pending = ex.pending
             ex.pending = None
@@ -898,8 +998,14 @@ class ClientConnection(asyncio.Protocol):
         upstream_keep_alive: bool,
     ) -> None:
         ex = self.active
-        if ex is None or ex.conn is not conn:
+        if ex is None:
             return
+        if ex.conn is not conn:
+            if conn is not ex.hedge_conn:
+                return
+            self._promote_hedge(ex, abort_primary=True)  # the hedge answered first
+        elif ex.hedge_conn is not None or ex.hedge_timer is not None:
+            self._cancel_hedge(ex)  # the first try answered first
         upstream = ex.upstream
         assert upstream is not None
         ex.read_deadline = self.server.clock + upstream.read_timeout
@@ -966,6 +1072,8 @@ class ClientConnection(asyncio.Protocol):
                 framing = b"transfer-encoding: chunked\r\n"
         if keep_alive and ex.version == "1.0":
             framing += b"connection: keep-alive\r\n"
+        if ex.ratelimit_headers:
+            framing += ex.ratelimit_headers
         route = ex.route
         if route is not None and route.config.server_timing:
             # W3C Server-Timing: the gateway's own share and the upstream's, in milliseconds.
@@ -1035,6 +1143,8 @@ class ClientConnection(asyncio.Protocol):
             previous = instance.latency
             instance.latency = sample if not previous else previous * 0.8 + sample * 0.2
             upstream = ex.upstream
+            if upstream is not None and upstream.latency_samples is not None:
+                upstream.latency_samples.append(sample)
             if upstream is not None and upstream.observes_latency:
                 upstream.balancer.observe(instance, sample, time.monotonic())  # type: ignore[attr-defined]
         ex.read_deadline = 0.0
@@ -1093,7 +1203,18 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()
             return
         ex = self.active
-        if ex is None or ex.conn is not conn:
+        if ex is None:
+            return
+        if conn is ex.hedge_conn:
+            self._drop_hedge(ex)  # the hedge failed; the first try goes on alone
+            return
+        if ex.conn is not conn:
+            return
+        if ex.hedge_conn is not None and not ex.response_started:
+            # The first try failed while a hedge is in flight: the hedge carries on alone.
+            if ex.instance is not None and ex.upstream is not None:
+                ex.upstream.record_outcome(ex.instance, False, True)
+            self._promote_hedge(ex, abort_primary=False)
             return
         if (
             conn.used
@@ -1127,7 +1248,17 @@ class ClientConnection(asyncio.Protocol):
 
     def on_upstream_failed(self, conn: UpstreamConnection, reason: str) -> None:
         ex = self.active
-        if ex is None or ex.conn is not conn:
+        if ex is None:
+            return
+        if conn is ex.hedge_conn:
+            self._drop_hedge(ex)
+            return
+        if ex.conn is not conn:
+            return
+        if ex.hedge_conn is not None and not ex.response_started:
+            conn.owner = None
+            conn.abort()
+            self._promote_hedge(ex, abort_primary=False)
             return
         if not ex.response_started:
             conn.owner = None
@@ -1218,6 +1349,91 @@ class ClientConnection(asyncio.Protocol):
         instance.active_requests += 1
         self._connect(ex, instance.pool)
 
+    # -- hedging ------------------------------------------------------------------------------
+    def _hedge(self, ex: Exchange) -> None:
+        """The first try is slow: send the same request to another instance as well."""
+        ex.hedge_timer = None
+        upstream = ex.upstream
+        if (
+            self.active is not ex
+            or self.closed
+            or upstream is None
+            or ex.conn is None
+            or ex.status
+            or ex.response_started
+        ):
+            return
+        metrics = self.server.metrics
+        if not ex.budget_held:
+            # A hedge is extra load like a retry: the retry budget bounds both.
+            if not upstream.budget.try_acquire(upstream.breaker.requests):
+                metrics.retry(upstream.name, "budget_exhausted")
+                return
+            ex.budget_held = True
+        instance = upstream.pick(ex.hash_key, ex.instance)
+        if instance is None or instance is ex.instance:
+            return
+        metrics.retry(upstream.name, "hedge")
+        instance.active_requests += 1
+        ex.hedge_instance = instance
+        pool = instance.pool
+        conn = pool.acquire()
+        if conn is not None:
+            self._attach_hedge(ex, conn)
+            return
+
+        def connected(conn: UpstreamConnection | None, error: BaseException | None) -> None:
+            if conn is None:
+                if ex.hedge_instance is instance and ex.hedge_conn is None:
+                    instance.active_requests -= 1
+                    ex.hedge_instance = None
+                return
+            if self.active is not ex or self.closed or ex.hedge_instance is not instance:
+                pool.release(conn)  # never used: clean
+                return
+            self._attach_hedge(ex, conn)
+
+        pool.connect(connected)
+
+    def _attach_hedge(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        conn.begin_exchange(self, ex.is_head)
+        ex.hedge_conn = conn
+        conn.send(ex.head)
+
+    def _promote_hedge(self, ex: Exchange, *, abort_primary: bool) -> None:
+        """The hedge becomes the exchange's connection; the first try is abandoned."""
+        primary = ex.conn
+        if abort_primary and primary is not None:
+            primary.owner = None
+            primary.abort()
+        if ex.instance is not None:
+            ex.instance.active_requests -= 1
+        ex.instance = ex.hedge_instance
+        if ex.instance is not None:
+            ex.instance_address = ex.instance.address
+        ex.conn = ex.hedge_conn
+        ex.hedge_conn = None
+        ex.hedge_instance = None
+        upstream = ex.upstream
+        if upstream is not None:
+            ex.read_deadline = time.monotonic() + upstream.read_timeout
+
+    def _drop_hedge(self, ex: Exchange) -> None:
+        conn = ex.hedge_conn
+        if conn is not None:
+            ex.hedge_conn = None
+            conn.owner = None
+            conn.abort()
+        if ex.hedge_instance is not None:
+            ex.hedge_instance.active_requests -= 1
+            ex.hedge_instance = None
+
+    def _cancel_hedge(self, ex: Exchange) -> None:
+        if ex.hedge_timer is not None:
+            ex.hedge_timer.cancel()
+            ex.hedge_timer = None
+        self._drop_hedge(ex)
+
     def _hash_key(
         self, ex: Exchange, upstream: Upstream, path: bytes, query: bytes
     ) -> bytes | None:
@@ -1237,6 +1453,9 @@ class ClientConnection(asyncio.Protocol):
         self._upstream_error(ex, 502, "upstream_failure", reason)
 
     def _upstream_timeout(self, ex: Exchange, reason: str, *, retryable: bool = True) -> None:
+        if retryable and ex.hedge_conn is not None and not ex.response_started:
+            self._promote_hedge(ex, abort_primary=True)  # the first try timed out, not the hedge
+            return
         conn = ex.conn
         if conn is not None:
             conn.owner = None
@@ -1265,7 +1484,9 @@ class ClientConnection(asyncio.Protocol):
             ex.instance = None
 
     # -- responses produced by the gateway ----------------------------------------------------
-    def _respond_error(self, ex: Exchange, error: RequestRejected) -> None:
+    def _respond_error(
+        self, ex: Exchange, error: RequestRejected, extra_headers: bytes = b""
+    ) -> None:
         request_id = ex.request_id
         if request_id is None or not hdr.valid_request_id(request_id):
             request_id = ex.request_id = self.server.request_ids.next()
@@ -1297,6 +1518,8 @@ class ClientConnection(asyncio.Protocol):
             head.append(b"connection: close\r\n")
         elif ex.version == "1.0":
             head.append(b"connection: keep-alive\r\n")
+        if extra_headers:
+            head.append(extra_headers)
         head.append(b"\r\n")
         self.out.append(b"".join(head))
         if not ex.is_head:
@@ -1380,6 +1603,11 @@ class ClientConnection(asyncio.Protocol):
         if ex.retry_timer is not None:
             ex.retry_timer.cancel()
             ex.retry_timer = None
+        if ex.hedge_conn is not None or ex.hedge_timer is not None or ex.hedge_instance is not None:
+            self._cancel_hedge(ex)
+        if ex.limiter is not None:
+            ex.limiter.release()
+            ex.limiter = None
         now = time.perf_counter()
         total = now - ex.t_start
         if ex.t_upstream:
@@ -1419,6 +1647,7 @@ class ClientConnection(asyncio.Protocol):
                     "duration": round(total, 6),
                     "upstream_duration": None if upstream_time is None else round(upstream_time, 6),
                     "retries": ex.attempt - 1,
+                    "rate_limit": ex.ratelimit or None,
                     "error": ex.error_code or None,
                 }
             )

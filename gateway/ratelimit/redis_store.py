@@ -4,9 +4,11 @@ Data-plane contract: ``submit(keys, args, on_done)`` is synchronous and cheap; i
 decision and returns. Decisions submitted during one event-loop iteration go to Redis as ONE
 script call (one round trip) on the next iteration, so Redis latency never serializes requests:
 while a batch is in flight the next one is already being collected and sent on another pooled
-connection. Each batch runs in one Task (not one per request) and has one timer: when ``timeout``
-passes without an answer, ``on_done(None)`` is called for every decision of the batch and the
-caller decides with its fallback. No decision waits longer than ``timeout``.
+connection. At most ``max_connections`` script calls are out at once; batches flushed beyond that
+wait for a free connection and are merged into one call. Each call runs in one Task (not one
+per request) and each batch has one timer: when ``timeout`` passes without an answer,
+``on_done(None)`` is called for every decision of the batch and the caller decides with its
+fallback. No decision waits longer than ``timeout``.
 
 Failures (timeout, connection refused, Redis loading or restarting) mark the store unavailable:
 ``submit`` then returns False at once, so requests do not wait at all, and a probe (PING after
@@ -26,6 +28,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -127,13 +130,16 @@ class RedisStore:
             retry=Retry(NoBackoff(), 0),
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
-            max_connections=max_connections,
+            max_connections=max_connections + 2,  # + the probe's
             health_check_interval=0,
         )
         self._script = self.client.register_script(GCRA_LUA)
         self._pending: list[tuple[list[bytes], list[int], OnDone]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._queue: deque[_Batch] = deque()  # flushed batches waiting for a free connection
+        self._in_flight = 0
+        self.max_in_flight = max_connections
         self._loop: asyncio.AbstractEventLoop | None = None
         self._probe_handle: asyncio.TimerHandle | None = None
         self._failures = 0
@@ -179,36 +185,65 @@ class RedisStore:
             self.unavailable += len(pending)
             self._resolve(_Batch(pending), None)
             return
-        size = self.max_batch
-        for start in range(0, len(pending), size):
-            batch = _Batch(pending[start : start + size])
-            batch.timer = loop.call_later(self.timeout, self._expire, batch)
-            task = loop.create_task(self._run(batch))
+        # The timer starts now, so that time spent waiting for a free connection counts too.
+        batch = _Batch(pending)
+        batch.timer = loop.call_later(self.timeout, self._expire, batch)
+        self._queue.append(batch)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send queued batches while fewer than ``max_in_flight`` script calls are out; the
+        batches that waited are merged into one call (up to ``max_batch`` decisions)."""
+        queue = self._queue
+        loop = self._loop
+        while (
+            queue and self._in_flight < self.max_in_flight and loop is not None and not self.closed
+        ):
+            group: list[_Batch] = []
+            size = 0
+            while queue and (not group or size + len(queue[0].entries) <= self.max_batch):
+                batch = queue.popleft()
+                if not batch.done:
+                    group.append(batch)
+                    size += len(batch.entries)
+            if not group:
+                continue
+            self._in_flight += 1
+            task = loop.create_task(self._run(group))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: _Batch) -> None:
+    async def _run(self, group: list[_Batch]) -> None:
         keys: list[bytes] = []
         args: list[int] = []
-        for entry_keys, entry_args, _ in batch.entries:
-            keys += entry_keys
-            args += entry_args
+        for batch in group:
+            for entry_keys, entry_args, _ in batch.entries:
+                keys += entry_keys
+                args += entry_args
         self.batches += 1
-        self.decisions += len(batch.entries)
+        self.decisions += sum(len(batch.entries) for batch in group)
         try:
             result = await self._script(keys=keys, args=args)
         except asyncio.CancelledError:
-            self._resolve(batch, None)
+            for batch in group:
+                self._resolve(batch, None)
             raise
         except Exception as exc:
             self.errors += 1
-            self._resolve(batch, None)
+            for batch in group:
+                self._resolve(batch, None)
             self._mark_down(f"redis rate-limit store error: {exc!r}")
             return
-        if batch.done:
-            return  # too late: the fallback already decided
-        self.answered += len(batch.entries)
-        self._resolve(batch, result)
+        finally:
+            self._in_flight -= 1
+            self._pump()
+        at = 0
+        for batch in group:
+            count = sum(len(entry_keys) for entry_keys, _, _ in batch.entries)
+            if not batch.done:  # else too late: the fallback already decided
+                self.answered += len(batch.entries)
+                self._resolve(batch, result[at : at + count])
+            at += count
 
     def _expire(self, batch: _Batch) -> None:
         batch.timer = None
@@ -240,6 +275,9 @@ class RedisStore:
     # -- availability ----------------------------------------------------------------------
     def _mark_down(self, reason: str) -> None:
         self._log(reason)
+        queue, self._queue = self._queue, deque()
+        for batch in queue:  # waiting for a connection to a Redis that failed: fall back now
+            self._resolve(batch, None)
         if not self.available or self.closed:
             return
         self.available = False
@@ -315,6 +353,9 @@ class RedisStore:
                 on_done(None)
             except Exception:
                 log.exception("rate-limit decision callback failed")
+        queue, self._queue = self._queue, deque()
+        for batch in queue:
+            self._resolve(batch, None)
         if self._probe_handle is not None:
             self._probe_handle.cancel()
         for task in list(self._tasks):

@@ -773,7 +773,14 @@ async def test_hash_balancers_move_only_the_keys_of_a_lost_instance(
         moved = {user for user in users if before[name][user] != after[name][user]}
         on_victim = {user for user in users if before[name][user] == "H3"}
         assert on_victim, (name, before[name])  # the victim owned some keys
-        assert moved == on_victim, (name, sorted(moved ^ on_victim))
+        assert on_victim <= moved, (name, sorted(on_victim - moved))
+        if name == "ring_hash":
+            # A ring only hands the lost instance's arcs to their successors.
+            assert moved == on_victim, (name, sorted(moved ^ on_victim))
+        else:
+            # Maglev promises minimal, not zero, disruption: rebuilding the table may move a
+            # few entries of surviving instances too (Eisenbud et al. 2016, §3.4).
+            assert len(moved - on_victim) <= len(users) // 10, (name, sorted(moved - on_victim))
         assert "H3" not in after[name].values()
 
 

@@ -71,16 +71,17 @@ ERROR_CASES: list[tuple[str, str, list[str]]] = [
         ["gateway.yaml:2: lisen: unknown key 'lisen' (did you mean 'listen'?)"],
     ),
     (
-        "later-issue-keys-are-unknown",
-        "upstreams:\n  b:\n    instances: [h:1]\n    hedge: {after: 50ms}\n"
-        "routes:\n  - {name: r, upstream: b, rate_limit: {rate: 1/s}}\n",
+        "unknown-nested-keys",
+        "upstreams:\n  b:\n    instances: [h:1]\n    cache: {size: 1}\n"
+        "routes:\n  - {name: r, upstream: b, compress: true}\n",
         [
-            "gateway.yaml:4: upstreams.b.hedge: unknown key 'hedge' (allowed: instances, "
-            "balancer, hash_key, slow_start, panic_threshold, retry, outlier, health, "
+            "gateway.yaml:4: upstreams.b.cache: unknown key 'cache' (allowed: instances, "
+            "balancer, hash_key, slow_start, panic_threshold, retry, outlier, health, hedge, "
             "circuit_breaker, timeouts, max_idle_connections, discovery, service, tags, "
             "datacenter, passing_only)",
-            "gateway.yaml:6: routes[0].rate_limit: unknown key 'rate_limit' (allowed: name, "
-            "match, upstream, rewrite, timeout, max_body_bytes, retry, server_timing)",
+            "gateway.yaml:6: routes[0].compress: unknown key 'compress' (allowed: name, match, "
+            "upstream, rewrite, timeout, max_body_bytes, retry, server_timing, rate_limit, "
+            "rate_limit_headers, rate_limit_legacy_headers, max_in_flight)",
         ],
     ),
     (

@@ -118,9 +118,11 @@ def test_valid_docs_accepted_by_both(text: str) -> None:
 # Each is invalid for a reason JSON Schema can express too; both must reject it.
 INVALID_DOCS = {
     "unknown-top-key": "lisen: 0.0.0.0:80",
-    "later-issue-key": "upstreams: {a: {instances: [h:1], hedge: {after: 50ms}}}",
-    "rate-limit-on-route": "upstreams: {a: {instances: [h:1]}}\n"
-    "routes: [{name: r, upstream: a, rate_limit: {rate: 1/s}}]",
+    "unknown-key": "upstreams: {a: {instances: [h:1], cache: {size: 1}}}",
+    "rate-limit-store": "upstreams: {a: {instances: [h:1]}}\n"
+    "routes: [{name: r, upstream: a, rate_limit: {rate: 1/s, store: disk}}]",
+    "rate-limit-key": "upstreams: {a: {instances: [h:1]}}\n"
+    "routes: [{name: r, upstream: a, rate_limit: {rate: 1/s, key: cookie:x}}]",
     "listen-type": "listen: 8080",
     "listen-no-port": "listen: localhost",
     "workers-zero": "workers: 0",
@@ -134,6 +136,7 @@ INVALID_DOCS = {
     "zero-instances": "upstreams: {a: {instances: []}}",
     "no-instances": "upstreams: {a: {balancer: round_robin}}",
     "balancer": "upstreams: {a: {instances: [h:1], balancer: fastest}}",
+    "hedge-after": "upstreams: {a: {instances: [h:1], hedge: {after: soon}}}",
     "retry-condition": "upstreams: {a: {instances: [h:1], retry: {on: [sometimes]}}}",
     "retry-status": "upstreams: {a: {instances: [h:1], retry: {on: [700]}}}",
     "hash-key": "upstreams: {a: {instances: [h:1], balancer: maglev, hash_key: 'cookie:'}}",
