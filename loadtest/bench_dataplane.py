@@ -30,8 +30,10 @@ upstreams:
     balancer: {balancer}
 {resilience}
 routes:
-  - {{name: bench, match: {{path: {{prefix: /}}}}, upstream: bench}}
+  - {{name: bench, match: {{path: {{prefix: /}}}}, upstream: bench{route_extra}}}
 """
+# A local limit that is never hit: the cost of the decision itself.
+RATE_LIMIT = ", rate_limit: {rate: 100000000/s, key: client_ip}"
 # Everything the failover issue adds, switched off: the baseline it is measured against.
 RESILIENCE_OFF = """    retry: {attempts: 1}
     outlier: {enabled: false}
@@ -81,10 +83,18 @@ class FakeTransport:
 
 
 def run(
-    requests: int, balancer: str = "round_robin", resilience: bool = True, metrics: bool = True
+    requests: int,
+    balancer: str = "round_robin",
+    resilience: bool = True,
+    metrics: bool = True,
+    rate_limit: bool = False,
 ) -> float:
     config = load_config_text(
-        CONFIG.format(balancer=balancer, resilience="" if resilience else RESILIENCE_OFF)
+        CONFIG.format(
+            balancer=balancer,
+            resilience="" if resilience else RESILIENCE_OFF,
+            route_extra=RATE_LIMIT if rate_limit else "",
+        )
     )
     snapshot = build_snapshot(config)
     recorder = GatewayMetrics()
@@ -126,27 +136,40 @@ def main() -> None:
         action="store_true",
         help="also run with per-request metrics recording replaced by a no-op, and compare",
     )
+    parser.add_argument(
+        "--compare-ratelimit",
+        action="store_true",
+        help="also run with a local rate limit that is never hit, and compare",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="runs per variant; the best counts")
     args = parser.parse_args()
 
-    async def measure(resilience: bool, metrics: bool = True) -> float:
-        return run(args.requests, args.balancer, resilience, metrics)
+    async def measure(resilience: bool, metrics: bool = True, rate_limit: bool = False) -> float:
+        return run(args.requests, args.balancer, resilience, metrics, rate_limit)
 
     # Variants alternate and the fastest round of each counts: on a shared machine the
     # minimum is the figure least disturbed by other processes.
     on: list[float] = []
     off: list[float] = []
     no_metrics: list[float] = []
+    limited: list[float] = []
     for _ in range(args.rounds):
         on.append(asyncio.run(measure(True)))
         if args.compare_resilience:
             off.append(asyncio.run(measure(False)))
         if args.compare_metrics:
             no_metrics.append(asyncio.run(measure(True, metrics=False)))
+        if args.compare_ratelimit:
+            limited.append(asyncio.run(measure(True, rate_limit=True)))
     print(
         f"data plane Python cost ({args.balancer}, resilience on): {min(on):.2f} µs/request"
         f" (best of {args.rounds} x {args.requests} requests)"
     )
+    if limited:
+        print(
+            f"data plane Python cost with a local rate limit (not hit): {min(limited):.2f}"
+            f" µs/request; rate limit cost {min(limited) - min(on):+.2f} µs"
+        )
     if no_metrics:
         print(
             f"data plane Python cost without metrics recording: {min(no_metrics):.2f} µs/request;"
