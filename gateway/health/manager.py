@@ -11,7 +11,9 @@ the last known health of instances that remain (``build_snapshot`` carries it ov
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from gateway.config.model import HealthConfig
 from gateway.health.active import ActiveHealthChecker
@@ -24,6 +26,8 @@ class HealthManager:
     def __init__(self, current: Callable[[], Snapshot]) -> None:
         self._current = current
         self._checkers: dict[str, tuple[HealthConfig, ActiveHealthChecker]] = {}
+        # (upstream, to_state) -> transitions since start; kept across checker replacements.
+        self.transition_counts: dict[tuple[str, str], int] = {}
 
     async def update(self, snapshot: Snapshot) -> None:
         wanted = {
@@ -60,6 +64,8 @@ class HealthManager:
 
     def _transition_handler(self, upstream_name: str) -> Callable[[Hashable, bool], None]:
         def on_transition(target: Hashable, healthy: bool) -> None:
+            key = (upstream_name, "healthy" if healthy else "unhealthy")
+            self.transition_counts[key] = self.transition_counts.get(key, 0) + 1
             upstream = self._current().upstreams.get(upstream_name)
             if upstream is None:
                 return
@@ -69,6 +75,10 @@ class HealthManager:
 
         return on_transition
 
+    def collector(self) -> HealthCollector:
+        """``gateway_health_transitions_total{upstream,to}`` for the admin registry."""
+        return HealthCollector(self)
+
     def transitions(self) -> dict[str, int]:
         return {name: checker.transitions for name, (_, checker) in self._checkers.items()}
 
@@ -76,3 +86,24 @@ class HealthManager:
         for _, checker in self._checkers.values():
             await checker.stop()
         self._checkers.clear()
+
+
+class HealthCollector:
+    def __init__(self, manager: HealthManager) -> None:
+        self._manager = manager
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "gateway_health_transitions", _TRANSITIONS_HELP, labels=["upstream", "to"]
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "gateway_health_transitions", _TRANSITIONS_HELP, labels=["upstream", "to"]
+        )
+        for (upstream, state), count in sorted(self._manager.transition_counts.items()):
+            family.add_metric([upstream, state], count)
+        yield family
+
+
+_TRANSITIONS_HELP = "Active health-check transitions of instances, by upstream and new state."

@@ -63,6 +63,12 @@ routes: [{{name: r, upstream: u}}]
         bad_status[0] = 200
         await _wait_for(lambda: rebuilt_bad.available)
         assert manager.transitions()["u"] >= 2
+        assert manager.transition_counts[("u", "unhealthy")] >= 1
+        assert manager.transition_counts[("u", "healthy")] >= 1
+        families = list(manager.collector().collect())
+        samples = {s.labels["to"]: s.value for s in families[0].samples}
+        assert families[0].name == "gateway_health_transitions"
+        assert samples["unhealthy"] >= 1 and samples["healthy"] >= 1
     finally:
         await manager.stop()
         await good.cleanup()
