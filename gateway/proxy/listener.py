@@ -819,19 +819,9 @@ class ClientConnection(asyncio.Protocol):
         breaker.requests += 1  # also the upstream's active-request count (retry budget)
         if upstream.hash_key is not None:
             ex.hash_key = self._hash_key(ex, upstream, path, query)
-        instance = upstream.pick(ex.hash_key)
+        instance = self._pick(ex, upstream, None)
         if instance is None:
-            self._respond_error(
-                ex,
-                RequestRejected(
-                    503,
-                    "no_healthy_instance",
-                    f"upstream '{upstream.name}' has no available instance",
-                ),
-            )
             return
-        ex.instance = instance
-        instance.active_requests += 1
         policy = (
             snapshot.route_retry.get(route.name, upstream.retry)
             if snapshot.route_retry
@@ -1334,7 +1324,13 @@ class ClientConnection(asyncio.Protocol):
             return
         upstream = ex.upstream
         assert upstream is not None
-        instance = upstream.pick(ex.hash_key, ex.failed_instance)
+        instance = self._pick(ex, upstream, ex.failed_instance)
+        if instance is not None:
+            self._connect(ex, instance.pool)
+
+    def _pick(self, ex: Exchange, upstream: Upstream, exclude: Instance | None) -> Instance | None:
+        """The instance for this try (not ``exclude`` when another exists), or answer 503."""
+        instance = upstream.pick(ex.hash_key, exclude)
         if instance is None:
             self._respond_error(
                 ex,
@@ -1344,10 +1340,10 @@ class ClientConnection(asyncio.Protocol):
                     f"upstream '{upstream.name}' has no available instance",
                 ),
             )
-            return
+            return None
         ex.instance = instance
         instance.active_requests += 1
-        self._connect(ex, instance.pool)
+        return instance
 
     # -- hedging ------------------------------------------------------------------------------
     def _hedge(self, ex: Exchange) -> None:

@@ -16,28 +16,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.backends import RawBackend
+from tests.integration.backends import RawBackend, complete_message_responder
 from tests.integration.conftest import GatewayProcess, is_closed, read_response
 
 GUARD = 10.0  # seconds: how long a test waits for something that should happen much sooner
-
-
-def complete_message_responder(buffer: bytes) -> bytes | None:
-    """Answer 200 only once a whole request (head + Content-Length or chunked body) arrived,
-    so that a rejected body cannot be pre-empted by an early upstream answer."""
-    head, sep, body = buffer.partition(b"\r\n\r\n")
-    if not sep:
-        return None
-    lowered = head.lower()
-    if b"transfer-encoding: chunked" in lowered:
-        if not body.endswith(b"0\r\n\r\n"):
-            return None
-    else:
-        for line in lowered.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name == b"content-length" and len(body) < int(value):
-                return None
-    return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 
 
 @pytest.fixture(scope="module")

@@ -17,27 +17,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.backends import RawBackend
+from tests.integration.backends import RawBackend, complete_message_responder
 from tests.integration.conftest import GatewayProcess, read_response
 
 BARRIER = b"GET /__barrier__ HTTP/1.1\r\nHost: barrier.test\r\n\r\n"
-
-
-def complete_message_responder(buffer: bytes) -> bytes | None:
-    """Answer 200 once a whole request (head + Content-Length or chunked body) has arrived."""
-    head, sep, body = buffer.partition(b"\r\n\r\n")
-    if not sep:
-        return None
-    lowered = head.lower()
-    if b"transfer-encoding: chunked" in lowered:
-        if not body.endswith(b"0\r\n\r\n"):
-            return None
-    else:
-        for line in lowered.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name == b"content-length" and len(body) < int(value):
-                return None
-    return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 
 
 @pytest.fixture(scope="module")
