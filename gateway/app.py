@@ -33,8 +33,15 @@ from gateway.discovery import DiscoveryManager, add_discovery_routes
 from gateway.health.manager import HealthManager
 from gateway.metrics import GatewayMetrics, make_registry
 from gateway.proxy.listener import ProxyServer
+from gateway.ratelimit.shared import table_slots
 from gateway.snapshot import Snapshot, build_snapshot, close_redis_stores, describe_upstreams
-from gateway.workers import WorkerPool, WorkerStartError, encode_discovered, worker_count
+from gateway.workers import (
+    WorkerPool,
+    WorkerStartError,
+    apply_ejections,
+    encode_discovered,
+    worker_count,
+)
 
 log = logging.getLogger("gateway")
 
@@ -228,8 +235,16 @@ class WorkerPlane:
         self.buckets = dict(config.metrics.buckets)
         self.metrics = GatewayMetrics(bucket_overrides=self.buckets)  # replaced at each scrape
         self.pool = WorkerPool(
-            count, config.listen.host, config.listen.port, log_level=logging.getLogger().level
+            count,
+            config.listen.host,
+            config.listen.port,
+            log_level=logging.getLogger().level,
+            shared_slots=table_slots(_local_keys(config)),
         )
+        self.pool.on_eject = self._worker_ejected
+        # Outlier ejections reported by workers and still running: (upstream, address) -> until.
+        self.ejections: dict[tuple[str, str], float] = {}
+        self._return_timer: asyncio.TimerHandle | None = None
         # The supervisor's own snapshot: what health checks probe and /admin/* describe. Its
         # pools never open a connection (no requests go through the supervisor).
         self.snapshot: Snapshot | None = None
@@ -254,6 +269,12 @@ class WorkerPlane:
             if not instance.healthy
         ]
 
+    def _ejected(self) -> list[list[Any]]:
+        now = time.monotonic()
+        for key in [key for key, until in self.ejections.items() if until <= now]:
+            del self.ejections[key]
+        return [[upstream, address, until] for (upstream, address), until in self.ejections.items()]
+
     def _message(self, config: GatewayConfig, text: str, discovered: Discovered) -> dict[str, Any]:
         return {
             "source": config.source,
@@ -261,7 +282,47 @@ class WorkerPlane:
             "sha256": config.sha256,
             "discovered": encode_discovered(discovered),
             "unhealthy": self._unhealthy(),
+            "ejected": self._ejected(),
         }
+
+    def _rebuild(self, config: GatewayConfig, discovered: Discovered) -> None:
+        self.snapshot = build_snapshot(config, self.snapshot, discovered)
+        apply_ejections(self.snapshot, self._ejected())
+
+    def _worker_ejected(self, message: dict[str, Any]) -> None:
+        """A worker's outlier detection ejected an instance: show it in /admin/upstreams and
+        make every worker eject it too, unless that would put more than max_ejection_percent
+        of the upstream out across the gateway (then only the reporting worker has it out)."""
+        upstream_name, address = str(message["upstream"]), str(message["address"])
+        until = float(message["until"])
+        now = time.monotonic()
+        upstream = self.current().upstreams.get(upstream_name)
+        if upstream is None or not upstream.apply_ejection(address, until, now):
+            return
+        self.ejections[(upstream_name, address)] = until
+        self.pool.eject(upstream_name, address, until, self._ejected())
+        self._schedule_return()
+
+    def _schedule_return(self) -> None:
+        """The supervisor serves no requests, so nothing else ticks its snapshot: return
+        ejected instances to service in /admin/upstreams when their time is up."""
+        if self._return_timer is not None:
+            self._return_timer.cancel()
+            self._return_timer = None
+        pending = [until for until in self.ejections.values()]
+        if not pending:
+            return
+        delay = max(0.0, min(pending) - time.monotonic()) + 0.01
+
+        def tick() -> None:
+            self._return_timer = None
+            now = time.monotonic()
+            for upstream in self.current().upstreams.values():
+                upstream.tick(now)
+            self._ejected()  # forget the finished ones
+            self._schedule_return()
+
+        self._return_timer = asyncio.get_running_loop().call_later(delay, tick)
 
     async def start(self, config: GatewayConfig, text: str, discovered: Discovered) -> None:
         self.snapshot = build_snapshot(config, None, discovered)
@@ -269,12 +330,14 @@ class WorkerPlane:
         await self.pool.start()
 
     async def apply(self, config: GatewayConfig, text: str, discovered: Discovered) -> list[str]:
-        self.snapshot = build_snapshot(config, self.snapshot, discovered)
+        self._rebuild(config, discovered)
         return await self.pool.apply_config(self._message(config, text, discovered))
 
     def apply_discovered(self, discovered: Discovered) -> None:
-        self.snapshot = build_snapshot(self.current().config, self.snapshot, discovered)
-        self.pool.update_instances(encode_discovered(discovered), self._unhealthy())
+        self._rebuild(self.current().config, discovered)
+        self.pool.update_instances(
+            encode_discovered(discovered), self._unhealthy(), self._ejected()
+        )
 
     def health_changed(self, upstream: str, address: str, healthy: bool) -> None:
         self.pool.health(upstream, address, healthy, self._unhealthy())
@@ -299,6 +362,8 @@ class WorkerPlane:
         return {"workers": {"ready": self.pool.ready_count(), "total": self.pool.count}}
 
     async def drain(self, grace_period: float) -> None:
+        if self._return_timer is not None:
+            self._return_timer.cancel()
         await self.pool.stop(grace_period)
 
     def kill_now(self) -> None:
@@ -306,6 +371,18 @@ class WorkerPlane:
 
 
 Plane = LocalPlane | WorkerPlane
+
+
+def _local_keys(config: GatewayConfig) -> int:
+    """Keys the shared rate-limit table should hold: the sum of ``max_keys`` of every limit
+    (Redis ones too: their fallback buckets live there). Fixed at start; limits added by a
+    reload share the same table (a full probe window evicts the bucket closest to idle)."""
+    limits = [*config.rate_limit]
+    for upstream in config.upstreams.values():
+        limits += upstream.rate_limit
+    for route in config.routes:
+        limits += route.rate_limit
+    return sum(limit.max_keys for limit in limits)
 
 
 # --------------------------------------------------------------------------- control plane
@@ -426,6 +503,7 @@ class ControlPlane:
         registry = self.plane.registry
         registry.register(discovery.collector())
         registry.register(self.stats)
+        registry.register(self.health.collector())
         # Discovery first, so that the first snapshot already holds discovered instances.
         await discovery.start()
 

@@ -11,13 +11,14 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.balancing import SlowStart, compile_hash_key, make_balancer
 from gateway.config.model import (
     GatewayConfig,
     InstanceConfig,
+    RateLimitConfig,
     RedisConfig,
     RetryConfig,
     UpstreamConfig,
@@ -26,6 +27,8 @@ from gateway.health.outlier import OutlierDetector
 from gateway.proxy.headers import TrustedProxies
 from gateway.proxy.upstream import InstancePool
 from gateway.ratelimit import LimitSpec, RedisStore, RouteLimiter
+from gateway.ratelimit import shared as shared_buckets
+from gateway.ratelimit.limiter import BucketStores
 from gateway.resilience.budget import RetryBudget
 from gateway.resilience.circuit_breaker import CircuitBreaker
 from gateway.resilience.retry import RetryPolicy
@@ -76,6 +79,17 @@ class Instance:
             return False
         self.available = available
         return True
+
+
+# Called as ``listener(upstream, address, until)`` when this process's outlier detection ejects
+# an instance; a worker sets it to tell the supervisor, which broadcasts the ejection.
+EjectionListener = Callable[[str, str, float], None]
+_ejection_listener: EjectionListener | None = None
+
+
+def set_ejection_listener(listener: EjectionListener | None) -> None:
+    global _ejection_listener
+    _ejection_listener = listener
 
 
 def retry_policy(config: RetryConfig) -> RetryPolicy | None:
@@ -183,6 +197,34 @@ class Upstream:
                 self.name,
                 instance.address,
             )
+            listener = _ejection_listener
+            info = outlier.info(instance.address)
+            if listener is not None and info is not None:
+                listener(self.name, instance.address, info.ejected_until)
+
+    def apply_ejection(self, address: str, until: float, now: float) -> bool:
+        """Eject ``address`` until ``until`` (monotonic seconds) because another process's outlier
+        detection did. Idempotent: an ejection that ends no later than the current one is a
+        no-op (that is how the worker that ejected sees its own broadcast). The max-ejection
+        percent of this process's view applies. Returns True when the instance was ejected or
+        its ejection extended; it returns to service in ``tick`` (slow start applies)."""
+        outlier = self.outlier
+        if outlier is None or until <= now:
+            return False
+        instance = next((i for i in self.instances if i.address == address), None)
+        if instance is None or not outlier.eject_until(address, until, now):
+            return False
+        if not instance.ejected:
+            instance.ejected = True
+            if instance.update_availability():
+                self.balancer.refresh(now)
+            log.warning(
+                "upstream %s: instance %s ejected by another worker for %.1fs",
+                self.name,
+                address,
+                until - now,
+            )
+        return True
 
     def tick(self, now: float) -> None:
         """Once a second: return ejected instances whose time is up; advance slow start."""
@@ -393,35 +435,62 @@ async def close_redis_stores() -> None:
         await store.close()
 
 
+def _limit_spec(limit: RateLimitConfig, owner: str | None, name: str | None) -> LimitSpec:
+    return LimitSpec(
+        count=limit.count,
+        period=limit.period,
+        burst=limit.burst,
+        key=limit.key,
+        store=limit.store,
+        dry_run=limit.dry_run,
+        missing=limit.missing,
+        on_store_error=limit.on_store_error,
+        name=limit.name or name,
+        max_keys=limit.max_keys,
+        owner=owner,
+    )
+
+
 def _limiters(config: GatewayConfig, previous: Snapshot | None) -> dict[str, RouteLimiter]:
+    """One RouteLimiter per route that has limits of its own, of its upstream or global ones.
+
+    A request passes its route's limits, then its upstream's, then the global ones (default
+    names ``limitN``, ``upstreamN``, ``globalN``). Upstream-level and global limits are owned by
+    ``upstream:NAME`` / ``global``, so their buckets (and Redis keys) are the same whatever the
+    route. In a worker of ``workers: N`` every local bucket lives in the shared-memory table.
+    """
     limiters: dict[str, RouteLimiter] = {}
     trusted = TrustedProxies(config.trusted_proxies)
+    stores = BucketStores(
+        shared_buckets.installed(), previous.limiters.values() if previous is not None else ()
+    )
+    global_specs = [
+        _limit_spec(limit, "global", f"global{i}") for i, limit in enumerate(config.rate_limit)
+    ]
+    upstream_specs = {
+        name: [
+            _limit_spec(limit, f"upstream:{name}", f"upstream{i}")
+            for i, limit in enumerate(upstream.rate_limit)
+        ]
+        for name, upstream in config.upstreams.items()
+        if upstream.rate_limit
+    }
     for route in config.routes:
-        if not route.rate_limit and not route.max_in_flight:
+        specs = [_limit_spec(limit, None, None) for limit in route.rate_limit]
+        specs += upstream_specs.get(route.upstream, ())
+        specs += global_specs
+        if not specs and not route.max_in_flight:
             continue
-        uses_redis = any(limit.store == "redis" for limit in route.rate_limit)
+        uses_redis = any(spec.store == "redis" for spec in specs)
         limiters[route.name] = RouteLimiter(
             route.name,
-            [
-                LimitSpec(
-                    count=limit.count,
-                    period=limit.period,
-                    burst=limit.burst,
-                    key=limit.key,
-                    store=limit.store,
-                    dry_run=limit.dry_run,
-                    missing=limit.missing,
-                    on_store_error=limit.on_store_error,
-                    name=limit.name,
-                    max_keys=limit.max_keys,
-                )
-                for limit in route.rate_limit
-            ],
+            specs,
             trusted=trusted,
             headers=route.rate_limit_headers,
             legacy_headers=route.rate_limit_legacy_headers,
             max_in_flight=route.max_in_flight,
             redis=redis_store(config.redis) if uses_redis and config.redis is not None else None,
             previous=previous.limiters.get(route.name) if previous is not None else None,
+            stores=stores,
         )
     return limiters

@@ -10,19 +10,32 @@ Supervisor and worker talk over a socketpair inherited by the worker (``--ipc-fd
 per message: a 4-byte big-endian length, then an orjson object with an ``op``:
 
 supervisor -> worker
-  ``config``      {seq, source, text, sha256, discovered, unhealthy}: parse ``text`` (the exact
-                  bytes the supervisor validated), build a snapshot from the previous one (pools
-                  carry over), swap it in; answered by ``ack`` (or ``ready`` for the first one).
-  ``discovered``  {discovered, unhealthy}: same config, new instance lists.
+  ``config``      {seq, source, text, sha256, discovered, unhealthy, ejected, shared}: parse
+                  ``text`` (the exact bytes the supervisor validated), build a snapshot from the
+                  previous one (pools carry over), swap it in; answered by ``ack`` (or ``ready``
+                  for the first one). ``shared`` (used from the first message) says where the
+                  shared rate-limit table is: {fd, semaphore, slots}.
+  ``discovered``  {discovered, unhealthy, ejected}: same config, new instance lists.
   ``health``      {upstream, address, healthy}: an active-check transition.
+  ``eject``       {upstream, address, until}: an outlier ejection (``until`` in
+                  ``time.monotonic()`` seconds, one clock for every process on the machine).
   ``metrics``     {seq}: answered by ``metrics`` {seq, state: GatewayMetrics.export_state()}.
 
 worker -> supervisor
-  ``ready`` {seq, pid, sha256}, ``ack`` {seq, sha256}, ``reject`` {seq, error}, ``metrics``.
+  ``ready`` {seq, pid, sha256}, ``ack`` {seq, sha256}, ``reject`` {seq, error}, ``metrics``,
+  ``eject`` {upstream, address, until}: this worker's outlier detection ejected an instance;
+  the supervisor records it and broadcasts it to every worker (the sender included: applying
+  an ejection it already has is a no-op).
 
 ``discovered`` maps upstream -> [[host, port, weight], ...]; ``unhealthy`` lists
-[upstream, address] pairs that active checks hold down. Both are full state, so a restarted
-worker starts from the supervisor's current view with one ``config`` message.
+[upstream, address] pairs that active checks hold down; ``ejected`` lists [upstream, address,
+until] ejections still running. All are full state, so a restarted worker starts from the
+supervisor's current view with one ``config`` message.
+
+Shared state: with ``workers: N`` the supervisor creates the shared rate-limit table
+(``gateway.ratelimit.shared``: a memfd and a POSIX semaphore) before the first worker starts;
+each worker inherits the memfd (``pass_fds``) and runs with the same random ``PYTHONHASHSEED``,
+so all of them hash bucket keys alike.
 
 Shutdown: the supervisor forwards SIGTERM and waits; a worker whose supervisor vanished (EOF on
 the pipe) drains and exits on its own.
@@ -35,17 +48,19 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import struct
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from gateway.ratelimit.shared import DEFAULT_SLOTS, SharedTable
 from gateway.snapshot import close_redis_stores
 
 __all__ = [
@@ -150,7 +165,15 @@ class _Worker:
 class WorkerPool:
     """The supervisor's side: spawn, feed, watch and restart ``count`` workers."""
 
-    def __init__(self, count: int, host: str, port: int, *, log_level: int = logging.INFO):
+    def __init__(
+        self,
+        count: int,
+        host: str,
+        port: int,
+        *,
+        log_level: int = logging.INFO,
+        shared_slots: int = DEFAULT_SLOTS,
+    ):
         self.count = count
         self.host = host
         self.port = port
@@ -166,6 +189,13 @@ class WorkerPool:
         self._seq = 0
         self._placeholder: socket.socket | None = None
         self._watchers: set[asyncio.Task[None]] = set()
+        # Gateway-wide state: local rate-limit buckets in shared memory, and one hash seed so
+        # that every worker (restarted ones too) hashes bucket keys the same way.
+        self.shared_slots = shared_slots
+        self.shared: SharedTable | None = None
+        self.hash_seed = 1 + secrets.randbelow(2**32 - 1)
+        # Called with each ``eject`` message a worker sends (set by the owner of the pool).
+        self.on_eject: Callable[[dict[str, Any]], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -197,6 +227,10 @@ class WorkerPool:
             self._reserve_port()
         except OSError as error:
             raise WorkerStartError(f"cannot listen on {self.host}:{self.port}: {error}") from None
+        try:
+            self.shared = SharedTable.create(self.shared_slots)
+        except OSError as error:
+            raise WorkerStartError(f"cannot create the shared rate-limit table: {error}") from None
         for index in range(self.count):
             self.workers[index] = await self._spawn(index)
         for worker in list(self.workers.values()):
@@ -236,8 +270,9 @@ class WorkerPool:
                 str(self.port),
                 "--log-level",
                 logging.getLevelName(self.log_level),
-                pass_fds=(child.fileno(),),
+                pass_fds=(child.fileno(),) + ((self.shared.fd,) if self.shared else ()),
                 stdin=asyncio.subprocess.DEVNULL,
+                env={**os.environ, "PYTHONHASHSEED": str(self.hash_seed)},
             )
         finally:
             child.close()
@@ -247,7 +282,8 @@ class WorkerPool:
         worker.reader_task = loop.create_task(self._read(worker, reader))
         seq = self._next_seq()
         worker.pending[seq] = worker.ready
-        send(writer, {**self.current, "op": "config", "seq": seq})
+        shared = self.shared.spec() if self.shared is not None else None
+        send(writer, {**self.current, "op": "config", "seq": seq, "shared": shared})
         log.info("worker %d started (pid %d)", index, process.pid)
         return worker
 
@@ -261,6 +297,13 @@ class WorkerPool:
             if message is None:
                 break
             op = message.get("op")
+            if op == "eject":
+                if self.on_eject is not None:
+                    try:
+                        self.on_eject(message)
+                    except (KeyError, TypeError, ValueError) as error:
+                        log.warning("bad eject message from worker %d: %r", worker.index, error)
+                continue
             if op in ("ready", "ack"):
                 worker.sha256 = str(message.get("sha256", ""))
             future = worker.pending.pop(int(message.get("seq", -1)), None)
@@ -334,6 +377,8 @@ class WorkerPool:
             worker.writer.close()
         if self._placeholder is not None:
             self._placeholder.close()
+        if self.shared is not None:
+            self.shared.close()
 
     def kill_now(self) -> None:
         self.stopping = True
@@ -383,10 +428,33 @@ class WorkerPool:
         return problems
 
     def update_instances(
-        self, discovered: Mapping[str, Any], unhealthy: Sequence[Sequence[str]]
+        self,
+        discovered: Mapping[str, Any],
+        unhealthy: Sequence[Sequence[str]],
+        ejected: Sequence[Sequence[Any]] = (),
     ) -> None:
-        self.current = {**self.current, "discovered": discovered, "unhealthy": list(unhealthy)}
-        self.broadcast({"op": "discovered", "discovered": discovered, "unhealthy": unhealthy})
+        self.current = {
+            **self.current,
+            "discovered": discovered,
+            "unhealthy": list(unhealthy),
+            "ejected": list(ejected),
+        }
+        self.broadcast(
+            {
+                "op": "discovered",
+                "discovered": discovered,
+                "unhealthy": unhealthy,
+                "ejected": list(ejected),
+            }
+        )
+
+    def eject(
+        self, upstream: str, address: str, until: float, ejected: Sequence[Sequence[Any]]
+    ) -> None:
+        """Tell every worker about an outlier ejection; ``ejected`` (all running ejections)
+        goes to workers started later."""
+        self.current = {**self.current, "ejected": list(ejected)}
+        self.broadcast({"op": "eject", "upstream": upstream, "address": address, "until": until})
 
     def health(
         self, upstream: str, address: str, healthy: bool, unhealthy: Sequence[Sequence[str]]
@@ -464,7 +532,17 @@ def _build(config: Any, previous: Any, message: Mapping[str, Any]) -> Any:
     for upstream in snapshot.upstreams.values():
         for instance in upstream.instances:
             upstream.set_health(instance, (upstream.name, instance.address) not in down)
+    apply_ejections(snapshot, message.get("ejected", ()))
     return snapshot
+
+
+def apply_ejections(snapshot: Any, ejected: Iterable[Sequence[Any]]) -> None:
+    """Outlier ejections decided by any worker: [[upstream, address, until], ...]."""
+    now = time.monotonic()
+    for name, address, until in ejected:
+        upstream = snapshot.upstreams.get(name)
+        if upstream is not None:
+            upstream.apply_ejection(str(address), float(until), now)
 
 
 def _parse(message: Mapping[str, Any]) -> Any:
@@ -483,6 +561,8 @@ async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
     from gateway.config import ConfigInvalid, format_errors
     from gateway.metrics import GatewayMetrics
     from gateway.proxy.listener import ProxyServer
+    from gateway.ratelimit import shared as shared_buckets
+    from gateway.snapshot import set_ejection_listener
 
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=ipc_fd))
@@ -495,6 +575,17 @@ async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
     except ConfigInvalid as invalid:  # the supervisor validated it: should not happen
         log.error("config rejected:\n%s", format_errors(invalid.errors))
         return 2
+    if first.get("shared"):
+        try:
+            shared_buckets.install(shared_buckets.SharedTable.attach(first["shared"]))
+        except (OSError, ValueError) as error:
+            log.error("cannot attach the shared rate-limit table: %s", error)
+            return 2
+
+    def ejected(upstream: str, address: str, until: float) -> None:
+        send(writer, {"op": "eject", "upstream": upstream, "address": address, "until": until})
+
+    set_ejection_listener(ejected)
     metrics = GatewayMetrics(bucket_overrides=dict(config.metrics.buckets))
     metrics.declare((route.name, route.upstream) for route in config.routes)
     server = ProxyServer(_build(config, None, first), metrics)
@@ -530,6 +621,10 @@ async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
                 for instance in upstream.instances:
                     if instance.address == message["address"]:
                         upstream.set_health(instance, bool(message["healthy"]))
+        elif op == "eject":
+            apply_ejections(
+                server.snapshot, [(message["upstream"], message["address"], message["until"])]
+            )
         elif op == "discovered":
             server.set_snapshot(_build(server.snapshot.config, server.snapshot, message))
         elif op == "config":

@@ -120,6 +120,8 @@ class UpstreamConfig:
     health: HealthConfig | None = None  # active checks, off unless configured
     hedge: HedgeConfig | None = None  # hedged requests, off unless configured
     circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    # Limits every route to this upstream must also pass; their buckets are shared by the routes.
+    rate_limit: tuple[RateLimitConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,3 +285,4 @@ class GatewayConfig:
     redis: RedisConfig | None = None  # the shared store of `store: redis` rate limits
     watch: bool = False  # reload when the config file changes (polled every second)
     drain_timeout: float = 10.0  # SIGTERM: how long in-flight requests may take to finish
+    rate_limit: tuple[RateLimitConfig, ...] = ()  # every request must pass these as well

@@ -268,6 +268,13 @@ OUTLIER = Struct(
         ),
     ],
     build=_outlier,
+    checks=[
+        lambda values: (
+            [("base_ejection_time", "must not exceed max_ejection_time")]
+            if values["base_ejection_time"] > values["max_ejection_time"]
+            else []
+        )
+    ],
 )
 
 HEALTH = Struct(
@@ -330,6 +337,67 @@ CIRCUIT_BREAKER = Struct(
 )
 
 
+def _rate(text: str) -> tuple[int, float]:
+    from gateway.ratelimit.limiter import parse_rate
+
+    return parse_rate(text)
+
+
+LIMIT_KEY = Text(
+    "client_ip, route, header:NAME or query:NAME",
+    pattern=r"client_ip|route|(header|query):[!#$%&'*+.^_`|~0-9A-Za-z-]+",
+)
+
+RATE_LIMIT = Struct(
+    "rate_limit",
+    "A rate limit (GCRA): `rate` sustained, `burst` admitted at once from idle, per key value.",
+    [
+        Field(
+            "rate",
+            Text("a rate such as 100/s, 6000/min, 10/10s or 1000/h", parse=_rate),
+            "Sustained rate.",
+            REQUIRED,
+        ),
+        Field("burst", Int(1), "Requests admitted at once from idle (default: the rate's count)."),
+        Field(
+            "key",
+            Union(LIMIT_KEY, ListOf(LIMIT_KEY, min_items=1, unique=True)),
+            "What gets its own bucket: client_ip (honouring trusted_proxies), header:NAME,"
+            " query:NAME, route (one bucket), or a list combining them.",
+            "client_ip",
+        ),
+        Field(
+            "store", Enum(("local", "redis")), "local (this gateway) or redis (shared).", "local"
+        ),
+        Field("dry_run", Bool(), "Count what would be refused, refuse nothing.", False),
+        Field(
+            "missing",
+            Enum(("shared", "reject")),
+            "A request without the key's value: share one bucket, or reject it (400).",
+            "shared",
+        ),
+        Field(
+            "on_store_error",
+            Enum(("allow", "local", "deny")),
+            "When Redis fails or is slower than redis.timeout: admit, use a local bucket with the"
+            " same limit, or refuse (503).",
+            "local",
+        ),
+        Field("name", NAME, "Policy name in the RateLimit headers and the Redis key."),
+        Field(
+            "max_keys", Int(1), "Bound on local buckets (least recently used go first).", 100_000
+        ),
+    ],
+    build=lambda rate, **values: RateLimitConfig(count=rate[0], period=rate[1], **values),
+)
+
+# One limit or a list of them that must all admit: on a route, an upstream, or at the top level.
+RATE_LIMITS = Union(
+    Mapped(RATE_LIMIT, lambda limit: (limit,)),
+    ListOf(RATE_LIMIT, min_items=1),
+)
+
+
 def _percent(value: int) -> float:
     return value / 100.0
 
@@ -359,6 +427,7 @@ def _hash_key_needed(values: dict[str, Any]) -> list[tuple[str, str]]:
 def _upstream(**values: Any) -> UpstreamConfig:
     # The name is the mapping key; MapOf(key_field="name") fills it in.
     values["instances"] = values["instances"] or ()
+    values["rate_limit"] = values["rate_limit"] or ()
     return UpstreamConfig(name="", **values)
 
 
@@ -437,6 +506,12 @@ UPSTREAM = _UpstreamStruct(
             Bool(),
             "Consul: only instances whose health checks all pass (false: every instance).",
             True,
+        ),
+        Field(
+            "rate_limit",
+            RATE_LIMITS,
+            "Rate limits every route to this upstream must also pass; their buckets are shared"
+            " by those routes (key: route means one bucket for the whole upstream).",
         ),
     ],
     build=_upstream,
@@ -525,60 +600,6 @@ REWRITE = Struct(
 )
 
 
-def _rate(text: str) -> tuple[int, float]:
-    from gateway.ratelimit.limiter import parse_rate
-
-    return parse_rate(text)
-
-
-LIMIT_KEY = Text(
-    "client_ip, route, header:NAME or query:NAME",
-    pattern=r"client_ip|route|(header|query):[!#$%&'*+.^_`|~0-9A-Za-z-]+",
-)
-
-RATE_LIMIT = Struct(
-    "rate_limit",
-    "A rate limit (GCRA): `rate` sustained, `burst` admitted at once from idle, per key value.",
-    [
-        Field(
-            "rate",
-            Text("a rate such as 100/s, 6000/min, 10/10s or 1000/h", parse=_rate),
-            "Sustained rate.",
-            REQUIRED,
-        ),
-        Field("burst", Int(1), "Requests admitted at once from idle (default: the rate's count)."),
-        Field(
-            "key",
-            Union(LIMIT_KEY, ListOf(LIMIT_KEY, min_items=1, unique=True)),
-            "What gets its own bucket: client_ip (honouring trusted_proxies), header:NAME,"
-            " query:NAME, route (one bucket), or a list combining them.",
-            "client_ip",
-        ),
-        Field(
-            "store", Enum(("local", "redis")), "local (this gateway) or redis (shared).", "local"
-        ),
-        Field("dry_run", Bool(), "Count what would be refused, refuse nothing.", False),
-        Field(
-            "missing",
-            Enum(("shared", "reject")),
-            "A request without the key's value: share one bucket, or reject it (400).",
-            "shared",
-        ),
-        Field(
-            "on_store_error",
-            Enum(("allow", "local", "deny")),
-            "When Redis fails or is slower than redis.timeout: admit, use a local bucket with the"
-            " same limit, or refuse (503).",
-            "local",
-        ),
-        Field("name", NAME, "Policy name in the RateLimit headers and the Redis key."),
-        Field(
-            "max_keys", Int(1), "Bound on local buckets (least recently used go first).", 100_000
-        ),
-    ],
-    build=lambda rate, **values: RateLimitConfig(count=rate[0], period=rate[1], **values),
-)
-
 ROUTE = Struct(
     "route",
     "A route: requests matching `match` go to `upstream`.",
@@ -598,10 +619,7 @@ ROUTE = Struct(
         ),
         Field(
             "rate_limit",
-            Union(
-                Mapped(RATE_LIMIT, lambda limit: (limit,)),
-                ListOf(RATE_LIMIT, min_items=1),
-            ),
+            RATE_LIMITS,
             "A rate limit, or a list of them that must all admit (429 beyond).",
         ),
         Field(
@@ -858,6 +876,7 @@ def _root(**values: Any) -> dict[str, Any]:
         values["admin"] = admin.address
         values["admin_token"] = admin.token
         values["admin_registry"] = admin.registry
+    values["rate_limit"] = values["rate_limit"] or ()
     return values
 
 
@@ -932,13 +951,51 @@ def _redis_for_redis_limits(values: dict[str, Any]) -> list[tuple[str, str]]:
     if values.get("redis") is not None:
         return []
     users = [
-        route.name
+        f"route {route.name}"
         for route in values.get("routes") or ()
         if any(limit.store == "redis" for limit in route.rate_limit)
     ]
+    users += [
+        f"upstream {name}"
+        for name, upstream in (values.get("upstreams") or {}).items()
+        if any(limit.store == "redis" for limit in upstream.rate_limit)
+    ]
+    if any(limit.store == "redis" for limit in values.get("rate_limit") or ()):
+        users.append("the global rate_limit")
     if users:
-        return [("redis", "required: routes " + ", ".join(users) + " use store: redis")]
+        return [("redis", "required: " + ", ".join(users) + " use store: redis")]
     return []
+
+
+def limit_names(
+    route: RouteConfig, upstream: UpstreamConfig | None, global_limits: tuple[Any, ...]
+) -> list[str]:
+    """Policy names of every limit a request of ``route`` must pass, in evaluation order:
+    the route's own (default ``limitN``), its upstream's (``upstreamN``), global (``globalN``)."""
+    names = [limit.name or f"limit{i}" for i, limit in enumerate(route.rate_limit)]
+    if upstream is not None:
+        names += [limit.name or f"upstream{i}" for i, limit in enumerate(upstream.rate_limit)]
+    names += [limit.name or f"global{i}" for i, limit in enumerate(global_limits)]
+    return names
+
+
+def _rate_limit_names_unique(values: dict[str, Any]) -> list[tuple[str, str]]:
+    # The names label the RateLimit headers of one response: they must differ per route.
+    upstreams = values.get("upstreams") or {}
+    global_limits = values.get("rate_limit") or ()
+    problems = []
+    for route in values.get("routes") or ():
+        names = limit_names(route, upstreams.get(route.upstream), global_limits)
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            problems.append(
+                (
+                    "rate_limit",
+                    f"route {route.name}: rate limit names repeat across the route, its upstream"
+                    f" and the global limits: {', '.join(repeated)}",
+                )
+            )
+    return problems
 
 
 # --- top level --------------------------------------------------------------------------------
@@ -1009,7 +1066,13 @@ ROOT = Struct(
             "10s",
         ),
         Field("redis", REDIS, "Redis for shared rate limits (store: redis)."),
+        Field(
+            "rate_limit",
+            RATE_LIMITS,
+            "Rate limits every request must pass, whatever its route (key: route means one"
+            " bucket for the whole gateway).",
+        ),
     ],
     build=_root,
-    checks=[_redis_for_redis_limits],
+    checks=[_redis_for_redis_limits, _rate_limit_names_unique],
 )

@@ -16,8 +16,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from gateway.config.durations import (
-    DURATION_HINT,
-    DURATION_PATTERN,
     SIZE_HINT,
     SIZE_PATTERN,
     parse_duration,
@@ -689,11 +687,6 @@ def check_replacement(regex: str, replacement: str) -> str | None:
     except (re.error, IndexError) as exc:
         return f"invalid replacement {replacement!r}: {exc}"
     return None
-
-
-DURATION_EXPECTED = f"a duration: {DURATION_HINT}"
-DURATION_JSON_PATTERN = DURATION_PATTERN
-SIZE_JSON_PATTERN = SIZE_PATTERN
 
 
 # --- cross-reference checks -----------------------------------------------------------------

@@ -176,6 +176,25 @@ class OutlierDetector:
         """How many instances may be out at once: floor(percent of the set), at least one."""
         return max(1, math.floor(self.total * self.max_ejection_percent / 100.0 + 1e-9))
 
+    def eject_until(self, key: Hashable, until: float, now: float) -> bool:
+        """Record an ejection decided elsewhere (another worker) until ``until``, as ``record``
+        would have: the multiplier grows, so this process's next ejection lasts as long.
+        False when ``key`` is unknown, already ejected at least that long, or over the cap."""
+        state = self._states.get(key)
+        if state is None or state.ejected_until >= until:
+            return False
+        if not state.ejected_until:
+            if len(self._ejected) >= self.max_ejected():
+                self.ejections_refused += 1
+                return False
+            state.times_ejected += 1
+            state.total_ejections += 1
+        state.ejected_until = until
+        state.last_change = now
+        state.consecutive_failures = state.consecutive_gateway_failures = 0
+        self._ejected.add(key)
+        return True
+
     def _eject(self, key: Hashable, state: EjectionInfo, now: float) -> bool:
         if len(self._ejected) >= self.max_ejected():
             self.ejections_refused += 1

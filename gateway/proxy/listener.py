@@ -163,7 +163,6 @@ class Exchange:
     instance: Instance | None = None
     conn: UpstreamConnection | None = None
     head = b""
-    upstream_chunked = False
     status = 0
     interim = False
     response_started = False
@@ -181,7 +180,6 @@ class Exchange:
     hash_key: bytes | None = None
     failed_instance: Instance | None = None
     budget_held = False
-    breaker_held = False
     body_sent = False  # a body byte went to some upstream
     replay_limit = REPLAY_LIMIT
     retry_timer: asyncio.TimerHandle | None = None
@@ -843,7 +841,6 @@ class ClientConnection(asyncio.Protocol):
             framing = b""
         elif ex.chunked:
             framing = b"transfer-encoding: chunked\r\n"
-            ex.upstream_chunked = True
         elif ex.content_length is not None:
             framing = b"content-length: %d\r\n" % int(ex.content_length)
         else:

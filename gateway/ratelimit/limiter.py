@@ -19,24 +19,35 @@ When several limits apply, a request consumes from all of them or from none: loc
 taken one by one and given back (``refund``) if a later one denies; Redis limits of one request
 are decided all-or-nothing inside one script call. Limits are evaluated in config order, local
 ones before the Redis round trip (a request refused locally costs no round trip).
+
+A limit belongs to an **owner**: its route (the default), ``upstream:NAME`` for a limit declared
+on an upstream, or ``global``. The snapshot builder composes a route's own limits with those of
+its upstream and the global ones into the route's ``RouteLimiter``; limits with the same owner,
+name and parameters share one bucket table across routes (``BucketStores``) and one Redis key
+space (``prefix:owner:limit:keyvalue``). With several worker processes the tables live in shared
+memory (``gateway.ratelimit.shared``), so ``store: local`` is exact for the whole machine.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from gateway.ratelimit import headers as rlh
 from gateway.ratelimit.gcra import SLACK, retry_after_seconds
 from gateway.ratelimit.keys import Headers, KeyExtractor, compile_key
-from gateway.ratelimit.local import DEFAULT_MAX_KEYS, LocalStore
+from gateway.ratelimit.local import DEFAULT_MAX_KEYS, BucketStore, LocalStore
 from gateway.ratelimit.redis_store import RedisStore
+
+if TYPE_CHECKING:
+    from gateway.ratelimit.shared import SharedTable
 
 __all__ = [
     "ALLOW",
+    "BucketStores",
     "Decision",
     "Limit",
     "LimitSpec",
@@ -84,6 +95,7 @@ class LimitSpec:
     on_store_error: OnStoreError = "local"
     name: str | None = None  # policy name in headers and in the Redis key; default limitN
     max_keys: int = DEFAULT_MAX_KEYS  # local bucket table bound (LRU)
+    owner: str | None = None  # whose buckets: None = the route; "upstream:NAME"; "global"
 
 
 class Decision:
@@ -139,6 +151,7 @@ class Limit:
     """One compiled limit of a route."""
 
     __slots__ = (
+        "bucket_id",
         "burst",
         "count",
         "dry_run",
@@ -146,8 +159,10 @@ class Limit:
         "interval_us",
         "key",
         "local",
+        "max_keys",
         "name",
         "on_store_error",
+        "owner",
         "period",
         "policy",
         "qname",
@@ -180,10 +195,17 @@ class Limit:
         self.dry_run = spec.dry_run
         self.reject_missing = spec.missing == "reject"
         self.on_store_error: OnStoreError = spec.on_store_error
+        self.owner = spec.owner or route
+        # Limits with the same identity share buckets (an upstream's limit across its routes);
+        # a changed rate or burst is a new identity, so it starts from full buckets.
+        self.bucket_id = (self.owner, self.name, self.interval, self.span)
+        self.max_keys = spec.max_keys
         # Local limits keep their buckets here; Redis limits keep their fallback buckets.
-        self.local = LocalStore(spec.max_keys)
-        # ``prefix:route:limit:keyvalue``: two routes (or two limits) never share a bucket.
-        self.redis_prefix = f"{prefix}:{route}:{self.name}:".encode()
+        # Replaced by a shared table when the RouteLimiter is given ``stores``.
+        self.local: BucketStore = LocalStore(spec.max_keys)
+        # ``prefix:owner:limit:keyvalue``: two routes (or two limits) never share a bucket
+        # by accident; an upstream-level or global limit is one key space for all its routes.
+        self.redis_prefix = f"{prefix}:{self.owner}:{self.name}:".encode()
         self.qname = rlh.sf_string(self.name)
         self.window = max(1, math.ceil(spec.period))
         self.policy = rlh.policy_item(self.name, spec.count, self.window)
@@ -237,6 +259,7 @@ class RouteLimiter:
         max_in_flight: int = 0,
         redis: RedisStore | None = None,
         previous: RouteLimiter | None = None,
+        stores: BucketStores | None = None,
     ) -> None:
         self.route = route
         prefix = redis.prefix if redis is not None else "gateway"
@@ -249,11 +272,14 @@ class RouteLimiter:
         self.uses_redis = any(limit.store == "redis" for limit in self.limits)
         if self.uses_redis and redis is None:
             raise ValueError(f"route {route!r}: store: redis needs a top-level redis section")
-        if previous is not None:
-            # A reload keeps the buckets of limits whose parameters did not change.
-            old = {(lim.name, lim.interval, lim.span): lim.local for lim in previous.limits}
+        if stores is not None:
             for limit in self.limits:
-                kept = old.get((limit.name, limit.interval, limit.span))
+                limit.local = stores.get(limit)
+        elif previous is not None:
+            # A reload keeps the buckets of limits whose parameters did not change.
+            old = {lim.bucket_id: lim.local for lim in previous.limits}
+            for limit in self.limits:
+                kept = old.get(limit.bucket_id)
                 if kept is not None:
                     limit.local = kept
         self.redis = redis
@@ -528,6 +554,40 @@ class RouteLimiter:
         self.missing_rejected += 1
         # Not 429: waiting does not help a request that lacks the key (RFC 9110 §15.5.1).
         return Decision(False, 400, "missing_key", b"", 0, limit.name)
+
+
+class BucketStores:
+    """Which bucket table each limit of one snapshot uses.
+
+    Limits with the same ``bucket_id`` (owner, name, rate, burst) get the same table, so the
+    limit of an upstream or a global one is one set of buckets whatever route a request took.
+    Tables of ``previous`` limiters are carried over (a reload keeps the buckets of unchanged
+    limits). With ``shared`` (a worker of ``workers: N``) every table is a view of the shared
+    memory table instead: the state then lives outside the snapshot altogether.
+    """
+
+    def __init__(
+        self, shared: SharedTable | None = None, previous: Iterable[RouteLimiter] = ()
+    ) -> None:
+        self.shared = shared
+        self.tables: dict[tuple[str, str, float, float], BucketStore] = {}
+        self._previous: dict[tuple[str, str, float, float], BucketStore] = {}
+        for limiter in previous:
+            for limit in limiter.limits:
+                self._previous[limit.bucket_id] = limit.local
+
+    def get(self, limit: Limit) -> BucketStore:
+        bucket_id = limit.bucket_id
+        store = self.tables.get(bucket_id)
+        if store is None:
+            if self.shared is not None:
+                owner, name, interval, span = bucket_id
+                store = self.shared.view(f"{owner}\x00{name}\x00{interval!r}\x00{span!r}")
+            else:
+                kept = self._previous.get(bucket_id)
+                store = kept if isinstance(kept, LocalStore) else LocalStore(limit.max_keys)
+            self.tables[bucket_id] = store
+        return store
 
 
 def build_limiters(

@@ -7,18 +7,11 @@ a full bucket again, which only happens when more than ``max_keys`` keys were se
 last used. ``expire(now)`` drops idle keys from the cold end so that memory also shrinks when the
 flood stops.
 
-Store contract (``BucketStore``): ``take`` and ``refund``. Both are the whole read-modify-write of
-one key, so a replacement that shares buckets across worker processes (issue 3) only has to make
-these two operations atomic. The intended shared implementation:
-
-- a ``multiprocessing.shared_memory`` block created by the supervisor before forking workers,
-  holding a fixed-size open-addressing table per limit: slots of (64-bit key hash, float64 TAT),
-  linear probing over a bounded probe window, a slot whose TAT is in the past is free for reuse
-  (idle expiry and the memory bound come for free: the table never grows);
-- ``take`` hashes the key (a per-table random seed, so clients cannot aim at collisions), then
-  under a lock striped by slot (an array of ``multiprocessing.Lock``, or one ``fcntl`` byte-range
-  lock per stripe) reads the TAT, computes ``x`` and writes the new TAT: ~1 µs more than here;
-- a full probe window evicts the slot with the smallest TAT (the one closest to idle).
+Store contract (``BucketStore``): ``take``, ``refund`` and ``expire``. ``take`` and ``refund``
+are each the whole read-modify-write of one key, so a replacement that shares buckets across
+worker processes only has to make these two operations atomic: that is
+``gateway.ratelimit.shared.SharedBuckets`` (a fixed-size table in shared memory, one float TAT
+per 64-bit key hash, under a POSIX semaphore), which ``workers: N`` uses for every local limit.
 
 ``take`` returns ``x`` (see ``gcra``) and commits only when ``x <= span_cmp``.
 """
@@ -37,6 +30,10 @@ class BucketStore(Protocol):
     def take(self, key: str | bytes, now: float, interval: float, span_cmp: float) -> float: ...
 
     def refund(self, key: str | bytes, interval: float) -> None: ...
+
+    def peek(self, key: str | bytes) -> float | None: ...
+
+    def expire(self, now: float, budget: int = ...) -> int: ...
 
 
 class LocalStore:

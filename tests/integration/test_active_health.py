@@ -73,6 +73,14 @@ def test_unhealthy_instance_gets_no_traffic(checked_gateway: GatewayProcess) -> 
         assert time.monotonic() < deadline, _instance_states(checked_gateway)
         time.sleep(0.05)
     assert _instance_states(checked_gateway)["healthy"] == 1.0
+    transitions = [
+        line
+        for line in checked_gateway.metrics_text().splitlines()
+        if line.startswith("gateway_health_transitions_total{")
+        and 'to="unhealthy"' in line
+        and 'upstream="checked"' in line
+    ]
+    assert transitions and float(transitions[0].rsplit(" ", 1)[1]) >= 1
     for _ in range(10):
         with urllib.request.urlopen(checked_gateway.base_url + "/echo/health", timeout=5) as r:
             assert r.status == 200

@@ -226,11 +226,23 @@ def prom_gateway(
     # One upstream per route, so that per-upstream series can be checked too.
     config = {
         "upstreams": {
-            name: {"instances": [instance], "timeouts": {"read": "5s"}}
+            name: {
+                "instances": [instance],
+                "timeouts": {"read": "5s"},
+                **({"retry": {"on": ["5xx"]}} if name == "broken-pool" else {}),
+            }
             for name in ("fast-pool", "slow-pool", "broken-pool")
         },
+        # Failing answers are retried once (same instance: it is the only one), so the retry
+        # panel has data; the client still sees the 500 of the last try.
         "routes": [
-            {"name": "fast", "match": {"path": {"prefix": "/api/fast"}}, "upstream": "fast-pool"},
+            {
+                "name": "fast",
+                "match": {"path": {"prefix": "/api/fast"}},
+                "upstream": "fast-pool",
+                # Never hit; it makes the rate-limit panel's metric appear.
+                "rate_limit": {"rate": "100000/s"},
+            },
             {
                 "name": "slow",
                 "match": {"path": {"prefix": "/api/slow"}},

@@ -78,10 +78,18 @@ ERROR_CASES: list[tuple[str, str, list[str]]] = [
             "gateway.yaml:4: upstreams.b.cache: unknown key 'cache' (allowed: instances, "
             "balancer, hash_key, slow_start, panic_threshold, retry, outlier, health, hedge, "
             "circuit_breaker, timeouts, max_idle_connections, discovery, service, tags, "
-            "datacenter, passing_only)",
+            "datacenter, passing_only, rate_limit)",
             "gateway.yaml:6: routes[0].compress: unknown key 'compress' (allowed: name, match, "
             "upstream, rewrite, timeout, max_body_bytes, retry, server_timing, rate_limit, "
             "rate_limit_headers, rate_limit_legacy_headers, max_in_flight)",
+        ],
+    ),
+    (
+        "ejection-base-over-max",
+        "upstreams:\n  a:\n    instances: [h:1]\n    outlier: {base_ejection_time: 10m}\n",
+        [
+            "gateway.yaml:4: upstreams.a.outlier.base_ejection_time: "
+            "must not exceed max_ejection_time"
         ],
     ),
     (
