@@ -34,7 +34,8 @@ def gateways(
     tmp_path: Path, redis_server: RedisServer, backend: AppBackend
 ) -> Iterator[list[GatewayProcess]]:
     config: dict[str, Any] = {
-        "redis": {"url": redis_server.url, "timeout": "100ms"},
+        # Generous: a healthy Redis on loopback must never time out, even on a busy machine.
+        "redis": {"url": redis_server.url, "timeout": "500ms"},
         "upstreams": {"app": {"instances": [f"127.0.0.1:{backend.port}"]}},
         "routes": [
             {
