@@ -189,7 +189,11 @@ class Text(Type):
 
 
 class Int(Type):
-    def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
+    """An integer within optional bounds."""
+
+    json_type = "integer"
+
+    def __init__(self, minimum: float | None = None, maximum: float | None = None) -> None:
         self.minimum = minimum
         self.maximum = maximum
         self.expected = "an integer"
@@ -197,36 +201,8 @@ class Int(Type):
     def accepts(self, value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
-    def check(self, ctx: Context, path: Path, value: Any) -> Any:
-        if not self.accepts(value):
-            return _type_error(ctx, path, self.expected, value)
-        if self.minimum is not None and value < self.minimum:
-            ctx.error(path, f"must be at least {self.minimum}, got {value}")
-            return INVALID
-        if self.maximum is not None and value > self.maximum:
-            ctx.error(path, f"must be at most {self.maximum}, got {value}")
-            return INVALID
+    def convert(self, value: Any) -> Any:
         return value
-
-    def json(self, gen: JsonGen) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": "integer"}
-        if self.minimum is not None:
-            out["minimum"] = self.minimum
-        if self.maximum is not None:
-            out["maximum"] = self.maximum
-        return out
-
-
-class Number(Type):
-    """An integer or a decimal number (not a boolean)."""
-
-    def __init__(self, minimum: float | None = None, maximum: float | None = None) -> None:
-        self.minimum = minimum
-        self.maximum = maximum
-        self.expected = "a number"
-
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool)
 
     def check(self, ctx: Context, path: Path, value: Any) -> Any:
         if not self.accepts(value) or value != value:  # NaN is not a number here
@@ -237,15 +213,31 @@ class Number(Type):
         if self.maximum is not None and value > self.maximum:
             ctx.error(path, f"must be at most {self.maximum}, got {value}")
             return INVALID
-        return float(value)
+        return self.convert(value)
 
     def json(self, gen: JsonGen) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": "number"}
+        out: dict[str, Any] = {"type": self.json_type}
         if self.minimum is not None:
             out["minimum"] = self.minimum
         if self.maximum is not None:
             out["maximum"] = self.maximum
         return out
+
+
+class Number(Int):
+    """An integer or a decimal number (not a boolean), as a float."""
+
+    json_type = "number"
+
+    def __init__(self, minimum: float | None = None, maximum: float | None = None) -> None:
+        super().__init__(minimum, maximum)
+        self.expected = "a number"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    def convert(self, value: Any) -> Any:
+        return float(value)
 
 
 class Bool(Type):
