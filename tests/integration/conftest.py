@@ -30,10 +30,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: all bound at once, so the kernel cannot hand out one twice."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 class GatewayProcess:
     def __init__(self, config: dict[str, Any], workdir: Path) -> None:
-        self.port = free_port()
-        self.admin_port = free_port()
+        self.port, self.admin_port = free_ports(2)
         config = {
             "listen": f"127.0.0.1:{self.port}",
             "admin": f"127.0.0.1:{self.admin_port}",

@@ -28,7 +28,7 @@ import yaml
 from aiohttp import web
 
 from tests.integration.backends import LoopThread
-from tests.integration.conftest import ROOT, GatewayProcess, free_port
+from tests.integration.conftest import ROOT, GatewayProcess, free_port, free_ports
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 
@@ -197,8 +197,7 @@ class DiscoveryGateway(GatewayProcess):
     def __init__(
         self, config: dict[str, Any], workdir: Path, admin_extra: dict[str, Any] | None = None
     ) -> None:
-        self.port = free_port()
-        self.admin_port = free_port()
+        self.port, self.admin_port = free_ports(2)
         admin: Any = f"127.0.0.1:{self.admin_port}"
         if admin_extra:
             admin = {"address": admin, **admin_extra}
@@ -386,9 +385,8 @@ class ConsulAgent:
     def __init__(self, binary: str, workdir: Path) -> None:
         self.binary = binary
         self.workdir = workdir
-        self.ports = {
-            name: free_port() for name in ("http", "serf-lan", "serf-wan", "server", "grpc")
-        }
+        names = ("http", "serf-lan", "serf-wan", "server", "grpc")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.log = workdir / "consul.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -467,8 +465,7 @@ class EtcdServer:
                 pytrace=False,
             )
         self.workdir = workdir
-        self.client_port = free_port()
-        self.peer_port = free_port()
+        self.client_port, self.peer_port = free_ports(2)
         self.log = workdir / "etcd.log"
         self.process: subprocess.Popen[bytes] | None = None
 
