@@ -11,10 +11,12 @@ Backends never decide staleness and never empty an upstream themselves.
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "Backend",
@@ -105,6 +107,31 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None:
         """Stop every watch and release connections."""
+
+
+class WatchTasks:
+    """One watch task per query, started together and cancelled together (what the backends
+    that poll or long-poll per service have in common)."""
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(
+        self,
+        label: str,
+        queries: Iterable[ServiceQuery],
+        watch: Callable[[ServiceQuery], Coroutine[Any, Any, None]],
+    ) -> None:
+        for query in queries:
+            self._tasks.append(asyncio.create_task(watch(query), name=f"{label}-{query}"))
+
+    async def cancel(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 class Backoff:

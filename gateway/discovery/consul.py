@@ -20,7 +20,6 @@ backoff; the next request starts from index 0 so that a restarted agent is picke
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
@@ -36,6 +35,7 @@ from gateway.discovery.base import (
     DiscoveryError,
     ServiceQuery,
     Sink,
+    WatchTasks,
 )
 from gateway.discovery.registry import RegistrationRequest, StoreUnavailable, default_id
 
@@ -155,19 +155,13 @@ class ConsulBackend(Backend):
         super().__init__(config.name, sink)
         self.config = config
         self.client = _Client(config)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = WatchTasks()
 
     async def start(self) -> None:
-        for query in self.queries:
-            self._tasks.append(asyncio.create_task(self._watch(query), name=f"consul-{query}"))
+        self._tasks.start("consul", self.queries, self._watch)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self._tasks.cancel()
         await self.client.close()
 
     def registration_store(self) -> ConsulStore:

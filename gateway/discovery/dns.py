@@ -31,6 +31,7 @@ from gateway.discovery.base import (
     DiscoveryError,
     ServiceQuery,
     Sink,
+    WatchTasks,
 )
 
 __all__ = ["DnsBackend", "parse_target", "pick_srv_group"]
@@ -83,23 +84,17 @@ class DnsBackend(Backend):
         super().__init__(config.name, sink)
         self.config = config
         self._resolver: aiodns.DNSResolver | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = WatchTasks()
 
     async def start(self) -> None:
         kwargs: dict[str, Any] = {"timeout": self.config.timeout, "tries": 1}
         servers = list(self.config.nameservers) or None
         # No search domains and no /etc/hosts: discovery answers come from DNS servers only.
         self._resolver = aiodns.DNSResolver(nameservers=servers, **kwargs)
-        for query in self.queries:
-            self._tasks.append(asyncio.create_task(self._watch(query), name=f"dns-{query}"))
+        self._tasks.start("dns", self.queries, self._watch)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self._tasks.cancel()
         if self._resolver is not None:
             with contextlib.suppress(Exception):
                 await self._resolver.close()

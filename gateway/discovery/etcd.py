@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -44,6 +43,7 @@ from gateway.discovery.base import (
     DiscoveryError,
     ServiceQuery,
     Sink,
+    WatchTasks,
 )
 from gateway.discovery.consul import _ssl_context
 
@@ -147,7 +147,7 @@ class EtcdBackend(Backend):
         self.base = config.address.rstrip("/")
         self.prefix = config.prefix or "/services/"
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = WatchTasks()
         self._bad_keys: set[str] = set()  # logged once each
         self.relists = 0  # visible to tests: how often a query was listed from scratch
 
@@ -158,16 +158,10 @@ class EtcdBackend(Backend):
         return self._session
 
     async def start(self) -> None:
-        for query in self.queries:
-            self._tasks.append(asyncio.create_task(self._run(query), name=f"etcd-{query}"))
+        self._tasks.start("etcd", self.queries, self._run)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self._tasks.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None

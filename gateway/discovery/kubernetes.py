@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import os
 import ssl
@@ -58,6 +57,7 @@ from gateway.discovery.base import (
     DiscoveryError,
     ServiceQuery,
     Sink,
+    WatchTasks,
 )
 
 __all__ = [
@@ -359,21 +359,15 @@ class KubernetesBackend(Backend):
         self.base = base
         self.access: ClusterAccess | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = WatchTasks()
         self.lists = 0  # visible to tests: full lists done
         self.watches = 0  # watch requests made
 
     async def start(self) -> None:
-        for query in self.queries:
-            self._tasks.append(asyncio.create_task(self._run(query), name=f"kubernetes-{query}"))
+        self._tasks.start("kubernetes", self.queries, self._run)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self._tasks.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None
