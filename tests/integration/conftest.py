@@ -42,6 +42,18 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def stop_process(process: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds; reap it."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
 class GatewayProcess:
     def __init__(self, config: dict[str, Any], workdir: Path) -> None:
         self.port, self.admin_port = free_ports(2)
@@ -104,13 +116,7 @@ class GatewayProcess:
         raise RuntimeError("no VmRSS")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
         self._log.close()
 
 

@@ -28,7 +28,7 @@ import yaml
 from aiohttp import web
 
 from tests.integration.backends import LoopThread
-from tests.integration.conftest import ROOT, GatewayProcess, free_port, free_ports
+from tests.integration.conftest import ROOT, GatewayProcess, free_port, free_ports, stop_process
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 
@@ -341,9 +341,7 @@ class Dnsmasq:
                 return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        stop_process(self.process)
         self.process = None
 
     def restart(self) -> None:
@@ -431,13 +429,7 @@ class ConsulAgent:
         return http_json(method, self.address + path, body)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, grace=15)
         self.process = None
 
 
@@ -530,13 +522,7 @@ class EtcdServer:
         self.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, grace=15)
         self.process = None
 
 
@@ -644,13 +630,7 @@ class ZooKeeperServer:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, grace=15)
         self.process = None
 
 

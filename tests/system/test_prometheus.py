@@ -43,7 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import DEFAULT_BUCKETS
 from tests.integration.backends import AppBackend
-from tests.integration.conftest import GatewayProcess, free_port
+from tests.integration.conftest import GatewayProcess, free_port, stop_process
 from tests.unit.test_dashboard import DASHBOARD, PLANNED_METRICS, iter_panels, metric_names
 
 PACKAGE_HINT = (
@@ -175,13 +175,7 @@ class PrometheusServer:
         )
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
         self._log.close()
 
 
