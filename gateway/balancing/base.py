@@ -154,6 +154,13 @@ class Balancer(Generic[T]):
     def _carry_state(self, old_index: dict[Hashable, int], new_keys: list[Hashable]) -> None:
         """Hook: move per-instance state from old to new positions (peak_ewma uses it)."""
 
+    def _random_of(self, order: Sequence[T], exclude: object | None) -> T | None:
+        """An instance of ``order`` at random (hash balancers without a key), else fallback."""
+        instance = order[int(self._rng.random() * len(order))]
+        if (instance.available or self._panic) and instance is not exclude:
+            return instance
+        return self._fallback(exclude)
+
     def _fallback(self, exclude: object | None) -> T | None:
         """Linear scan for when the structures are stale (an instance flipped since the last
         refresh) or every candidate was excluded. Prefers an available non-excluded instance,

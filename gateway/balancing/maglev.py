@@ -133,11 +133,7 @@ class Maglev(Balancer[T]):
         if not table:
             return self._fallback(exclude)
         if key is None:
-            order = self._order
-            instance = order[int(self._rng.random() * len(order))]
-            if (instance.available or self._panic) and instance is not exclude:
-                return instance
-            return self._fallback(exclude)
+            return self._random_of(self._order, exclude)
         size = self._size
         slot = hash_key_bytes(key) % size
         instance = table[slot]

@@ -119,11 +119,7 @@ class RingHash(Balancer[T]):
         if not hashes:
             return self._fallback(exclude)
         if key is None:
-            order = self._order
-            instance = order[int(self._rng.random() * len(order))]
-            if (instance.available or self._panic) and instance is not exclude:
-                return instance
-            return self._fallback(exclude)
+            return self._random_of(self._order, exclude)
         owners = self._owners
         count = len(hashes)
         slot = bisect_left(hashes, hash_key_bytes(key))
