@@ -254,6 +254,23 @@ def read_response(
         rest += data
 
 
+def read_until_close(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Everything the peer sends until it closes; (bytes, closed). ``closed`` is False if the
+    peer still held the connection open after ``timeout`` seconds of silence."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data, True
+        except TimeoutError:
+            return data, False
+        if not chunk:
+            return data, True
+        data += chunk
+
+
 def is_closed(sock: socket.socket, timeout: float = 5.0) -> bool:
     """True once the peer closed (EOF or reset) within ``timeout``."""
     sock.settimeout(timeout)

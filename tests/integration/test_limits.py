@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.integration.backends import RawBackend, complete_message_responder
-from tests.integration.conftest import GatewayProcess, is_closed, read_response
+from tests.integration.conftest import GatewayProcess, is_closed, read_response, read_until_close
 
 GUARD = 10.0  # seconds: how long a test waits for something that should happen much sooner
 
@@ -77,22 +77,6 @@ def capped(
     process = start_gateway({"limits": {"max_connections": 5}, **_routes(raw)})
     yield process
     process.stop()
-
-
-def read_until_close(sock: socket.socket, timeout: float = GUARD) -> tuple[bytes, bool]:
-    """All bytes until the peer closes; ``closed`` is False after ``timeout`` s of silence."""
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data, True
-        except TimeoutError:
-            return data, False
-        if not chunk:
-            return data, True
-        data += chunk
 
 
 def expect_error_and_close(sock: socket.socket, status: int) -> dict[str, Any]:

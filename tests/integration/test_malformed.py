@@ -11,14 +11,13 @@ barrier's head and nothing else. The positive controls prove those assertions ca
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from tests.integration.backends import RawBackend, complete_message_responder
-from tests.integration.conftest import GatewayProcess, read_response
+from tests.integration.conftest import GatewayProcess, read_response, read_until_close
 
 BARRIER = b"GET /__barrier__ HTTP/1.1\r\nHost: barrier.test\r\n\r\n"
 
@@ -48,23 +47,6 @@ def gw(
 @pytest.fixture(autouse=True)
 def _clean_backend(raw: RawBackend) -> None:
     raw.reset()
-
-
-def read_until_close(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes, bool]:
-    """Everything the peer sends until it closes; (bytes, closed). ``closed`` is False if the
-    peer still held the connection open after ``timeout`` seconds of silence."""
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data, True
-        except TimeoutError:
-            return data, False
-        if not chunk:
-            return data, True
-        data += chunk
 
 
 def parse_one_response(data: bytes) -> tuple[int, dict[str, str], bytes, bytes]:
