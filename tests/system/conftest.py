@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -222,6 +223,21 @@ class DiscoveryGateway(GatewayProcess):
 
     def upstream_addresses(self, upstream: str) -> set[str]:
         return {i["address"] for i in self.discovery()["upstreams"][upstream]["instances"]}
+
+
+def expect_outage_keeps_last_set(
+    gw: DiscoveryGateway, load: Load, backend: str, survivors: set[str]
+) -> None:
+    """With the discovery backend down: the last set stays, marked stale, its errors are
+    counted, and traffic keeps flowing to the same instances."""
+    wait_for(lambda: gw.discovery()["upstreams"]["web"]["stale"], what="stale mark")
+    errors = re.search(
+        rf'^gateway_discovery_errors_total\{{backend="{backend}"\}} (\S+)$', gw.metrics_text(), re.M
+    )
+    assert errors is not None and float(errors.group(1)) > 0
+    outage_start = load.count()
+    load.wait_more(100)
+    assert {n for _, n in load.results[outage_start:]} == survivors
 
 
 def route_all(upstream: str) -> list[dict[str, Any]]:
