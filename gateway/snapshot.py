@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.balancing import SlowStart, compile_hash_key, make_balancer
@@ -92,6 +92,29 @@ def set_ejection_listener(listener: EjectionListener | None) -> None:
     _ejection_listener = listener
 
 
+def _close_idle(instance: Instance) -> None:
+    """An ejected instance's idle pooled connections are not handed out again: a frozen instance
+    keeps accepted connections open forever, and a dead one's are all stale."""
+    idle = instance.pool.idle
+    while idle:
+        idle.pop().close()
+
+
+def _same_runtime_settings(old: UpstreamConfig, new: UpstreamConfig) -> bool:
+    """Whether an upstream's runtime state (balancer, breaker, budget, latency window) can carry
+    over from ``old`` to ``new``: the settings that shape it are unchanged."""
+    return (
+        old.balancer == new.balancer
+        and old.panic_threshold == new.panic_threshold
+        and old.slow_start == new.slow_start
+        and old.circuit_breaker == new.circuit_breaker
+        and old.retry.budget_percent == new.retry.budget_percent
+        and old.retry.min_retries_per_second == new.retry.min_retries_per_second
+        and old.retry.budget_ttl == new.retry.budget_ttl
+        and old.hedge == new.hedge
+    )
+
+
 def retry_policy(config: RetryConfig) -> RetryPolicy | None:
     if config.attempts <= 1:
         return None
@@ -130,15 +153,25 @@ class Upstream:
         self.name = config.name
         self.instances = instances
         self.read_timeout = config.timeouts.read
-        self.rng = random.Random()
-        self.balancer = make_balancer(
-            config.balancer,
-            instances,
-            panic_threshold=config.panic_threshold,
-            slow_start=SlowStart(config.slow_start) if config.slow_start else None,
-            rng=self.rng,
-            now=now,
-        )
+        # Runtime state that a discovery update or a reload keeping the same settings must not
+        # reset: the balancer (slow start, P2C/EWMA state, carried over by address), the
+        # breaker's counts, the retry budget and the latency window.
+        same = previous is not None and _same_runtime_settings(previous.config, config)
+        if same:
+            assert previous is not None
+            self.rng = previous.rng
+            self.balancer = previous.balancer
+            self.balancer.rebuild(instances, now)  # new addresses ramp under slow_start
+        else:
+            self.rng = random.Random()
+            self.balancer = make_balancer(
+                config.balancer,
+                instances,
+                panic_threshold=config.panic_threshold,
+                slow_start=SlowStart(config.slow_start) if config.slow_start else None,
+                rng=self.rng,
+                now=now,
+            )
         self.hash_key = compile_hash_key(config.hash_key) if config.hash_key else None
         self.observes_latency = hasattr(self.balancer, "observe")  # peak_ewma
         # Hedging: a fixed delay, or one derived each second from recent latencies.
@@ -148,11 +181,21 @@ class Upstream:
             deque(maxlen=LATENCY_SAMPLES) if hedge is not None and hedge.percentile else None
         )
         self.retry = retry_policy(config.retry)
-        self.budget = RetryBudget(config.retry.budget_percent)
+        retry = config.retry
         breaker = config.circuit_breaker
-        self.breaker = CircuitBreaker(
-            breaker.max_connections, breaker.max_pending, breaker.max_requests
-        )
+        if same:
+            assert previous is not None
+            self.hedge_delay = previous.hedge_delay
+            self.latency_samples = previous.latency_samples
+            self.budget = previous.budget
+            self.breaker = previous.breaker
+        else:
+            self.budget = RetryBudget(
+                retry.budget_percent, retry.min_retries_per_second, retry.budget_ttl, now
+            )
+            self.breaker = CircuitBreaker(
+                breaker.max_connections, breaker.max_pending, breaker.max_requests
+            )
         outlier = config.outlier
         if outlier is None:
             self.outlier: OutlierDetector | None = None
@@ -178,7 +221,7 @@ class Upstream:
                     instance.update_availability()
             self.balancer.refresh(now)
 
-    def pick(self, key: bytes | None = None, exclude: object | None = None) -> Instance | None:
+    def pick(self, key: bytes | None = None, exclude: Container[object] = ()) -> Instance | None:
         return self.balancer.pick(key, exclude)
 
     def record_outcome(self, instance: Instance, success: bool, gateway_failure: bool) -> None:
@@ -192,6 +235,7 @@ class Upstream:
             instance.ejected = True
             if instance.update_availability():
                 self.balancer.refresh(now)
+            _close_idle(instance)
             log.warning(
                 "upstream %s: instance %s ejected after consecutive failures",
                 self.name,
@@ -218,6 +262,7 @@ class Upstream:
             instance.ejected = True
             if instance.update_availability():
                 self.balancer.refresh(now)
+            _close_idle(instance)
             log.warning(
                 "upstream %s: instance %s ejected by another worker for %.1fs",
                 self.name,
@@ -242,6 +287,7 @@ class Upstream:
         if changed:
             self.balancer.refresh(now)
         self.balancer.tick(now)
+        self.budget.tick(now)
         samples = self.latency_samples
         hedge = self.config.hedge
         if samples is not None and hedge is not None and hedge.percentile:

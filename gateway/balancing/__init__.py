@@ -3,7 +3,7 @@
 Every balancer shares one interface (see :mod:`gateway.balancing.base` for the contract):
 
 - ``Balancer(instances, *, panic_threshold=0.0, slow_start=None, rng=None, now=0.0, ...)``
-- ``pick(key: bytes | None = None, exclude: object | None = None) -> instance | None``:
+- ``pick(key: bytes | None = None, exclude: Container[object] = ()) -> instance | None``:
   ``key`` feeds the hash balancers (others ignore it); ``exclude`` is avoided when any other
   eligible instance exists (a retry goes elsewhere). ``None`` only when no instance is available.
 - ``rebuild(instances, now)``: a new instance set (state carries over by address).

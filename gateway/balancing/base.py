@@ -7,7 +7,9 @@ Contract shared by all balancers (see ``gateway.balancing`` for the list):
 - Balancers keep their per-instance state in lists indexed by the instance's position in the
   sequence given to the constructor / :meth:`Balancer.rebuild`; they never attach attributes
   to instances. ``peak_ewma`` maps an instance back to its index with a dict keyed by ``id()``.
-- ``pick(key=None, exclude=None)`` is O(1) or O(log n) while the structures are current.
+- ``pick(key=None, exclude=())`` is O(1) or O(log n) while the structures are current.
+  ``exclude`` holds the instances a request already tried: they are avoided while any other
+  eligible instance exists (Envoy's ``previous_hosts`` retry predicate).
   It never returns an unavailable instance (outside panic mode), even if ``.available`` changed
   since the last :meth:`refresh`: the picked instance is checked and, rarely, a bounded retry
   and a linear fallback take over. Call :meth:`refresh` after flipping ``.available`` so picks
@@ -19,11 +21,11 @@ Contract shared by all balancers (see ``gateway.balancing`` for the list):
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable, Sequence
+from collections.abc import Container, Hashable, Sequence
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from gateway.balancing.slow_start import SlowStart
-from gateway.health.panic import in_panic
+from gateway.health.panic import in_panic, panic_usable
 
 
 class Balanced(Protocol):
@@ -144,7 +146,7 @@ class Balancer(Generic[T]):
                 return self._weights[index]
         raise KeyError(instance)
 
-    def pick(self, key: bytes | None = None, exclude: object | None = None) -> T | None:
+    def pick(self, key: bytes | None = None, exclude: Container[object] = ()) -> T | None:
         raise NotImplementedError
 
     # -- for subclasses -----------------------------------------------------------------------
@@ -154,17 +156,19 @@ class Balancer(Generic[T]):
     def _carry_state(self, old_index: dict[Hashable, int], new_keys: list[Hashable]) -> None:
         """Hook: move per-instance state from old to new positions (peak_ewma uses it)."""
 
-    def _random_of(self, order: Sequence[T], exclude: object | None) -> T | None:
+    def _random_of(self, order: Sequence[T], exclude: Container[object]) -> T | None:
         """An instance of ``order`` at random (hash balancers without a key), else fallback."""
         instance = order[int(self._rng.random() * len(order))]
-        if (instance.available or self._panic) and instance is not exclude:
+        if (instance.available or (self._panic and panic_usable(instance))) and (
+            instance not in exclude
+        ):
             return instance
         return self._fallback(exclude)
 
-    def _fallback(self, exclude: object | None) -> T | None:
+    def _fallback(self, exclude: Container[object]) -> T | None:
         """Linear scan for when the structures are stale (an instance flipped since the last
         refresh) or every candidate was excluded. Prefers an available non-excluded instance,
-        then the excluded one if it is the only available choice."""
+        then an excluded one if only those are left."""
         instances = self._instances
         count = len(instances)
         if not count:
@@ -174,8 +178,8 @@ class Balancer(Generic[T]):
         spare: T | None = None
         for step in range(count):
             instance = instances[(start + step) % count]
-            if instance.available or panic:
-                if instance is exclude:
+            if instance.available or (panic and panic_usable(instance)):
+                if instance in exclude:
                     spare = instance
                     continue
                 return instance
@@ -215,7 +219,14 @@ class Balancer(Generic[T]):
         instances = self._instances
         available = [index for index, instance in enumerate(instances) if instance.available]
         self._panic = in_panic(len(available), len(instances), self._panic_threshold)
-        self._eligible = list(range(len(instances))) if self._panic else available
+        if self._panic:
+            # Panic overrides active health checks only: an instance that real traffic just
+            # ejected (connect failures, timeouts, 5xx) stays out (see gateway.health.panic).
+            self._eligible = [
+                index for index, instance in enumerate(instances) if panic_usable(instance)
+            ]
+        else:
+            self._eligible = available
         weights = [float(max(1, instance.weight)) for instance in instances]
         slow = self._slow_start
         if slow is not None and self._ramp_since:

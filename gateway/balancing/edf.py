@@ -19,7 +19,7 @@ accumulated, so equal rational deadlines compare equal and shares over a full cy
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from heapq import heapify, heapreplace
 
 from gateway.balancing.base import Balancer, T
@@ -95,7 +95,7 @@ class EdfWeightedRoundRobin(Balancer[T]):
         heapreplace(heap, ((count + 0.5) / -negative_weight, negative_weight, index))
         return self._instances[index]
 
-    def pick(self, key: bytes | None = None, exclude: object | None = None) -> T | None:
+    def pick(self, key: bytes | None = None, exclude: Container[object] = ()) -> T | None:
         schedule = self._schedule
         if schedule:
             # The common case inlined: one index into the precomputed cycle.
@@ -104,12 +104,12 @@ class EdfWeightedRoundRobin(Balancer[T]):
                 cursor = 0
             self._cursor = cursor + 1
             instance = schedule[cursor]
-            if (instance.available or self._panic) and instance is not exclude:
+            if (instance.available or self._panic) and instance not in exclude:
                 return instance
             size = len(schedule)
         elif self._heap:
             instance = self._next()
-            if (instance.available or self._panic) and instance is not exclude:
+            if (instance.available or self._panic) and instance not in exclude:
                 return instance
             size = len(self._heap)
         else:
@@ -117,6 +117,6 @@ class EdfWeightedRoundRobin(Balancer[T]):
         # An excluded or stale instance loses this turn (retries are rare; shares barely move).
         for _ in range(min(size - 1, 8)):
             instance = self._next()
-            if (instance.available or self._panic) and instance is not exclude:
+            if (instance.available or self._panic) and instance not in exclude:
                 return instance
         return self._fallback(exclude)

@@ -10,6 +10,8 @@ one. Slow start lowers the effective weight, so a ramping instance looks busier 
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from gateway.balancing.base import Balancer, T
 
 
@@ -22,7 +24,7 @@ class LeastRequest(Balancer[T]):
         weights = self._weights
         self._candidates = [(instances[index], 1.0 / weights[index]) for index in self._eligible]
 
-    def pick(self, key: bytes | None = None, exclude: object | None = None) -> T | None:
+    def pick(self, key: bytes | None = None, exclude: Container[object] = ()) -> T | None:
         candidates = self._candidates
         count = len(candidates)
         if count >= 2:
@@ -39,8 +41,8 @@ class LeastRequest(Balancer[T]):
                     second += 1
                 a, a_inv = candidates[first]
                 b, b_inv = candidates[second]
-                a_ok = (a.available or panic) and a is not exclude
-                b_ok = (b.available or panic) and b is not exclude
+                a_ok = (a.available or panic) and a not in exclude
+                b_ok = (b.available or panic) and b not in exclude
                 if a_ok and b_ok:
                     if (b.active_requests + 1) * b_inv < (a.active_requests + 1) * a_inv:
                         return b
@@ -51,6 +53,6 @@ class LeastRequest(Balancer[T]):
                     return b
         elif count == 1:
             instance = candidates[0][0]
-            if (instance.available or self._panic) and instance is not exclude:
+            if (instance.available or self._panic) and instance not in exclude:
                 return instance
         return self._fallback(exclude)

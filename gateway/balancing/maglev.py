@@ -16,7 +16,7 @@ apply (it would remap keys).
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable, Sequence
+from collections.abc import Container, Hashable, Sequence
 from hashlib import blake2b
 
 from gateway.balancing.base import Balancer, T
@@ -128,7 +128,7 @@ class Maglev(Balancer[T]):
         weights = [float(max(1, instances[index].weight)) for index in eligible]
         self._table = [order[slot] for slot in build_table(names, weights, size)]
 
-    def pick(self, key: bytes | None = None, exclude: object | None = None) -> T | None:
+    def pick(self, key: bytes | None = None, exclude: Container[object] = ()) -> T | None:
         table = self._table
         if not table:
             return self._fallback(exclude)
@@ -137,7 +137,7 @@ class Maglev(Balancer[T]):
         size = self._size
         slot = hash_key_bytes(key) % size
         instance = table[slot]
-        if (instance.available or self._panic) and instance is not exclude:
+        if (instance.available or self._panic) and instance not in exclude:
             return instance
         # Neighbouring slots belong to effectively random instances: a consistent second choice.
         for _ in range(_MAX_WALK):
@@ -145,6 +145,6 @@ class Maglev(Balancer[T]):
             if slot == size:
                 slot = 0
             instance = table[slot]
-            if (instance.available or self._panic) and instance is not exclude:
+            if (instance.available or self._panic) and instance not in exclude:
                 return instance
         return self._fallback(exclude)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Hashable, Sequence
+from collections.abc import Container, Hashable, Sequence
 
 from gateway.balancing.base import Balancer, T
 from gateway.balancing.slow_start import SlowStart
@@ -116,7 +116,7 @@ class PeakEwma(Balancer[T]):
             ewma *= math.exp(-elapsed / self._idle_decay)
         return ewma * (active + 1) / weight
 
-    def pick(self, key: bytes | None = None, exclude: object | None = None) -> T | None:
+    def pick(self, key: bytes | None = None, exclude: Container[object] = ()) -> T | None:
         candidates = self._candidates
         count = len(candidates)
         instances = self._instances
@@ -134,8 +134,8 @@ class PeakEwma(Balancer[T]):
                 b_index, b_inv = candidates[second]
                 a = instances[a_index]
                 b = instances[b_index]
-                a_ok = (a.available or panic) and a is not exclude
-                b_ok = (b.available or panic) and b is not exclude
+                a_ok = (a.available or panic) and a not in exclude
+                b_ok = (b.available or panic) and b not in exclude
                 if a_ok and b_ok:
                     a_cost = self._cost(a_index, a.active_requests, 1.0) * a_inv
                     b_cost = self._cost(b_index, b.active_requests, 1.0) * b_inv
@@ -146,6 +146,6 @@ class PeakEwma(Balancer[T]):
                     return b
         elif count == 1:
             instance = instances[candidates[0][0]]
-            if (instance.available or self._panic) and instance is not exclude:
+            if (instance.available or self._panic) and instance not in exclude:
                 return instance
         return self._fallback(exclude)

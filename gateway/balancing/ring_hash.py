@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_left
-from collections.abc import Hashable, Sequence
+from collections.abc import Container, Hashable, Sequence
 from hashlib import blake2b
 
 from gateway.balancing.base import Balancer, T, instance_key
@@ -114,7 +114,7 @@ class RingHash(Balancer[T]):
         self._hashes = [position for position, _ in pairs]
         self._owners = [instances[owner] for _, owner in pairs]
 
-    def pick(self, key: bytes | None = None, exclude: object | None = None) -> T | None:
+    def pick(self, key: bytes | None = None, exclude: Container[object] = ()) -> T | None:
         hashes = self._hashes
         if not hashes:
             return self._fallback(exclude)
@@ -126,7 +126,7 @@ class RingHash(Balancer[T]):
         if slot == count:
             slot = 0
         instance = owners[slot]
-        if (instance.available or self._panic) and instance is not exclude:
+        if (instance.available or self._panic) and instance not in exclude:
             return instance
         # Walk clockwise to the next owner that qualifies: the same place the key would go if
         # the instance were off the ring, so retries and stale flips stay consistent.
@@ -135,6 +135,6 @@ class RingHash(Balancer[T]):
             if slot == count:
                 slot = 0
             instance = owners[slot]
-            if (instance.available or self._panic) and instance is not exclude:
+            if (instance.available or self._panic) and instance not in exclude:
                 return instance
         return self._fallback(exclude)

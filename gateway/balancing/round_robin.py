@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from gateway.balancing.base import Balancer, T
+from gateway.health.panic import panic_usable
 
 
 class RoundRobin(Balancer[T]):
@@ -19,7 +22,7 @@ class RoundRobin(Balancer[T]):
         if not hasattr(self, "_next"):
             self._next = 0
 
-    def pick(self, key: bytes | None = None, exclude: object | None = None) -> T | None:
+    def pick(self, key: bytes | None = None, exclude: Container[object] = ()) -> T | None:
         order = self._order
         count = len(order)
         if count:
@@ -28,7 +31,7 @@ class RoundRobin(Balancer[T]):
                 index = 0
             self._next = index + 1
             instance = order[index]
-            if (instance.available or self._panic) and instance is not exclude:
+            if (instance.available or self._panic) and instance not in exclude:
                 return instance
             # Rare: stale set or excluded; continue the rotation for a few steps.
             for _ in range(min(count - 1, 8)):
@@ -37,7 +40,7 @@ class RoundRobin(Balancer[T]):
                     index = 0
                 self._next = index + 1
                 instance = order[index]
-                if (instance.available or self._panic) and instance is not exclude:
+                if (instance.available or self._panic) and instance not in exclude:
                     return instance
         return self._fallback(exclude)
 
@@ -57,7 +60,7 @@ class SmoothWeightedRoundRobin(Balancer[T]):
     def _build(self) -> None:
         self._scores = [0.0] * len(self._instances)
 
-    def pick(self, key: bytes | None = None, exclude: object | None = None) -> T | None:
+    def pick(self, key: bytes | None = None, exclude: Container[object] = ()) -> T | None:
         best = -1
         best_score = 0.0
         total = 0.0
@@ -65,7 +68,9 @@ class SmoothWeightedRoundRobin(Balancer[T]):
         weights = self._weights
         panic = self._panic
         for index, instance in enumerate(self._instances):
-            if not (instance.available or panic) or instance is exclude:
+            if not (instance.available or (panic and panic_usable(instance))) or (
+                instance in exclude
+            ):
                 continue
             weight = weights[index]
             total += weight

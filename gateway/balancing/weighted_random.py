@@ -7,6 +7,8 @@ each refresh; slow start changes the effective weights, hence the table, on ``ti
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from gateway.balancing.base import Balancer, T
 
 
@@ -41,7 +43,7 @@ class WeightedRandom(Balancer[T]):
         self._order = [self._instances[index] for index in eligible]
         self._prob, self._alias = build_alias([self._weights[index] for index in eligible])
 
-    def pick(self, key: bytes | None = None, exclude: object | None = None) -> T | None:
+    def pick(self, key: bytes | None = None, exclude: Container[object] = ()) -> T | None:
         order = self._order
         count = len(order)
         if count:
@@ -53,6 +55,6 @@ class WeightedRandom(Balancer[T]):
                 slot = int(draw)
                 # The fractional part of the same draw is the coin: one RNG call per pick.
                 instance = order[slot if draw - slot < prob[slot] else alias[slot]]
-                if (instance.available or self._panic) and instance is not exclude:
+                if (instance.available or self._panic) and instance not in exclude:
                     return instance
         return self._fallback(exclude)

@@ -55,7 +55,9 @@ class RetryConfig:
     attempts: int = 2
     on: tuple[str | int, ...] = ("connect_failure", "reset", "gateway_error")
     per_try_timeout: float | None = None
-    budget_percent: float = 20.0  # retries in flight vs active requests of the upstream
+    budget_percent: float = 20.0  # share of a retry each request earns (gateway/resilience/budget)
+    min_retries_per_second: float = 10.0  # the budget's reserve
+    budget_ttl: float = 10.0  # seconds a request's share stays spendable
     max_body_bytes: int = 64 * 1024  # request bodies kept for a replay up to this size
     allow_non_idempotent: bool = False  # POST/PATCH retried without an Idempotency-Key
 

@@ -195,6 +195,14 @@ HASH_KEY = Text(
 )
 STATUS_CODE = Int(100, 599)
 
+
+def _budget_ttl_at_least_a_second(values: dict[str, Any]) -> list[tuple[str, str]]:
+    ttl = values.get("budget_ttl")
+    if isinstance(ttl, float) and ttl < 1.0:
+        return [("budget_ttl", "must be at least 1s (the budget counts in one-second slots)")]
+    return []
+
+
 RETRY = Struct(
     "retry",
     "Retries of failed tries, on another instance when there is one. Only idempotent methods"
@@ -214,9 +222,23 @@ RETRY = Struct(
         Field(
             "budget_percent",
             Int(0, 100),
-            "Retries in flight may not exceed this share of the upstream's active requests"
-            " (with a floor of 3), so a failing upstream is not hit by a retry storm.",
+            "Retry budget: each request to the upstream earns this share of a retry, and each"
+            " retry or hedge spends one; earnings expire after budget_ttl. Over any budget_ttl"
+            " window, retries <= budget_percent% of requests + min_retries_per_second x"
+            " budget_ttl, so a correlated burst is retried and a retry storm is not.",
             20,
+        ),
+        Field(
+            "min_retries_per_second",
+            Number(0, 100_000),
+            "Retries always allowed per second, whatever the traffic (the budget's reserve).",
+            10,
+        ),
+        Field(
+            "budget_ttl",
+            DURATION,
+            "How long a request's share of the retry budget stays spendable (at least 1s).",
+            "10s",
         ),
         Field(
             "max_body_bytes",
@@ -232,6 +254,7 @@ RETRY = Struct(
         ),
     ],
     build=RetryConfig,
+    checks=[_budget_ttl_at_least_a_second],
 )
 
 

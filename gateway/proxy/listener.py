@@ -178,8 +178,7 @@ class Exchange:
     retry_method_ok = False
     attempt = 1
     hash_key: bytes | None = None
-    failed_instance: Instance | None = None
-    budget_held = False
+    tried: tuple[Instance, ...] = ()  # instances whose try failed: retries avoid them
     body_sent = False  # a body byte went to some upstream
     replay_limit = REPLAY_LIMIT
     retry_timer: asyncio.TimerHandle | None = None
@@ -814,10 +813,11 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         ex.counted = True
-        breaker.requests += 1  # also the upstream's active-request count (retry budget)
+        breaker.requests += 1  # also the upstream's active-request count
+        upstream.budget.record_request()  # earns the retry budget its share
         if upstream.hash_key is not None:
             ex.hash_key = self._hash_key(ex, upstream, path, query)
-        instance = self._pick(ex, upstream, None)
+        instance = self._pick(ex, upstream, ())
         if instance is None:
             return
         policy = (
@@ -1291,17 +1291,15 @@ class ClientConnection(asyncio.Protocol):
         if ex.deadline and time.monotonic() + delay >= ex.deadline:
             return False
         metrics = self.server.metrics
-        if not ex.budget_held and kind != CONNECT_FAILURE:
-            if not upstream.budget.try_acquire(upstream.breaker.requests):
-                metrics.retry(upstream.name, "budget_exhausted")
-                return False
-            ex.budget_held = True
+        if kind != CONNECT_FAILURE and not upstream.budget.try_acquire(time.monotonic()):
+            metrics.retry(upstream.name, "budget_exhausted")
+            return False
         metrics.retry(upstream.name, kind if kind != STATUS else str(status))
         if drop is not None:
             drop.owner = None
             drop.abort()  # the failed response's body is not wanted: closing beats draining it
         self._release_instance(ex)
-        ex.failed_instance = instance
+        ex.tried += (instance,)
         ex.conn = None
         ex.status = 0
         ex.interim = False
@@ -1321,12 +1319,14 @@ class ClientConnection(asyncio.Protocol):
             return
         upstream = ex.upstream
         assert upstream is not None
-        instance = self._pick(ex, upstream, ex.failed_instance)
+        instance = self._pick(ex, upstream, ex.tried)
         if instance is not None:
             self._connect(ex, instance.pool)
 
-    def _pick(self, ex: Exchange, upstream: Upstream, exclude: Instance | None) -> Instance | None:
-        """The instance for this try (not ``exclude`` when another exists), or answer 503."""
+    def _pick(
+        self, ex: Exchange, upstream: Upstream, exclude: tuple[Instance, ...]
+    ) -> Instance | None:
+        """The instance for this try (none of ``exclude`` when another exists), or answer 503."""
         instance = upstream.pick(ex.hash_key, exclude)
         if instance is None:
             self._respond_error(
@@ -1357,13 +1357,11 @@ class ClientConnection(asyncio.Protocol):
         ):
             return
         metrics = self.server.metrics
-        if not ex.budget_held:
-            # A hedge is extra load like a retry: the retry budget bounds both.
-            if not upstream.budget.try_acquire(upstream.breaker.requests):
-                metrics.retry(upstream.name, "budget_exhausted")
-                return
-            ex.budget_held = True
-        instance = upstream.pick(ex.hash_key, ex.instance)
+        # A hedge is extra load like a retry: the retry budget bounds both.
+        if not upstream.budget.try_acquire(time.monotonic()):
+            metrics.retry(upstream.name, "budget_exhausted")
+            return
+        instance = upstream.pick(ex.hash_key, (ex.instance,))
         if instance is None or instance is ex.instance:
             return
         metrics.retry(upstream.name, "hedge")
@@ -1590,9 +1588,6 @@ class ClientConnection(asyncio.Protocol):
             upstream = ex.upstream
             assert upstream is not None
             upstream.breaker.requests -= 1
-            if ex.budget_held:
-                ex.budget_held = False
-                upstream.budget.release()
         if ex.retry_timer is not None:
             ex.retry_timer.cancel()
             ex.retry_timer = None

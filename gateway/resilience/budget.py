@@ -1,50 +1,112 @@
-"""Retry budget: retries in flight may not exceed a share of the active requests.
+"""Retry budget: a token bucket filled by requests, so retries stay a share of the traffic.
 
-When an upstream fails wholesale, per-request retry limits still multiply its load by the number
-of attempts. A budget (Envoy's ``retry_budget``, Finagle's ``RetryBudget``) caps retries in
-flight at ``max(min_retry_concurrency, budget_percent% of active requests)``, so a dying upstream
-sees at most that much extra traffic while a healthy one with rare failures retries freely.
+Model (Finagle's ``RetryBudget``): every request an upstream receives deposits
+``budget_percent / 100`` of a token; every retry (or hedge) withdraws one. Deposits expire after
+``ttl`` seconds, and a reserve of ``min_retries_per_second * ttl`` tokens lets a quiet upstream
+retry at all. So over any ``ttl`` window:
+
+    retries ≤ budget_percent% * requests + min_retries_per_second * ttl
+
+- A correlated burst passes: when one instance of three dies with 64 requests in flight, those 64
+  retries are paid from what the last ``ttl`` seconds of traffic deposited (at 1,000 requests/s
+  and 20%, 2,000 tokens), where a cap on *concurrent* retries (Envoy's ``retry_budget``, this
+  module's previous model) refused most of them.
+- A storm does not: when every instance answers 503, retries add at most ``budget_percent``%
+  to the upstream's load, plus the minimum rate.
+
+Counting is O(1): ``record_request`` increments an int; the window advances in one-second slots,
+from ``tick`` (once a second) and lazily in ``try_acquire``. No clock of its own: time is passed in.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 
 class RetryBudget:
     __slots__ = (
         "_ratio",
+        "_reserve",
+        "_second",
+        "_slots",
+        "_window_requests",
+        "_window_retries",
         "allowed",
         "budget_percent",
-        "in_flight",
-        "min_retry_concurrency",
+        "min_retries_per_second",
         "overflow",
+        "requests_now",
+        "retries_now",
+        "ttl",
     )
 
-    def __init__(self, budget_percent: float = 20.0, min_retry_concurrency: int = 3) -> None:
-        if budget_percent < 0 or min_retry_concurrency < 0:
-            raise ValueError("budget_percent and min_retry_concurrency must not be negative")
+    def __init__(
+        self,
+        budget_percent: float = 20.0,
+        min_retries_per_second: float = 10.0,
+        ttl: float = 10.0,
+        now: float = 0.0,
+    ) -> None:
+        if budget_percent < 0 or min_retries_per_second < 0:
+            raise ValueError("budget_percent and min_retries_per_second must not be negative")
+        if ttl < 1.0:
+            raise ValueError("ttl must be at least one second")
         self.budget_percent = budget_percent
-        self.min_retry_concurrency = min_retry_concurrency
+        self.min_retries_per_second = min_retries_per_second
+        self.ttl = ttl
         self._ratio = budget_percent / 100.0
-        self.in_flight = 0
+        self._reserve = min_retries_per_second * ttl
+        # Closed one-second slots of the window, oldest first: (requests, retries).
+        self._slots: deque[tuple[int, int]] = deque(maxlen=int(ttl) - 1)
+        self._window_requests = 0  # sums over ``_slots``
+        self._window_retries = 0
+        self._second = int(now)  # the second ``requests_now`` and ``retries_now`` belong to
+        self.requests_now = 0
+        self.retries_now = 0
         self.allowed = 0  # retries granted, ever (metrics)
         self.overflow = 0  # retries refused by the budget, ever (metrics)
 
-    def limit(self, active_requests: int) -> int:
-        """Retries allowed in flight with ``active_requests`` requests active on the upstream."""
-        share = int(active_requests * self._ratio)
-        return share if share > self.min_retry_concurrency else self.min_retry_concurrency
+    def record_request(self) -> None:
+        """One request reached the upstream's balancer: deposit its share."""
+        self.requests_now += 1
 
-    def try_acquire(self, active_requests: int) -> bool:
-        """Take a retry slot; the caller must :meth:`release` it when that retry attempt ends."""
-        share = int(active_requests * self._ratio)
-        limit = share if share > self.min_retry_concurrency else self.min_retry_concurrency
-        if self.in_flight < limit:
-            self.in_flight += 1
+    def balance(self, now: float) -> float:
+        """Tokens available at ``now``."""
+        self._advance(now)
+        earned = (self._window_requests + self.requests_now) * self._ratio
+        return earned + self._reserve - self._window_retries - self.retries_now
+
+    def try_acquire(self, now: float) -> bool:
+        """Withdraw one token for a retry or a hedge; False (counted) when the budget is spent."""
+        if self.balance(now) >= 1.0:
+            self.retries_now += 1
             self.allowed += 1
             return True
         self.overflow += 1
         return False
 
-    def release(self) -> None:
-        if self.in_flight > 0:
-            self.in_flight -= 1
+    def tick(self, now: float) -> None:
+        """Close the current slot when its second is over (call about once a second)."""
+        self._advance(now)
+
+    def _advance(self, now: float) -> None:
+        second = int(now)
+        if second <= self._second:
+            return
+        slots = self._slots
+        capacity = slots.maxlen or 0
+        closed = [(self.requests_now, self.retries_now)]
+        # Seconds with no traffic at all between the last slot and now.
+        closed += [(0, 0)] * min(second - self._second - 1, capacity)
+        for requests, retries in closed:
+            if capacity and len(slots) == capacity:
+                old_requests, old_retries = slots[0]
+                self._window_requests -= old_requests
+                self._window_retries -= old_retries
+            if capacity:
+                slots.append((requests, retries))
+                self._window_requests += requests
+                self._window_retries += retries
+        self._second = second
+        self.requests_now = 0
+        self.retries_now = 0

@@ -82,13 +82,13 @@ def test_exclude_avoids_the_instance_when_another_exists(name: str) -> None:
     for number in range(200):
         key = b"user-%d" % number
         first = balancer.pick(key)
-        retry = balancer.pick(key, exclude=first)
+        retry = balancer.pick(key, exclude=(first,))
         assert retry is not None and retry is not first
     # Only one available: the excluded one is still better than nothing.
     for instance in instances[1:]:
         instance.available = False
     balancer.refresh()
-    assert balancer.pick(b"x", exclude=instances[0]) is instances[0]
+    assert balancer.pick(b"x", exclude=(instances[0],)) is instances[0]
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
@@ -380,3 +380,56 @@ def test_edf_heap_and_precomputed_cycle_agree(weights: list[int]) -> None:
     heap = EdfWeightedRoundRobin(instances, max_schedule=0)  # forces the O(log n) heap
     picks = 2 * sum(weights) + 3
     assert [cycle.pick() for _ in range(picks)] == [heap.pick() for _ in range(picks)]
+
+
+# -- panic ignores health checks, not real failures (gateway.health.panic) ----------------------
+@dataclass(eq=False)
+class Ejectable(Inst):
+    ejected: bool = False
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_panic_never_returns_to_ejected_instances(name: str) -> None:
+    # One of three works; one was ejected by outlier detection (real traffic failed on it), one
+    # fails its active health check only. 1/3 < 50%: panic, which may use the health-check
+    # failure but never the ejected one.
+    working, ejected, unhealthy = (Ejectable(f"10.0.1.{i}:80") for i in range(3))
+    ejected.available, ejected.ejected = False, True
+    unhealthy.available = False
+    balancer = make_balancer(
+        name, [working, ejected, unhealthy], panic_threshold=0.5, rng=random.Random(5)
+    )
+    assert balancer.panic
+    picked = {balancer.pick(b"key%d" % i).address for i in range(300)}  # type: ignore[union-attr]
+    assert picked == {working.address, unhealthy.address}
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_panic_with_every_other_instance_ejected_uses_the_working_one(name: str) -> None:
+    working, dead, frozen = (Ejectable(f"10.0.2.{i}:80") for i in range(3))
+    for instance in (dead, frozen):
+        instance.available, instance.ejected = False, True
+    balancer = make_balancer(name, [working, dead, frozen], panic_threshold=0.5)
+    assert balancer.panic
+    assert all(balancer.pick(b"k%d" % i) is working for i in range(200))
+
+
+# -- exclusion of every instance already tried --------------------------------------------------
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_pick_avoids_every_excluded_instance(name: str) -> None:
+    instances = fleet(4)
+    balancer = make_balancer(name, instances, rng=random.Random(3))
+    tried = (instances[0], instances[2])
+    for i in range(300):
+        chosen = balancer.pick(b"req%d" % i, tried)
+        assert chosen is not None and chosen not in tried
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_pick_falls_back_to_a_tried_instance_only_when_none_is_left(name: str) -> None:
+    instances = fleet(3)
+    instances[2].available = False
+    balancer = make_balancer(name, instances, rng=random.Random(4))
+    tried = (instances[0], instances[1])
+    chosen = balancer.pick(b"x", tried)
+    assert chosen in tried  # the only available ones; never the unavailable instance

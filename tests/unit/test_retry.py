@@ -201,33 +201,80 @@ def test_http_date_round_trip(epoch: int) -> None:
     assert parse_http_date(formatdate(epoch, usegmt=True).encode()) == float(epoch)
 
 
-# -- retry budget ------------------------------------------------------------------------------
-def test_budget_minimum_and_percent() -> None:
-    budget = RetryBudget(budget_percent=20.0, min_retry_concurrency=3)
-    assert budget.limit(0) == 3 and budget.limit(10) == 3 and budget.limit(100) == 20
-    granted = sum(budget.try_acquire(active_requests=5) for _ in range(10))
-    assert granted == 3 and budget.overflow == 7
-    budget.release()
-    assert budget.try_acquire(5)
-    assert sum(budget.try_acquire(100) for _ in range(100)) == 20 - 3
-    for _ in range(100):
-        budget.release()
-    assert budget.in_flight == 0
+# -- retry budget (token bucket filled by requests, gateway/resilience/budget.py) ---------------
+def test_budget_reserve_allows_retries_without_traffic() -> None:
+    budget = RetryBudget(budget_percent=20.0, min_retries_per_second=1.0, ttl=10.0, now=0.0)
+    granted = sum(budget.try_acquire(0.5) for _ in range(20))
+    assert granted == 10 and budget.overflow == 10  # 1/s x 10 s reserve, nothing earned
+
+
+def test_budget_grants_a_correlated_burst_paid_by_recent_traffic() -> None:
+    # 1,000 requests/s for 3 s earn 600 tokens at 20%: 64 requests in flight on an instance
+    # that just died are all retried.
+    budget = RetryBudget(budget_percent=20.0, min_retries_per_second=0.0, ttl=10.0, now=0.0)
+    for second in range(3):
+        for _ in range(1000):
+            budget.record_request()
+        budget.tick(second + 1.0)
+    assert all(budget.try_acquire(3.5) for _ in range(64))
+
+
+def test_budget_bounds_a_retry_storm_to_the_percent_plus_the_reserve() -> None:
+    # Every try fails and asks for a retry: over 60 s at 500 requests/s, retries stay within
+    # 20% of requests plus min_retries_per_second per second.
+    budget = RetryBudget(budget_percent=20.0, min_retries_per_second=5.0, ttl=10.0, now=0.0)
+    granted = 0
+    for tenth in range(600):
+        now = tenth / 10
+        budget.tick(now)
+        for _ in range(50):
+            budget.record_request()
+            granted += budget.try_acquire(now)
+    requests = 500 * 60
+    assert granted <= 0.2 * requests + 5.0 * 60 + 5.0 * 10  # + one reserve at the start
+    assert granted >= 0.2 * requests * 0.9  # the share is really granted, not refused
+
+
+def test_budget_earnings_expire_after_ttl() -> None:
+    budget = RetryBudget(budget_percent=100.0, min_retries_per_second=0.0, ttl=2.0, now=0.0)
+    for _ in range(10):
+        budget.record_request()
+    assert budget.balance(0.5) == 10
+    assert budget.balance(1.5) == 10  # still inside the 2 s window
+    assert budget.balance(2.5) == 0  # expired
+    assert not budget.try_acquire(2.5)
+
+
+def test_budget_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError):
+        RetryBudget(budget_percent=-1)
+    with pytest.raises(ValueError):
+        RetryBudget(ttl=0.5)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     st.floats(min_value=0, max_value=100),
-    st.integers(min_value=0, max_value=10),
-    st.lists(st.tuples(st.booleans(), st.integers(0, 500)), max_size=200),
+    st.floats(min_value=0, max_value=20),
+    st.integers(min_value=1, max_value=10),
+    st.lists(st.tuples(st.booleans(), st.floats(0, 2)), max_size=300),
 )
-def test_budget_never_exceeded(percent: float, minimum: int, ops: list[tuple[bool, int]]) -> None:
-    budget = RetryBudget(percent, minimum)
-    for acquire, active in ops:
-        if acquire:
-            before = budget.in_flight
-            if budget.try_acquire(active):
-                assert budget.in_flight == before + 1 <= max(minimum, int(active * percent / 100))
+def test_budget_never_exceeds_its_window_bound(
+    percent: float, minimum: float, ttl: int, ops: list[tuple[bool, float]]
+) -> None:
+    budget = RetryBudget(percent, minimum, float(ttl), now=0.0)
+    now = 0.0
+    events: list[tuple[float, bool]] = []  # (time, is_retry)
+    for is_retry, step in ops:
+        now += step
+        if is_retry:
+            if budget.try_acquire(now):
+                events.append((now, True))
         else:
-            budget.release()
-        assert budget.in_flight >= 0
+            budget.record_request()
+            events.append((now, False))
+        # Whatever happened, retries granted in the window never exceed what it earned.
+        start = int(now) - ttl + 1
+        window = [kind for at, kind in events if int(at) >= start]
+        earned = percent / 100 * window.count(False) + minimum * ttl
+        assert window.count(True) <= earned + 1e-9
