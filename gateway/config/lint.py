@@ -265,6 +265,11 @@ def _upstream(out: _Collector, name: str, upstream: UpstreamConfig, used: set[st
             (*base, "slow_start"),
             f"balancer {upstream.balancer} does not ramp instances up: slow_start has no effect",
         )
+    if upstream.hedge is not None and upstream.discovery is None and len(upstream.instances) == 1:
+        out.warn(
+            (*base, "hedge"),
+            "a hedge goes to another instance, and this upstream has only one: it never hedges",
+        )
     health = upstream.health
     if health is not None and health.timeout >= health.interval:
         out.warn(

@@ -188,9 +188,12 @@ class Text(Type):
         return out
 
 
-# Upper bound of every Int/Number that declares none: a count, percentage or bound in this
-# config beyond a signed 32-bit integer is a typo or a unit mistake, never a real setting.
+# Upper bound of every Int that declares none: a count, percentage or bound in this config
+# beyond a signed 32-bit integer is a typo or a unit mistake, never a real setting.
 DEFAULT_MAXIMUM: Final = 2**31 - 1
+# Numbers (floats: histogram bounds in seconds or bytes, fractions) up to the largest integer a
+# float holds exactly; this also refuses .inf and 1e300.
+DEFAULT_MAX_NUMBER: Final = 2**53
 # Same for sizes: 1 PiB.
 DEFAULT_MAX_SIZE: Final = 2**50
 
@@ -239,7 +242,7 @@ class Number(Int):
     json_type = "number"
 
     def __init__(
-        self, minimum: float | None = None, maximum: float | None = DEFAULT_MAXIMUM
+        self, minimum: float | None = None, maximum: float | None = DEFAULT_MAX_NUMBER
     ) -> None:
         super().__init__(minimum, maximum)
         self.expected = "a number"

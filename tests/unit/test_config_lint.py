@@ -269,6 +269,12 @@ def test_panic_threshold_zero_or_outlier_off_never_warns() -> None:
             ["round_robin", "no effect"],
         ),
         (
+            "instances: [127.0.0.1:7001]\n    hedge: {after: 50ms}",
+            5,
+            "upstreams.u.hedge",
+            ["only one: it never hedges"],
+        ),
+        (
             "instances: [127.0.0.1:7001]\n    health: {interval: 1s, timeout: 2s}",
             5,
             "upstreams.u.health.timeout",
@@ -438,6 +444,11 @@ def test_redis_store_without_a_redis_block_is_an_error() -> None:
             "gw.yaml:3: limits.max_header_bytes: must be at most 1125899906842624 bytes",
         ),
         ("workers: 10000000000", "gw.yaml:3: workers: must be at most 2147483647"),
+        # An infinite bucket bound used to pass validation and fail later, at startup.
+        (
+            "metrics: {buckets: {overhead: [0.1, .inf]}}",
+            "gw.yaml:3: metrics.buckets.overhead[1]: must be at most 9007199254740992, got inf",
+        ),
     ],
 )
 def test_numbers_have_an_upper_bound(snippet: str, expected: str) -> None:
