@@ -1,4 +1,4 @@
-"""Command line: ``gateway run | check | reload | version``."""
+"""Command line: ``gateway run | check | explain | reload | version``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,20 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"({len(config.routes)} routes, {len(config.upstreams)} upstreams, "
         f"sha256 {config.sha256[:12]})"
     )
+    return _report_warnings(args, config)
+
+
+def _report_warnings(args: argparse.Namespace, config: GatewayConfig) -> int:
+    """Valid but suspicious settings (gateway/config/lint.py); --strict makes them fatal."""
+    from gateway.config.lint import lint_text
+
+    with open(args.config, encoding="utf-8-sig") as f:
+        warnings = lint_text(f.read(), config)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    if warnings and args.strict:
+        print(f"{args.config}: {len(warnings)} warning(s), failing (--strict)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -104,7 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.set_defaults(handler=cmd_run)
     check = commands.add_parser("check", help="validate a config file and exit (like nginx -t)")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="route YAML file")
+    check.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     check.set_defaults(handler=cmd_check)
+    from gateway.explain import add_parser as add_explain
+
+    add_explain(commands, DEFAULT_CONFIG)
     reload = commands.add_parser(
         "reload", help="make a running gateway re-read its config file (via the admin port)"
     )

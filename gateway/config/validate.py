@@ -188,12 +188,24 @@ class Text(Type):
         return out
 
 
+# Upper bound of every Int that declares none: a count, percentage or bound in this config
+# beyond a signed 32-bit integer is a typo or a unit mistake, never a real setting.
+DEFAULT_MAXIMUM: Final = 2**31 - 1
+# Numbers (floats: histogram bounds in seconds or bytes, fractions) up to the largest integer a
+# float holds exactly; this also refuses .inf and 1e300.
+DEFAULT_MAX_NUMBER: Final = 2**53
+# Same for sizes: 1 PiB.
+DEFAULT_MAX_SIZE: Final = 2**50
+
+
 class Int(Type):
-    """An integer within optional bounds."""
+    """An integer within bounds (``DEFAULT_MAXIMUM`` unless a maximum is given)."""
 
     json_type = "integer"
 
-    def __init__(self, minimum: float | None = None, maximum: float | None = None) -> None:
+    def __init__(
+        self, minimum: float | None = None, maximum: float | None = DEFAULT_MAXIMUM
+    ) -> None:
         self.minimum = minimum
         self.maximum = maximum
         self.expected = "an integer"
@@ -229,7 +241,9 @@ class Number(Int):
 
     json_type = "number"
 
-    def __init__(self, minimum: float | None = None, maximum: float | None = None) -> None:
+    def __init__(
+        self, minimum: float | None = None, maximum: float | None = DEFAULT_MAX_NUMBER
+    ) -> None:
         super().__init__(minimum, maximum)
         self.expected = "a number"
 
@@ -282,8 +296,9 @@ class Size(Type):
 
     ref = "size"
 
-    def __init__(self, minimum: int = 0) -> None:
+    def __init__(self, minimum: int = 0, maximum: int = DEFAULT_MAX_SIZE) -> None:
         self.minimum = minimum
+        self.maximum = maximum
         self.expected = f"a size: {SIZE_HINT}"
 
     def accepts(self, value: Any) -> bool:
@@ -300,12 +315,15 @@ class Size(Type):
         if size < self.minimum:
             ctx.error(path, f"must be at least {self.minimum} bytes, got {size}")
             return INVALID
+        if size > self.maximum:
+            ctx.error(path, f"must be at most {self.maximum} bytes, got {size}")
+            return INVALID
         return size
 
     def json(self, gen: JsonGen) -> dict[str, Any]:
         return {
             "anyOf": [
-                {"type": "integer", "minimum": 0},
+                {"type": "integer", "minimum": 0, "maximum": self.maximum},
                 {"type": "string", "pattern": _anchored(SIZE_PATTERN)},
             ],
             "description": f"Size in bytes: {SIZE_HINT}.",
