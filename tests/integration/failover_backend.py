@@ -223,9 +223,9 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-async def _main(name: str) -> None:
+async def _main(name: str, port: int) -> None:
     backend = Backend(name)
-    server = await asyncio.start_server(backend.handle, "127.0.0.1", 0, backlog=1024)
+    server = await asyncio.start_server(backend.handle, "127.0.0.1", port, backlog=1024)
     port = server.sockets[0].getsockname()[1]
     sys.stdout.write(f"READY {port}\n")
     sys.stdout.flush()
@@ -239,16 +239,36 @@ async def _main(name: str) -> None:
 class BackendProcess:
     """One backend process: start, signal, and query its control endpoints."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, port: int = 0) -> None:
         self.name = name
-        self.port = 0
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.failover_backend", "--name", name],
+        self.port = port
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.integration.failover_backend",
+                "--name",
+                self.name,
+                "--port",
+                str(self.port),
+            ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+
+    def restart(self) -> None:
+        """Start the backend again on the same port (after :meth:`kill`), as a supervisor would."""
+        if self.process.poll() is None:
+            self.kill()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.process = self._start()
+        self.wait_ready()
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         stdout = self.process.stdout
@@ -329,6 +349,7 @@ def start_backends(names: Iterable[str]) -> list[BackendProcess]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--name", required=True)
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     # SIGTERM keeps its default action (exit at once): there is nothing to clean up.
-    asyncio.run(_main(args.name))
+    asyncio.run(_main(args.name, args.port))
