@@ -168,6 +168,8 @@ async def test_kill_one_and_freeze_another(
     # Requests that met the frozen instance took one 300 ms per-try timeout, never the read
     # timeout (2 s).
     assert max(r.elapsed for r in results) < 1.5
+    last_phase = next(at for phase, at in load.marks if phase == "one healthy left")
+    assert {r.body for r in results if r.at > last_phase} == {healthy.name}
 
 
 @WORKERS
@@ -186,9 +188,7 @@ async def test_kill_one_with_64_requests_in_flight_fails_none(
         pending = [
             asyncio.create_task(client.request("GET", "/slow?delay=1")) for client in clients
         ]
-        await poll(
-            lambda: sum(b.count()["in_flight"] for b in trio) >= 64, "64 requests in flight"
-        )
+        await poll(lambda: sum(b.count()["in_flight"] for b in trio) >= 64, "64 requests in flight")
         trio[0].kill()
         replies = await asyncio.gather(*pending, return_exceptions=True)
     finally:
