@@ -4,8 +4,10 @@
 #   docker run --rm -p 8080:8080 -p 9901:9901 \
 #     -v "$PWD/my-gateway.yaml:/etc/gateway/gateway.yaml:ro" pygateway
 #
-# Inside a container the admin server must listen on 0.0.0.0 (`admin: 0.0.0.0:9901` in the
-# config) to be scraped from outside; the HEALTHCHECK below talks to 127.0.0.1 and works either way.
+# Inside a container the admin server must listen on 0.0.0.0 to be scraped from outside; then
+# give it a token (`admin: {address: 0.0.0.0:9901, token: "${env:GATEWAY_ADMIN_TOKEN}"}`): only
+# /metrics, /healthz and /readyz stay open. The HEALTHCHECK below talks to 127.0.0.1 and works
+# either way.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

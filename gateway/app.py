@@ -27,8 +27,16 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from gateway.accesslog import AccessLog
 from gateway.admin.app import AdminState, create_admin_app
-from gateway.config import ConfigError, ConfigInvalid, format_errors, load_config, load_config_text
+from gateway.config import (
+    ConfigError,
+    ConfigInvalid,
+    config_warnings,
+    format_errors,
+    load_config,
+    load_config_text,
+)
 from gateway.config.model import GatewayConfig, InstanceConfig
+from gateway.config.secrets import SCRUBBER
 from gateway.discovery import DiscoveryManager, add_discovery_routes
 from gateway.health.manager import HealthManager
 from gateway.metrics import GatewayMetrics, make_registry
@@ -47,6 +55,7 @@ log = logging.getLogger("gateway")
 
 # Keys that only take effect when the process starts (sockets, process count, histogram shapes).
 RESTART_KEYS = ("listen", "admin", "workers", "metrics")
+# watch: the file is checked this often, and read once it was the same on two checks in a row.
 WATCH_INTERVAL = 1.0
 
 Discovered = dict[str, tuple[InstanceConfig, ...]]
@@ -61,7 +70,7 @@ def read_config(path: str) -> tuple[GatewayConfig, str]:
     except (OSError, UnicodeDecodeError):
         load_config(path)  # raises ConfigInvalid with the file-level error
         raise
-    config = load_config_text(text, path)
+    config = load_config_text(text, path, require_routes=True)
     return dataclasses.replace(config, sha256=hashlib.sha256(data).hexdigest()), text
 
 
@@ -78,7 +87,8 @@ class ReloadStats:
     """``gateway_config_*`` metrics and the last reload's outcome (for /admin/config)."""
 
     def __init__(self, config: GatewayConfig) -> None:
-        self.results = {"success": 0, "error": 0}
+        # refused: valid, but it would drop too many routes/upstreams (not forced).
+        self.results = {"success": 0, "error": 0, "refused": 0}
         self.sha256 = config.sha256
         self.last_success = time.time()  # the running config was loaded at start
         self.last_error: dict[str, Any] | None = None
@@ -91,9 +101,14 @@ class ReloadStats:
         self.last_error = None
         self.restart_required = restart_required
 
-    def error(self, errors: list[str], trigger: str) -> None:
-        self.results["error"] += 1
-        self.last_error = {"time": time.time(), "trigger": trigger, "errors": errors}
+    def error(self, errors: list[str], trigger: str, result: str = "error") -> None:
+        self.results[result] += 1
+        self.last_error = {
+            "time": time.time(),
+            "trigger": trigger,
+            "result": result,
+            "errors": errors,
+        }
 
     def status(self) -> dict[str, Any]:
         return {
@@ -110,8 +125,9 @@ class ReloadStats:
     def collect(self) -> Iterator[Metric]:
         reloads = CounterMetricFamily(
             "gateway_config_reloads",
-            "Config reloads by result (success: swapped in everywhere; error: rejected, the "
-            "running config is unchanged).",
+            "Config reloads by result (success: swapped in everywhere; error: invalid file, "
+            "refused: it would drop too many routes or upstreams; the running config is "
+            "unchanged after error and refused).",
             labels=["result"],
         )
         for result, count in self.results.items():
@@ -280,6 +296,7 @@ class WorkerPlane:
             "source": config.source,
             "text": text,
             "sha256": config.sha256,
+            "references": config.references,
             "discovered": encode_discovered(discovered),
             "unhealthy": self._unhealthy(),
             "ejected": self._ejected(),
@@ -373,6 +390,32 @@ class WorkerPlane:
 Plane = LocalPlane | WorkerPlane
 
 
+def drop_problems(old: GatewayConfig, new: GatewayConfig) -> list[ConfigError]:
+    """Why ``new`` removes too many of ``old``'s routes or upstreams (the running config's
+    ``reload.refuse_drop_ratio`` applies: a truncated file cannot lift its own check)."""
+    ratio = old.reload.refuse_drop_ratio
+    problems = []
+    for key, before, after in (
+        ("routes", len(old.routes), len(new.routes)),
+        ("upstreams", len(old.upstreams), len(new.upstreams)),
+    ):
+        dropped = before - after
+        if before == 0 or dropped <= 0 or dropped / before < ratio:
+            continue
+        problems.append(
+            ConfigError(
+                new.source,
+                new.key_lines.get(key),
+                key,
+                f"refusing a reload that removes {dropped} of the {before} running {key}"
+                f" ({dropped / before:.0%}; reload.refuse_drop_ratio is {ratio:.0%}): if that"
+                " is intended, apply it with `gateway reload --force` or"
+                " POST /admin/reload?force=1",
+            )
+        )
+    return problems
+
+
 def _local_keys(config: GatewayConfig) -> int:
     """Keys the shared rate-limit table should hold: the sum of ``max_keys`` of every limit
     (Redis ones too: their fallback buckets live there). Fixed at start; limits added by a
@@ -419,8 +462,12 @@ class ControlPlane:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def reload(self, trigger: str = "SIGHUP") -> dict[str, Any]:
-        """Re-read the config file; swap it in everywhere if it is valid, else change nothing."""
+    async def reload(
+        self, trigger: str = "SIGHUP", force: bool = False, *, expected_sha256: str | None = None
+    ) -> dict[str, Any]:
+        """Re-read the config file; swap it in everywhere if it is valid (and, unless
+        ``force``, does not drop too many routes or upstreams), else change nothing.
+        ``expected_sha256`` (the watcher): skip quietly if the file changed again meanwhile."""
         async with self._reload_lock:
             path = self.config_path
             try:
@@ -429,7 +476,13 @@ class ControlPlane:
                 return self._rejected(invalid.errors, trigger)
             except OSError as error:
                 return self._rejected([ConfigError(path, None, "", str(error))], trigger)
+            if expected_sha256 is not None and new_config.sha256 != expected_sha256:
+                return {"result": "changed", "sha256": new_config.sha256}
             old = self.config
+            if not force:
+                drops = drop_problems(old, new_config)
+                if drops:
+                    return self._rejected(drops, trigger, result="refused")
             restart = [key for key in RESTART_KEYS if getattr(new_config, key) != getattr(old, key)]
             if restart:
                 log.warning(
@@ -444,6 +497,7 @@ class ControlPlane:
             problems = await self.plane.apply(new_config, text, discovered)
             self.config = self.state.config = new_config
             self.text = text
+            SCRUBBER.set_secrets(new_config.secrets)
             self._failed_sha256 = None
             self.in_background(self.discovery.reconfigure(new_config))
             await self.health.update(self.plane.current())
@@ -451,8 +505,9 @@ class ControlPlane:
                 log.error("config swap incomplete: %s", "; ".join(problems))
             self.stats.success(new_config.sha256, restart)
             log.info(
-                "config reloaded (%s), %d routes, sha256 %s",
+                "config reloaded (%s%s), %d routes, sha256 %s",
                 trigger,
+                ", forced" if force else "",
                 len(new_config.routes),
                 new_config.sha256[:12],
             )
@@ -464,41 +519,58 @@ class ControlPlane:
                 "problems": problems,
             }
 
-    def _rejected(self, errors: list[ConfigError], trigger: str) -> dict[str, Any]:
+    def _rejected(
+        self, errors: list[ConfigError], trigger: str, result: str = "error"
+    ) -> dict[str, Any]:
         log.error(
-            "reload (%s) rejected, running config unchanged:\n%s", trigger, format_errors(errors)
+            "reload (%s) %s, running config unchanged:\n%s",
+            trigger,
+            "refused" if result == "refused" else "rejected",
+            format_errors(errors),
         )
         messages = [str(error) for error in errors]
-        self.stats.error(messages, trigger)
-        return {"result": "error", "errors": messages}
+        self.stats.error(messages, trigger, result)
+        return {"result": result, "errors": messages}
 
     async def watch(self) -> None:
-        """``watch: true``: poll the file's stat every second; reload when its hash changes."""
+        """``watch: true``: check the file every second; reload once a new content has been
+        the same (stat and SHA-256) on two checks in a row, so that a file still being written
+        (a half-written YAML may well be valid) is never applied."""
         path = self.config_path
-        last: tuple[int, int, int] | None = None
+        last_signature: tuple[int, int, int] | None = None
+        pending: tuple[tuple[int, int, int], str] | None = None  # seen once, not yet settled
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             if not self.config.watch:
-                last = None
+                last_signature = pending = None
                 continue
             try:
                 st = os.stat(path)
                 signature = (st.st_mtime_ns, st.st_size, st.st_ino)
-                if signature == last:
+                if signature == last_signature and pending is None:
                     continue
-                last = signature
+                last_signature = signature
                 digest = _file_sha256(path)
             except OSError:
+                pending = None
                 continue  # mid-rename or deleted: look again next second
             if digest in (self.stats.sha256, self._failed_sha256):
+                pending = None
                 continue
-            result = await self.reload("file change")
-            if result["result"] == "error":
+            observed = (signature, digest)
+            if observed != pending:
+                log.info("config file changed (sha256 %s): waiting for it to settle", digest[:12])
+                pending = observed
+                continue
+            pending = None
+            result = await self.reload("file change", expected_sha256=digest)
+            if result["result"] in ("error", "refused"):
                 self._failed_sha256 = digest
 
     async def run(self, *, with_demo: bool = False) -> int:
         loop = asyncio.get_running_loop()
         config = self.config
+        SCRUBBER.set_secrets(config.secrets)  # log lines from here on leave without them
         discovery = self.discovery
         registry = self.plane.registry
         registry.register(discovery.collector())
@@ -545,6 +617,8 @@ class ControlPlane:
             return 1
         await self.health.update(self.plane.current())
         self.state.ready = True
+        for warning in config_warnings(config):
+            log.warning("%s", warning)
         log.info(
             "gateway listening on %s (admin %s, %s), %d routes, config %s sha256 %s",
             config.listen,

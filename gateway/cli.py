@@ -12,8 +12,9 @@ import urllib.request
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.config import ConfigInvalid, format_errors, load_config
+from gateway.config import ConfigInvalid, config_warnings, format_errors, load_config
 from gateway.config.model import GatewayConfig
+from gateway.config.secrets import SCRUBBER, install_log_redaction
 
 log = logging.getLogger("gateway")
 
@@ -37,6 +38,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if config is None:
         print(f"{args.config}: configuration is invalid", file=sys.stderr)
         return 1
+    for warning in config_warnings(config):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(
         f"{args.config}: configuration is valid "
         f"({len(config.routes)} routes, {len(config.upstreams)} upstreams, "
@@ -64,6 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         print(f"{args.config}: refusing to start on an invalid configuration", file=sys.stderr)
         return 1
+    SCRUBBER.set_secrets(config.secrets)
     import uvloop
 
     from gateway.app import serve
@@ -76,9 +80,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
     import orjson
 
     admin = args.admin if "://" in args.admin else f"http://{args.admin}"
-    request = urllib.request.Request(admin.rstrip("/") + "/admin/reload", method="POST", data=b"")
+    url = admin.rstrip("/") + "/admin/reload" + ("?force=1" if args.force else "")
+    request = urllib.request.Request(url, method="POST", data=b"")
     if args.token:
-        request.add_header("X-Admin-Token", args.token)
+        request.add_header("Authorization", f"Bearer {args.token}")
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as response:
             body = orjson.loads(response.read())
@@ -94,7 +99,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if body.get("result") != "success":
         errors = body.get("errors") or [body.get("message") or body.get("error") or str(body)]
         print("\n".join(str(e) for e in errors), file=sys.stderr)
-        print("reload rejected: the running config is unchanged", file=sys.stderr)
+        if body.get("result") == "refused":
+            print(
+                "reload refused: the running config is unchanged (--force applies it)",
+                file=sys.stderr,
+            )
+        else:
+            print("reload rejected: the running config is unchanged", file=sys.stderr)
         return 1
     print(f"config reloaded: {body.get('routes')} routes, sha256 {str(body.get('sha256'))[:12]}")
     for key in body.get("restart_required") or ():
@@ -135,6 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="admin.token, if configured (default: $GATEWAY_ADMIN_TOKEN)",
     )
     reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
+    reload.add_argument(
+        "--force",
+        action="store_true",
+        help="apply the file even if it removes reload.refuse_drop_ratio of the routes or"
+        " upstreams, or more",
+    )
     reload.set_defaults(handler=cmd_reload)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(handler=lambda _args: print(__version__) or 0)
@@ -143,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    install_log_redaction()
     with contextlib.suppress(KeyboardInterrupt):
         return int(args.handler(args))
     return 130

@@ -10,8 +10,10 @@ Supervisor and worker talk over a socketpair inherited by the worker (``--ipc-fd
 per message: a 4-byte big-endian length, then an orjson object with an ``op``:
 
 supervisor -> worker
-  ``config``      {seq, source, text, sha256, discovered, unhealthy, ejected, shared}: parse
-                  ``text`` (the exact bytes the supervisor validated), build a snapshot from the
+  ``config``      {seq, source, text, sha256, references, discovered, unhealthy, ejected,
+                  shared}: parse ``text`` (the exact bytes the supervisor validated; its
+                  ``${env:...}``/``${file:...}`` references take the supervisor's values from
+                  ``references``, nothing is read again), build a snapshot from the
                   previous one (pools carry over), swap it in; answered by ``ack`` (or ``ready``
                   for the first one). ``shared`` (used from the first message) says where the
                   shared rate-limit table is: {fd, semaphore, slots}.
@@ -549,8 +551,12 @@ def _parse(message: Mapping[str, Any]) -> Any:
     import dataclasses
 
     from gateway.config import load_config_text
+    from gateway.config.secrets import SCRUBBER
 
-    config = load_config_text(str(message["text"]), str(message["source"]))
+    config = load_config_text(
+        str(message["text"]), str(message["source"]), references=message.get("references") or {}
+    )
+    SCRUBBER.set_secrets(config.secrets)
     # The supervisor hashed the file's bytes; keep its digest so both report the same one.
     return dataclasses.replace(config, sha256=str(message.get("sha256") or config.sha256))
 
@@ -672,6 +678,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s worker-{args.index}[{os.getpid()}] %(name)s: "
         "%(message)s",
     )
+    from gateway.config.secrets import install_log_redaction
+
+    install_log_redaction()  # e.g. a Redis URL in a store's log line loses its password
     import uvloop
 
     return int(uvloop.run(run_worker(args.ipc_fd, args.index, args.host, args.port)))

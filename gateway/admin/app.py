@@ -2,6 +2,12 @@
 
 Control plane only (aiohttp); nothing here is on the request hot path. Metrics are rendered at
 scrape time from ``GatewayMetrics`` via the registry's collector.
+
+Access: with ``admin.token`` set, everything except ``/``, ``/healthz``, ``/readyz``,
+``/metrics`` and the registry's ``/register`` and ``/discover`` paths (which check the token on
+their mutating calls themselves) needs ``Authorization: Bearer TOKEN`` (``X-Admin-Token`` is
+accepted too); ``admin.read_without_token`` opens the GETs. Whatever is shown, the config's
+secrets are redacted, and every JSON answer is scrubbed of secret values as a last resort.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from gateway.config import redact_config
 from gateway.config.model import GatewayConfig, RouteConfig
+from gateway.config.secrets import SCRUBBER
 from gateway.metrics import GatewayMetrics
 
 __all__ = ["STATE_KEY", "AdminState", "create_admin_app", "json_response"]
@@ -38,8 +46,8 @@ class AdminState:
     ready_detail: Callable[[], dict[str, Any]] | None = None
     # False while no data-plane process has a live snapshot (e.g. every worker is restarting).
     ready_check: Callable[[], bool] | None = None
-    # Re-read and apply the config file (POST /admin/reload); the argument names the trigger.
-    reload: Callable[[str], Awaitable[dict[str, Any]]] | None = None
+    # Re-read and apply the config file (POST /admin/reload): (trigger, force) -> outcome.
+    reload: Callable[[str, bool], Awaitable[dict[str, Any]]] | None = None
     # Last reload outcome for /admin/config (running sha256, last error with file:line...).
     reload_status: Callable[[], dict[str, Any]] | None = None
     # Awaited before each /metrics render: the supervisor pulls and sums its workers' totals.
@@ -98,7 +106,13 @@ async def _metrics(request: web.Request) -> web.Response:
 async def _config(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     cfg = state.config
-    body: dict[str, Any] = {"sha256": cfg.sha256, "source": cfg.source, "config": cfg.raw}
+    # The document as written with secrets redacted; the hash is of the real bytes, so it
+    # changes when a secret does (and reveals nothing about it: SHA-256 is not invertible).
+    body: dict[str, Any] = {
+        "sha256": cfg.sha256,
+        "source": cfg.source,
+        "config": redact_config(cfg),
+    }
     if state.reload_status is not None:
         # "reload": running hash, last success time, counts, and the last rejected file's
         # errors (file:line: key: message) until a later reload succeeds.
@@ -109,25 +123,38 @@ async def _config(request: web.Request) -> web.Response:
 def _token_ok(request: web.Request, token: str | None) -> bool:
     if not token:
         return True
-    given = request.headers.get("X-Admin-Token", "")
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    given = credentials.strip() if scheme.lower() == "bearer" else ""
     if not given:
-        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-        given = credentials.strip() if scheme.lower() == "bearer" else ""
+        given = request.headers.get("X-Admin-Token", "")
+    # compare_digest: the time taken does not depend on where the first wrong byte is.
     return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
 
+def _unauthorized() -> web.Response:
+    response = json_response(
+        {"error": "unauthorized", "message": "a valid admin token is required"}, status=401
+    )
+    response.headers["WWW-Authenticate"] = 'Bearer realm="gateway-admin"'
+    return response
+
+
+_FORCE_VALUES = frozenset({"1", "true", "yes"})
+_RELOAD_STATUS = {"success": 200, "refused": 409}
+
+
 async def _reload(request: web.Request) -> web.Response:
-    """Re-read the config file: 200 with the new hash, or 400 listing every error (nothing
-    changed). Guarded by ``admin.token`` when one is configured."""
+    """Re-read the config file: 200 with the new hash, 400 listing every error, or 409 when it
+    would drop too many routes/upstreams (nothing changed; ``?force=1`` applies it anyway).
+    Guarded by ``admin.token`` when one is configured."""
     state = request.app[STATE_KEY]
     if not _token_ok(request, state.config.admin_token):
-        return json_response(
-            {"error": "unauthorized", "message": "a valid admin token is required"}, status=401
-        )
+        return _unauthorized()
     if state.reload is None:
         return json_response({"error": "reload is not available"}, status=501)
-    result = await state.reload("admin API")
-    return json_response(result, status=200 if result.get("result") == "success" else 400)
+    force = request.query.get("force", "").lower() in _FORCE_VALUES
+    result = await state.reload("admin API", force)
+    return json_response(result, status=_RELOAD_STATUS.get(str(result.get("result")), 400))
 
 
 async def _workers(request: web.Request) -> web.Response:
@@ -181,6 +208,38 @@ async def _index(request: web.Request) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# Open whatever the token: probes, the scraper, and the registry (whose handlers check the token
+# on mutating calls; /discover is read by the services themselves, not by operators).
+_OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics"})
+_REGISTRY_PREFIXES = ("/register", "/discover")
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def _needs_token(request: web.Request, config: GatewayConfig) -> bool:
+    if not config.admin_token:
+        return False
+    path = request.path
+    if path in _OPEN_PATHS or path.startswith(_REGISTRY_PREFIXES):
+        return False
+    # Everything else (/admin/*, and paths added later) is closed by default.
+    return not (config.admin_read_without_token and request.method in _READ_METHODS)
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The token check, and a last scrub of secret values from every JSON answer."""
+    if _needs_token(request, request.app[STATE_KEY].config) and not _token_ok(
+        request, request.app[STATE_KEY].config.admin_token
+    ):
+        return _unauthorized()
+    response = await handler(request)
+    if isinstance(response, web.Response) and response.content_type == _JSON:
+        body = response.body
+        if isinstance(body, bytes):
+            response.body = SCRUBBER.json_bytes(body)
+    return response
+
+
 @web.middleware
 async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn aiohttp's plain-text 404/405 into the same JSON shape as every other answer."""
@@ -199,7 +258,7 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 def create_admin_app(state: AdminState) -> web.Application:
-    app = web.Application(middlewares=[_json_errors])
+    app = web.Application(middlewares=[_json_errors, _guard])
     app[STATE_KEY] = state
     app.router.add_get("/", _index)
     app.router.add_get("/healthz", _healthz)

@@ -250,8 +250,16 @@ class AdminConfig:
     """``admin:`` given as a mapping: where it listens plus the registration API's settings."""
 
     address: Address
-    token: str | None = None  # required (Bearer / X-Admin-Token) on mutating registry calls
+    token: str | None = None  # required (Bearer / X-Admin-Token) on /admin/* and mutations
+    read_without_token: bool = False  # GET /admin/* answers without the token
     registry: str | None = None  # discovery backend that /register and /discover use
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadConfig:
+    # A reload removing this share of the routes (or of the upstreams), or more, is refused
+    # unless forced: a truncated or half-written file must not empty the route table.
+    refuse_drop_ratio: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +288,8 @@ class GatewayConfig:
     sha256: str  # hex digest of the file bytes
     raw: dict[str, Any]  # the parsed YAML document, for /admin/config
     discovery: dict[str, DiscoveryConfig] = field(default_factory=dict)
-    admin_token: str | None = None  # admin.token: guards mutating registration API calls
+    admin_token: str | None = None  # admin.token: guards /admin/* and mutating API calls
+    admin_read_without_token: bool = False  # admin.read_without_token: GET /admin/* is open
     admin_registry: str | None = None  # admin.registry: backend of the registration API
     access_log: AccessLogConfig | None = None  # off unless configured
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -288,3 +297,11 @@ class GatewayConfig:
     watch: bool = False  # reload when the config file changes (polled every second)
     drain_timeout: float = 10.0  # SIGTERM: how long in-flight requests may take to finish
     rate_limit: tuple[RateLimitConfig, ...] = ()  # every request must pass these as well
+    reload: ReloadConfig = field(default_factory=ReloadConfig)
+    # Resolved ${env:...}/${file:...} references (reference -> value): sent to the workers so
+    # that they build the very same config without reading the environment or files again.
+    references: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # Values of secret keys and URL passwords: scrubbed from logs and admin answers.
+    secrets: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    # Line of each top-level key in the file (for errors about a whole section).
+    key_lines: dict[str, int] = field(default_factory=dict, repr=False, compare=False)

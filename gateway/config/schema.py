@@ -29,6 +29,7 @@ from gateway.config.model import (
     PathMatch,
     RateLimitConfig,
     RedisConfig,
+    ReloadConfig,
     RetryConfig,
     RewriteConfig,
     RouteConfig,
@@ -797,12 +798,17 @@ DISCOVERY = Struct(
             "address",
             HTTP_URL_PATH,
             "consul: agent HTTP API base URL; kubernetes: API server URL (default: in-cluster);"
-            " etcd: client URL; eureka: server URL including /eureka.",
+            " etcd: client URL; eureka: server URL including /eureka. A password in it"
+            " (http://user:PASSWORD@host) is redacted and may be a ${env:NAME} / ${file:PATH}"
+            " reference.",
+            references=True,
         ),
         Field(
             "token",
             Text("a token"),
-            "consul: ACL token sent as X-Consul-Token; kubernetes: bearer token.",
+            "consul: ACL token sent as X-Consul-Token; kubernetes: bearer token. Secret:"
+            " redacted when shown; may be ${env:NAME} or ${file:PATH}.",
+            secret=True,
         ),
         Field("datacenter", Text("a datacenter name"), "consul: default datacenter."),
         Field(
@@ -813,7 +819,12 @@ DISCOVERY = Struct(
         ),
         Field("ca_file", Text("a file path"), "consul, kubernetes, etcd, eureka: CA bundle."),
         Field("cert_file", Text("a file path"), "TLS client certificate (https backends)."),
-        Field("key_file", Text("a file path"), "TLS client key (with cert_file)."),
+        Field(
+            "key_file",
+            Text("a file path"),
+            "TLS client key (with cert_file). Secret: redacted when shown.",
+            secret=True,
+        ),
         Field("tls_verify", Bool(), "https: verify the server certificate (default true)."),
         Field(
             "namespace",
@@ -829,7 +840,8 @@ DISCOVERY = Struct(
             "token_file",
             Text("a file path"),
             "kubernetes: bearer token file, re-read when it rotates (default: the pod's"
-            " service-account token).",
+            " service-account token). Secret: redacted when shown.",
+            secret=True,
         ),
         Field(
             "port",
@@ -878,7 +890,18 @@ ADMIN = Union(
             Field(
                 "token",
                 Text("a token"),
-                "Required on mutating registration calls (Authorization: Bearer TOKEN).",
+                "Required (Authorization: Bearer TOKEN) on every /admin/* call, on POST"
+                " /admin/reload and on mutating registration calls; /healthz, /readyz,"
+                " /metrics and /discover stay open. Secret: redacted when shown; may be"
+                " ${env:NAME} or ${file:PATH}.",
+                secret=True,
+            ),
+            Field(
+                "read_without_token",
+                Bool(),
+                "Let GET /admin/* answer without the token (read-only access; secrets stay"
+                " redacted). Mutating calls still need it.",
+                False,
             ),
             Field(
                 "registry",
@@ -889,7 +912,9 @@ ADMIN = Union(
         ],
         build=AdminConfig,
     ),
-    expected=f"an address ({ADDRESS_HINT}) or a mapping {{address, token, registry}}",
+    expected=(
+        f"an address ({ADDRESS_HINT}) or a mapping {{address, token, read_without_token, registry}}"
+    ),
 )
 
 
@@ -898,6 +923,7 @@ def _root(**values: Any) -> dict[str, Any]:
     if isinstance(admin, AdminConfig):
         values["admin"] = admin.address
         values["admin_token"] = admin.token
+        values["admin_read_without_token"] = admin.read_without_token
         values["admin_registry"] = admin.registry
     values["rate_limit"] = values["rate_limit"] or ()
     return values
@@ -959,8 +985,10 @@ REDIS = Struct(
         Field(
             "url",
             Text("a redis:// or rediss:// URL", pattern=r"rediss?://\S+"),
-            "Redis URL.",
+            "Redis URL. Its password (redis://:PASSWORD@host or redis://user:PASSWORD@host) is"
+            " redacted when shown and may be a ${env:NAME} / ${file:PATH} reference.",
             "redis://127.0.0.1:6379/0",
+            references=True,
         ),
         Field("timeout", DURATION, "Longest wait for a decision (then on_store_error).", "20ms"),
         Field("prefix", Text("a key prefix"), "Prefix of every key the gateway writes.", "gateway"),
@@ -1037,6 +1065,22 @@ LIMITS = Struct(
     build=LimitsConfig,
 )
 
+RELOAD = Struct(
+    "reload",
+    "Safety checks applied to every reload (SIGHUP, POST /admin/reload, gateway reload, watch).",
+    [
+        Field(
+            "refuse_drop_ratio",
+            Number(0, 1),
+            "A reload that would remove this share of the running routes, or of the running"
+            " upstreams, or more (0.5: half of them) is refused unless forced (gateway reload"
+            " --force, POST /admin/reload?force=1). The running config's value applies.",
+            0.5,
+        ),
+    ],
+    build=ReloadConfig,
+)
+
 ROOT = Struct(
     None,
     "Gateway configuration (routes, upstreams, listeners, limits).",
@@ -1067,7 +1111,14 @@ ROOT = Struct(
             "Upstreams by name.",
             {},
         ),
-        Field("routes", ListOf(ROUTE), "Routes, in priority order for ties.", []),
+        Field(
+            "routes",
+            ListOf(ROUTE),
+            "Routes, in priority order for ties. A gateway refuses to run, or to reload, a file"
+            " without this key (an empty or truncated file): write `routes: []` for a gateway"
+            " that serves no routes.",
+            [],
+        ),
         Field(
             "discovery",
             MapOf(NAME, DISCOVERY, key_field="name"),
@@ -1079,9 +1130,11 @@ ROOT = Struct(
         Field(
             "watch",
             Bool(),
-            "Reload when the config file changes (its mtime and hash are checked every second).",
+            "Reload when the config file changes (its size, mtime and hash are checked every"
+            " second; a change is read once it has been the same on two checks in a row).",
             False,
         ),
+        Field("reload", RELOAD, "Safety checks on reloads.", {}),
         Field(
             "drain_timeout",
             DURATION,

@@ -23,6 +23,15 @@ from gateway.config.durations import (
 )
 from gateway.config.errors import ConfigError
 from gateway.config.model import Address
+from gateway.config.secrets import (
+    REDACTED,
+    Resolver,
+    has_reference,
+    looks_like_reference,
+    redact_secret,
+    redact_userinfo,
+    url_password,
+)
 from gateway.config.yamlpos import Path, Positions, format_path
 
 
@@ -49,16 +58,23 @@ REQUIRED: Final = _Required()
 class Context:
     """Where errors go while one document is checked."""
 
-    def __init__(self, source: str, positions: Positions | None = None) -> None:
+    def __init__(
+        self, source: str, positions: Positions | None = None, resolver: Resolver | None = None
+    ) -> None:
         self.source = source
         self.positions = positions or Positions()
         self.errors: list[ConfigError] = []
+        self.resolver = resolver or Resolver()
+        # Values of secret keys (and URL passwords) as loaded: what redaction must hide.
+        self.secrets: list[str] = []
 
     def error(self, path: Path, message: str, *, key: bool = False) -> None:
         broken = self.positions.broken
         if broken and any(path[:i] in broken for i in range(len(path) + 1)):
             return  # YAML already reported this value as unreadable
         line = self.positions.line_of(path, key=key)
+        # Messages quote values; a URL's password must not end up in a log or an answer.
+        message = redact_userinfo(message)
         self.errors.append(ConfigError(self.source, line, format_path(path), message))
 
 
@@ -112,6 +128,21 @@ class Type:
     def json(self, gen: JsonGen) -> dict[str, Any]:
         raise NotImplementedError
 
+    def redact(self, value: Any) -> Any:
+        """``value`` (as written in YAML) for display: secrets and URL passwords hidden."""
+        return redact_plain(value)
+
+
+def redact_plain(value: Any) -> Any:
+    """A value outside any secret key: only URL passwords are hidden."""
+    if isinstance(value, str):
+        return redact_userinfo(value)
+    if isinstance(value, dict):
+        return {key: redact_plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact_plain(item) for item in value]
+    return value
+
 
 class JsonGen:
     """Collects named nodes into ``$defs`` while a schema is rendered."""
@@ -162,6 +193,10 @@ class Text(Type):
             return _type_error(ctx, path, self.expected, value, quote_hint=quote_hint)
         if len(value) < self.min_length:
             ctx.error(path, f"must not be empty: expected {self.expected}")
+            return INVALID
+        if has_reference(value) and looks_like_reference(value):
+            # Left over: references are expanded before this, in the keys that allow them.
+            ctx.error(path, _NOT_EXPANDED)
             return INVALID
         if self.parse is not None:
             try:
@@ -368,6 +403,11 @@ class ListOf(Type):
             out["uniqueItems"] = True
         return out
 
+    def redact(self, value: Any) -> Any:
+        if not isinstance(value, list):
+            return redact_plain(value)
+        return [self.item.redact(item) for item in value]
+
 
 class MapOf(Type):
     """A mapping with user-chosen keys (upstream names, header names).
@@ -417,6 +457,11 @@ class MapOf(Type):
             return INVALID
         return tuple(out.items()) if self.pairs else out
 
+    def redact(self, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return redact_plain(value)
+        return {key: self.value.redact(item) for key, item in value.items()}
+
     def json(self, gen: JsonGen) -> dict[str, Any]:
         key_schema = gen.render(self.key)
         key_schema.pop("minLength", None)  # propertyNames applies to strings only; keep lean
@@ -456,6 +501,12 @@ class Union(Type):
     def json(self, gen: JsonGen) -> dict[str, Any]:
         return {"anyOf": [gen.render(o) for o in self.options]}
 
+    def redact(self, value: Any) -> Any:
+        for option in self.options:
+            if option.accepts(value):
+                return option.redact(value)
+        return redact_plain(value)
+
 
 class Mapped(Type):
     """Another node whose converted value is passed through ``convert``."""
@@ -476,6 +527,9 @@ class Mapped(Type):
     def json(self, gen: JsonGen) -> dict[str, Any]:
         return gen.render(self.inner)
 
+    def redact(self, value: Any) -> Any:
+        return self.inner.redact(value)
+
 
 @dataclass(frozen=True)
 class Field:
@@ -486,6 +540,11 @@ class Field:
     type: Type
     doc: str
     default: Any = None
+    # A credential (or the path of one): shown as <redacted> wherever the config is shown;
+    # may be written as ${env:NAME} / ${file:PATH}.
+    secret: bool = False
+    # Not secret as a whole, but may hold references (a URL whose password is one).
+    references: bool = False
 
 
 Check = Callable[[dict[str, Any]], Iterable[tuple[str, str]]]
@@ -542,7 +601,7 @@ class Struct(Type):
         out: dict[str, Any] = {}
         for name, f in self.fields.items():
             if name in value:
-                converted = f.type.check(ctx, (*path, name), value[name])
+                converted = _check_field(ctx, (*path, name), f, value[name])
             elif f.default is REQUIRED:
                 ctx.error((*path, name), "required key is missing")
                 converted = INVALID
@@ -576,12 +635,29 @@ class Struct(Type):
                 ok = False
         return self.build(**out) if ok else INVALID
 
+    def redact(self, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return redact_plain(value)
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            f = self.fields.get(key)
+            if f is None:
+                out[key] = redact_plain(item)
+            elif f.secret:
+                out[key] = redact_secret(item)
+            else:
+                out[key] = f.type.redact(item)
+        return out
+
     def json(self, gen: JsonGen) -> dict[str, Any]:
         properties: dict[str, Any] = {}
         required: list[str] = []
         for name, f in self.fields.items():
             prop = dict(gen.render(f.type))
             prop["description"] = f.doc
+            if f.secret:
+                # JSON Schema 2019-09 annotation: editors and tools may hide the value.
+                prop["writeOnly"] = True
             if f.default is REQUIRED:
                 required.append(name)
             elif f.default is not None:
@@ -606,6 +682,49 @@ class Struct(Type):
                     dependent.setdefault(k, []).extend(o for o in group if o != k)
             out["dependentRequired"] = dependent
         return out
+
+
+_NOT_EXPANDED = (
+    "${env:...} and ${file:...} references are only expanded in secret keys and URLs that may"
+    " hold a password (admin.token, redis.url, discovery address, token, key_file, token_file)"
+)
+
+
+def _check_field(ctx: Context, path: Path, f: Field, value: Any) -> Any:
+    """Check one key's value: expand its references first where they are allowed, and keep a
+    secret's value out of the error messages."""
+    written = value
+    if (f.secret or f.references) and isinstance(value, str) and has_reference(value):
+        try:
+            value = ctx.resolver.expand(value)
+        except ValueError as exc:
+            ctx.error(path, str(exc))
+            return INVALID
+    first_error = len(ctx.errors)
+    converted = f.type.check(ctx, path, value)
+    if f.secret:
+        # Numbers too: "got integer 12345678" would quote a numeric token.
+        hidden = {str(v) for v in (written, value) if isinstance(v, str | int | float) and str(v)}
+        ctx.errors[first_error:] = [
+            replace(e, message=_hide(e.message, hidden)) for e in ctx.errors[first_error:]
+        ]
+        if converted is not INVALID and isinstance(value, str):
+            ctx.secrets.append(value)
+    elif f.references and isinstance(value, str) and "@" in value:
+        # A malformed URL escapes the userinfo redaction: quote only what follows the '@'.
+        shown = f"{REDACTED}@{value.rpartition('@')[2]}"
+        ctx.errors[first_error:] = [
+            replace(e, message=e.message.replace(value, shown)) for e in ctx.errors[first_error:]
+        ]
+    if not f.secret and isinstance(value, str) and (password := url_password(value)) is not None:
+        ctx.secrets.append(password)
+    return converted
+
+
+def _hide(message: str, values: Iterable[str]) -> str:
+    for value in sorted(values, key=len, reverse=True):
+        message = message.replace(repr(value), REDACTED).replace(value, REDACTED)
+    return message
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

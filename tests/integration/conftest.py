@@ -55,11 +55,23 @@ def stop_process(process: subprocess.Popen[bytes] | None, grace: float = 10.0) -
 
 
 class GatewayProcess:
-    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+    """``admin`` (settings such as token) turns the admin address into a mapping, listening
+    on ``admin_host``; ``env`` is added to the process environment."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        *,
+        admin: dict[str, Any] | None = None,
+        admin_host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port, self.admin_port = free_ports(2)
+        admin_address = f"{admin_host}:{self.admin_port}"
         config = {
             "listen": f"127.0.0.1:{self.port}",
-            "admin": f"127.0.0.1:{self.admin_port}",
+            "admin": {"address": admin_address, **admin} if admin else admin_address,
             **config,
         }
         self.config_path = workdir / "gateway.yaml"
@@ -71,7 +83,7 @@ class GatewayProcess:
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self._wait_ready()
 
@@ -144,11 +156,11 @@ def raw_backend() -> Iterator[RawBackend]:
 @pytest.fixture(scope="session")
 def start_gateway(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Callable[[dict[str, Any]], GatewayProcess]]:
+) -> Iterator[Callable[..., GatewayProcess]]:
     started: list[GatewayProcess] = []
 
-    def start(config: dict[str, Any]) -> GatewayProcess:
-        process = GatewayProcess(config, tmp_path_factory.mktemp("gateway"))
+    def start(config: dict[str, Any], **options: Any) -> GatewayProcess:
+        process = GatewayProcess(config, tmp_path_factory.mktemp("gateway"), **options)
         started.append(process)
         return process
 

@@ -203,6 +203,9 @@ class DiscoveryGateway(GatewayProcess):
         if admin_extra:
             admin = {"address": admin, **admin_extra}
         full = {"listen": f"127.0.0.1:{self.port}", "admin": admin, **config}
+        # /admin/* needs the token when one is set.
+        token = (admin_extra or {}).get("token")
+        self.admin_headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.config_path = workdir / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(full, sort_keys=False))
         self.log_path = workdir / "gateway.log"
@@ -217,7 +220,9 @@ class DiscoveryGateway(GatewayProcess):
         self._wait_ready()
 
     def discovery(self) -> dict[str, Any]:
-        status, body = http_json("GET", self.admin_url + "/admin/discovery")
+        status, body = http_json(
+            "GET", self.admin_url + "/admin/discovery", None, self.admin_headers
+        )
         assert status == 200, body
         return body
 

@@ -165,3 +165,97 @@ async def test_wrong_method_is_json_405(client: Any) -> None:
     assert resp.content_type == "application/json"
     assert "GET" in resp.headers["Allow"]
     assert orjson.loads(await resp.read())["status"] == 405
+
+
+# --- access with admin.token --------------------------------------------------------------------
+
+TOKEN = "admin-token-0123456789"
+REDIS_PASSWORD = "redis-password-0123"
+SECRET_RAW: dict[str, Any] = {
+    **RAW,
+    "admin": {"address": "127.0.0.1:9901", "token": TOKEN},
+    "redis": {"url": f"redis://:{REDIS_PASSWORD}@127.0.0.1:6379/0"},
+}
+PROTECTED_READS = ["/admin/config", "/admin/routes", "/admin/upstreams", "/admin/workers"]
+OPEN_READS = ["/", "/healthz", "/metrics"]
+
+
+def with_token(
+    state: AdminState, *, read_without_token: bool = False
+) -> tuple[AdminState, list[tuple[str, bool]]]:
+    """``state`` guarded by TOKEN; the list records the (trigger, force) of each reload."""
+    import dataclasses
+
+    state.config = dataclasses.replace(
+        state.config,
+        admin_token=TOKEN,
+        admin_read_without_token=read_without_token,
+        raw=SECRET_RAW,
+    )
+    state.ready = True
+    reloads: list[tuple[str, bool]] = []
+
+    async def reload(trigger: str, force: bool) -> dict[str, Any]:
+        reloads.append((trigger, force))
+        return {"result": "success", "sha256": "cd" * 32}
+
+    state.reload = reload
+    return state, reloads
+
+
+async def test_reads_need_the_token_when_one_is_set(aiohttp_client: Any, state: AdminState) -> None:
+    client = await aiohttp_client(create_admin_app(with_token(state)[0]))
+    for path in PROTECTED_READS:
+        resp = await client.get(path)
+        assert resp.status == 401, path
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        body = await resp.read()
+        assert TOKEN.encode() not in body and REDIS_PASSWORD.encode() not in body
+        resp = await client.get(path, headers={"Authorization": "Bearer wrong"})
+        assert resp.status == 401, path
+        resp = await client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert resp.status == 200, path
+        resp = await client.get(path, headers={"X-Admin-Token": TOKEN})  # the older header
+        assert resp.status == 200, path
+    # Unknown paths are closed too: nothing under the admin port is open by accident.
+    assert (await client.get("/admin/something-new")).status == 401
+    for path in [*OPEN_READS, "/readyz"]:
+        assert (await client.get(path)).status == 200, path
+
+
+async def test_admin_config_is_redacted_even_with_the_token(
+    aiohttp_client: Any, state: AdminState
+) -> None:
+    client = await aiohttp_client(create_admin_app(with_token(state)[0]))
+    resp = await client.get("/admin/config", headers={"Authorization": f"Bearer {TOKEN}"})
+    body = await resp.read()
+    assert TOKEN.encode() not in body and REDIS_PASSWORD.encode() not in body
+    config = orjson.loads(body)["config"]
+    assert config["admin"]["token"] == "<redacted>"
+    assert config["redis"]["url"] == "redis://:<redacted>@127.0.0.1:6379/0"
+    assert config["routes"] == RAW["routes"]
+
+
+async def test_read_without_token_opens_reads_not_reload(
+    aiohttp_client: Any, state: AdminState
+) -> None:
+    state, reloads = with_token(state, read_without_token=True)
+    client = await aiohttp_client(create_admin_app(state))
+    for path in PROTECTED_READS:
+        assert (await client.get(path)).status == 200, path
+    assert (await client.post("/admin/reload")).status == 401
+    assert reloads == []
+    resp = await client.post("/admin/reload?force=1", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert resp.status == 200
+    assert reloads == [("admin API", True)]
+
+
+async def test_refused_reload_is_409(aiohttp_client: Any, state: AdminState) -> None:
+    async def refuse(trigger: str, force: bool) -> dict[str, Any]:
+        return {"result": "refused", "errors": ["gw.yaml:3: routes: refusing ..."]}
+
+    state.reload = refuse
+    client = await aiohttp_client(create_admin_app(state))
+    resp = await client.post("/admin/reload")
+    assert resp.status == 409
+    assert (await resp.json())["result"] == "refused"

@@ -656,19 +656,19 @@ def test_parse_address_rejects(text: str) -> None:
 
 
 def test_load_config_file_hash_and_source(tmp_path: Path) -> None:
-    data = b"listen: 127.0.0.1:0\n"
+    data = b"listen: 127.0.0.1:0\nroutes: []\n"
     path = tmp_path / "gw.yaml"
     path.write_bytes(data)
     cfg = load_config(path)
     assert cfg.sha256 == hashlib.sha256(data).hexdigest()
     assert cfg.source == str(path)
-    assert cfg.raw == {"listen": "127.0.0.1:0"}
+    assert cfg.raw == {"listen": "127.0.0.1:0", "routes": []}
     assert dataclasses.is_dataclass(cfg)
 
 
 def test_load_config_errors_use_path_as_given(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("workers: 0\n")
+    path.write_text("workers: 0\nroutes: []\n")
     with pytest.raises(ConfigInvalid) as info:
         load_config(str(path))
     assert [str(e) for e in info.value.errors] == [f"{path}:1: workers: must be at least 1, got 0"]
