@@ -21,6 +21,7 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -106,11 +107,12 @@ _REASONS = {
 }
 
 
-def _load_malloc_trim() -> ctypes._CFuncPtr | None:
+def _load_malloc_trim() -> Callable[[int], int] | None:
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
         return None
+    return trim
 
 
 _malloc_trim = _load_malloc_trim()
@@ -381,6 +383,8 @@ class ProxyServer:
             await self._server.wait_closed()
         for conn in list(self.connections):
             conn.abort()
+        while self.lingering:
+            self.lingering.popleft()[1].abort()
         for pool in self.snapshot.pools():
             pool.close_all()
 
@@ -588,7 +592,9 @@ class ClientConnection(asyncio.Protocol):
         parsing = self.parsing
         if parsing is not None:
             if parsing.method:  # the head is in: its body is being read
-                if self.reading_paused:
+                if self.tunnel is not None or self.upgrade_pending:
+                    pass  # bytes after an Upgrade are the new protocol's, not a body
+                elif self.reading_paused:
                     # Paused by us (backpressure, pipelining): the client is not the slow one.
                     self.body_deadline = now + self.limits.client_body_timeout
                 elif self.body_deadline and now > self.body_deadline:
