@@ -157,6 +157,11 @@ class GatewayMetrics:
         self.ratelimits: dict[tuple[str, str], int] = {}
         # upstream -> {state: count} of its instances (healthy, unhealthy, ejected), last report.
         self.instance_states: dict[str, dict[str, int]] = {}
+        # Slow or excess clients: reason -> connections refused (max_connections, draining);
+        # kind -> clients cut off by a timeout (header, body, send); malloc_trim calls.
+        self.connections_refused: dict[str, int] = {}
+        self.client_timeouts: dict[str, int] = {}
+        self.malloc_trims = 0
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -244,6 +249,12 @@ class GatewayMetrics:
     def breaker_overflow(self, upstream: str, kind: str) -> None:
         key = (upstream, kind)
         self.overflows[key] = self.overflows.get(key, 0) + 1
+
+    def connection_refused(self, reason: str) -> None:
+        self.connections_refused[reason] = self.connections_refused.get(reason, 0) + 1
+
+    def client_timeout(self, kind: str) -> None:
+        self.client_timeouts[kind] = self.client_timeouts.get(kind, 0) + 1
 
     def upstream_instances(self, upstream: str, states: dict[str, int]) -> None:
         """Report how many instances of ``upstream`` are in each state (a gauge; last wins)."""
@@ -373,6 +384,28 @@ class GatewayMetrics:
         for upstream, states in list(self.instance_states.items()):
             for state, count in states.items():
                 instances.add_metric([upstream, state], count)
+        refused = CounterMetricFamily(
+            "gateway_connections_refused_total",
+            "Client connections answered 503 and closed at once, by reason: max_connections"
+            " (limits.max_connections, gateway-wide) or draining.",
+            labels=["reason"],
+        )
+        for reason, count in list(self.connections_refused.items()):
+            refused.add_metric([reason], count)
+        timeouts = CounterMetricFamily(
+            "gateway_client_timeouts_total",
+            "Clients cut off for slowness, by kind: header (head not in within"
+            " limits.header_timeout, 408), body (limits.client_body_timeout, 408), send"
+            " (read nothing for limits.send_timeout, closed).",
+            labels=["kind"],
+        )
+        for kind, count in list(self.client_timeouts.items()):
+            timeouts.add_metric([kind], count)
+        trims = CounterMetricFamily(
+            "gateway_malloc_trims_total",
+            "Times freed heap memory was handed back to the OS after many connections closed.",
+            value=self.malloc_trims,
+        )
         return [
             requests,
             duration,
@@ -386,6 +419,9 @@ class GatewayMetrics:
             overflows,
             ratelimits,
             instances,
+            refused,
+            timeouts,
+            trims,
         ]
 
     # -- multi-process aggregation ---------------------------------------------------------
@@ -409,6 +445,9 @@ class GatewayMetrics:
             "overflows": [[u, k, n] for (u, k), n in list(self.overflows.items())],
             "ratelimits": [[r, x, n] for (r, x), n in list(self.ratelimits.items())],
             "instance_states": {u: dict(c) for u, c in list(self.instance_states.items())},
+            "connections_refused": dict(self.connections_refused),
+            "client_timeouts": dict(self.client_timeouts),
+            "malloc_trims": self.malloc_trims,
         }
 
     def merge_state(self, state: dict[str, Any]) -> None:
@@ -460,6 +499,11 @@ class GatewayMetrics:
             self.ratelimits[(route, result)] = self.ratelimits.get((route, result), 0) + count
         for upstream, kind, count in state.get("overflows", ()):
             self.overflows[(upstream, kind)] = self.overflows.get((upstream, kind), 0) + count
+        for reason, count in state.get("connections_refused", {}).items():
+            self.connections_refused[reason] = self.connections_refused.get(reason, 0) + count
+        for kind, count in state.get("client_timeouts", {}).items():
+            self.client_timeouts[kind] = self.client_timeouts.get(kind, 0) + count
+        self.malloc_trims += state.get("malloc_trims", 0)
         # Instance states are the supervisor's view (one per gateway), not summed per worker.
         for upstream, states in state.get("instance_states", {}).items():
             self.instance_states[upstream] = dict(states)
@@ -481,6 +525,9 @@ class _GatewayCollector:
         ("gateway_circuit_breaker_overflow", "counter"),
         ("gateway_ratelimit_decisions", "counter"),
         ("gateway_upstream_instances", "gauge"),
+        ("gateway_connections_refused", "counter"),
+        ("gateway_client_timeouts", "counter"),
+        ("gateway_malloc_trims", "counter"),
     )
 
     def __init__(self, metrics: GatewayMetrics) -> None:

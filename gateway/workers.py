@@ -16,7 +16,8 @@ supervisor -> worker
                   ``references``, nothing is read again), build a snapshot from the
                   previous one (pools carry over), swap it in; answered by ``ack`` (or ``ready``
                   for the first one). ``shared`` (used from the first message) says where the
-                  shared rate-limit table is: {fd, semaphore, slots}.
+                  shared rate-limit table is: {fd, semaphore, slots}; ``connections``
+                  where the gateway-wide connection count is: {fd, workers}.
   ``discovered``  {discovered, unhealthy, ejected}: same config, new instance lists.
   ``health``      {upstream, address, healthy}: an active-check transition.
   ``eject``       {upstream, address, until}: an outlier ejection (``until`` in
@@ -37,7 +38,8 @@ supervisor's current view with one ``config`` message.
 Shared state: with ``workers: N`` the supervisor creates the shared rate-limit table
 (``gateway.ratelimit.shared``: a memfd and a POSIX semaphore) before the first worker starts;
 each worker inherits the memfd (``pass_fds``) and runs with the same random ``PYTHONHASHSEED``,
-so all of them hash bucket keys alike.
+so all of them hash bucket keys alike. It also creates the table of open client connections per
+worker (``gateway.proxy.connlimit``) that makes ``limits.max_connections`` gateway-wide.
 
 Shutdown: the supervisor forwards SIGTERM and waits; a worker whose supervisor vanished (EOF on
 the pipe) drains and exits on its own.
@@ -62,6 +64,7 @@ from typing import Any
 
 import orjson
 
+from gateway.proxy.connlimit import SharedConnectionCount
 from gateway.ratelimit.shared import DEFAULT_SLOTS, SharedTable
 from gateway.snapshot import close_redis_stores
 
@@ -195,6 +198,7 @@ class WorkerPool:
         # that every worker (restarted ones too) hashes bucket keys the same way.
         self.shared_slots = shared_slots
         self.shared: SharedTable | None = None
+        self.connections: SharedConnectionCount | None = None
         self.hash_seed = 1 + secrets.randbelow(2**32 - 1)
         # Called with each ``eject`` message a worker sends (set by the owner of the pool).
         self.on_eject: Callable[[dict[str, Any]], None] | None = None
@@ -233,6 +237,10 @@ class WorkerPool:
             self.shared = SharedTable.create(self.shared_slots)
         except OSError as error:
             raise WorkerStartError(f"cannot create the shared rate-limit table: {error}") from None
+        try:
+            self.connections = SharedConnectionCount.create(self.count)
+        except (OSError, ValueError) as error:
+            raise WorkerStartError(f"cannot create the shared connection count: {error}") from None
         for index in range(self.count):
             self.workers[index] = await self._spawn(index)
         for worker in list(self.workers.values()):
@@ -272,7 +280,9 @@ class WorkerPool:
                 str(self.port),
                 "--log-level",
                 logging.getLevelName(self.log_level),
-                pass_fds=(child.fileno(),) + ((self.shared.fd,) if self.shared else ()),
+                pass_fds=(child.fileno(),)
+                + ((self.shared.fd,) if self.shared else ())
+                + ((self.connections.fd,) if self.connections else ()),
                 stdin=asyncio.subprocess.DEVNULL,
                 env={**os.environ, "PYTHONHASHSEED": str(self.hash_seed)},
             )
@@ -285,7 +295,17 @@ class WorkerPool:
         seq = self._next_seq()
         worker.pending[seq] = worker.ready
         shared = self.shared.spec() if self.shared is not None else None
-        send(writer, {**self.current, "op": "config", "seq": seq, "shared": shared})
+        connections = self.connections.spec() if self.connections is not None else None
+        send(
+            writer,
+            {
+                **self.current,
+                "op": "config",
+                "seq": seq,
+                "shared": shared,
+                "connections": connections,
+            },
+        )
         log.info("worker %d started (pid %d)", index, process.pid)
         return worker
 
@@ -330,6 +350,8 @@ class WorkerPool:
             if worker.reader_task is not None:
                 await worker.reader_task
             worker.writer.close()
+            if self.connections is not None:
+                self.connections.reset(worker.index)  # its connections died with it
             if self.stopping:
                 return
             if worker.last_state is not None:
@@ -381,6 +403,8 @@ class WorkerPool:
             self._placeholder.close()
         if self.shared is not None:
             self.shared.close()
+        if self.connections is not None:
+            self.connections.release()
 
     def kill_now(self) -> None:
         self.stopping = True
@@ -595,6 +619,12 @@ async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
     metrics = GatewayMetrics(bucket_overrides=dict(config.metrics.buckets))
     metrics.declare((route.name, route.upstream) for route in config.routes)
     server = ProxyServer(_build(config, None, first), metrics)
+    if first.get("connections"):
+        try:
+            server.connection_count = SharedConnectionCount.attach(first["connections"], index)
+        except (OSError, ValueError) as error:
+            log.error("cannot attach the shared connection count: %s", error)
+            return 2
     if config.access_log is not None:
         server.access_log = AccessLog(config.access_log.path, config.access_log.sample)
     try:

@@ -197,7 +197,11 @@ class LimitsConfig:
     max_body_bytes: int = 1024 * 1024 * 1024  # default per-route request body cap -> 413
     header_timeout: float = 10.0  # whole request head must arrive within -> 408
     keepalive_timeout: float = 75.0  # idle client keep-alive connection is closed after
-    max_connections: int = 10_000  # concurrent client connections; beyond, new ones are closed
+    max_connections: int = 10_000  # concurrent client connections, gateway-wide; beyond -> 503
+    # Slow clients (see docs/slow-clients.md). Between two reads of a request body -> 408.
+    client_body_timeout: float = 60.0
+    send_timeout: float = 60.0  # client read nothing while the gateway had data for it: close
+    client_write_buffer: int = 16 * 1024  # high-water mark of a client's write buffer
 
 
 DiscoveryType = Literal["registry", "dns", "consul", "kubernetes", "etcd", "zookeeper", "eureka"]

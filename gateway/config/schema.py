@@ -1060,7 +1060,35 @@ LIMITS = Struct(
         Field("max_body_bytes", Size(), "Default request body cap per route; beyond: 413.", "1GiB"),
         Field("header_timeout", DURATION, "Whole request head must arrive within; 408.", "10s"),
         Field("keepalive_timeout", DURATION, "Idle client keep-alive connections close.", "75s"),
-        Field("max_connections", Int(1), "Concurrent client connections.", 10_000),
+        Field(
+            "max_connections",
+            Int(1),
+            "Concurrent client connections, for the whole gateway (all workers); beyond: 503"
+            " with Retry-After, then close.",
+            10_000,
+        ),
+        # Slow clients: their slowness is never blamed on an upstream (docs/slow-clients.md).
+        Field(
+            "client_body_timeout",
+            DURATION,
+            "Longest wait between two reads of a request body; beyond: 408, then close. The"
+            " upstream read timeout only starts once the whole request was sent.",
+            "60s",
+        ),
+        Field(
+            "send_timeout",
+            DURATION,
+            "A client that reads nothing for this long while the gateway has response bytes"
+            " for it is closed.",
+            "60s",
+        ),
+        Field(
+            "client_write_buffer",
+            Size(1024),
+            "High-water mark of each client connection's write buffer: above it the upstream"
+            " is no longer read until the buffer is down to a quarter of it.",
+            "16KiB",
+        ),
     ],
     build=LimitsConfig,
 )

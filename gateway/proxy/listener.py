@@ -7,17 +7,21 @@ paused. Requests are dispatched only after the parser accepted the whole chunk o
 in, so bytes that fail to parse never reach an upstream.
 
 Timeouts are checked by one periodic sweep per server (``TICK`` seconds) against deadlines stored
-on the connection, instead of a timer handle per request.
+on the connection, instead of a timer handle per request. A slow client is never blamed on an
+upstream: the upstream read timer starts once the whole request was sent (see
+docs/slow-clients.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -25,6 +29,7 @@ import orjson
 
 from gateway.accesslog import AccessLog, iso_time
 from gateway.proxy import headers as hdr
+from gateway.proxy.connlimit import LocalConnectionCount, SharedConnectionCount
 from gateway.proxy.upstream import InstancePool, UpstreamConnection
 from gateway.ratelimit import Decision, RouteLimiter
 from gateway.resilience.backoff import parse_retry_after
@@ -53,6 +58,15 @@ REPLAY_LIMIT = (
 PENDING_BODY_LIMIT = (
     256 * 1024
 )  # body buffered before the upstream is ready; beyond, reading pauses
+
+# Connections refused over limits.max_connections get one small 503 and a half-close, then their
+# bytes are read and dropped for up to LINGER seconds so that closing does not reset the answer
+# away; beyond LINGER_MAX such connections at once they are closed right after the write.
+LINGER = 2.0
+LINGER_MAX = 1024
+# Give freed heap memory back to the OS (glibc malloc_trim) once this many connections closed
+# and the open count fell to half its recent peak: after a flood of slow clients, not under churn.
+TRIM_AFTER_CLOSED = 100
 
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
@@ -91,6 +105,46 @@ _REASONS = {
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+class _Refused(asyncio.Protocol):
+    """A connection refused over ``max_connections``: its request bytes are read and dropped
+    until the client closes (it got its 503 and our FIN) or the linger time is over."""
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+
+def _refusal_response(request_id: bytes, reason: str) -> bytes:
+    body = orjson.dumps(
+        {
+            "error": reason,
+            "message": "the gateway is at its connection limit"
+            if reason == "max_connections"
+            else "the gateway is shutting down",
+            "status": 503,
+            "request_id": request_id.decode("ascii"),
+        }
+    )
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nretry-after: 1\r\nx-request-id: %s\r\n"
+        b"connection: close\r\n\r\n%s" % (len(body), request_id, body)
+    )
 
 
 def _retry_after(fields: bytes) -> float | None:
@@ -217,6 +271,11 @@ class ProxyServer:
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # limits.max_connections: this process's count, or the gateway-wide one of workers.
+        self.connection_count: LocalConnectionCount | SharedConnectionCount = LocalConnectionCount()
+        self.lingering: deque[tuple[float, asyncio.Transport]] = deque()  # refused, FIN sent
+        self.closed_since_trim = 0
+        self.open_peak = 0  # most connections open since the last malloc_trim
 
     def set_snapshot(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
@@ -237,10 +296,25 @@ class ProxyServer:
     def sockets(self) -> list[socket.socket]:
         return list(self._server.sockets) if self._server is not None else []
 
+    def refuse(self, transport: asyncio.Transport, reason: str) -> None:
+        """Answer a connection over the limit (or arriving while draining) with 503 and close."""
+        self.metrics.connection_refused(reason)
+        transport.write(_refusal_response(self.request_ids.next(), reason))
+        lingering = self.lingering
+        if len(lingering) >= LINGER_MAX:
+            transport.close()
+            return
+        transport.set_protocol(_Refused())
+        transport.write_eof()
+        lingering.append((self.clock + LINGER, transport))
+
     def _sweep(self) -> None:
         now = self.clock = time.monotonic()
         for conn in list(self.connections):
             conn.check_timeouts(now)
+        lingering = self.lingering
+        while lingering and lingering[0][0] < now:
+            lingering.popleft()[1].abort()
         metrics = self.metrics
         if self.access_log is not None:
             self.access_log.flush()
@@ -250,6 +324,7 @@ class ProxyServer:
         if once_a_second:
             for limiter in self.snapshot.limiters.values():
                 limiter.expire(now)
+            self._maybe_trim()
         for upstream in self.snapshot.upstreams.values():
             if once_a_second:
                 upstream.tick(now)
@@ -264,6 +339,22 @@ class ProxyServer:
             metrics.upstream_connections(upstream.name, open_count - idle, idle)
         assert self._loop is not None
         self._sweeper = self._loop.call_later(TICK, self._sweep)
+
+    def _maybe_trim(self) -> None:
+        """After many connections closed (a flood of slow clients is over), hand the heap pages
+        their buffers used back to the OS: glibc keeps freed memory in its arenas otherwise."""
+        open_now = len(self.connections)
+        if open_now > self.open_peak:
+            self.open_peak = open_now
+        if (
+            self.closed_since_trim >= TRIM_AFTER_CLOSED
+            and open_now * 2 <= self.open_peak
+            and _malloc_trim is not None
+        ):
+            _malloc_trim(0)
+            self.metrics.malloc_trims += 1
+            self.closed_since_trim = 0
+            self.open_peak = open_now
 
     async def drain(self, grace_period: float) -> None:
         """Stop accepting, let in-flight exchanges finish (up to ``grace_period``), then close.
@@ -291,6 +382,8 @@ class ProxyServer:
             await self._server.wait_closed()
         for conn in list(self.connections):
             conn.abort()
+        while self.lingering:
+            self.lingering.popleft()[1].abort()
         for pool in self.snapshot.pools():
             pool.close_all()
 
@@ -298,6 +391,7 @@ class ProxyServer:
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "active",
+        "body_deadline",
         "closed",
         "head_deadline",
         "head_limit",
@@ -312,6 +406,7 @@ class ClientConnection(asyncio.Protocol):
         "pending_error",
         "queue",
         "reading_paused",
+        "send_deadline",
         "server",
         "to_dispatch",
         "transport",
@@ -341,6 +436,8 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.head_deadline = 0.0
         self.idle_deadline = 0.0
+        self.body_deadline = 0.0  # next request body bytes due (limits.client_body_timeout)
+        self.send_deadline = 0.0  # client must have read by then (limits.send_timeout)
         self.tunnel: UpstreamConnection | None = None
         self.tunnel_pending: list[bytes] | None = None
         self.upgrade_pending = False
@@ -355,12 +452,14 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport
         server = self.server
         limits = self.limits
-        if len(server.connections) >= limits.max_connections or server.draining:
+        if server.draining or not server.connection_count.try_open(limits.max_connections):
             self.closed = True
-            transport.abort()
+            server.refuse(transport, "draining" if server.draining else "max_connections")
             return
         server.connections.add(self)
         server.metrics.connections_open += 1
+        # Bounded memory per slow reader: above this the upstream is no longer read.
+        transport.set_write_buffer_limits(limits.client_write_buffer)
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else "0.0.0.0"
         self.peer_trusted = self.peer_ip in server.snapshot.trusted_proxies
@@ -373,6 +472,8 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         server = self.server
         server.connections.discard(self)
+        server.connection_count.close()
+        server.closed_since_trim += 1
         server.metrics.connections_open -= 1
         if server.draining and not server.connections:
             server._drained.set()
@@ -409,6 +510,7 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # Client's socket buffer is full: stop reading the upstream so it cannot pile up here.
         self.writing_paused = True
+        self.send_deadline = self.server.clock + self.limits.send_timeout
         ex = self.active
         if ex is not None and not ex.response_complete:
             ex.read_deadline = 0.0  # the upstream is not slow, the client is
@@ -420,11 +522,12 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        self.send_deadline = 0.0
         ex = self.active
         if ex is not None and not ex.response_complete:
             conn = ex.conn
             if conn is not None:
-                if ex.upstream is not None:
+                if ex.upstream is not None and (ex.request_complete or ex.response_started):
                     ex.read_deadline = self.server.clock + ex.upstream.read_timeout
                 conn.resume_reading()
         if self.tunnel is not None:
@@ -433,10 +536,17 @@ class ClientConnection(asyncio.Protocol):
     def pause_client_reading(self) -> None:
         """Upstream's socket buffer is full (large upload): stop reading the client."""
         self.upstream_write_paused = True
+        ex = self.active
+        if ex is not None and not ex.read_deadline and ex.upstream is not None:
+            # The upstream does not take the body: now the upstream is the slow party.
+            ex.read_deadline = self.server.clock + ex.upstream.read_timeout
         self._update_reading()
 
     def resume_client_reading(self) -> None:
         self.upstream_write_paused = False
+        ex = self.active
+        if ex is not None and not ex.request_complete and not ex.response_started:
+            ex.read_deadline = 0.0  # back to waiting for the client's body
         self._update_reading()
 
     def _update_reading(self) -> None:
@@ -464,26 +574,65 @@ class ClientConnection(asyncio.Protocol):
         ex = self.active
         if ex is not None:
             if ex.deadline and now > ex.deadline:
-                self._upstream_timeout(ex, "route timeout exceeded", retryable=False)
+                if not ex.request_complete and not ex.response_started:
+                    # Still waiting for the client's body: the client is slow, not the upstream.
+                    self._client_timeout(
+                        "body", "request body not received within the route timeout"
+                    )
+                else:
+                    self._upstream_timeout(ex, "route timeout exceeded", retryable=False)
                 return
             if ex.read_deadline and now > ex.read_deadline:
                 self._upstream_timeout(ex, "upstream read timeout")
                 return
-        if (
-            self.parsing is not None
-            and ex is None
-            and self.head_deadline
-            and now > self.head_deadline
-        ):
-            if self.parsing.headers or self.parsing.url:
-                self._reject_parsing(
-                    RequestRejected(408, "request_timeout", "request head not received in time")
-                )
-            else:
-                self.abort()
+        if self.send_deadline and now > self.send_deadline and self.writing_paused:
+            self._send_timeout()
             return
+        parsing = self.parsing
+        if parsing is not None:
+            if parsing.method:  # the head is in: its body is being read
+                if self.tunnel is not None or self.upgrade_pending:
+                    pass  # bytes after an Upgrade are the new protocol's, not a body
+                elif self.reading_paused:
+                    # Paused by us (backpressure, pipelining): the client is not the slow one.
+                    self.body_deadline = now + self.limits.client_body_timeout
+                elif self.body_deadline and now > self.body_deadline:
+                    self._client_timeout("body", "request body not received in time")
+                return
+            if ex is None and self.head_deadline and now > self.head_deadline:
+                if parsing.headers or parsing.url:
+                    self.server.metrics.client_timeout("header")
+                    self._reject_parsing(
+                        RequestRejected(408, "request_timeout", "request head not received in time")
+                    )
+                else:
+                    self.abort()
+                return
         if self.idle_deadline and now > self.idle_deadline and self.is_idle():
-            self.close_idle()
+            transport = self.transport
+            if transport is not None and transport.is_closing():
+                # We closed it, but its last bytes are still unread: the send timeout decides.
+                if not self.send_deadline:
+                    self.send_deadline = now + self.limits.send_timeout
+                elif now > self.send_deadline:
+                    self._send_timeout()
+            else:
+                self.close_idle()
+
+    def _client_timeout(self, kind: str, message: str) -> None:
+        """The client is too slow sending its request body: 408 and close. Nothing is recorded
+        against the upstream (no outlier failure, no retry): it was waiting for the client."""
+        self.server.metrics.client_timeout(kind)
+        self._reject_parsing(RequestRejected(408, "client_body_timeout", message))
+
+    def _send_timeout(self) -> None:
+        """The client read nothing for ``send_timeout`` while we had bytes for it: drop it and
+        the bytes buffered for it."""
+        self.server.metrics.client_timeout("send")
+        ex = self.active
+        if ex is not None:
+            ex.error_code = "client_send_timeout"
+        self.abort()
 
     # -- client bytes -----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -507,7 +656,10 @@ class ClientConnection(asyncio.Protocol):
             self._on_parse_error(error)
             return
         parsing = self.parsing
-        if parsing is not None and parsing.method == b"":
+        if parsing is not None and parsing.method:
+            # Inside a request body: the client must send more within client_body_timeout.
+            self.body_deadline = self.server.clock + self.limits.client_body_timeout
+        elif parsing is not None:
             # Still inside a request head. httptools hands over a header only once it is
             # complete, so an endless header line would grow unchecked: count raw bytes.
             if self.head_received < 0:
@@ -651,6 +803,8 @@ class ClientConnection(asyncio.Protocol):
         assert ex is not None
         ex.request_complete = True
         self.parsing = None
+        if ex.conn is not None and not ex.read_deadline and not ex.response_started:
+            self._start_read_timer(ex)  # the upstream has all it needs: now it may be slow
         if ex.chunked:
             conn = ex.conn
             if conn is not None and not ex.pending:
@@ -927,11 +1081,11 @@ class ClientConnection(asyncio.Protocol):
         ex.t_upstream = time.perf_counter()
         upstream = ex.upstream
         assert upstream is not None
-        first_read = upstream.read_timeout
-        policy = ex.retry
-        if policy is not None and policy.per_try_timeout and policy.per_try_timeout < first_read:
-            first_read = policy.per_try_timeout
-        ex.read_deadline = time.monotonic() + first_read
+        if self.writing_paused:
+            conn.pause_reading()  # the client still has not read what it was sent before
+        elif ex.request_complete:
+            self._start_read_timer(ex)
+        # else: the upstream waits for the client's body; its timer starts when that is sent.
         if (
             upstream.hedge_delay
             and not ex.hedged
@@ -959,6 +1113,15 @@ class ClientConnection(asyncio.Protocol):
             self._update_reading()
         else:
             conn.send(ex.head)
+
+    def _start_read_timer(self, ex: Exchange) -> None:
+        upstream = ex.upstream
+        assert upstream is not None
+        first_read = upstream.read_timeout
+        policy = ex.retry
+        if policy is not None and policy.per_try_timeout and policy.per_try_timeout < first_read:
+            first_read = policy.per_try_timeout
+        ex.read_deadline = time.monotonic() + first_read
 
     def _send_pending(self, ex: Exchange) -> None:
         conn = ex.conn
@@ -995,13 +1158,19 @@ class ClientConnection(asyncio.Protocol):
             self._cancel_hedge(ex)  # the first try answered first
         upstream = ex.upstream
         assert upstream is not None
-        ex.read_deadline = self.server.clock + upstream.read_timeout
         if status < 200 and status != 101:
+            if ex.request_complete and not self.writing_paused:
+                ex.read_deadline = self.server.clock + upstream.read_timeout
+            else:
+                ex.read_deadline = 0.0  # 100 Continue: now the upstream waits for the body
             ex.interim = True
             # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client.
             if ex.version != "1.0":
                 self.out.append(hdr.interim_head(status, head))
             return
+        # A final response: the upstream is answering; it is slow if the body stalls. A paused
+        # client is the slow party, though (pause_writing cleared the timer).
+        ex.read_deadline = 0.0 if self.writing_paused else self.server.clock + upstream.read_timeout
         instance = ex.instance
         policy = ex.retry
         if policy is not None and status in policy.retry_statuses:

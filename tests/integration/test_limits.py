@@ -306,6 +306,20 @@ def _roundtrip(sock: socket.socket, path: bytes) -> int:
     return read_response(sock)[0]
 
 
+def expect_refused(sock: socket.socket) -> dict[str, Any]:
+    """Over limits.max_connections: a 503 with Retry-After and a JSON body, then close."""
+    sock.sendall(b"GET /raw/over HTTP/1.1\r\nHost: t.test\r\n\r\n")
+    status, headers, body = read_response(sock)
+    assert status == 503, (status, body)
+    assert headers.get("retry-after") == "1"
+    assert headers.get("connection") == "close"
+    document = json.loads(body)
+    assert document["error"] == "max_connections"
+    assert document["request_id"] == headers["x-request-id"]
+    assert is_closed(sock, timeout=GUARD)
+    return document
+
+
 def test_max_connections(capped: GatewayProcess) -> None:
     first = [capped.connect() for _ in range(5)]
     try:
@@ -313,10 +327,12 @@ def test_max_connections(capped: GatewayProcess) -> None:
             assert _roundtrip(sock, b"/raw/%d" % i) == 200
         extra = capped.connect()
         try:
-            # The 6th is accepted by the kernel and closed at once by the gateway.
-            assert is_closed(extra, timeout=GUARD)
+            expect_refused(extra)  # the 6th: accepted by the kernel, refused by the gateway
         finally:
             extra.close()
+        assert 'gateway_connections_refused_total{reason="max_connections"} 1.0' in (
+            capped.metrics_text()
+        )
         for i, sock in enumerate(first):
             assert _roundtrip(sock, b"/raw/again-%d" % i) == 200
         # A slot freed by a client is available again (poll: the gateway sees the close later).
@@ -325,12 +341,9 @@ def test_max_connections(capped: GatewayProcess) -> None:
         while True:
             sock = capped.connect()
             try:
-                sock.sendall(b"GET /raw/late HTTP/1.1\r\nHost: t.test\r\n\r\n")
-                if read_response(sock)[0] == 200:
+                assert time.monotonic() < deadline, "the freed slot never became available"
+                if _roundtrip(sock, b"/raw/late") == 200:
                     break
-            except (ConnectionError, OSError):
-                if time.monotonic() > deadline:
-                    raise
                 time.sleep(0.05)
             finally:
                 sock.close()
