@@ -2,8 +2,9 @@
 
 Run with ``python -m loadtest.bench_ratelimit_redis [--workers 1,2] [--hogs 2] [--seconds 5]``.
 
-Starts a real ``redis-server``, an nginx backend (as ``python -m loadtest`` does) and one gateway (``workers: N``) with
-one route limited to ``--rate``/s, burst ``--burst``, ``key: route``, ``store: redis``,
+Starts a real ``redis-server``, an nginx backend (as ``python -m loadtest`` does) and one
+gateway (``workers: N``) with one route limited to ``--rate``/s, burst ``--burst``,
+``key: route``, ``store: redis``,
 ``on_store_error: local``, then runs ``wrk -c50`` against it for ``--seconds``:
 
 - ``up``: Redis answering. The admitted rate must stay at the limit.
@@ -12,7 +13,7 @@ one route limited to ``--rate``/s, burst ``--burst``, ``key: route``, ``store: r
 ``--hogs K`` starts K CPU-burning processes for the length of each run (a loaded machine).
 Prints, per row, the admitted requests/s after the initial burst (``(admitted - burst) / s``),
 the offered requests/s, and the gateway's ``store_error`` decisions and Redis store counters,
-plus the decision latency percentiles the workers report at ``/admin/ratelimit``.
+plus the Redis round-trip percentiles each worker's store logs when it stops.
 """
 
 from __future__ import annotations
@@ -93,9 +94,7 @@ def _nginx_backend(workdir: Path, port: int) -> list[str]:
 @contextmanager
 def cpu_hogs(count: int) -> Iterator[None]:
     """``count`` processes spinning on a core each: the loaded machine of the scenario."""
-    hogs = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)
-    ]
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
     try:
         yield
     finally:
@@ -190,7 +189,12 @@ def run_one(
             )
         text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics").read().decode()
         after = _metric_sum(text, "gateway_ratelimit_decisions_total", "result")
-        latency = _metric_sum(text, "gateway_ratelimit_redis_decision_seconds", "quantile")
+    # Each worker's store logs its round-trip percentiles when it closes.
+    latency = [
+        line.split("round trip ", 1)[1]
+        for line in (workdir / "gateway.log").read_text(errors="replace").splitlines()
+        if "redis rate-limit store" in line and "round trip" in line
+    ]
     result = parse_wrk_output(wrk.stdout)
     admitted = result.requests - result.non_2xx_3xx
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
@@ -241,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{row['admitted_per_s']:7.0f}/s (limit {args.rate}/s), offered "
                     f"{row['offered_per_s']:7.0f}/s; {decisions}"
                 )
+                for line in row["latency"]:
+                    print(f"    round trip {line}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -305,12 +305,13 @@ class _Batch:
 class _Call:
     """One script call on the wire: the batches merged into it."""
 
-    __slots__ = ("batches", "conn", "done", "replies_at_send", "sent_at", "timer")
+    __slots__ = ("batches", "conn", "done", "replies_at_send", "sent_at", "timer", "written")
 
     def __init__(self, batches: list[_Batch], conn: _Connection, sent_at: float) -> None:
         self.batches = batches
         self.conn = conn
-        self.sent_at = sent_at
+        self.sent_at = sent_at  # loop time (uvloop's is cached, ms resolution)
+        self.written = time.monotonic()  # for the round-trip samples
         self.replies_at_send = conn.replies
         self.done = False
         self.timer: asyncio.TimerHandle | None = None
@@ -448,9 +449,7 @@ class RedisStore:
         calls = self._calls
         if calls and calls[0] is call:
             calls.popleft()
-        loop = self._loop
-        if loop is not None:
-            self._rtts.append(loop.time() - call.sent_at)
+        self._rtts.append(time.monotonic() - call.written)
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None
@@ -700,6 +699,25 @@ class RedisStore:
         }
 
     async def close(self) -> None:
+        if self.batches:
+            lat = self.latency()
+            log.info(
+                "redis rate-limit store %s: %d calls, %d decisions, round trip p50 %.2f ms "
+                "p90 %.2f ms p99 %.2f ms max %.2f ms (last %d calls), %d timeouts, %d graced, "
+                "%d late, %d errors",
+                self.url,
+                self.batches,
+                self.decisions,
+                lat.get("p50", 0.0) * 1e3,
+                lat.get("p90", 0.0) * 1e3,
+                lat.get("p99", 0.0) * 1e3,
+                lat.get("max", 0.0) * 1e3,
+                len(self._rtts),
+                self.timeouts,
+                self.graced,
+                self.late,
+                self.errors,
+            )
         self.closed = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
