@@ -428,7 +428,8 @@ class RouteLimiter:
             pending = _Pending(self, now, keys, xs, taken, dry, redis_idx, callback)
             if redis.submit(rkeys, args, pending.done):
                 return None
-            return self._complete(pending, None)
+            # Never sent (the store is down): what the fallback admits is owed to Redis.
+            return self._complete(pending, None, rkeys)
         return self._admit(limits, xs, dry, False, slot)
 
     def release(self) -> None:
@@ -453,8 +454,12 @@ class RouteLimiter:
         }
 
     # -- internals ---------------------------------------------------------------------------
-    def _complete(self, pending: _Pending, result: list[int] | None) -> Decision:
-        """Finish a decision with Redis results (``result``) or the fallback (None)."""
+    def _complete(
+        self, pending: _Pending, result: list[int] | None, unsent: list[bytes] | None = None
+    ) -> Decision:
+        """Finish a decision with Redis results (``result``) or the fallback (None). ``unsent``:
+        the decision's Redis keys when it never reached Redis (then the requests the local
+        fallback admits are owed to Redis, which is debited for them when it is back)."""
         limits = self.limits
         xs = pending.xs
         taken = pending.taken
@@ -523,6 +528,11 @@ class RouteLimiter:
             taken.append((limit, key))
             # Headers speak of the configured limit: scale the share's x back to it.
             xs[i] = x * limit.interval / limit.local_interval
+        if unsent is not None and self.redis is not None:
+            for j, i in enumerate(pending.redis_idx):
+                limit = limits[i]
+                if limit.on_store_error == "local" and xs[i] is not None:
+                    self.redis.owe(unsent[j], limit.interval_us, limit.span_us)
         return self._admit(limits, xs, dry, True, slot)
 
     def _undo(self, taken: list[tuple[Limit, str | bytes]], slot: bool) -> None:

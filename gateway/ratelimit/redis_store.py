@@ -22,7 +22,8 @@ is read and dropped (``late``). The store is marked unavailable when Redis went 
 reply at all since the call was written), after ``MAX_CONSECUTIVE_TIMEOUTS`` timeouts in a
 row, or on any connection or Redis error: ``submit`` then returns False at once, so requests
 do not wait at all, and a probe (a new connection, ``PING``) runs after a backoff with jitter,
-doubling up to ``backoff_max``. The first successful probe makes the store available again.
+doubling up to ``backoff_max``. The first successful probe makes the store available again,
+after replaying into Redis the requests the fallback admitted meanwhile (``owe``).
 Errors are logged at most once per ``log_interval`` (with the count of suppressed ones) and
 counted in the store's counters; ``latency()`` gives percentiles of recent round trips.
 
@@ -104,6 +105,24 @@ end
 return out
 """
 
+
+# Debits requests the fallback admitted while the store was down (KEYS; ARGV: per key the
+# microseconds to add and the cap above now), so Redis knows about them once it is back.
+REPLAY_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, #KEYS do
+  local add = tonumber(ARGV[2 * i - 1])
+  local cap = now + tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]))
+  if tat == nil or tat < now then tat = now end
+  tat = math.min(tat + add, cap)
+  redis.call('SET', KEYS[i], string.format('%d', tat), 'PX', math.floor((tat - now) / 1000) + 1)
+end
+return #KEYS
+"""
+MAX_OWED_KEYS = 10_000
 
 GCRA_SHA = hashlib.sha1(GCRA_LUA.encode()).hexdigest().encode()
 
@@ -363,6 +382,9 @@ class RedisStore:
         self._last_log = -1e18
         self._suppressed = 0
         self._rtts: deque[float] = deque(maxlen=8192)  # seconds, write to reply, recent calls
+        # Requests the fallback admitted while the store was down: key -> [interval_us,
+        # span_us, count], replayed into Redis on recovery (``owe``).
+        self._owed: dict[bytes, list[int]] = {}
         self.closed = False
         self.available = True
         # Counters (read by the metrics exporter).
@@ -376,6 +398,8 @@ class RedisStore:
         self.unavailable = 0  # decisions refused at once because the store was down
         self.probes = 0
         self.recoveries = 0
+        self.replayed = 0  # owed requests debited in Redis after a recovery
+        self.owed_dropped = 0  # owed requests forgotten (more than MAX_OWED_KEYS keys)
 
     # -- data plane ------------------------------------------------------------------------
     def submit(self, keys: list[bytes], args: list[int], on_done: OnDone) -> bool:
@@ -391,6 +415,30 @@ class RedisStore:
                 loop = self._loop = asyncio.get_running_loop()
             self._flush_handle = loop.call_soon(self._flush)
         return True
+
+    def owe(self, key: bytes, interval_us: int, span_us: int) -> None:
+        """A request of ``key`` the fallback admitted without asking Redis (the store was
+        down): Redis is debited for it when it is back, so the two buckets stay in step."""
+        owed = self._owed.get(key)
+        if owed is not None:
+            owed[2] += 1
+        elif len(self._owed) < MAX_OWED_KEYS:
+            self._owed[key] = [interval_us, span_us, 1]
+        else:
+            self.owed_dropped += 1
+
+    def _replay(self, conn: _Connection) -> None:
+        owed, self._owed = self._owed, {}
+        if not owed:
+            return
+        keys = list(owed)
+        args: list[bytes] = []
+        for interval_us, span_us, count in owed.values():
+            # At most one burst of debt beyond empty, as the fallback bucket's own debits.
+            args += (b"%d" % (interval_us * count), b"%d" % (2 * span_us))
+        self.replayed += sum(count for _, _, count in owed.values())
+        script = REPLAY_LUA.encode()
+        conn.send(encode_command(b"EVAL", script, b"%d" % len(keys), *keys, *args), _ignore)
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -652,6 +700,7 @@ class RedisStore:
             conn.abort("closed")
             return
         self._conn = conn
+        self._replay(conn)  # before any decision on the new connection: Redis runs them in order
         self._consecutive_timeouts = 0
         self.available = True
         self.recoveries += 1
@@ -695,6 +744,8 @@ class RedisStore:
             "unavailable": self.unavailable,
             "probes": self.probes,
             "recoveries": self.recoveries,
+            "replayed": self.replayed,
+            "owed_dropped": self.owed_dropped,
             "available": int(self.available),
         }
 

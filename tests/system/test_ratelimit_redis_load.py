@@ -9,6 +9,7 @@ the deciding side changes), when ``fallback_share`` is 1/N for N gateways.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import subprocess
@@ -24,13 +25,12 @@ from typing import Any
 import pytest
 
 from tests.integration.backends import AppBackend
-from tests.integration.conftest import GatewayProcess
+from tests.integration.conftest import ROOT, GatewayProcess
 from tests.system.redis_fixture import RedisServer, free_port, redis_server
-from tests.system.test_ratelimit_gateways import Load
 
 __all__ = ["redis_server"]  # the fixture, re-exported for pytest
 
-RATE = 200  # per second: high enough that a fallback admitting on its own shows at once
+RATE = 200  # per second: a few times below what a loaded 2-core machine can offer
 BURST = 20
 LOAD_SECONDS = 5.0
 
@@ -169,19 +169,34 @@ def decisions(gateway: GatewayProcess) -> dict[str, int]:
     return out
 
 
-def measure(gateways: list[GatewayProcess], seconds: float) -> tuple[int, float, Load]:
-    """Run the load for ``seconds``: (admitted, elapsed from first request to last admitted)."""
-    load = Load(gateways, threads_per_gateway=3)
-    load.start()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:  # the load itself is the scenario: run it for its length
-        time.sleep(0.05)
-    load.stop()
-    assert not load.errors, load.errors[:3]
-    assert set(load.counts) <= {200, 429}, load.counts
-    first = min(stamp for stamp, _ in load.stamps)
-    last = max(stamp for stamp, status in load.stamps if status == 200)
-    return load.counts[200], last - first, load
+class Measured:
+    def __init__(self, results: list[dict[str, Any]]) -> None:
+        self.counts: dict[int, int] = {}
+        for result in results:
+            assert not result["errors"], result["errors"]
+            for status, count in result["counts"].items():
+                self.counts[int(status)] = self.counts.get(int(status), 0) + count
+        self.admitted = self.counts.get(200, 0)
+        first = min(result["first"] for result in results)
+        self.elapsed = max(result["last_admitted"] for result in results) - first
+
+
+def measure(gateways: list[GatewayProcess], seconds: float, connections: int = 16) -> Measured:
+    """Drive each gateway from a load-generator process of its own for ``seconds``."""
+    argv = [sys.executable, "-m", "tests.system.loadgen", "--connections", str(connections)]
+    argv += ["--seconds", str(seconds), "--path", "/echo/rl"]
+    procs = [
+        subprocess.Popen([*argv, "--port", str(g.port)], cwd=ROOT, stdout=subprocess.PIPE)
+        for g in gateways
+    ]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=seconds + 30)
+        assert proc.returncode == 0, out
+        results.append(json.loads(out))
+    measured = Measured(results)
+    assert set(measured.counts) <= {200, 429}, measured.counts
+    return measured
 
 
 def bound(elapsed: float, timeout: float) -> float:
@@ -198,9 +213,10 @@ def test_two_gateways_stay_within_the_limit_on_a_loaded_machine(
     config = _config(redis_server.url, backend, fallback_share=0.5)
     with two_gateways(tmp_path, config) as gateways:
         with cpu_hogs(os.cpu_count() or 1, longest=LOAD_SECONDS + 5):
-            admitted, elapsed, load = measure(gateways, LOAD_SECONDS)
+            measured = measure(gateways, LOAD_SECONDS)
         counts = [decisions(g) for g in gateways]
-    assert load.counts[429] > admitted, "the load must exceed the limit for the test to mean much"
+    admitted, elapsed = measured.admitted, measured.elapsed
+    assert measured.counts[429] > admitted, "the load must exceed the limit to mean much"
     assert admitted <= bound(elapsed, 0.05), (admitted, elapsed, counts)
     # Not starved either: the hogs slow the gateways, they must not make the limit collapse.
     assert admitted >= 0.6 * (BURST + RATE * elapsed), (admitted, elapsed, counts)
@@ -218,12 +234,13 @@ def test_two_gateways_stay_within_the_limit_behind_a_slow_redis(
             f"redis://127.0.0.1:{proxy.port}/0", backend, timeout="20ms", fallback_share=0.5
         )
         with two_gateways(tmp_path, config) as gateways:
-            admitted, elapsed, load = measure(gateways, LOAD_SECONDS)
+            measured = measure(gateways, LOAD_SECONDS)
             counts = [decisions(g) for g in gateways]
         assert proxy.delayed_chunks > 0
+    admitted, elapsed = measured.admitted, measured.elapsed
     fallback = sum(c.get("store_error", 0) for c in counts)  # admitted by the fallback
     from_redis = sum(c.get("allowed", 0) for c in counts)
-    assert load.counts[429] > admitted
+    assert measured.counts[429] > admitted
     assert fallback > 0 and from_redis > 0, counts  # both paths decided: the test means much
     assert admitted <= bound(elapsed, timeout), (admitted, elapsed, counts)
     assert admitted >= 0.6 * (BURST + RATE * elapsed), (admitted, elapsed, counts)

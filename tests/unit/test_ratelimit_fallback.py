@@ -159,3 +159,14 @@ def test_parse_error_reply() -> None:
     parsed = parse_reply(b"-NOSCRIPT No matching script\r\n", 0)
     assert parsed is not None and isinstance(parsed[0], ReplyError)
     assert parsed[0].message.startswith("NOSCRIPT") and parsed[1] == 30
+
+
+def test_what_the_fallback_admits_while_redis_is_down_is_owed_to_redis() -> None:
+    store = FakeRedis()
+    store.down = True
+    route = limiter(store)
+    admitted = sum(decide(route, store, 0.0).allowed for _ in range(BURST + 5))
+    assert admitted == BURST
+    # Only what was admitted, at the limit's own interval (not the share's), once per key.
+    # (key: route has no value of its own: the owner, the route, is in the prefix)
+    assert store._owed == {b"gateway:api:limit0:": [100_000, 1_000_000, BURST]}
