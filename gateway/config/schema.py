@@ -943,11 +943,11 @@ REDIS = Struct(
             "timeout",
             DURATION,
             "Longest wait for Redis to answer a decision, from when its batch is written (then "
-            "on_store_error). Measured on a 2-core machine with a CPU hog per core and the "
-            "gateway saturated: round trip p50 ~1 ms, p99 25-40 ms, max ~95 ms (see "
-            "docs/ratelimit.md), so 50ms times out well under 1% of decisions there and "
-            "almost none on an idle host. An answer already in the socket when the timer fires "
-            "(a busy loop, not a slow Redis) is still read.",
+            "on_store_error). Measured with the gateway saturated on a busy 2-core machine: "
+            "round trip p50 0.2-1 ms, p99 11-19 ms; with a CPU hog per core added p50 <1 ms, "
+            "p99 30-60 ms, max 50-150 ms (docs/ratelimit.md). 50ms is about that loaded p99: "
+            "0-1 timeouts per ~1,000 calls there. An answer already in the socket when the "
+            "timer fires (a busy loop, not a slow Redis) is still read.",
             "50ms",
         ),
         Field("prefix", Text("a key prefix"), "Prefix of every key the gateway writes.", "gateway"),

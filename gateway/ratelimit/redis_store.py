@@ -53,8 +53,8 @@ __all__ = ["DEFAULT_TIMEOUT", "GCRA_LUA", "RedisStore", "RedisURL", "parse_redis
 
 log = logging.getLogger("gateway.ratelimit")
 
-# The measured default (docs/ratelimit.md): round-trip p99 on a 2-core machine with a CPU hog
-# per core and the gateway saturated is a few ms; 50 ms leaves room above that.
+# The measured default (docs/ratelimit.md): round-trip p99 with the gateway saturated on a busy
+# 2-core machine and a CPU hog per core is 30-60 ms (11-19 ms without the hogs).
 DEFAULT_TIMEOUT = 0.05
 MAX_CONSECUTIVE_TIMEOUTS = 3
 GRACE_STEP = 0.001  # re-check interval when the answer is already in the socket
