@@ -458,8 +458,8 @@ def describe_upstreams(snapshot: Snapshot, stale: Collection[str] = ()) -> list[
     return out
 
 
-# One RedisStore per (url, timeout, prefix, connections) per process, shared by snapshots: a
-# reload that keeps the redis section keeps the connections.
+# One RedisStore per redis config (url, timeout, prefix, connections, share) per process, shared
+# by snapshots: a reload that keeps the redis section keeps the connection.
 _REDIS_STORES: dict[RedisConfig, RedisStore] = {}
 
 
@@ -471,6 +471,7 @@ def redis_store(config: RedisConfig) -> RedisStore:
             timeout=config.timeout,
             prefix=config.prefix,
             max_connections=config.max_connections,
+            fallback_share=config.fallback_share,
         )
     return store
 

@@ -10,6 +10,7 @@ Redis: a real ``redis-server`` (Debian package ``redis-server``) on a free loopb
 decisions are submitted per event-loop iteration (C concurrent requests) for a few seconds.
 Reports process CPU per decision (client side: packing, the script call, callbacks) and the
 latency from ``check`` to the callback (p50/p99), plus round trips (script calls) per decision.
+``--hogs K`` runs K CPU-burning processes meanwhile (``--hogs 2`` on 2 cores: a loaded machine).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -164,12 +166,13 @@ async def _redis_run(url: str, concurrency: int, seconds: float) -> None:
     print(
         f"  C={concurrency:4d}: {count / seconds:8.0f} decisions/s, CPU {cpu / count * 1e6:6.1f} "
         f"µs/decision, latency p50 {p50:7.0f} µs p99 {p99:7.0f} µs, "
-        f"{count / max(batches, 1):6.1f} decisions per round trip, errors {store.errors}"
+        f"{count / max(batches, 1):6.1f} decisions per round trip, errors {store.errors}, "
+        f"timeouts {store.timeouts}"
     )
     await store.close()
 
 
-def bench_redis(seconds: float) -> None:
+def bench_redis(seconds: float, hogs: int = 0) -> None:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not os.path.exists(binary):
         print("redis: skipped (install the Debian package redis-server)")
@@ -199,8 +202,17 @@ def bench_redis(seconds: float) -> None:
             runner = uvloop.run
         except ImportError:  # pragma: no cover
             runner = asyncio.run
-        for concurrency in (1, 16, 128):
-            runner(_redis_run(f"redis://127.0.0.1:{port}/0", concurrency, seconds))
+        # ``hogs`` processes spinning on the cores: decision latency on a loaded machine.
+        spinners = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)
+        ]
+        try:
+            for concurrency in (1, 16, 128):
+                runner(_redis_run(f"redis://127.0.0.1:{port}/0", concurrency, seconds))
+        finally:
+            for spinner in spinners:
+                spinner.kill()
+                spinner.wait()
     finally:
         proc.kill()
         proc.wait()
@@ -211,10 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=100_000, help="distinct client IPs")
     parser.add_argument("--redis-seconds", type=float, default=3.0, help="0 skips Redis")
+    parser.add_argument("--hogs", type=int, default=0, help="CPU-burning processes during Redis")
+    parser.add_argument("--skip-local", action="store_true", help="only the Redis part")
     args = parser.parse_args(argv)
-    bench_local(args.keys)
+    if not args.skip_local:
+        bench_local(args.keys)
     if args.redis_seconds > 0:
-        bench_redis(args.redis_seconds)
+        bench_redis(args.redis_seconds, args.hogs)
 
 
 if __name__ == "__main__":

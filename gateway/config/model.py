@@ -169,9 +169,10 @@ class RateLimitConfig:
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
-    timeout: float = 0.02  # no rate-limit decision waits longer; then on_store_error applies
+    timeout: float = 0.05  # no decision waits longer for Redis; then on_store_error applies
     prefix: str = "gateway"
-    max_connections: int = 16
+    max_connections: int = 16  # script calls in flight on the pipelined connection
+    fallback_share: float = 1.0  # of rate and burst, for the on_store_error: local bucket
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,11 +154,15 @@ class Limit:
         "bucket_id",
         "burst",
         "count",
+        "debt_cap",
         "dry_run",
         "interval",
         "interval_us",
         "key",
         "local",
+        "local_interval",
+        "local_span",
+        "local_span_cmp",
         "max_keys",
         "name",
         "on_store_error",
@@ -176,7 +180,13 @@ class Limit:
     )
 
     def __init__(
-        self, spec: LimitSpec, route: str, index: int, trusted: Container[str], prefix: str
+        self,
+        spec: LimitSpec,
+        route: str,
+        index: int,
+        trusted: Container[str],
+        prefix: str,
+        fallback_share: float = 1.0,
     ) -> None:
         self.name = spec.name or f"limit{index}"
         self.count = spec.count
@@ -196,9 +206,23 @@ class Limit:
         self.reject_missing = spec.missing == "reject"
         self.on_store_error: OnStoreError = spec.on_store_error
         self.owner = spec.owner or route
+        # The bucket in ``local``: the limit itself for ``store: local``; for ``store: redis``
+        # the fallback bucket, at ``fallback_share`` of the rate and burst (this gateway's share
+        # when N gateways fall back at once), debited by every request Redis admits.
+        share = fallback_share if spec.store == "redis" else 1.0
+        if not 0.0 < share <= 1.0:
+            raise ValueError("fallback_share must be in (0, 1]")
+        local_burst = max(1, math.floor(self.burst * share + SLACK))
+        self.local_interval = self.interval / share
+        self.local_span = local_burst * self.local_interval
+        self.local_span_cmp = self.local_span + SLACK
+        # Debits of Redis-admitted requests may run the fallback bucket at most one burst into
+        # debt: enough to account for what Redis admitted, bounded when this gateway gets more
+        # than its share from Redis (then the fallback admits again within one span).
+        self.debt_cap = 2 * self.local_span
         # Limits with the same identity share buckets (an upstream's limit across its routes);
-        # a changed rate or burst is a new identity, so it starts from full buckets.
-        self.bucket_id = (self.owner, self.name, self.interval, self.span)
+        # a changed rate, burst or share is a new identity, so it starts from full buckets.
+        self.bucket_id = (self.owner, self.name, self.local_interval, self.local_span)
         self.max_keys = spec.max_keys
         # Local limits keep their buckets here; Redis limits keep their fallback buckets.
         # Replaced by a shared table when the RouteLimiter is given ``stores``.
@@ -263,8 +287,9 @@ class RouteLimiter:
     ) -> None:
         self.route = route
         prefix = redis.prefix if redis is not None else "gateway"
+        share = redis.fallback_share if redis is not None else 1.0
         self.limits = [
-            Limit(spec, route, index, trusted, prefix) for index, spec in enumerate(specs)
+            Limit(spec, route, index, trusted, prefix, share) for index, spec in enumerate(specs)
         ]
         names = [limit.name for limit in self.limits]
         if len(set(names)) != len(names):
@@ -403,7 +428,8 @@ class RouteLimiter:
             pending = _Pending(self, now, keys, xs, taken, dry, redis_idx, callback)
             if redis.submit(rkeys, args, pending.done):
                 return None
-            return self._complete(pending, None)
+            # Never sent (the store is down): what the fallback admits is owed to Redis.
+            return self._complete(pending, None, rkeys)
         return self._admit(limits, xs, dry, False, slot)
 
     def release(self) -> None:
@@ -428,8 +454,12 @@ class RouteLimiter:
         }
 
     # -- internals ---------------------------------------------------------------------------
-    def _complete(self, pending: _Pending, result: list[int] | None) -> Decision:
-        """Finish a decision with Redis results (``result``) or the fallback (None)."""
+    def _complete(
+        self, pending: _Pending, result: list[int] | None, unsent: list[bytes] | None = None
+    ) -> Decision:
+        """Finish a decision with Redis results (``result``) or the fallback (None). ``unsent``:
+        the decision's Redis keys when it never reached Redis (then the requests the local
+        fallback admits are owed to Redis, which is debited for them when it is back)."""
         limits = self.limits
         xs = pending.xs
         taken = pending.taken
@@ -453,6 +483,16 @@ class RouteLimiter:
             if denied is not None:
                 self._undo(taken, slot)
                 return self._deny(denied, worst + denied.span)
+            # Redis admitted: the fallback buckets learn it, so a fallback right after these
+            # decisions cannot hand out the same budget again.
+            now = pending.now
+            keys = pending.keys
+            for j, i in enumerate(pending.redis_idx):
+                limit = limits[i]
+                if limit.on_store_error == "local" and result[j] <= limit.span_us:
+                    key = keys[i]
+                    assert key is not None
+                    limit.local.debit(key, now, limit.local_interval, limit.debt_cap)
             return self._admit(limits, xs, dry, False, slot)
         self.store_errors += 1
         now = pending.now
@@ -478,20 +518,26 @@ class RouteLimiter:
                 )
             key = pending.keys[i]
             assert key is not None
-            x = limit.local.take(key, now, limit.interval, limit.span_cmp)
-            if x > limit.span_cmp:
+            x = limit.local.take(key, now, limit.local_interval, limit.local_span_cmp)
+            if x > limit.local_span_cmp:
                 if limit.dry_run:
                     dry = dry or limit
                     continue
                 self._undo(taken, slot)
-                return self._deny(limit, x, store_error=True)
+                return self._deny(limit, x - limit.local_span + limit.span, store_error=True)
             taken.append((limit, key))
-            xs[i] = x
+            # Headers speak of the configured limit: scale the share's x back to it.
+            xs[i] = x * limit.interval / limit.local_interval
+        if unsent is not None and self.redis is not None:
+            for j, i in enumerate(pending.redis_idx):
+                limit = limits[i]
+                if limit.on_store_error == "local" and xs[i] is not None:
+                    self.redis.owe(unsent[j], limit.interval_us, limit.span_us)
         return self._admit(limits, xs, dry, True, slot)
 
     def _undo(self, taken: list[tuple[Limit, str | bytes]], slot: bool) -> None:
         for limit, key in taken:
-            limit.local.refund(key, limit.interval)
+            limit.local.refund(key, limit.local_interval)
         if slot:
             self.in_flight -= 1
 

@@ -7,8 +7,10 @@ a full bucket again, which only happens when more than ``max_keys`` keys were se
 last used. ``expire(now)`` drops idle keys from the cold end so that memory also shrinks when the
 flood stops.
 
-Store contract (``BucketStore``): ``take``, ``refund`` and ``expire``. ``take`` and ``refund``
-are each the whole read-modify-write of one key, so a replacement that shares buckets across
+Store contract (``BucketStore``): ``take``, ``refund``, ``debit``, ``peek`` and ``expire``.
+``take``, ``refund`` and ``debit`` are each the whole read-modify-write of one key (``debit``
+records a request admitted elsewhere, by Redis, in the fallback bucket of a Redis limit), so a
+replacement that shares buckets across
 worker processes only has to make these two operations atomic: that is
 ``gateway.ratelimit.shared.SharedBuckets`` (a fixed-size table in shared memory, one float TAT
 per 64-bit key hash, under a POSIX semaphore), which ``workers: N`` uses for every local limit.
@@ -30,6 +32,8 @@ class BucketStore(Protocol):
     def take(self, key: str | bytes, now: float, interval: float, span_cmp: float) -> float: ...
 
     def refund(self, key: str | bytes, interval: float) -> None: ...
+
+    def debit(self, key: str | bytes, now: float, interval: float, cap: float) -> None: ...
 
     def peek(self, key: str | bytes) -> float | None: ...
 
@@ -82,6 +86,22 @@ class LocalStore:
         tat = tats.get(key)
         if tat is not None:
             tats[key] = tat - interval
+
+    def debit(self, key: str | bytes, now: float, interval: float, cap: float) -> None:
+        """Record one request admitted by someone else (Redis): the TAT advances whether or not
+        the bucket had room, up to ``now + cap`` (a bounded debt, see ``limiter``)."""
+        tats = self._tats
+        tat = tats.get(key)
+        if tat is None or tat < now:
+            tat = now
+        tat += interval
+        limit = now + cap
+        tats[key] = tat if tat < limit else limit
+        tats.move_to_end(key)
+        if len(tats) > self.max_keys:
+            _, old = tats.popitem(last=False)
+            if old > now:
+                self.evicted += 1
 
     def peek(self, key: str | bytes) -> float | None:
         return self._tats.get(key)

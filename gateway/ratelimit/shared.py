@@ -32,7 +32,7 @@ much. Instead every worker reads and writes one table in shared memory:
   frees the lock again (at worst one racy update; ``lock_timeouts`` counts it).
 
 ``SharedBuckets`` (one per limit, from ``SharedTable.view``) has the ``LocalStore`` interface:
-``take(key, now, interval, span_cmp) -> x``, ``refund``, ``peek`` and ``expire``.
+``take(key, now, interval, span_cmp) -> x``, ``refund``, ``debit``, ``peek`` and ``expire``.
 
 ``python -m gateway.ratelimit.shared`` prints nanoseconds per ``take`` next to ``LocalStore``.
 """
@@ -292,6 +292,35 @@ class SharedBuckets:
             group = self._keys[base : base + WINDOW].tolist()
             if h in group:
                 self._tats[base + group.index(h)] -= interval
+        finally:
+            self._unlock()
+
+    def debit(self, key: str | bytes, now: float, interval: float, cap: float) -> None:
+        """Record one request admitted elsewhere (Redis): advance the TAT by ``interval``
+        whether or not the bucket had room, up to ``now + cap``. See ``LocalStore.debit``."""
+        h = self._hash(key)
+        base = (h & self._mask) * WINDOW
+        end = base + WINDOW
+        keys = self._keys
+        tats = self._tats
+        self._lock()
+        try:
+            group = keys[base:end].tolist()
+            if h in group:
+                i = base + group.index(h)
+                tat = tats[i]
+            else:
+                olds = tats[base:end].tolist()
+                j = olds.index(min(olds))
+                if olds[j] > now and keys[base + j]:
+                    self.evicted += 1
+                i = base + j
+                keys[i] = h
+                tat = now
+            if tat < now:
+                tat = now
+            tat += interval
+            tats[i] = min(tat, now + cap)
         finally:
             self._unlock()
 

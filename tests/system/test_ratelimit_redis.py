@@ -232,3 +232,46 @@ async def test_hung_redis_times_out_to_fallback(
         assert decision is not None and decision.store_error
     finally:
         redis_server.resume()
+
+
+async def test_fallback_admissions_are_replayed_into_redis_on_recovery(
+    redis_server: RedisServer, stores: list[RedisStore]
+) -> None:
+    """Requests the fallback admitted while Redis was down are debited in Redis when it is
+    back, so the two buckets agree and the limit is not handed out twice."""
+    store = make_store(stores, redis_server.url, timeout=0.25, backoff_min=0.02, backoff_max=0.1)
+    spec = LimitSpec(10, 60.0, 10, key="route", store="redis", on_store_error="local")
+    limiter = RouteLimiter("api", [spec], redis=store)
+    recorder = Recorder()
+    recorder.run(limiter)  # connect while Redis is up
+    await wait_until(lambda: recorder.outstanding == 0)
+    redis_server.stop()
+    recorder.run(limiter)  # notices the outage (connection lost or refused)
+    await wait_until(lambda: recorder.outstanding == 0 and not store.available)
+    down_at = len(recorder.decisions)
+    for _ in range(6):
+        recorder.run(limiter)
+    during = recorder.decisions[down_at:]
+    assert all(d.store_error for d in during) and sum(d.allowed for d in during) == 6
+    redis_server.start()
+    await wait_until(lambda: store.available)
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await wait_until(lambda: store.replayed >= 6)
+        # 10 per minute: every owed request is 6 s of TAT in Redis.
+        remaining = -2
+        deadline = time.monotonic() + 10
+        while remaining < 0 and time.monotonic() < deadline:  # the replay's reply may lag
+            remaining = await client.pttl(b"gwtest:api:limit0:")
+            await asyncio.sleep(0.01)
+        assert 6 * 6_000 - 2_000 <= remaining <= 8 * 6_000, (remaining, store.stats())
+    finally:
+        await client.aclose()
+    # Redis now refuses what the fallback already handed out: 10 - 6 (- the one before) left.
+    back_at = len(recorder.decisions)
+    for _ in range(6):
+        recorder.run(limiter)
+    await wait_until(lambda: recorder.outstanding == 0)
+    after = recorder.decisions[back_at:]
+    assert not any(d.store_error for d in after)
+    assert sum(d.allowed for d in after) <= 4, [d.allowed for d in after]
