@@ -211,7 +211,7 @@ class DiscoveryConfig:
     retry_min: float = 0.2  # backoff after a backend failure, doubled per failure, with jitter
     retry_max: float = 10.0
     # registry
-    state_file: str | None = None  # where registrations persist; relative to the config file
+    state_file: str | None = None  # where registrations persist; relative to state_dir
     default_ttl: float | None = None  # TTL of registrations that give none; None = no expiry
     # dns
     nameservers: tuple[str, ...] = ()  # "ip" or "ip:port"; empty = the system's resolvers
@@ -286,3 +286,4 @@ class GatewayConfig:
     watch: bool = False  # reload when the config file changes (polled every second)
     drain_timeout: float = 10.0  # SIGTERM: how long in-flight requests may take to finish
     rate_limit: tuple[RateLimitConfig, ...] = ()  # every request must pass these as well
+    state_dir: str | None = None  # where state files go; None: the per-user default directory
