@@ -2,16 +2,21 @@
 
 Services announce themselves on the admin port::
 
-    POST   /register                {"service_name", "ip", "port", "tags"?, "weight"?, "ttl"?}
+    POST   /register                {"service_name", "ip", "port", "tags"?, "weight"?, "ttl"?,
+                                     "registry"?}
     GET    /discover                every service with its instances
     GET    /discover/{service}      one service
     DELETE /register/{id}
     PUT    /register/{id}/heartbeat renews the TTL
 
-The API talks to a ``RegistrationStore``: the embedded ``Registry`` by default, or Consul's agent
-API when ``admin.registry`` names a Consul backend. The embedded registry keeps its state in a
-JSON file written atomically (temp file, fsync, rename), so registrations survive a restart; a
-file that cannot be read is moved aside and reported, never silently dropped.
+The API talks to a ``RegistrationStore``: the embedded ``Registry`` of the only ``type:
+registry`` backend, or of the backend ``admin.registry`` names (a Consul backend writes through
+to its agent); a body's ``registry`` or a ``?registry=NAME`` query picks another one. Each
+registry keeps its state in a snapshot plus an append-only journal (``journal.py``), and a
+change is acknowledged only once its journal line is fsync'd; the fsync is shared by all the
+changes that arrive meanwhile, and the journal is folded into the snapshot when it outgrows it,
+so a registration costs the same with 10 or 10,000 registered. Files that cannot be read are
+moved aside and reported, never silently dropped.
 """
 
 from __future__ import annotations
@@ -456,9 +461,12 @@ class Registry:
         await future
 
     async def flush(self) -> None:
-        """Wait for pending writes; failures are logged and reported, not raised."""
+        """Wait for pending writes and a compaction in progress (so that ``close`` never pulls
+        the file from under them); failures are logged and reported, not raised."""
         with contextlib.suppress(RegistryWriteError):
             await self.durable()
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
 
     def close(self) -> None:
         """Release the state files (and their lock); call ``flush`` first."""
