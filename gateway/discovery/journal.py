@@ -18,6 +18,7 @@ This module does the file IO only; ``Registry`` decides what the records mean.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -224,15 +225,18 @@ class JournalState:
             aside = self.journal.with_name(f"{self.journal.name}.corrupt-{stamp}")
             aside.write_bytes(os.pread(self.fd, size, 0))
 
+    def _open_fd(self) -> int:
+        if self.fd is None:
+            raise OSError(errno.EBADF, f"{self.journal} is closed")
+        return self.fd
+
     def append(self, data: bytes) -> None:
         """Write records (complete lines); durable only after ``sync``."""
-        assert self.fd is not None
-        _write_all(self.fd, data)
+        _write_all(self._open_fd(), data)
         self.journal_bytes += len(data)
 
     def sync(self) -> None:
-        assert self.fd is not None
-        os.fsync(self.fd)
+        os.fsync(self._open_fd())
 
     def write_snapshot(self, data: bytes) -> None:
         """Replace the snapshot atomically: temp file, fsync, rename, fsync the directory.
@@ -250,9 +254,9 @@ class JournalState:
 
     def truncate(self) -> None:
         """Empty the journal after a snapshot made its records redundant."""
-        assert self.fd is not None
-        os.ftruncate(self.fd, 0)
-        os.fsync(self.fd)
+        fd = self._open_fd()
+        os.ftruncate(fd, 0)
+        os.fsync(fd)
         self.journal_bytes = 0
 
     def compacted(self, snapshot_bytes: int) -> None:

@@ -426,6 +426,7 @@ class Registry:
         await loop.run_in_executor(None, journal.truncate)
         journal.compacted(len(data))
         self._rewrite_journal = False
+        self.write_error = None
         log.info(
             "registry %s: compacted (%d registrations, %d bytes)",
             self.state_file,
@@ -469,7 +470,13 @@ class Registry:
             await asyncio.shield(self._writer)
 
     def close(self) -> None:
-        """Release the state files (and their lock); call ``flush`` first."""
+        """Release the state files (and their lock); call ``flush`` first. Changes made after
+        that flush (a call racing a reload) are refused, never acknowledged."""
+        self._pending.clear()
+        while self._waiters:
+            _, future = self._waiters.popleft()
+            if not future.done():
+                future.set_exception(RegistryWriteError("registry closed (reload); retry"))
         if self._journal is not None:
             self._journal.close()
             self._journal = None

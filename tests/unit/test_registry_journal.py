@@ -3,6 +3,8 @@ locking, and where state files go by default."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ import pytest
 
 from gateway.config import load_config_text
 from gateway.config.model import DiscoveryConfig
-from gateway.discovery.journal import default_state_dir, read_state
+from gateway.discovery.journal import JournalState, default_state_dir, read_state
 from gateway.discovery.manager import registry_state_file, state_dir_of
 from gateway.discovery.registry import (
     RegistrationRequest,
@@ -159,6 +161,64 @@ def test_expiry_uses_the_deadline_heap(tmp_path: Path) -> None:
     assert registry.next_expiry() == 1009
     now[0] += 0.5
     assert registry.expire() == [] and len(registry.entries) == 93
+
+
+# --- group commit -----------------------------------------------------------------------------
+
+
+async def test_group_commit_acknowledges_only_durable_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "s.json"
+    registry = _opened(state)
+    fsyncs: list[int] = []
+    real_sync = JournalState.sync
+
+    def counting_sync(self: JournalState) -> None:
+        fsyncs.append(self.journal_bytes)
+        real_sync(self)
+
+    monkeypatch.setattr(JournalState, "sync", counting_sync)
+
+    async def register(port: int) -> bool:
+        registration = registry.register(_request(port))
+        await registry.durable()
+        # Acknowledged: the change is in the file already (fsync'd before durable returned).
+        return registration.id in read_state(state).instances
+
+    assert all(await asyncio.gather(*(register(port) for port in range(1, 201))))
+    assert 1 <= len(fsyncs) < 200  # changes made during one fsync share the next one
+    await registry.flush()
+    registry.close()
+    assert len(_opened(state).entries) == 200
+
+
+async def test_a_failed_write_is_refused_and_the_journal_rewritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "s.json"
+    registry = _opened(state)
+    registry.register(_request(1))
+    await registry.durable()
+    real_sync = JournalState.sync
+
+    def full_disk(self: JournalState) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(JournalState, "sync", full_disk)
+    registry.register(_request(2))
+    with pytest.raises(RegistryWriteError, match="No space left"):
+        await registry.durable()
+    assert registry.persistence()["write_error"] is not None
+    monkeypatch.setattr(JournalState, "sync", real_sync)
+    registry.register(_request(3))
+    await registry.durable()  # the next write rewrites the snapshot (no partial line kept)
+    assert registry.persistence()["write_error"] is None
+    assert registry.persistence()["compactions"] == 1
+    await registry.flush()
+    registry.close()
+    # 2 was refused (the caller retries) but stayed in memory, so the rewrite kept it too.
+    assert set(_opened(state).entries) == {f"web-127.0.0.1-{p}" for p in (1, 2, 3)}
 
 
 # --- where state files go -----------------------------------------------------------------
