@@ -218,7 +218,7 @@ class DiscoveryConfig:
     retry_min: float = 0.2  # backoff after a backend failure, doubled per failure, with jitter
     retry_max: float = 10.0
     # registry
-    state_file: str | None = None  # where registrations persist; relative to the config file
+    state_file: str | None = None  # where registrations persist; relative to state_dir
     default_ttl: float | None = None  # TTL of registrations that give none; None = no expiry
     # dns
     nameservers: tuple[str, ...] = ()  # "ip" or "ip:port"; empty = the system's resolvers
@@ -310,3 +310,4 @@ class GatewayConfig:
     secrets: tuple[str, ...] = field(default=(), repr=False, compare=False)
     # Line of each top-level key in the file (for errors about a whole section).
     key_lines: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    state_dir: str | None = None  # where state files go; None: the per-user default directory

@@ -777,8 +777,8 @@ DISCOVERY = Struct(
         Field(
             "state_file",
             Text("a file path"),
-            "registry: file that keeps registrations across restarts (relative to the config"
-            " file; default gateway-registry.json beside it).",
+            "registry: snapshot file that keeps registrations across restarts (its journal is"
+            " FILE.journal); relative to state_dir; default: STATE_DIR/registry-NAME.json.",
         ),
         Field("default_ttl", DURATION, "registry: TTL of registrations that give none."),
         Field(
@@ -906,8 +906,9 @@ ADMIN = Union(
             Field(
                 "registry",
                 NAME,
-                "Discovery backend (type registry or consul) behind /register and /discover;"
-                " default: the embedded registry.",
+                "Discovery backend (type registry or consul) behind /register and /discover"
+                " unless a call names one; default: the only type registry backend (required"
+                " when there are several).",
             ),
         ],
         build=AdminConfig,
@@ -1195,6 +1196,13 @@ ROOT = Struct(
             "10s",
         ),
         Field("redis", REDIS, "Redis for shared rate limits (store: redis)."),
+        Field(
+            "state_dir",
+            Text("a directory path"),
+            "Directory of state files (registry snapshots and journals); relative to the config"
+            " file. Default: /var/lib/pygateway as root, else $XDG_STATE_HOME/pygateway or"
+            " ~/.local/state/pygateway; never the config file's directory.",
+        ),
         Field(
             "rate_limit",
             RATE_LIMITS,

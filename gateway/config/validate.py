@@ -866,9 +866,12 @@ def _discovery_references(ctx: Context, data: dict[str, Any]) -> None:
     backends = data.get("discovery")
     if not isinstance(backends, dict | None):
         return  # reported by the schema
-    types = {EMBEDDED_REGISTRY: "registry"}
+    types: dict[str, Any] = {}
     for name, backend in (backends or {}).items():
         types[name] = backend.get("type") if isinstance(backend, dict) else None
+    registries = [name for name, kind in types.items() if kind == "registry"]
+    if not registries:
+        types.setdefault(EMBEDDED_REGISTRY, "registry")  # only while none is declared
     known = ", ".join(sorted(types))
     upstreams = data.get("upstreams")
     if isinstance(upstreams, dict):
@@ -888,6 +891,14 @@ def _discovery_references(ctx: Context, data: dict[str, Any]) -> None:
                     )
     admin = data.get("admin")
     registry = admin.get("registry") if isinstance(admin, dict) else None
+    if len(registries) > 1 and registry is None:
+        # Which one would POST /register fill? Guessing put registrations where no upstream
+        # looked; make the choice explicit.
+        ctx.error(
+            ("discovery", registries[1]),
+            f"several backends of type registry ({', '.join(registries)}): set admin.registry"
+            " to the one the registration API uses by default",
+        )
     if isinstance(registry, str):
         if registry not in types:
             ctx.error(("admin", "registry"), f"unknown discovery backend {registry!r} ({known})")

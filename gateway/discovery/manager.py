@@ -13,6 +13,7 @@ the ``Sink`` the backends report to. It applies the rules that make discovery sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -25,18 +26,42 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from gateway.config.model import DiscoveryConfig, GatewayConfig, InstanceConfig, UpstreamConfig
 from gateway.config.validate import EMBEDDED_REGISTRY
 from gateway.discovery.base import Backend, DiscoveredInstance, ServiceQuery
+from gateway.discovery.journal import default_state_dir
 from gateway.discovery.registry import (
+    BadRequest,
     EmbeddedStore,
     RegistrationStore,
     Registry,
     RegistryBackend,
 )
 
-__all__ = ["DiscoveryManager", "query_of"]
+__all__ = ["DiscoveryManager", "query_of", "registry_state_file", "state_dir_of"]
 
 log = logging.getLogger("gateway.discovery")
 
-DEFAULT_STATE_FILE = "gateway-registry.json"
+
+def state_dir_of(config: GatewayConfig) -> Path | None:
+    """``state_dir`` resolved (relative: to the config file's directory); the per-user
+    default when not set; None for a config given as text with no state_dir (in memory)."""
+    from_file = config.source != "<string>"
+    if config.state_dir is not None:
+        directory = Path(config.state_dir).expanduser()
+        if not directory.is_absolute() and from_file:
+            directory = Path(config.source).resolve().parent / directory
+        return directory
+    return default_state_dir() if from_file else None
+
+
+def registry_state_file(config: GatewayConfig, backend: DiscoveryConfig) -> Path | None:
+    """Where a registry backend keeps its state: ``state_file`` (relative: to the state
+    directory), else ``STATE_DIR/registry-NAME.json``, one file per backend."""
+    directory = state_dir_of(config)
+    if backend.state_file is not None:
+        path = Path(backend.state_file).expanduser()
+        if path.is_absolute() or directory is None:
+            return path
+        return directory / path
+    return None if directory is None else directory / f"registry-{backend.name}.json"
 
 
 def query_of(upstream: UpstreamConfig, backend: DiscoveryConfig) -> ServiceQuery:
@@ -91,6 +116,8 @@ class DiscoveryManager:
         self._states: dict[tuple[str, ServiceQuery], _QueryState] = {}
         self._stats: dict[str, _BackendStats] = {}
         self._change_pending = False
+        self._last_apply_end = 0.0  # loop time when the last change was applied
+        self._last_apply_seconds = 0.0  # and how long applying it took
         self._first_answers: asyncio.Event | None = None
         self._setup(config)
 
@@ -98,7 +125,9 @@ class DiscoveryManager:
 
     def _backend_configs(self, config: GatewayConfig) -> dict[str, DiscoveryConfig]:
         configs = dict(config.discovery)
-        configs.setdefault(EMBEDDED_REGISTRY, _embedded_config())
+        # The embedded registry stands in only while no `type: registry` backend is declared.
+        if not any(c.type == "registry" for c in configs.values()):
+            configs.setdefault(EMBEDDED_REGISTRY, _embedded_config())
         return configs
 
     def _setup(self, config: GatewayConfig) -> None:
@@ -126,11 +155,7 @@ class DiscoveryManager:
         if config.type == "registry":
             registry = self.registries.get(config.name)
             if registry is None:
-                state_file: Path | None = Path(config.state_file or DEFAULT_STATE_FILE)
-                if base is not None and not state_file.is_absolute():
-                    state_file = base / state_file
-                elif base is None and config.state_file is None:
-                    state_file = None  # config from a string: nowhere sensible to write
+                state_file = registry_state_file(self.config, config)
                 registry = Registry(state_file, config.default_ttl, self.clock)
                 registry.load()
                 self.registries[config.name] = registry
@@ -196,8 +221,11 @@ class DiscoveryManager:
         old = self._backend_configs(self.config)
         new = self._backend_configs(config)
         for name in list(self.registries):
-            if old.get(name) != new.get(name):
-                del self.registries[name]
+            moved = name in new and registry_state_file(self.config, old[name]) != (
+                registry_state_file(config, new[name])
+            )
+            if old.get(name) != new.get(name) or moved:
+                self.registries.pop(name).close()  # stop() flushed it; releases the lock
         self._setup(config)
         await self.start(initial_wait=0)
         self._schedule_change()
@@ -284,15 +312,27 @@ class DiscoveryManager:
         except RuntimeError:
             self._fire_change()
             return
-        loop.call_soon(self._fire_change)
+        # Applying a change rebuilds the snapshot, O(instances). Under a stream of changes
+        # (a burst of registrations into a big service) wait for the next rebuild until
+        # twice as long as the last rebuild took, so that rebuilding takes at most a third of the
+        # loop's time.
+        wait = self._last_apply_end + 2 * self._last_apply_seconds - loop.time()
+        if wait > 0.001:
+            loop.call_later(wait, self._fire_change)
+        else:
+            loop.call_soon(self._fire_change)
 
     def _fire_change(self) -> None:
         self._change_pending = False
         if self.on_change is not None:
+            started = time.perf_counter()
             try:
                 self.on_change()
             except Exception:
                 log.exception("discovery: applying an instance change failed")
+            self._last_apply_seconds = time.perf_counter() - started
+            with contextlib.suppress(RuntimeError):
+                self._last_apply_end = asyncio.get_running_loop().time()
 
     # -- views -------------------------------------------------------------------------------
 
@@ -333,14 +373,40 @@ class DiscoveryManager:
             out[name] = tuple(seen.values())
         return out
 
-    def registration_store(self) -> RegistrationStore:
-        name = self.config.admin_registry or EMBEDDED_REGISTRY
-        backend = self.backends[name]
+    def default_registry(self) -> str | None:
+        """The backend behind the registration API unless a call names one: ``admin.registry``,
+        else the only ``type: registry`` backend (the config check rejects several without
+        ``admin.registry``)."""
+        if self.config.admin_registry is not None:
+            return self.config.admin_registry
+        names = [n for n, b in self.backends.items() if isinstance(b, RegistryBackend)]
+        if len(names) == 1:
+            return names[0]
+        return EMBEDDED_REGISTRY if EMBEDDED_REGISTRY in self.backends else None
+
+    def registration_store(self, name: str | None = None) -> RegistrationStore:
+        """The store of backend ``name`` (default: ``default_registry()``); ``BadRequest``
+        (field ``registry``) if it does not exist or cannot take registrations."""
+        chosen = name or self.default_registry()
+        backend = self.backends.get(chosen) if chosen is not None else None
+        if backend is None:
+            known = sorted(
+                n
+                for n, b in self.backends.items()
+                if isinstance(b, RegistryBackend) or hasattr(b, "registration_store")
+            )
+            raise BadRequest(
+                "registry",
+                f"no discovery backend {chosen!r} (registries: {', '.join(known) or 'none'})",
+            )
         if isinstance(backend, RegistryBackend):
             return EmbeddedStore(backend.registry)
         store = getattr(backend, "registration_store", None)
         if store is None:
-            raise RuntimeError(f"discovery backend {name!r} cannot take registrations")
+            raise BadRequest(
+                "registry",
+                f"discovery backend {chosen!r} ({backend.type}) cannot take registrations",
+            )
         result: RegistrationStore = store()
         return result
 
@@ -386,6 +452,8 @@ class DiscoveryManager:
                 "state_file": str(r.state_file) if r.state_file else None,
                 "load_error": r.load_error,
                 "registrations": len(r.entries),
+                "default": name == self.default_registry(),
+                **r.persistence(),
             }
             for name, r in self.registries.items()
         }

@@ -72,6 +72,8 @@ class GatewayProcess:
         config = {
             "listen": f"127.0.0.1:{self.port}",
             "admin": {"address": admin_address, **admin} if admin else admin_address,
+            # State (registry journals) under the test's own directory: runs never share it.
+            "state_dir": str(workdir / "state"),
             **config,
         }
         self.config_path = workdir / "gateway.yaml"

@@ -202,7 +202,12 @@ class DiscoveryGateway(GatewayProcess):
         admin: Any = f"127.0.0.1:{self.admin_port}"
         if admin_extra:
             admin = {"address": admin, **admin_extra}
-        full = {"listen": f"127.0.0.1:{self.port}", "admin": admin, **config}
+        full = {
+            "listen": f"127.0.0.1:{self.port}",
+            "admin": admin,
+            "state_dir": str(workdir / "state"),  # never the user's: runs share no state
+            **config,
+        }
         # /admin/* needs the token when one is set.
         token = (admin_extra or {}).get("token")
         self.admin_headers = {"Authorization": f"Bearer {token}"} if token else {}

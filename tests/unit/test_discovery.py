@@ -22,6 +22,7 @@ from gateway.discovery.registry import (
     BadRequest,
     RegistrationRequest,
     Registry,
+    RegistryWriteError,
     parse_registration,
 )
 
@@ -162,6 +163,7 @@ def test_registry_ttl_heartbeat_and_persistence(tmp_path: Path) -> None:
     clock = Clock()
     state = tmp_path / "state.json"
     registry = Registry(state, default_ttl=None, clock=clock)
+    registry.load()
     changes: list[set[str]] = []
     registry.listeners.append(changes.append)
     a = registry.register(_request(1, ttl=10))
@@ -173,15 +175,19 @@ def test_registry_ttl_heartbeat_and_persistence(tmp_path: Path) -> None:
     clock.now += 8
     assert registry.expire() == []  # renewed at +8, expires at +18
     assert registry.instances(ServiceQuery("web", tags=("x",))) == (b.instance(),)
-    # Persisted atomically (no temp file left behind) and restored by a new registry.
-    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+    # Persisted in the journal (no temp file left behind) and restored by a new registry,
+    # once the first one has released the state files.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json.journal"]
+    registry.close()
     restored = Registry(state, clock=clock)
     restored.load()
     assert set(restored.entries) == {a.id, b.id}
     clock.now += 3
     assert [r.id for r in restored.expire()] == [a.id]
     assert changes[-1] == {"web"}
-    assert registry.deregister(b.id) and not registry.deregister(b.id)
+    assert restored.deregister(b.id) and not restored.deregister(b.id)
+    with pytest.raises(RegistryWriteError):  # closed: its changes could not be kept
+        registry.register(_request(3))
 
 
 def test_registry_corrupt_file_moved_aside(tmp_path: Path) -> None:
@@ -199,6 +205,7 @@ def test_registry_corrupt_file_moved_aside(tmp_path: Path) -> None:
 # --- manager ----------------------------------------------------------------------------------
 
 CONFIG = """
+admin: {address: "127.0.0.1:0", registry: fake}  # two registries: one must take /register
 discovery:
   fake: {type: registry, allow_empty: false}
   lenient: {type: registry, allow_empty: true}

@@ -92,11 +92,38 @@ upstreams:
             "admin: {address: 127.0.0.1:1, registry: d}\ndiscovery:\n  d: {type: dns}\n",
             "gateway.yaml:1: admin.registry: backend 'd' is of type dns",
         ),
+        (
+            # Two registries: which one POST /register fills must be said, on b's line.
+            "discovery:\n  a: {type: registry}\n  b: {type: registry}\n",
+            "gateway.yaml:3: discovery.b: several backends of type registry (a, b): set"
+            " admin.registry",
+        ),
+        (
+            # A declared registry replaces the embedded one: `registry` is no longer a name.
+            "discovery:\n  reg: {type: registry}\n"
+            "upstreams:\n  a: {discovery: registry, service: s}\n",
+            "gateway.yaml:4: upstreams.a.discovery: unknown discovery backend 'registry'"
+            " (known: reg)",
+        ),
+        (
+            "state_dir: 7\n",
+            "gateway.yaml:1: state_dir:",
+        ),
     ],
 )
 def test_discovery_errors(text: str, expected: str) -> None:
     got = errors_of(text)
     assert any(line.startswith(expected) for line in got), got
+
+
+def test_several_registries_with_admin_registry_and_state_dir() -> None:
+    cfg = load_config_text(
+        "admin: {address: 127.0.0.1:1, registry: b}\n"
+        "state_dir: /srv/gw-state\n"
+        "discovery:\n  a: {type: registry}\n  b: {type: registry, state_file: b.json}\n"
+    )
+    assert cfg.admin_registry == "b" and cfg.state_dir == "/srv/gw-state"
+    assert load_config_text("admin: 127.0.0.1:1\n").state_dir is None
 
 
 def test_json_schema_agrees_on_discovery_shapes() -> None:
