@@ -968,7 +968,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.counted = True
         breaker.requests += 1  # also the upstream's active-request count
-        upstream.budget.record_request()  # earns the retry budget its share
+        upstream.budget.requests_now += 1  # RetryBudget.record_request, inlined: per request
         if upstream.hash_key is not None:
             ex.hash_key = self._hash_key(ex, upstream, path, query)
         instance = self._pick(ex, upstream, ())
