@@ -293,7 +293,7 @@ def _bodies(count: int) -> list[dict[str, Any]]:
 def test_kill_9_during_registrations_loses_nothing_acknowledged(
     start_discovery_gateway: Callable[..., DiscoveryGateway], tmp_path: Path
 ) -> None:
-    config = {"upstreams": {"web": {"discovery": "registry", "service": "svc0"}}}
+    config = {"upstreams": {"web": {"discovery": "registry", "service": "svc0"}}, "routes": []}
     workdir = tmp_path / "gw"
     gw = start_discovery_gateway(config, {"token": TOKEN}, workdir=workdir)
     acknowledged: list[str] = []
@@ -324,7 +324,7 @@ def test_kill_9_during_registrations_loses_nothing_acknowledged(
 def test_2000_registrations_compact_and_survive_a_restart(
     start_discovery_gateway: Callable[..., DiscoveryGateway], tmp_path: Path
 ) -> None:
-    config = {"upstreams": {"web": {"discovery": "registry", "service": "svc0"}}}
+    config = {"upstreams": {"web": {"discovery": "registry", "service": "svc0"}}, "routes": []}
     workdir = tmp_path / "gw"
     gw = start_discovery_gateway(config, {"token": TOKEN}, workdir=workdir)
     bodies = _bodies(2000)
