@@ -198,6 +198,19 @@ class LimitsConfig:
     max_connections: int = 10_000  # concurrent client connections; beyond, new ones are closed
 
 
+EscapedSlashAction = Literal["reject", "keep", "decode"]
+BackslashAction = Literal["reject", "keep", "to_slash"]
+
+
+@dataclass(frozen=True, slots=True)
+class PathsConfig:
+    """How request paths are normalised before routing (``gateway/proxy/normalize.py``)."""
+
+    escaped_slashes: EscapedSlashAction = "reject"  # %2F and %5C in a path
+    backslashes: BackslashAction = "reject"  # a raw "\\" in a path
+    merge_slashes: bool = False  # "/a//b" -> "/a/b"
+
+
 DiscoveryType = Literal["registry", "dns", "consul", "kubernetes", "etcd", "zookeeper", "eureka"]
 
 
@@ -286,3 +299,4 @@ class GatewayConfig:
     watch: bool = False  # reload when the config file changes (polled every second)
     drain_timeout: float = 10.0  # SIGTERM: how long in-flight requests may take to finish
     rate_limit: tuple[RateLimitConfig, ...] = ()  # every request must pass these as well
+    paths: PathsConfig = field(default_factory=PathsConfig)  # request path normalisation

@@ -27,6 +27,7 @@ from gateway.config.model import (
     MetricsConfig,
     OutlierConfig,
     PathMatch,
+    PathsConfig,
     RateLimitConfig,
     RedisConfig,
     RetryConfig,
@@ -1014,6 +1015,38 @@ LIMITS = Struct(
     build=LimitsConfig,
 )
 
+PATHS = Struct(
+    "paths",
+    "How request paths are normalised before routing; the upstream gets the normalised path."
+    " Always on: '.' and '..' segments are resolved (RFC 3986 §5.2.4) and a path climbing above"
+    " '/' is refused (400), unreserved characters are percent-decoded and other escapes get"
+    " upper-case hex (§6.2.2), leading slashes collapse to one. See docs/request-validation.md.",
+    [
+        Field(
+            "escaped_slashes",
+            Enum(["reject", "keep", "decode"]),
+            "A %2F or %5C in the path: reject (400), keep (forwarded as %2F / %5C, not a"
+            " separator), or decode (to '/' and '\\' before '..' is resolved; the '\\' then"
+            " follows `backslashes`).",
+            "reject",
+        ),
+        Field(
+            "backslashes",
+            Enum(["reject", "keep", "to_slash"]),
+            "A raw '\\' in the path: reject (400), keep (forwarded as is), or to_slash (read"
+            " as '/', as browsers do, before '..' is resolved).",
+            "reject",
+        ),
+        Field(
+            "merge_slashes",
+            Bool(),
+            "Merge runs of '/' inside the path ('/a//b' -> '/a/b'), like nginx's merge_slashes.",
+            False,
+        ),
+    ],
+    build=PathsConfig,
+)
+
 ROOT = Struct(
     None,
     "Gateway configuration (routes, upstreams, listeners, limits).",
@@ -1038,6 +1071,7 @@ ROOT = Struct(
             [],
         ),
         Field("limits", LIMITS, "Client-side limits.", {}),
+        Field("paths", PATHS, "Request path normalisation (before routing).", {}),
         Field(
             "upstreams",
             MapOf(NAME, UPSTREAM, key_field="name"),
