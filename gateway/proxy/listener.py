@@ -677,13 +677,14 @@ class ClientConnection(asyncio.Protocol):
         # One normalisation before routing (gateway/proxy/normalize.py): the route table, the
         # rewrite and the upstream all see the same path; the query goes on untouched.
         try:
-            url, path, query, authority = parse_target(ex.url, ex.method, snapshot.config.paths)
+            url, path, path_text, query, authority = parse_target(
+                ex.url, ex.method, snapshot.config.paths
+            )
         except InvalidTarget as exc:
             self._respond_error(ex, RequestRejected(400, "invalid_target", str(exc)))
             return
         # RFC 9112 §3.2.2: the authority of an absolute-form target replaces the Host header.
         host = ex.host if authority is None else authority
-        path_text = path.decode("latin-1")
         route = snapshot.routes.match(
             ex.method_name,
             host.decode("latin-1") if host is not None else "",

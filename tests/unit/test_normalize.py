@@ -160,7 +160,9 @@ def test_parse_target(
         with pytest.raises(InvalidTarget):
             parse_target(target, method)
     else:
-        assert parse_target(target, method) == expected
+        upstream_target, path, path_text, query, authority = parse_target(target, method)
+        assert (upstream_target, path, query, authority) == expected
+        assert path_text == path.decode("latin-1")
 
 
 # (rewrite result, policy, what goes upstream, or None when refused)
