@@ -205,6 +205,19 @@ class LimitsConfig:
     client_write_buffer: int = 16 * 1024  # high-water mark of a client's write buffer
 
 
+EscapedSlashAction = Literal["reject", "keep", "decode"]
+BackslashAction = Literal["reject", "keep", "to_slash"]
+
+
+@dataclass(frozen=True, slots=True)
+class PathsConfig:
+    """How request paths are normalised before routing (``gateway/proxy/normalize.py``)."""
+
+    escaped_slashes: EscapedSlashAction = "reject"  # %2F and %5C in a path
+    backslashes: BackslashAction = "reject"  # a raw "\\" in a path
+    merge_slashes: bool = False  # "/a//b" -> "/a/b"
+
+
 DiscoveryType = Literal["registry", "dns", "consul", "kubernetes", "etcd", "zookeeper", "eureka"]
 
 
@@ -311,3 +324,4 @@ class GatewayConfig:
     # Line of each top-level key in the file (for errors about a whole section).
     key_lines: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     state_dir: str | None = None  # where state files go; None: the per-user default directory
+    paths: PathsConfig = field(default_factory=PathsConfig)  # request path normalisation

@@ -27,6 +27,7 @@ from gateway.config.model import (
     MetricsConfig,
     OutlierConfig,
     PathMatch,
+    PathsConfig,
     RateLimitConfig,
     RedisConfig,
     ReloadConfig,
@@ -86,6 +87,38 @@ def _url_path(text: str) -> str:
     return text
 
 
+_ESCAPE = re.compile(r"%(.?.?)")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _normal_path(text: str, *, partial_last: bool) -> str:
+    """A path compared with (or written into) normalised request paths must be normal itself,
+    or it never matches: no '.'/'..' segment (RFC 3986 §5.2.4), escapes in normal form
+    (§6.2.2). ``partial_last``: a string prefix may end inside a segment ('/.' matches
+    '/.well-known')."""
+    text = _url_path(text)
+    segments = text.split("/")
+    if partial_last:
+        segments = segments[:-1]
+    if "." in segments or ".." in segments:
+        raise ValueError(
+            f"path {text!r} has a '.' or '..' segment; request paths are normalised before"
+            " routing (RFC 3986 §5.2.4), so it would never apply"
+        )
+    for escape in _ESCAPE.findall(text):
+        if re.fullmatch("[0-9A-F]{2}", escape) is None:
+            raise ValueError(
+                f"path {text!r}: %{escape} is not a percent-escape with upper-case hex, the form"
+                " normalised request paths have (RFC 3986 §6.2.2.1)"
+            )
+        if chr(int(escape, 16)) in _UNRESERVED:
+            raise ValueError(
+                f"path {text!r}: %{escape} is an unreserved character, which normalised request"
+                f" paths have decoded (RFC 3986 §6.2.2.2): write {chr(int(escape, 16))!r}"
+            )
+    return text
+
+
 def _instance_address(text: str) -> Address:
     address = parse_address(text)
     if address.port == 0:
@@ -120,6 +153,17 @@ URL_PATH = Text(
     "a URL path starting with '/'",
     pattern=r"/[^\s?#]*",
     parse=_url_path,
+)
+# Paths of routes and rewrites, compared with or written into normalised request paths.
+ROUTE_PATH = Text(
+    "a normalised URL path starting with '/'",
+    pattern=r"/[^\s?#]*",
+    parse=lambda text: _normal_path(text, partial_last=False),
+)
+ROUTE_PREFIX = Text(
+    "a normalised URL path starting with '/'",
+    pattern=r"/[^\s?#]*",
+    parse=lambda text: _normal_path(text, partial_last=True),
 )
 REGEX = Text(
     "a regular expression (Python syntax)",
@@ -559,8 +603,8 @@ PATH_MATCH = Struct(
     "How the request path (without the query string) is matched: exactly one of exact, prefix"
     " or regex.",
     [
-        Field("exact", URL_PATH, "The path equals this value."),
-        Field("prefix", URL_PATH, "The path starts with this value."),
+        Field("exact", ROUTE_PATH, "The path equals this value."),
+        Field("prefix", ROUTE_PREFIX, "The path starts with this value."),
         Field("regex", REGEX, "The path matches this regular expression (Python syntax)."),
     ],
     build=_path_match,
@@ -608,8 +652,8 @@ REWRITE = Struct(
     "Changes applied to the request before it is sent upstream, in this order:"
     " strip_prefix, prefix, regex/replacement, host.",
     [
-        Field("strip_prefix", URL_PATH, "Remove this prefix from the path."),
-        Field("prefix", URL_PATH, "Prepend this to the path (after strip_prefix)."),
+        Field("strip_prefix", ROUTE_PREFIX, "Remove this prefix from the path."),
+        Field("prefix", ROUTE_PATH, "Prepend this to the path (after strip_prefix)."),
         Field("regex", REGEX, "Regular expression applied to the path; needs replacement."),
         Field(
             "replacement",
@@ -1135,6 +1179,39 @@ RELOAD = Struct(
     build=ReloadConfig,
 )
 
+
+PATHS = Struct(
+    "paths",
+    "How request paths are normalised before routing; the upstream gets the normalised path."
+    " Always on: '.' and '..' segments are resolved (RFC 3986 §5.2.4) and a path climbing above"
+    " '/' is refused (400), unreserved characters are percent-decoded and other escapes get"
+    " upper-case hex (§6.2.2), leading slashes collapse to one. See docs/request-validation.md.",
+    [
+        Field(
+            "escaped_slashes",
+            Enum(["reject", "keep", "decode"]),
+            "A %2F or %5C in the path: reject (400), keep (forwarded as %2F / %5C, not a"
+            " separator), or decode (to '/' and '\\' before '..' is resolved; the '\\' then"
+            " follows `backslashes`).",
+            "reject",
+        ),
+        Field(
+            "backslashes",
+            Enum(["reject", "keep", "to_slash"]),
+            "A raw '\\' in the path: reject (400), keep (forwarded as is), or to_slash (read"
+            " as '/', as browsers do, before '..' is resolved).",
+            "reject",
+        ),
+        Field(
+            "merge_slashes",
+            Bool(),
+            "Merge runs of '/' inside the path ('/a//b' -> '/a/b'), like nginx's merge_slashes.",
+            False,
+        ),
+    ],
+    build=PathsConfig,
+)
+
 ROOT = Struct(
     None,
     "Gateway configuration (routes, upstreams, listeners, limits).",
@@ -1159,6 +1236,7 @@ ROOT = Struct(
             [],
         ),
         Field("limits", LIMITS, "Client-side limits.", {}),
+        Field("paths", PATHS, "Request path normalisation (before routing).", {}),
         Field(
             "upstreams",
             MapOf(NAME, UPSTREAM, key_field="name"),

@@ -30,6 +30,7 @@ import orjson
 from gateway.accesslog import AccessLog, iso_time
 from gateway.proxy import headers as hdr
 from gateway.proxy.connlimit import LocalConnectionCount, SharedConnectionCount
+from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
 from gateway.proxy.upstream import InstancePool, UpstreamConnection
 from gateway.ratelimit import Decision, RouteLimiter
 from gateway.resilience.backoff import parse_retry_after
@@ -826,33 +827,17 @@ class ClientConnection(asyncio.Protocol):
             self._respond_error(ex, ex.error)
             return
         snapshot = self.server.snapshot
-        url = ex.url
-        host = ex.host
-        if url[:1] == b"/":
-            query_at = url.find(b"?")
-            if query_at < 0:
-                path, query = url, b""
-            else:
-                path, query = url[:query_at], url[query_at + 1 :]
-        elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
-            # RFC 9112 §3.2.2: absolute-form; its authority replaces the Host header.
-            try:
-                parsed = httptools.parse_url(url)
-            except httptools.HttpParserInvalidURLError:
-                self._respond_error(
-                    ex, RequestRejected(400, "bad_request", "invalid request target")
-                )
-                return
-            host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
-            path = parsed.path or b"/"
-            query = parsed.query or b""
-            url = path + (b"?" + query if query else b"")
-        elif url == b"*" and ex.method == b"OPTIONS":
-            path, query = b"*", b""
-        else:
-            self._respond_error(ex, RequestRejected(400, "bad_request", "invalid request target"))
+        # One normalisation before routing (gateway/proxy/normalize.py): the route table, the
+        # rewrite and the upstream all see the same path; the query goes on untouched.
+        try:
+            url, path, path_text, query, authority = parse_target(
+                ex.url, ex.method, snapshot.config.paths
+            )
+        except InvalidTarget as exc:
+            self._respond_error(ex, RequestRejected(400, "invalid_target", str(exc)))
             return
-        path_text = path.decode("latin-1")
+        # RFC 9112 §3.2.2: the authority of an absolute-form target replaces the Host header.
+        host = ex.host if authority is None else authority
         route = snapshot.routes.match(
             ex.method_name,
             host.decode("latin-1") if host is not None else "",
@@ -867,6 +852,17 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.route = route
         ex.route_name = route.name
+        if route.rewrites_path:
+            # Rewrites run on the normalised path; their result must stay a normal origin-form
+            # path too (a strip_prefix can cut a segment: "/api../x" minus "/api").
+            try:
+                new_path = normalize_rewritten(
+                    route.rewrite_path(path_text).encode("latin-1"), snapshot.config.paths
+                )
+            except InvalidTarget as exc:
+                self._respond_error(ex, RequestRejected(400, "invalid_target", str(exc)))
+                return
+            url = new_path + (b"?" + query if query else b"")
         if route.max_body_bytes is not None:
             ex.max_body = route.max_body_bytes
         if ex.content_length is not None:
@@ -900,7 +896,7 @@ class ClientConnection(asyncio.Protocol):
                             limiter.release()
                         return
                     if self._admit(ex, limiter, decision):
-                        self._forward(ex, snapshot, route, url, host, path, query, path_text)
+                        self._forward(ex, snapshot, route, url, host, path, query)
 
                 decision = limiter.check(
                     time.monotonic(), self.peer_ip, self.peer_trusted, ex.headers, query, decided
@@ -913,7 +909,7 @@ class ClientConnection(asyncio.Protocol):
                 )
             if not self._admit(ex, limiter, decision):
                 return
-        self._forward(ex, snapshot, route, url, host, path, query, path_text)
+        self._forward(ex, snapshot, route, url, host, path, query)
 
     def _admit(self, ex: Exchange, limiter: RouteLimiter, decision: Decision) -> bool:
         """Apply a rate-limit decision: count it, answer a refusal, keep headers to add."""
@@ -949,9 +945,12 @@ class ClientConnection(asyncio.Protocol):
         host: bytes | None,
         path: bytes,
         query: bytes,
-        path_text: str,
     ) -> None:
-        """Pick an instance of the route's upstream and send the request there."""
+        """Pick an instance of the route's upstream and send the request there.
+
+        ``url`` is the origin-form target to send (normalised and rewritten path + query),
+        ``path`` the normalised path the route matched.
+        """
         upstream = snapshot.upstreams[route.upstream]
         ex.upstream = upstream
         ex.upstream_name = upstream.name
@@ -988,9 +987,6 @@ class ClientConnection(asyncio.Protocol):
             ex.replay_limit = max(policy.max_body_bytes, REPLAY_LIMIT)
             ex.retry_method_ok = ex.idempotent or policy.method_retryable(method, False)
         ex.replay = []
-        if route.rewrites_path:
-            new_path = route.rewrite_path(path_text).encode("latin-1")
-            url = new_path + (b"?" + query if query else b"")
         if ex.upgrade is not None:
             framing = b""
         elif ex.chunked:

@@ -16,6 +16,9 @@ The steps run in a fixed order, each optional:
 The result always starts with ``"/"``: the request target sent upstream must be in origin-form
 (RFC 9112 §3.2.1), so a rewrite that yields ``""`` or ``"x"`` gives ``"/"`` or ``"/x"``.
 The path handled here never contains the query string; the caller re-attaches it unchanged.
+The input is the normalised request path; the data plane then checks the result with
+``gateway.proxy.normalize.normalize_rewritten`` (leading slashes collapse, so ``//a`` below goes
+upstream as ``/a``; a dot segment is a 400), so no rewrite sends a path that leaves its mount.
 """
 
 from __future__ import annotations

@@ -47,8 +47,9 @@ Lookup never scans every route. Routes are grouped by host, then indexed by path
   parameter that appears several times matches when any of its values is equal. The query is
   parsed only when a candidate route has query matchers.
 
-The path given to :meth:`RouteTable.match` is the raw request path, without the query string,
-not percent-decoded nor normalised: the route table sees what the upstream will see.
+The path given to :meth:`RouteTable.match` is the request path without the query string, as
+normalised by ``gateway.proxy.normalize`` (dot segments resolved, unreserved escapes decoded):
+the route table sees what the upstream will see.
 """
 
 from __future__ import annotations
