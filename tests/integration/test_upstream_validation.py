@@ -369,3 +369,24 @@ def test_small_extensions_and_trailers_are_accepted(
         assert (second.status, second.body) == (200, VICTIM_ANSWER)
     # The well-framed response left its connection reusable: both went over one connection.
     assert [c.paths for c in origin.snapshot()] == [["/chunked-ok/", "/victim"]]
+
+
+def test_protocol_errors_are_summed_across_workers(
+    start_gateway: Callable[[dict[str, Any]], GatewayProcess], origin: ScriptedOrigin
+) -> None:
+    # With workers, the supervisor's /metrics merges each worker's export_state().
+    multi = start_gateway(
+        {
+            "workers": 2,
+            "upstreams": {"origin": {"instances": [f"127.0.0.1:{origin.port}"]}},
+            "routes": [
+                {"name": "origin", "match": {"path": {"prefix": "/"}}, "upstream": "origin"}
+            ],
+        }
+    )
+    origin.reset()
+    for _ in range(3):
+        with multi.connect() as client:
+            client.sendall(chunk_request("GET", "/extra/second_response"))
+            assert read_response(client)[::2] == (200, FIRST_BODY)
+    assert wait_until(lambda: protocol_errors(multi, "data_after_response") == 3)
