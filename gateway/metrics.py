@@ -162,6 +162,9 @@ class GatewayMetrics:
         self.connections_refused: dict[str, int] = {}
         self.client_timeouts: dict[str, int] = {}
         self.malloc_trims = 0
+        # (upstream, reason) -> upstream connections closed for breaking HTTP/1.1 framing
+        # (reasons: gateway.proxy.upstream.PROTOCOL_ERROR_REASONS, a fixed set).
+        self.upstream_protocol_errors: dict[tuple[str, str], int] = {}
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -255,6 +258,12 @@ class GatewayMetrics:
 
     def client_timeout(self, kind: str) -> None:
         self.client_timeouts[kind] = self.client_timeouts.get(kind, 0) + 1
+
+    def upstream_protocol_error(self, upstream: str, reason: str) -> None:
+        """An upstream connection was closed because the upstream broke HTTP/1.1 framing."""
+        key = (upstream, reason)
+        errors = self.upstream_protocol_errors
+        errors[key] = errors.get(key, 0) + 1
 
     def upstream_instances(self, upstream: str, states: dict[str, int]) -> None:
         """Report how many instances of ``upstream`` are in each state (a gauge; last wins)."""
@@ -375,6 +384,15 @@ class GatewayMetrics:
         )
         for (route, result), count in list(self.ratelimits.items()):
             ratelimits.add_metric([route, result], count)
+        protocol_errors = CounterMetricFamily(
+            "gateway_upstream_protocol_errors_total",
+            "Upstream connections closed because the upstream broke HTTP/1.1 framing, by reason:"
+            " data_after_response, invalid_response, response_head_too_large, chunk_framing,"
+            " unexpected_switching_protocols.",
+            labels=["upstream", "reason"],
+        )
+        for (upstream, reason), count in list(self.upstream_protocol_errors.items()):
+            protocol_errors.add_metric([upstream, reason], count)
         instances = GaugeMetricFamily(
             "gateway_upstream_instances",
             "Instances of an upstream by state: healthy, unhealthy (active checks) or ejected "
@@ -418,6 +436,7 @@ class GatewayMetrics:
             retries,
             overflows,
             ratelimits,
+            protocol_errors,
             instances,
             refused,
             timeouts,
@@ -444,6 +463,9 @@ class GatewayMetrics:
             "retries": [[u, r, n] for (u, r), n in list(self.retries.items())],
             "overflows": [[u, k, n] for (u, k), n in list(self.overflows.items())],
             "ratelimits": [[r, x, n] for (r, x), n in list(self.ratelimits.items())],
+            "upstream_protocol_errors": [
+                [u, r, n] for (u, r), n in list(self.upstream_protocol_errors.items())
+            ],
             "instance_states": {u: dict(c) for u, c in list(self.instance_states.items())},
             "connections_refused": dict(self.connections_refused),
             "client_timeouts": dict(self.client_timeouts),
@@ -504,6 +526,9 @@ class GatewayMetrics:
         for kind, count in state.get("client_timeouts", {}).items():
             self.client_timeouts[kind] = self.client_timeouts.get(kind, 0) + count
         self.malloc_trims += state.get("malloc_trims", 0)
+        errors = self.upstream_protocol_errors
+        for upstream, reason, count in state.get("upstream_protocol_errors", ()):
+            errors[(upstream, reason)] = errors.get((upstream, reason), 0) + count
         # Instance states are the supervisor's view (one per gateway), not summed per worker.
         for upstream, states in state.get("instance_states", {}).items():
             self.instance_states[upstream] = dict(states)
@@ -524,6 +549,7 @@ class _GatewayCollector:
         ("gateway_retries", "counter"),
         ("gateway_circuit_breaker_overflow", "counter"),
         ("gateway_ratelimit_decisions", "counter"),
+        ("gateway_upstream_protocol_errors", "counter"),
         ("gateway_upstream_instances", "gauge"),
         ("gateway_connections_refused", "counter"),
         ("gateway_client_timeouts", "counter"),

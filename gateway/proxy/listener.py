@@ -31,7 +31,11 @@ from gateway.accesslog import AccessLog, iso_time
 from gateway.proxy import headers as hdr
 from gateway.proxy.connlimit import LocalConnectionCount, SharedConnectionCount
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
-from gateway.proxy.upstream import InstancePool, UpstreamConnection
+from gateway.proxy.upstream import (
+    UNEXPECTED_SWITCHING_PROTOCOLS,
+    InstancePool,
+    UpstreamConnection,
+)
 from gateway.ratelimit import Decision, RouteLimiter
 from gateway.resilience.backoff import parse_retry_after
 from gateway.resilience.retry import (
@@ -1182,6 +1186,7 @@ class ClientConnection(asyncio.Protocol):
         keep_alive = ex.keep_alive and not self.server.draining
         if status == 101:
             if ex.upgrade is None or head.upgrade is None:
+                conn.protocol_error(UNEXPECTED_SWITCHING_PROTOCOLS)
                 self._upstream_failure(
                     ex, conn, "upstream switched protocols without an upgrade request"
                 )

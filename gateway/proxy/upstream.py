@@ -4,6 +4,13 @@ An ``UpstreamConnection`` parses responses with httptools and forwards every eve
 ``ClientConnection`` it is currently lent to (``owner``). Between exchanges it sits idle in its
 ``InstancePool``; any byte or EOF arriving while idle means the upstream closed or misbehaved, so
 the connection leaves the pool at once and is never reused (stale-connection detection).
+
+Response validation (docs/architecture.md, "Upstream response validation"): a connection whose
+upstream broke HTTP/1.1 framing is closed, never pooled, and counted in
+``gateway_upstream_protocol_errors_total{upstream,reason}``. In particular no byte that follows
+a complete response is ever parsed on behalf of another exchange: the final response is handed
+to the client only after ``feed_data`` returned for the whole read, and a message that begins
+after it (``on_message_begin``) stops the parser.
 """
 
 from __future__ import annotations
@@ -20,19 +27,55 @@ import httptools
 from gateway.proxy.headers import parse_response_head
 
 if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
     from gateway.proxy.listener import ClientConnection
 
 
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+# Chunked response framing (RFC 9112 §7.1). httptools reports no chunk extensions, so the bytes
+# fed to the parser inside a chunked body that are neither body bytes nor the minimal framing
+# of a chunk (hex size, CRLF, CRLF after the data: CHUNK_FRAMING_ALLOWANCE) are counted as
+# extension/trailer bytes. Constants, not config: no config key bounds upstream framing yet.
+CHUNK_FRAMING_ALLOWANCE = 20  # 16 hex digits (llhttp's 64-bit maximum) + 2 CRLF
+MAX_CHUNK_FRAMING_BYTES = 4 * 1024  # per chunk: within one read, or across reads without body
+MAX_RESPONSE_FRAMING_BYTES = 64 * 1024  # per response: all extensions and trailers together
+
+# Reasons of gateway_upstream_protocol_errors_total (a fixed set: bounded labels).
+DATA_AFTER_RESPONSE = "data_after_response"  # bytes after a complete response, or while idle
+INVALID_RESPONSE = "invalid_response"  # the status line or head does not parse
+RESPONSE_HEAD_TOO_LARGE = "response_head_too_large"
+CHUNK_FRAMING = "chunk_framing"  # malformed chunked body, or beyond the framing limits
+UNEXPECTED_SWITCHING_PROTOCOLS = "unexpected_switching_protocols"  # 101 nobody asked for
+PROTOCOL_ERROR_REASONS = (
+    DATA_AFTER_RESPONSE,
+    INVALID_RESPONSE,
+    RESPONSE_HEAD_TOO_LARGE,
+    CHUNK_FRAMING,
+    UNEXPECTED_SWITCHING_PROTOCOLS,
+)
+
+
+class LeftoverData(Exception):
+    """Raised in a parser callback: a message began after the final response was complete."""
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "body_seen",
         "body_until_close",
+        "chunked",
+        "chunks",
         "collecting",
+        "finished",
+        "framing_body_mark",
+        "framing_chunk_mark",
+        "framing_raw",
+        "framing_raw_mark",
+        "framing_run",
         "head_buffer",
         "head_start",
         "idle_since",
+        "interim",
         "owner",
         "parser",
         "paused",
@@ -61,6 +104,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.paused = False  # reading paused because the client cannot take more
         self.skip_body = False  # the request was HEAD: the response has no body whatever it says
         self.skipped = False
+        self.interim = False  # the head being parsed is a 1xx: its message is not the response
+        self.finished = False  # the final response is complete; nothing may follow it
+        # Chunked body accounting (see MAX_CHUNK_FRAMING_BYTES); only kept while ``chunked``.
+        self.chunked = False
+        self.body_seen = 0
+        self.chunks = 0
+        self.framing_raw = 0  # raw bytes fed since the end of the final head
+        self.framing_raw_mark = 0
+        self.framing_body_mark = 0
+        self.framing_chunk_mark = 0
+        self.framing_run = 0
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,8 +132,9 @@ class UpstreamConnection(asyncio.Protocol):
         owner = self.owner
         if owner is not None:
             self.owner = None
-            if self.body_until_close:
-                # A response without Content-Length or chunking ends at close (RFC 9112 §6.3).
+            if self.body_until_close and exc is None:
+                # A response without Content-Length or chunking ends at close (RFC 9112 §6.3);
+                # a reset is no end, it truncates the body.
                 self.body_until_close = False
                 owner.on_response_complete(self)
             else:
@@ -92,6 +147,7 @@ class UpstreamConnection(asyncio.Protocol):
         owner = self.owner
         if owner is None:
             # Bytes on an idle connection: the upstream broke the exchange protocol. Drop it.
+            self.protocol_error(DATA_AFTER_RESPONSE)
             self.close()
             return
         if self.tunnel:
@@ -99,36 +155,114 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.collecting:
             self.head_buffer = self.head_buffer + data if self.head_buffer else data
+        elif self.chunked:
+            self.framing_raw += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0]
             owner.on_upstream_upgrade(self, data[offset:])
         except httptools.HttpParserError as error:
-            self.reusable = False
-            if self.owner is not None:
-                self.owner = None
-                owner.on_upstream_failed(self, f"invalid response from upstream: {error}")
-            self.close()
+            if self.finished:
+                # RFC 9112 §9.3: the response was complete and more bytes followed in the same
+                # read (another response, a 1xx, anything). The client gets its response; the
+                # connection is closed, so no other exchange can read those bytes.
+                self.finished = False
+                self.reusable = False
+                self.protocol_error(DATA_AFTER_RESPONSE)
+                if self.owner is owner:
+                    self._complete(owner)
+                self.close()
+            else:
+                self.fail(
+                    owner,
+                    CHUNK_FRAMING if self.chunked else INVALID_RESPONSE,
+                    f"invalid response from upstream: {error}",
+                )
         else:
-            if self.skipped:
-                # llhttp cannot be told a response answers HEAD (httptools gives no way to
-                # return "skip body" from on_headers_complete), so it may be waiting for the
-                # body that Content-Length announces. The exchange ends here, parser anew.
-                self.skipped = False
-                self.skip_body = False
-                self.parser = httptools.HttpResponseParser(self)
-                owner.on_response_message_complete(self)
+            if self.finished:
+                # The usual end of an exchange; _complete inlined (one call less per response).
+                self.finished = False
+                if self.chunked:
+                    if self._framing_exceeded():
+                        self.fail(owner, CHUNK_FRAMING, "upstream chunk framing exceeds its limits")
+                        owner.flush_to_client()
+                        return
+                    self.chunked = False
+                if self.owner is owner:
+                    if self.skipped:
+                        self._reset_after_head()
+                    owner.on_response_message_complete(self)
+                return  # the completion flushed
             elif (
                 self.collecting
                 and len(self.head_buffer) - self.head_start > MAX_RESPONSE_HEAD_BYTES
             ):
                 # Still no end of head after this many bytes: refuse rather than buffer more.
-                self.reusable = False
-                self.owner = None
-                owner.on_upstream_failed(self, "upstream response head too large")
-                self.close()
+                self.fail(owner, RESPONSE_HEAD_TOO_LARGE, "upstream response head too large")
+            elif self.chunked and self._framing_exceeded():
+                self.fail(owner, CHUNK_FRAMING, "upstream chunk framing exceeds its limits")
             owner.flush_to_client()
+
+    def _complete(self, owner: ClientConnection) -> None:
+        """The final response ended with this read: hand it over (its body is all out)."""
+        if self.skipped:
+            self._reset_after_head()
+        self.chunked = False
+        owner.on_response_message_complete(self)
+
+    def _reset_after_head(self) -> None:
+        # llhttp cannot be told a response answers HEAD (httptools gives no way to return
+        # "skip body" from on_headers_complete), so it may be waiting for the body that
+        # Content-Length announces. The exchange ends here, parser anew.
+        self.skipped = False
+        self.skip_body = False
+        self.parser = httptools.HttpResponseParser(self)
+
+    def _framing_exceeded(self) -> bool:
+        """Chunk framing beyond the allowance, per chunk and per response; called after each
+        read while a chunked body is parsed.
+
+        Reads are the unit: a read's framing excess is charged both to the run of reads since
+        body last moved and, if body moved in it, to the run it starts (where in the read the
+        body was is unknown). So an extension or trailer section larger than the limit is always
+        caught, whatever the read boundaries; legitimate framing is nowhere near it.
+        """
+        raw = self.framing_raw
+        body = self.body_seen
+        chunks = self.chunks
+        excess = (
+            raw
+            - self.framing_raw_mark
+            - (body - self.framing_body_mark)
+            - CHUNK_FRAMING_ALLOWANCE * (chunks - self.framing_chunk_mark)
+        )
+        run = self.framing_run + excess
+        self.framing_run = excess if body != self.framing_body_mark else run
+        self.framing_raw_mark = raw
+        self.framing_body_mark = body
+        self.framing_chunk_mark = chunks
+        return (
+            run > MAX_CHUNK_FRAMING_BYTES
+            or raw - body - CHUNK_FRAMING_ALLOWANCE * chunks > MAX_RESPONSE_FRAMING_BYTES
+        )
+
+    def fail(self, owner: ClientConnection, reason: str, message: str) -> None:
+        """The upstream broke the protocol mid-exchange: count it, close, tell the client side
+        (which answers 502, or aborts the client connection if the response already started)."""
+        self.reusable = False
+        self.finished = False
+        self.chunked = False
+        self.protocol_error(reason)
+        if self.owner is owner:
+            self.owner = None
+            owner.on_upstream_failed(self, message)
+        self.abort()
+
+    def protocol_error(self, reason: str) -> None:
+        pool = self.pool
+        if pool.metrics is not None:
+            pool.metrics.upstream_protocol_error(pool.upstream, reason)
 
     def pause_writing(self) -> None:
         if self.owner is not None:
@@ -141,6 +275,10 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------
     # No on_header/on_status: the head is read from the raw bytes (see parse_response_head),
     # which costs one regex pass instead of a Python call per header.
+    def on_message_begin(self) -> None:
+        if self.finished:
+            raise LeftoverData  # a message after the final response: nobody asked for it
+
     def on_headers_complete(self) -> None:
         owner = self.owner
         if owner is None:
@@ -153,24 +291,53 @@ class UpstreamConnection(asyncio.Protocol):
         if end < 0:
             raise ValueError("response head is not CRLF-delimited")
         head = parse_response_head(buffer[start : end + 2])
-        if status >= 200 or status == 101:
+        if status >= 200:
             self.collecting = False
             self.head_buffer = b""
+            if self.skip_body:
+                # A response to HEAD ends at its head (RFC 9110 §9.3.2): any byte after it in
+                # this read is not part of it.
+                self.skipped = True
+                owner.on_response_head(self, status, head, parser.should_keep_alive())
+                self.finished = True
+                if len(buffer) > end + 4 and self.owner is owner:
+                    raise LeftoverData
+                return
+            if head.chunked:
+                self.chunked = True
+                self.body_seen = self.chunks = 0
+                self.framing_raw = len(buffer) - end - 4  # this read's bytes after the head
+                self.framing_raw_mark = self.framing_body_mark = self.framing_chunk_mark = 0
+                self.framing_run = 0
+        elif status == 101:
+            self.collecting = False
+            self.head_buffer = b""
+            self.interim = True  # its "message" ends where the tunnel begins
         else:
+            self.interim = True
             self.head_start = end + 4  # an interim response: the final head follows
-        if self.skip_body and status >= 200:
-            self.skipped = True
         owner.on_response_head(self, status, head, parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         owner = self.owner
         if owner is not None and not self.skipped:
+            if self.chunked:
+                self.body_seen += len(body)
             owner.on_response_body(body)
 
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
+
     def on_message_complete(self) -> None:
-        owner = self.owner
-        if owner is not None and not self.skipped:
-            owner.on_response_message_complete(self)
+        if self.interim:
+            self.interim = False
+            owner = self.owner
+            if owner is not None:
+                owner.on_response_message_complete(self)  # a 1xx: the final response follows
+        else:
+            # Handed over after feed_data returns: bytes after it in this read must be seen
+            # first (on_message_begin), or they would be parsed for the next exchange.
+            self.finished = True
 
     # -- used by the client side ------------------------------------------------------------
     def pause_reading(self) -> None:
@@ -189,6 +356,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.collecting = True
         self.head_buffer = b""
         self.head_start = 0
+        pool = self.pool
+        if pool.metrics is None:
+            pool.bind_metrics(owner)
 
     def send(self, data: bytes) -> None:
         transport = self.transport
@@ -217,8 +387,10 @@ class InstancePool:
         "idle",
         "idle_timeout",
         "max_idle",
+        "metrics",
         "open_count",
         "port",
+        "upstream",
     )
 
     def __init__(
@@ -233,6 +405,16 @@ class InstancePool:
         self.open_count = 0
         self.connecting = 0
         self.closed = False  # the instance left the config: connections close when released
+        # Where protocol errors are counted; bound by the first exchange (a pool belongs to one
+        # upstream, and a process has one GatewayMetrics), so idle-time errors are counted too.
+        self.metrics: GatewayMetrics | None = None
+        self.upstream = ""
+
+    def bind_metrics(self, owner: ClientConnection) -> None:
+        exchange = owner.active
+        if exchange is not None:
+            self.metrics = owner.server.metrics
+            self.upstream = exchange.upstream_name
 
     def acquire(self) -> UpstreamConnection | None:
         idle = self.idle
