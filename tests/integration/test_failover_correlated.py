@@ -15,7 +15,9 @@ ejection after two failures in a row for 5 s, ``max_ejection_percent`` 67 or the
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -268,3 +270,75 @@ async def test_one_instance_flapping(
     print("\n" + load.report(f"flapping instance, workers={workers}"))
     failed = failures(results)
     assert not failed, f"{len(failed)} of {len(results)} failed: {failed[:5]}"
+
+
+def _registry_call(gateway: GatewayProcess, method: str, path: str, body: Any = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{gateway.admin_port}{path}",
+        data=data,
+        method=method,
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read() or b"null")
+
+
+@WORKERS
+async def test_instance_churn_through_the_registry(
+    start_gateway: StartGateway, trio: list[BackendProcess], workers: int
+) -> None:
+    settings = config(trio, workers)
+    pool = settings["upstreams"]["pool"]
+    del pool["instances"]
+    pool.update({"discovery": "registry", "service": "churn"})
+    gateway = start_gateway(settings)
+    live = list(trio)
+    ids = {}
+    for backend in live:
+        answer = await asyncio.to_thread(
+            _registry_call,
+            gateway,
+            "POST",
+            "/register",
+            {"service_name": "churn", "ip": "127.0.0.1", "port": backend.port},
+        )
+        ids[backend.name] = answer["id"]
+    await poll(
+        lambda: metric(gateway, "gateway_upstream_instances", upstream="pool") >= 3,
+        "three registered instances in the upstream",
+    )
+    load = Load(gateway.port)
+    spawned: list[BackendProcess] = []
+    try:
+        await load.served_after(200, "traffic before the churn")
+        load.mark("churn")
+        for round_ in range(4):  # a new instance arrives, the oldest one leaves and dies
+            (new,) = await asyncio.to_thread(start_backends, [f"n{round_}"])
+            spawned.append(new)
+            answer = await asyncio.to_thread(
+                _registry_call,
+                gateway,
+                "POST",
+                "/register",
+                {"service_name": "churn", "ip": "127.0.0.1", "port": new.port},
+            )
+            ids[new.name] = answer["id"]
+            await poll(lambda new=new: new.total() > 0, f"{new.name} takes traffic")
+            old = live.pop(0)
+            await asyncio.to_thread(_registry_call, gateway, "DELETE", f"/register/{ids[old.name]}")
+            old.kill()  # at once: requests still on it are retried elsewhere
+            live.append(new)
+            await load.served_after(200, "traffic after a churn round")
+        load.mark("settled")
+        await load.served_after(200, "traffic after the churn")
+    finally:
+        results = await load.stop()
+        for backend in spawned:
+            backend.close()
+    print("\n" + load.report(f"registry churn, workers={workers}"))
+    failed = failures(results)
+    assert not failed, f"{len(failed)} of {len(results)} failed: {failed[:5]}"
+    settled = next(at for phase, at in load.marks if phase == "settled")
+    answered_by = {r.body for r in results if r.at > settled}
+    assert answered_by and answered_by <= {b.name for b in live}  # the departed serve nothing
