@@ -196,6 +196,10 @@ class LimitsConfig:
     header_timeout: float = 10.0  # whole request head must arrive within -> 408
     keepalive_timeout: float = 75.0  # idle client keep-alive connection is closed after
     max_connections: int = 10_000  # concurrent client connections; beyond, new ones are closed
+    headers_with_underscores: Literal["allow", "drop", "reject"] = "drop"  # '_' in a field name
+    max_chunk_line_bytes: int = 4 * 1024  # chunk-size line incl. extensions -> 400
+    max_chunk_extensions_bytes: int = 64 * 1024  # all chunk extensions of one request -> 400
+    allowed_methods: tuple[str, ...] | None = None  # None: any token; else 405/501
 
 
 DiscoveryType = Literal["registry", "dns", "consul", "kubernetes", "etcd", "zookeeper", "eureka"]

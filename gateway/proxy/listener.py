@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import time
 from collections import deque
@@ -57,6 +58,27 @@ PENDING_BODY_LIMIT = (
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
+# An extension method (RFC 9110 §9.1) llhttp does not know is fed to it as this one, which it
+# parses the same way (request framing does not depend on the method), and restored afterwards.
+_STAND_IN_METHOD = b"GET"
+MAX_METHOD_BYTES = 64  # a longer method token is refused (400)
+# llhttp's errors for a method it does not know: at the method, or (RTSP names) at the version.
+_UNKNOWN_METHOD_ERRORS = ("Invalid method encountered", "Invalid method for HTTP/x.x request")
+# Headers of the underscore option, as ints for a cheap compare per header.
+_UNDERSCORE_ALLOW = 0
+_UNDERSCORE_DROP = 1
+_UNDERSCORE_REJECT = 2
+_UNDERSCORE_ACTIONS = {"allow": _UNDERSCORE_ALLOW, "drop": _UNDERSCORE_DROP, "reject": 2}
+
+# Where the chunked-body walker is (see ``ClientConnection._walk_chunked``).
+_CW_START = -1  # the head ended in this read; where the body starts is still to be found
+_CW_LINE = 0  # in a chunk-size line
+_CW_DATA = 1  # in chunk data
+_CW_DATA_CRLF = 2  # in the CRLF after chunk data
+_CW_TRAILER = 3  # in the trailer section
+_CW_DONE = 4
+_CW_MAX_CANDIDATES = 8  # head ends tried when a chunked head ended mid-read (pipelining)
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 
 # Response body framing toward the client.
 FRAME_NONE = 0  # no body (HEAD, 1xx, 204, 304)
@@ -89,6 +111,7 @@ _REASONS = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    501: b"Not Implemented",
     505: b"HTTP Version Not Supported",
 }
 
@@ -117,6 +140,136 @@ _REFUSAL_MESSAGES = {
 }
 
 
+# Methods llhttp parses (its HTTP method table): an llhttp error on one of these is not about
+# an unknown method, so no stand-in is tried.
+_LLHTTP_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH"
+    b" SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY"
+    b" SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY PRI".split()
+)
+_VALID_HOSTS = hdr.VALID_AUTHORITY_CACHE  # membership first: the same few Hosts repeat
+
+
+def _absolute_authority_ok(url: bytes) -> bool:
+    """An absolute-form target's authority is a valid ``uri-host [":" port]``; other forms
+    (``*``, garbage) are left to the dispatcher."""
+    lowered = url[:8].lower()
+    if lowered.startswith(b"http://"):
+        start = 7
+    elif lowered.startswith(b"https://"):
+        start = 8
+    else:
+        return True
+    end = len(url)
+    for delimiter in (b"/", b"?", b"#"):
+        at = url.find(delimiter, start)
+        if 0 <= at < end:
+            end = at
+    return hdr.valid_authority(url[start:end])
+
+
+# Outcomes of _walk_framing below zero (a non-negative outcome is where the walk stopped).
+_CW_DESYNC = -1
+_CW_LINE_TOO_LONG = -2
+_CW_EXTENSIONS_TOO_LONG = -3
+_CW_TRAILER_TOO_LARGE = -4
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]+")
+
+
+def _walk_framing(
+    ex: Exchange, data: bytes, position: int, max_line: int, max_extensions: int, max_trailer: int
+) -> int:
+    """Walk the chunked framing of ``ex`` in ``data`` from ``position`` (state kept on ``ex``).
+
+    Returns where the walk stopped (``len(data)``, or the end of the message), or a negative
+    outcome. Checked against llhttp: the data bytes skipped must be those it delivered, and the
+    walk must end the message exactly when llhttp did.
+    """
+    size = len(data)
+    state = _CW_LINE if ex.cw_state == _CW_START else ex.cw_state
+    line = ex.cw_line
+    skipped = 0
+    while position < size:
+        if state == _CW_DATA:
+            take = min(ex.cw_left, size - position)
+            position += take
+            skipped += take
+            ex.cw_left -= take
+            if ex.cw_left == 0:
+                state = _CW_DATA_CRLF
+                ex.cw_crlf = 2
+        elif state == _CW_DATA_CRLF:
+            take = min(ex.cw_crlf, size - position)
+            position += take
+            ex.cw_crlf -= take
+            if ex.cw_crlf == 0:
+                state = _CW_LINE
+        elif state == _CW_LINE:
+            newline = data.find(b"\n", position)
+            if newline < 0:
+                if len(ex.cw_prefix) < 20:
+                    ex.cw_prefix += data[position : position + 20]
+                line += size - position
+                if line > max_line:
+                    return _CW_LINE_TOO_LONG
+                position = size
+                break
+            end = newline + 1
+            line += end - position
+            if line > max_line:
+                return _CW_LINE_TOO_LONG
+            start = data[position : min(end, position + 20)]
+            if ex.cw_prefix:
+                start = ex.cw_prefix + start
+                ex.cw_prefix = b""
+            digits = _CHUNK_SIZE_RE.match(start)
+            if digits is None:
+                return _CW_DESYNC
+            ex.cw_extensions += line - len(digits.group()) - 2
+            if ex.cw_extensions > max_extensions:
+                return _CW_EXTENSIONS_TOO_LONG
+            line = 0
+            position = end
+            ex.cw_left = int(digits.group(), 16)
+            state = _CW_DATA if ex.cw_left else _CW_TRAILER
+        else:  # _CW_TRAILER: field lines up to an empty line
+            newline = data.find(b"\n", position)
+            end = size if newline < 0 else newline + 1
+            line += end - position
+            ex.cw_trailer += end - position
+            if ex.cw_trailer > max_trailer:
+                return _CW_TRAILER_TOO_LARGE
+            position = end
+            if newline >= 0:
+                if line == 2:
+                    state = _CW_DONE
+                    line = 0
+                    break
+                line = 0
+    ex.cw_state = state
+    ex.cw_line = line
+    delivered = ex.body_bytes - ex.cw_body_mark
+    ex.cw_body_mark = ex.body_bytes
+    if skipped != delivered or (state == _CW_DONE) != ex.request_complete:
+        return _CW_DESYNC
+    return position
+
+
+def _reset_walk(ex: Exchange) -> None:
+    """Back to the start, after a walk from a wrong candidate position."""
+    for name in (
+        "cw_state",
+        "cw_line",
+        "cw_prefix",
+        "cw_left",
+        "cw_crlf",
+        "cw_extensions",
+        "cw_trailer",
+        "cw_body_mark",
+    ):
+        ex.__dict__.pop(name, None)
+
+
 class RequestRejected(Exception):
     """Raised inside a parser callback to stop parsing with a specific status."""
 
@@ -125,6 +278,7 @@ class RequestRejected(Exception):
         self.status = status
         self.code = code
         self.message = message
+        self.headers = b""  # extra header lines of the error response (e.g. Allow)
 
 
 class Exchange:
@@ -195,6 +349,18 @@ class Exchange:
     bytes_out = 0  # response body bytes relayed to the client
     instance_address = ""
     error_code = ""  # why the gateway answered itself (no_route, upstream_timeout, ...)
+    head_fields = 0  # len(headers) at the end of the head; later fields are trailers
+    allow_header = b""  # Allow line of a 405 (RFC 9110 §15.5.6)
+    method_prefix = b""  # the bytes of this read when it ended inside the method (split token)
+    # Chunked body walker (framing bytes are measured: llhttp reports no extensions).
+    cw_state = _CW_START
+    cw_line = 0  # bytes of the current chunk-size or trailer line so far
+    cw_prefix = b""  # the start of a chunk-size line that spans reads (its hex size)
+    cw_left = 0  # data bytes left in the current chunk
+    cw_crlf = 0  # bytes left of the CRLF after chunk data
+    cw_extensions = 0  # chunk-extension bytes so far
+    cw_trailer = 0  # trailer section bytes so far
+    cw_body_mark = 0  # body_bytes when the last read was walked
 
     def __init__(self, now: float, max_body: int) -> None:
         self.t_start = now
@@ -299,12 +465,16 @@ class ProxyServer:
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "active",
+        "allowed_methods",
+        "chunked_walk",
         "closed",
         "head_deadline",
         "head_limit",
         "head_received",
+        "head_tail",
         "idle_deadline",
         "limits",
+        "method_carry",
         "out",
         "parser",
         "parsing",
@@ -313,11 +483,13 @@ class ClientConnection(asyncio.Protocol):
         "pending_error",
         "queue",
         "reading_paused",
+        "real_method",
         "server",
         "to_dispatch",
         "transport",
         "tunnel",
         "tunnel_pending",
+        "underscores",
         "upgrade_pending",
         "upstream_write_paused",
         "writing_paused",
@@ -349,6 +521,13 @@ class ClientConnection(asyncio.Protocol):
         self.limits = server.snapshot.config.limits  # a reload applies to new connections
         self.head_received = 0  # raw bytes seen while a request head is incomplete
         self.head_limit = self.limits.max_header_bytes + self.limits.max_uri_bytes
+        self.underscores = _UNDERSCORE_ACTIONS[self.limits.headers_with_underscores]
+        allowed = self.limits.allowed_methods
+        self.allowed_methods = frozenset(allowed) if allowed is not None else None
+        self.method_carry: bytes | None = None  # a method token not complete yet (not fed)
+        self.real_method: bytes | None = None  # the extension method fed as _STAND_IN_METHOD
+        self.head_tail = b""  # last bytes of a read that ended inside a head
+        self.chunked_walk: list[Exchange] | None = None  # chunked bodies to walk after a read
 
     # -- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -497,18 +676,30 @@ class ClientConnection(asyncio.Protocol):
             assert self.tunnel_pending is not None
             self.tunnel_pending.append(data)
             return
+        carry = self.method_carry
+        if carry is not None:
+            # A method token that was not complete at the end of the last read (not fed yet).
+            self.method_carry = None
+            data = carry + data
+        before = self.parsing
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self.head_received = 0
-            self.upgrade_pending = True
-            self.tunnel_pending = [data[upgrade.args[0] :]]
-            self._update_reading()
+            self._begin_upgrade(data, upgrade.args[0])
         except httptools.HttpParserError as error:
-            self._on_parse_error(error)
+            refed = self._refeed_extension_method(error, data, before)
+            if refed is None:
+                return
+            data = refed
+        if self.chunked_walk is not None and not self._walk_chunked(data, before):
             return
         parsing = self.parsing
         if parsing is not None and parsing.method == b"":
+            if parsing.url == b"" and before is None and self.head_received < 0:
+                # The read ended inside the method of a message that began with it: keep the
+                # bytes, in case llhttp refuses the token once it is complete (extension method).
+                parsing.method_prefix = data
+            self.head_tail = data[-3:]
             # Still inside a request head. httptools hands over a header only once it is
             # complete, so an endless header line would grow unchecked: count raw bytes.
             if self.head_received < 0:
@@ -533,6 +724,119 @@ class ClientConnection(asyncio.Protocol):
             if ex is not None and ex.conn is not None and ex.pending:
                 self._send_pending(ex)
 
+    def _begin_upgrade(self, data: bytes, offset: int) -> None:
+        self.head_received = 0
+        self.upgrade_pending = True
+        self.tunnel_pending = [data[offset:]]
+        self._update_reading()
+
+    def _refeed_extension_method(
+        self, error: httptools.HttpParserError, data: bytes, before: Exchange | None
+    ) -> bytes | None:
+        """llhttp refused a method: if it is a token llhttp does not know (an extension method,
+        RFC 9110 §9.1) beginning the first message of this read, parse the read again with a
+        stand-in method and restore the real one in ``on_headers_complete``.
+
+        Returns the bytes fed (for the rest of ``data_received``), or None when the request was
+        rejected or the token is not complete yet. An unknown method later in a read (behind a
+        pipelined request) cannot be re-fed (llhttp does not say where it stopped): 400.
+        """
+        candidate: bytes | None = None
+        if error.args and error.args[0] in _UNKNOWN_METHOD_ERRORS:
+            if before is None:
+                candidate = data
+            elif before is self.parsing and before.url == b"" and before.method_prefix:
+                candidate = before.method_prefix + data  # the token began in the last read
+        if candidate is not None:
+            space = candidate.find(b" ", 0, MAX_METHOD_BYTES + 1)
+            token = candidate[:space] if space > 0 else candidate
+            if (
+                token not in _LLHTTP_METHODS
+                and len(token) <= MAX_METHOD_BYTES
+                and hdr.valid_token(token)
+            ):
+                self.parser = httptools.HttpRequestParser(self)
+                self.parsing = None
+                self.head_received = 0
+                if space < 0:
+                    self.method_carry = candidate  # wait for the rest of the token
+                    return None
+                self.real_method = token
+                fed = _STAND_IN_METHOD + candidate[space:]
+                try:
+                    self.parser.feed_data(fed)
+                except httptools.HttpParserUpgrade as upgrade:
+                    self._begin_upgrade(fed, upgrade.args[0])
+                except httptools.HttpParserError as second:
+                    self._on_parse_error(second)
+                    return None
+                return fed
+        self._on_parse_error(error)
+        return None
+
+    def _walk_chunked(self, data: bytes, before: Exchange | None) -> bool:
+        """Measure the chunked framing this read carried for each chunked request body.
+
+        llhttp validated the bytes, but it reports neither chunk extensions nor the raw size of
+        trailer lines, so the framing is walked here: chunk-size lines against
+        ``max_chunk_line_bytes``, their extensions against ``max_chunk_extensions_bytes``, the
+        trailer section against ``max_header_bytes``. Data bytes are skipped by count, never
+        scanned. The walk must agree with llhttp (same body bytes, same end) or the request is
+        refused. False: a request was rejected.
+        """
+        walk = self.chunked_walk
+        assert walk is not None
+        limits = self.limits
+        max_line = limits.max_chunk_line_bytes
+        max_extensions = limits.max_chunk_extensions_bytes
+        max_trailer = limits.max_header_bytes
+        position = 0
+        for ex in list(walk):
+            if ex.cw_state == _CW_START:
+                # The head ended in this read: the body starts after its blank line. If the
+                # head began here behind other requests, the first blank line may be theirs;
+                # candidates are tried until one walks in agreement with llhttp.
+                tail = self.head_tail if ex is before else b""
+                buffer = tail + data if tail else data
+                search = position + len(tail)
+                outcome = _CW_DESYNC
+                for _ in range(_CW_MAX_CANDIDATES):
+                    found = buffer.find(b"\r\n\r\n", search)
+                    if found < 0:
+                        break
+                    outcome = _walk_framing(
+                        ex, data, found + 4 - len(tail), max_line, max_extensions, max_trailer
+                    )
+                    if outcome != _CW_DESYNC:
+                        break
+                    _reset_walk(ex)
+                    search = found + 1
+            else:
+                outcome = _walk_framing(ex, data, position, max_line, max_extensions, max_trailer)
+            if outcome < 0:
+                self._reject_walked(ex, outcome)
+                return False
+            position = outcome
+            if ex.cw_state == _CW_DONE:
+                walk.remove(ex)
+        if not walk:
+            self.chunked_walk = None
+        return True
+
+    def _reject_walked(self, ex: Exchange, outcome: int) -> None:
+        if outcome == _CW_LINE_TOO_LONG:
+            rejected = RequestRejected(400, "bad_request", "chunk-size line too long")
+        elif outcome == _CW_EXTENSIONS_TOO_LONG:
+            rejected = RequestRejected(400, "bad_request", "chunk extensions too long")
+        elif outcome == _CW_TRAILER_TOO_LARGE:
+            rejected = RequestRejected(431, "headers_too_large", "trailer section too large")
+        else:
+            rejected = RequestRejected(400, "bad_request", "chunked framing not understood")
+        self.chunked_walk = None
+        if ex is self.active:
+            self.parsing = ex  # an exchange streaming upstream is aborted with it
+        self._reject_parsing(rejected)
+
     # -- httptools callbacks (request) -------------------------------------------------------
     def on_message_begin(self) -> None:
         server = self.server
@@ -555,6 +859,14 @@ class ClientConnection(asyncio.Protocol):
         ex.header_bytes += len(name) + len(value) + 4
         if ex.header_bytes > self.limits.max_header_bytes:
             raise RequestRejected(431, "headers_too_large", "request header fields too large")
+        if b"_" in name:
+            # Backends that read "_" as "-" would see another field (a smuggling vector).
+            action = self.underscores
+            if action == _UNDERSCORE_REJECT:
+                raise RequestRejected(400, "bad_request", "header field name with '_'")
+            if action == _UNDERSCORE_ALLOW and not hdr.underscore_lookalike(name):
+                ex.headers.append((name, value))
+            return
         special = _SPECIAL_HEADERS.get(name)
         if special is not None:
             if special == _H_HOST:
@@ -578,7 +890,11 @@ class ClientConnection(asyncio.Protocol):
         ex = self.parsing
         assert ex is not None
         parser = self.parser
-        ex.method = method = parser.get_method()
+        method = parser.get_method()
+        if self.real_method is not None:
+            method = self.real_method  # an extension method llhttp parsed as a stand-in
+            self.real_method = None
+        ex.method = method
         ex.method_name = method.decode("ascii")
         ex.version = version = parser.get_http_version()
         ex.keep_alive = parser.should_keep_alive()
@@ -587,6 +903,9 @@ class ClientConnection(asyncio.Protocol):
         # Framing checks llhttp leaves to us. RFC 9112 §3.2: exactly one Host in HTTP/1.1.
         if ex.host_count > 1 or (ex.host_count == 0 and version == "1.1"):
             ex.error = RequestRejected(400, "bad_request", "exactly one Host header is required")
+        elif ex.host is not None and ex.host not in _VALID_HOSTS and not self._host_ok(ex):
+            # RFC 9112 §3.2: a Host field with an invalid value gets 400.
+            ex.error = RequestRejected(400, "bad_request", "invalid Host header")
         elif ex.cl_count > 1:
             # RFC 9112 §6.3: differing or repeated lengths make the framing ambiguous.
             ex.error = RequestRejected(400, "bad_request", "more than one Content-Length header")
@@ -608,6 +927,18 @@ class ClientConnection(asyncio.Protocol):
             )
         elif method == b"CONNECT":
             ex.error = RequestRejected(405, "method_not_allowed", "CONNECT is not supported")
+        elif self.allowed_methods is not None and ex.method_name not in self.allowed_methods:
+            ex.error = self._method_refused(ex.method_name)
+        elif ex.url[:1] != b"/" and not _absolute_authority_ok(ex.url):
+            # RFC 9112 §3.2.2: the authority of an absolute-form target is the Host.
+            ex.error = RequestRejected(400, "bad_request", "invalid authority in request target")
+        if ex.chunked:
+            ex.head_fields = len(ex.headers)  # fields after these are trailers
+        if ex.chunked and ex.error is None and not upgrading:
+            if self.chunked_walk is None:
+                self.chunked_walk = [ex]
+            else:
+                self.chunked_walk.append(ex)
         if not upgrading or ex.error is not None or b"upgrade" not in ex.conn_tokens:
             ex.upgrade = None
         self.head_deadline = 0.0
@@ -619,6 +950,28 @@ class ClientConnection(asyncio.Protocol):
                 self.queue = deque()
             self.queue.append(ex)
             self._update_reading()
+
+    def _host_ok(self, ex: Exchange) -> bool:
+        host = ex.host
+        assert host is not None
+        if hdr.valid_authority(host):
+            return True
+        stripped = host.strip(b" \t")  # RFC 9110 §5.5: OWS around a value is not part of it
+        if stripped != host and hdr.valid_authority(stripped):
+            ex.host = stripped
+            return True
+        return False
+
+    def _method_refused(self, method: str) -> RequestRejected:
+        allowed = self.allowed_methods
+        assert allowed is not None
+        if method in KNOWN_METHODS:
+            # RFC 9110 §15.5.6: a known method not allowed here; Allow lists what is.
+            rejected = RequestRejected(405, "method_not_allowed", f"method {method} is not allowed")
+            rejected.headers = b"allow: %s\r\n" % ", ".join(sorted(allowed)).encode("ascii")
+            return rejected
+        # RFC 9110 §15.6.2: a method the server does not recognise or implement.
+        return RequestRejected(501, "not_implemented", f"method {method} is not implemented")
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
@@ -652,6 +1005,16 @@ class ClientConnection(asyncio.Protocol):
         assert ex is not None
         ex.request_complete = True
         self.parsing = None
+        if ex.chunked and len(ex.headers) > ex.head_fields:
+            # Trailer fields (llhttp reports them through on_header): never merged into the
+            # forwarded head nor forwarded; RFC 9110 §6.5.1 fields are refused outright.
+            trailers = ex.headers[ex.head_fields :]
+            del ex.headers[ex.head_fields :]
+            for name, _ in trailers:
+                if hdr.forbidden_trailer(name):
+                    raise RequestRejected(
+                        400, "bad_request", f"{name.decode('latin-1')} is not allowed in trailers"
+                    )
         if ex.chunked:
             conn = ex.conn
             if conn is not None and not ex.pending:
@@ -1513,6 +1876,8 @@ class ClientConnection(asyncio.Protocol):
             head.append(b"connection: keep-alive\r\n")
         if extra_headers:
             head.append(extra_headers)
+        if error.headers:
+            head.append(error.headers)
         head.append(b"\r\n")
         self.out.append(b"".join(head))
         if not ex.is_head:
