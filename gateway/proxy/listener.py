@@ -63,7 +63,11 @@ KNOWN_METHODS = frozenset(
 _STAND_IN_METHOD = b"GET"
 MAX_METHOD_BYTES = 64  # a longer method token is refused (400)
 # llhttp's errors for a method it does not know: at the method, or (RTSP names) at the version.
-_UNKNOWN_METHOD_ERRORS = ("Invalid method encountered", "Invalid method for HTTP/x.x request")
+_UNKNOWN_METHOD_ERRORS = (
+    "Invalid method encountered",
+    "Expected space after method",
+    "Invalid method for HTTP/x.x request",
+)
 # Headers of the underscore option, as ints for a cheap compare per header.
 _UNDERSCORE_ALLOW = 0
 _UNDERSCORE_DROP = 1
@@ -78,7 +82,6 @@ _CW_DATA_CRLF = 2  # in the CRLF after chunk data
 _CW_TRAILER = 3  # in the trailer section
 _CW_DONE = 4
 _CW_MAX_CANDIDATES = 8  # head ends tried when a chunked head ended mid-read (pipelining)
-_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 
 # Response body framing toward the client.
 FRAME_NONE = 0  # no body (HEAD, 1xx, 204, 304)
@@ -110,8 +113,8 @@ _REASONS = {
     431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
-    504: b"Gateway Timeout",
     501: b"Not Implemented",
+    504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
 
@@ -350,7 +353,6 @@ class Exchange:
     instance_address = ""
     error_code = ""  # why the gateway answered itself (no_route, upstream_timeout, ...)
     head_fields = 0  # len(headers) at the end of the head; later fields are trailers
-    allow_header = b""  # Allow line of a 405 (RFC 9110 §15.5.6)
     method_prefix = b""  # the bytes of this read when it ended inside the method (split token)
     # Chunked body walker (framing bytes are measured: llhttp reports no extensions).
     cw_state = _CW_START
@@ -982,7 +984,9 @@ class ClientConnection(asyncio.Protocol):
             raise RequestRejected(413, "body_too_large", "request body exceeds the limit")
         framed = b"%x\r\n%b\r\n" % (size, body) if ex.chunked else body
         conn = ex.conn
-        if conn is not None and not ex.pending:
+        # Chunked bytes wait for the end of the read: its framing is checked first (see
+        # _walk_chunked), and ``data_received`` sends them on.
+        if conn is not None and not ex.pending and not ex.chunked:
             conn.send(framed)
             ex.body_sent = True
             replay = ex.replay
@@ -1016,16 +1020,11 @@ class ClientConnection(asyncio.Protocol):
                         400, "bad_request", f"{name.decode('latin-1')} is not allowed in trailers"
                     )
         if ex.chunked:
-            conn = ex.conn
-            if conn is not None and not ex.pending:
-                conn.send(b"0\r\n\r\n")
-                if ex.replay is not None:
-                    ex.replay.append(b"0\r\n\r\n")
+            # Sent with the rest of the read once its framing is checked (data_received).
+            if ex.pending is None:
+                ex.pending = [b"0\r\n\r\n"]
             else:
-                if ex.pending is None:
-                    ex.pending = [b"0\r\n\r\n"]
-                else:
-                    ex.pending.append(b"0\r\n\r\n")
+                ex.pending.append(b"0\r\n\r\n")
         if ex.response_complete:
             # The response finished before the request body did (early reply).
             self._finish(ex)
