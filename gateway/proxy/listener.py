@@ -62,6 +62,7 @@ KNOWN_METHODS = frozenset(
 # parses the same way (request framing does not depend on the method), and restored afterwards.
 _STAND_IN_METHOD = b"GET"
 MAX_METHOD_BYTES = 64  # a longer method token is refused (400)
+_MAX_PREFIX_BYTES = 1024  # request-line bytes kept across reads for a method llhttp refuses
 # llhttp's errors for a method it does not know: at the method, or (RTSP names) at the version.
 _UNKNOWN_METHOD_ERRORS = (
     "Invalid method encountered",
@@ -284,6 +285,20 @@ class RequestRejected(Exception):
         self.headers = b""  # extra header lines of the error response (e.g. Allow)
 
 
+class TrailerFields(list[tuple[bytes, bytes]]):
+    """A chunked request's trailer fields: kept apart from the head and never forwarded (the
+    gateway drops request trailers). RFC 9110 §6.5.1 fields are refused as they arrive, before
+    the read they came in can dispatch anything."""
+
+    def append(self, item: tuple[bytes, bytes]) -> None:
+        name = item[0]
+        if hdr.forbidden_trailer(name):
+            raise RequestRejected(
+                400, "bad_request", f"{name.decode('latin-1')} is not allowed in trailers"
+            )
+        super().append(item)
+
+
 class Exchange:
     """One request/response pair and everything the proxy tracks about it.
 
@@ -352,7 +367,6 @@ class Exchange:
     bytes_out = 0  # response body bytes relayed to the client
     instance_address = ""
     error_code = ""  # why the gateway answered itself (no_route, upstream_timeout, ...)
-    head_fields = 0  # len(headers) at the end of the head; later fields are trailers
     method_prefix = b""  # the bytes of this read when it ended inside the method (split token)
     # Chunked body walker (framing bytes are measured: llhttp reports no extensions).
     cw_state = _CW_START
@@ -367,7 +381,9 @@ class Exchange:
     def __init__(self, now: float, max_body: int) -> None:
         self.t_start = now
         self.max_body = max_body
+        # ``fields`` is where on_header appends: the head's list, then (chunked) the trailers'.
         self.headers: list[tuple[bytes, bytes]] = []
+        self.fields = self.headers
 
 
 class ProxyServer:
@@ -697,11 +713,20 @@ class ClientConnection(asyncio.Protocol):
             return
         parsing = self.parsing
         if parsing is not None and parsing.method == b"":
-            if parsing.url == b"" and before is None and self.head_received < 0:
-                # The read ended inside the method of a message that began with it: keep the
-                # bytes, in case llhttp refuses the token once it is complete (extension method).
-                parsing.method_prefix = data
-            self.head_tail = data[-3:]
+            if not parsing.fields:
+                # The read ended inside the request line of a message that began with it: keep
+                # the bytes, in case llhttp refuses its method once it has it all (extension
+                # method; llhttp refuses its RTSP names only at the version).
+                if before is None and self.head_received < 0:
+                    parsing.method_prefix = data
+                elif before is parsing and parsing.method_prefix:
+                    prefix = parsing.method_prefix + data
+                    parsing.method_prefix = prefix if len(prefix) <= _MAX_PREFIX_BYTES else b""
+            # The last 3 bytes of the head so far: its blank line may straddle the next read.
+            if len(data) >= 3:
+                self.head_tail = data[-3:]
+            else:
+                self.head_tail = (self.head_tail + data if before is parsing else data)[-3:]
             # Still inside a request head. httptools hands over a header only once it is
             # complete, so an endless header line would grow unchecked: count raw bytes.
             if self.head_received < 0:
@@ -747,7 +772,7 @@ class ClientConnection(asyncio.Protocol):
         if error.args and error.args[0] in _UNKNOWN_METHOD_ERRORS:
             if before is None:
                 candidate = data
-            elif before is self.parsing and before.url == b"" and before.method_prefix:
+            elif before is self.parsing and before.method_prefix:
                 candidate = before.method_prefix + data  # the token began in the last read
         if candidate is not None:
             space = candidate.find(b" ", 0, MAX_METHOD_BYTES + 1)
@@ -800,7 +825,7 @@ class ClientConnection(asyncio.Protocol):
                 # candidates are tried until one walks in agreement with llhttp.
                 tail = self.head_tail if ex is before else b""
                 buffer = tail + data if tail else data
-                search = position + len(tail)
+                search = position  # (with a tail, position is 0: the head began earlier)
                 outcome = _CW_DESYNC
                 for _ in range(_CW_MAX_CANDIDATES):
                     found = buffer.find(b"\r\n\r\n", search)
@@ -867,7 +892,7 @@ class ClientConnection(asyncio.Protocol):
             if action == _UNDERSCORE_REJECT:
                 raise RequestRejected(400, "bad_request", "header field name with '_'")
             if action == _UNDERSCORE_ALLOW and not hdr.underscore_lookalike(name):
-                ex.headers.append((name, value))
+                ex.fields.append((name, value))
             return
         special = _SPECIAL_HEADERS.get(name)
         if special is not None:
@@ -886,7 +911,7 @@ class ClientConnection(asyncio.Protocol):
                 ex.upgrade = value
             elif special == _H_REQUEST_ID:
                 ex.request_id = value
-        ex.headers.append((name, value))
+        ex.fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -935,7 +960,9 @@ class ClientConnection(asyncio.Protocol):
             # RFC 9112 §3.2.2: the authority of an absolute-form target is the Host.
             ex.error = RequestRejected(400, "bad_request", "invalid authority in request target")
         if ex.chunked:
-            ex.head_fields = len(ex.headers)  # fields after these are trailers
+            # llhttp reports trailer fields through on_header too: they go to a list of their
+            # own, checked as they come, never into the forwarded head.
+            ex.fields = TrailerFields()
         if ex.chunked and ex.error is None and not upgrading:
             if self.chunked_walk is None:
                 self.chunked_walk = [ex]
@@ -1009,16 +1036,6 @@ class ClientConnection(asyncio.Protocol):
         assert ex is not None
         ex.request_complete = True
         self.parsing = None
-        if ex.chunked and len(ex.headers) > ex.head_fields:
-            # Trailer fields (llhttp reports them through on_header): never merged into the
-            # forwarded head nor forwarded; RFC 9110 §6.5.1 fields are refused outright.
-            trailers = ex.headers[ex.head_fields :]
-            del ex.headers[ex.head_fields :]
-            for name, _ in trailers:
-                if hdr.forbidden_trailer(name):
-                    raise RequestRejected(
-                        400, "bad_request", f"{name.decode('latin-1')} is not allowed in trailers"
-                    )
         if ex.chunked:
             # Sent with the rest of the read once its framing is checked (data_received).
             if ex.pending is None:
