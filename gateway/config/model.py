@@ -203,6 +203,10 @@ class LimitsConfig:
     client_body_timeout: float = 60.0
     send_timeout: float = 60.0  # client read nothing while the gateway had data for it: close
     client_write_buffer: int = 16 * 1024  # high-water mark of a client's write buffer
+    headers_with_underscores: Literal["allow", "drop", "reject"] = "drop"  # '_' in a field name
+    max_chunk_line_bytes: int = 4 * 1024  # chunk-size line incl. extensions -> 400
+    max_chunk_extensions_bytes: int = 64 * 1024  # all chunk extensions of one request -> 400
+    allowed_methods: tuple[str, ...] | None = None  # None: any token; else 405/501
 
 
 EscapedSlashAction = Literal["reject", "keep", "decode"]

@@ -1158,6 +1158,35 @@ LIMITS = Struct(
             "High-water mark of each client connection's write buffer: above it the upstream"
             " is no longer read until the buffer is down to a quarter of it.",
             "16KiB",
+
+        ),
+        Field(
+            "headers_with_underscores",
+            Enum(["allow", "drop", "reject"]),
+            "Request header names containing '_' (CGI/WSGI backends read '_' as '-'): forward,"
+            " drop the field, or answer 400. Underscore spellings of framing, hop-by-hop, Host"
+            " and X-Forwarded-*/Forwarded/X-Request-ID fields are never forwarded.",
+            "drop",
+        ),
+        Field(
+            "max_chunk_line_bytes",
+            Size(16),
+            "Longest chunk-size line of a chunked request body (size, extensions, CRLF);"
+            " beyond: 400.",
+            "4KiB",
+        ),
+        Field(
+            "max_chunk_extensions_bytes",
+            Size(0),
+            "Chunk-extension bytes allowed in one chunked request body, all chunks together;"
+            " beyond: 400.",
+            "64KiB",
+        ),
+        Field(
+            "allowed_methods",
+            ListOf(METHOD),
+            "Request methods the gateway accepts (unset: any token, RFC 9110 §9.1). Others get"
+            " 405 (standard methods, with Allow) or 501 (extension methods).",
         ),
     ],
     build=LimitsConfig,

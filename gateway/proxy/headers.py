@@ -349,3 +349,97 @@ def interim_head(status: int, head: ResponseHead) -> bytes:
             b"\r\n",
         ]
     )
+
+
+# -- request validation ------------------------------------------------------------------------
+
+# RFC 3986 §3.2.2 host and §3.2.3 port, as RFC 9110 §7.2 uses them for Host (and §4.2 for the
+# authority of an http URI). reg-name = *( unreserved / pct-encoded / sub-delims ), minus the
+# comma: it is a list separator in field values (RFC 9110 §5.3), so "a,b" copied into
+# X-Forwarded-Host would read as two hosts downstream. No userinfo (RFC 9110 §4.2.4).
+_AUTHORITY_RE = re.compile(
+    rb"(?:"
+    rb"\[(?P<ip6>[0-9A-Fa-f:.]+)\]"  # IP-literal (IPv6address; checked again below)
+    rb"|\[v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+;=:]+\]"  # IPvFuture
+    rb"|(?:[A-Za-z0-9\-._~!$&'()*+;=]|%[0-9A-Fa-f]{2})+"  # IPv4address or reg-name
+    rb")(?::(?P<port>[0-9]*))?"
+)
+VALID_AUTHORITY_CACHE: set[bytes] = set()  # values already found valid: the same few repeat
+
+
+def valid_authority(value: bytes) -> bool:
+    """``uri-host [":" port]`` (RFC 9110 §7.2, RFC 3986 §3.2.2-3.2.3) with a port <= 65535.
+
+    Pure; valid values are cached (bounded), so the usual cost is one set lookup. An empty
+    value is not an authority: an http URI has a non-empty host (RFC 9110 §4.2.1).
+    """
+    if value in VALID_AUTHORITY_CACHE:
+        return True
+    match = _AUTHORITY_RE.fullmatch(value)
+    if match is None:
+        return False
+    port = match.group("port")
+    if port and int(port) > 65535:
+        return False
+    ip6 = match.group("ip6")
+    if ip6 is not None:
+        try:
+            ipaddress.IPv6Address(ip6.decode("ascii"))
+        except ValueError:
+            return False
+    if len(VALID_AUTHORITY_CACHE) >= 4096:  # bounded: Host values are client-chosen
+        VALID_AUTHORITY_CACHE.clear()
+    VALID_AUTHORITY_CACHE.add(value)
+    return True
+
+
+# Fields a request must never carry under an underscore spelling: backends that map "_" to "-"
+# (CGI, WSGI, PHP: both become HTTP_TRANSFER_ENCODING) would read them as the real field.
+# Framing, hop-by-hop, Host and the forwarding fields the gateway sets itself.
+UNDERSCORE_FORBIDDEN: frozenset[bytes] = _REQUEST_DROP
+
+
+def underscore_lookalike(name: bytes) -> bool:
+    """``name`` (lowercase, contains "_") reads as a framing/hop-by-hop/forwarding field."""
+    return name.replace(b"_", b"-") in UNDERSCORE_FORBIDDEN
+
+
+# RFC 9110 §6.5.1: fields a sender must not put in a trailer section and a recipient must not
+# merge into the header section: framing, routing, request modifiers (controls, conditionals),
+# authentication, payload processing; plus hop-by-hop fields (§7.6.1) and the forwarding fields
+# the gateway owns.
+FORBIDDEN_TRAILERS: frozenset[bytes] = (
+    HOP_BY_HOP
+    | FORWARDING_HEADERS
+    | frozenset(
+        {
+            b"host",
+            b"cache-control",
+            b"expect",
+            b"max-forwards",
+            b"pragma",
+            b"range",
+            b"if-match",
+            b"if-none-match",
+            b"if-modified-since",
+            b"if-unmodified-since",
+            b"if-range",
+            b"authorization",
+            b"cookie",
+            b"content-encoding",
+            b"content-type",
+            b"content-range",
+        }
+    )
+)
+
+
+def forbidden_trailer(name: bytes) -> bool:
+    """``name`` (lowercase) may not appear in a request's trailer section (RFC 9110 §6.5.1);
+    underscore spellings count as the field they imitate."""
+    return name.replace(b"_", b"-") in FORBIDDEN_TRAILERS
+
+
+def valid_token(value: bytes) -> bool:
+    """RFC 9110 §5.6.2 ``token`` (methods are tokens, §9.1)."""
+    return _TOKEN_RE.fullmatch(value) is not None

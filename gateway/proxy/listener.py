@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import re
 import socket
 import time
 from collections import deque
@@ -76,6 +77,34 @@ TRIM_AFTER_CLOSED = 100
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
+# An extension method (RFC 9110 §9.1) llhttp does not know is fed to it as this one, which it
+# parses the same way (request framing does not depend on the method), and restored afterwards.
+_STAND_IN_METHOD = b"GET"
+MAX_METHOD_BYTES = 64  # a longer method token is refused (400)
+_MAX_PREFIX_BYTES = 1024  # request-line bytes kept across reads for a method llhttp refuses
+# llhttp's errors for a method it does not know: at the method, or (RTSP names) at the version.
+_UNKNOWN_METHOD_ERRORS = (
+    "Invalid method encountered",
+    "Expected space after method",
+    "Invalid method for HTTP/x.x request",
+)
+# Headers of the underscore option, as ints for a cheap compare per header.
+_UNDERSCORE_ALLOW = 0
+_UNDERSCORE_DROP = 1
+_UNDERSCORE_REJECT = 2
+_UNDERSCORE_ACTIONS = {"allow": _UNDERSCORE_ALLOW, "drop": _UNDERSCORE_DROP, "reject": 2}
+# An int: ``b"_" in name`` costs ~0.2 µs more, as bytes.__contains__ first tries its argument
+# as an integer and raises (and clears) a TypeError for a bytes one.
+_UNDERSCORE = ord("_")
+
+# Where the chunked-body walker is (see ``ClientConnection._walk_chunked``).
+_CW_START = -1  # the head ended in this read; where the body starts is still to be found
+_CW_LINE = 0  # in a chunk-size line
+_CW_DATA = 1  # in chunk data
+_CW_DATA_CRLF = 2  # in the CRLF after chunk data
+_CW_TRAILER = 3  # in the trailer section
+_CW_DONE = 4
+_CW_MAX_CANDIDATES = 8  # head ends tried when a chunked head ended mid-read (pipelining)
 
 # Response body framing toward the client.
 FRAME_NONE = 0  # no body (HEAD, 1xx, 204, 304)
@@ -107,6 +136,7 @@ _REASONS = {
     431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
+    501: b"Not Implemented",
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
@@ -176,6 +206,146 @@ _REFUSAL_MESSAGES = {
 }
 
 
+# Methods llhttp parses (its HTTP method table): an llhttp error on one of these is not about
+# an unknown method, so no stand-in is tried.
+_LLHTTP_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH"
+    b" SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY"
+    b" SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY PRI".split()
+)
+_VALID_HOSTS = hdr.VALID_AUTHORITY_CACHE  # membership first: the same few Hosts repeat
+
+
+def _checked_host(value: bytes) -> bytes:
+    """A Host value not seen valid before: valid (maybe without its trailing OWS), or 400."""
+    if hdr.valid_authority(value):
+        return value
+    stripped = value.strip(b" \t")  # RFC 9110 §5.5: OWS around a value is not part of it
+    if stripped != value and hdr.valid_authority(stripped):
+        return stripped
+    raise RequestRejected(400, "bad_request", "invalid Host header")
+
+
+def _absolute_authority_ok(url: bytes) -> bool:
+    """An absolute-form target's authority is a valid ``uri-host [":" port]``; other forms
+    (``*``, garbage) are left to the dispatcher."""
+    lowered = url[:8].lower()
+    if lowered.startswith(b"http://"):
+        start = 7
+    elif lowered.startswith(b"https://"):
+        start = 8
+    else:
+        return True
+    end = len(url)
+    for delimiter in (b"/", b"?", b"#"):
+        at = url.find(delimiter, start)
+        if 0 <= at < end:
+            end = at
+    return hdr.valid_authority(url[start:end])
+
+
+# Outcomes of _walk_framing below zero (a non-negative outcome is where the walk stopped).
+_CW_DESYNC = -1
+_CW_LINE_TOO_LONG = -2
+_CW_EXTENSIONS_TOO_LONG = -3
+_CW_TRAILER_TOO_LARGE = -4
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]+")
+
+
+def _walk_framing(
+    ex: Exchange, data: bytes, position: int, max_line: int, max_extensions: int, max_trailer: int
+) -> int:
+    """Walk the chunked framing of ``ex`` in ``data`` from ``position`` (state kept on ``ex``).
+
+    Returns where the walk stopped (``len(data)``, or the end of the message), or a negative
+    outcome. Checked against llhttp: the data bytes skipped must be those it delivered, and the
+    walk must end the message exactly when llhttp did.
+    """
+    size = len(data)
+    state = _CW_LINE if ex.cw_state == _CW_START else ex.cw_state
+    line = ex.cw_line
+    skipped = 0
+    while position < size:
+        if state == _CW_DATA:
+            take = min(ex.cw_left, size - position)
+            position += take
+            skipped += take
+            ex.cw_left -= take
+            if ex.cw_left == 0:
+                state = _CW_DATA_CRLF
+                ex.cw_crlf = 2
+        elif state == _CW_DATA_CRLF:
+            take = min(ex.cw_crlf, size - position)
+            position += take
+            ex.cw_crlf -= take
+            if ex.cw_crlf == 0:
+                state = _CW_LINE
+        elif state == _CW_LINE:
+            newline = data.find(b"\n", position)
+            if newline < 0:
+                if len(ex.cw_prefix) < 20:
+                    ex.cw_prefix += data[position : position + 20]
+                line += size - position
+                if line > max_line:
+                    return _CW_LINE_TOO_LONG
+                position = size
+                break
+            end = newline + 1
+            line += end - position
+            if line > max_line:
+                return _CW_LINE_TOO_LONG
+            start = data[position : min(end, position + 20)]
+            if ex.cw_prefix:
+                start = ex.cw_prefix + start
+                ex.cw_prefix = b""
+            digits = _CHUNK_SIZE_RE.match(start)
+            if digits is None:
+                return _CW_DESYNC
+            ex.cw_extensions += line - len(digits.group()) - 2
+            if ex.cw_extensions > max_extensions:
+                return _CW_EXTENSIONS_TOO_LONG
+            line = 0
+            position = end
+            ex.cw_left = int(digits.group(), 16)
+            state = _CW_DATA if ex.cw_left else _CW_TRAILER
+        else:  # _CW_TRAILER: field lines up to an empty line
+            newline = data.find(b"\n", position)
+            end = size if newline < 0 else newline + 1
+            line += end - position
+            ex.cw_trailer += end - position
+            if ex.cw_trailer > max_trailer:
+                return _CW_TRAILER_TOO_LARGE
+            position = end
+            if newline >= 0:
+                if line == 2:
+                    state = _CW_DONE
+                    line = 0
+                    break
+                line = 0
+    ex.cw_state = state
+    ex.cw_line = line
+    delivered = ex.body_bytes - ex.cw_body_mark
+    ex.cw_body_mark = ex.body_bytes
+    if skipped != delivered or (state == _CW_DONE) != ex.request_complete:
+        return _CW_DESYNC
+    return position
+
+
+def _reset_walk(ex: Exchange) -> None:
+    """Back to the start, after a walk from a wrong candidate position."""
+    for name in (
+        "cw_state",
+        "cw_line",
+        "cw_prefix",
+        "cw_left",
+        "cw_crlf",
+        "cw_extensions",
+        "cw_trailer",
+        "cw_body_mark",
+    ):
+        ex.__dict__.pop(name, None)
+
+
 class RequestRejected(Exception):
     """Raised inside a parser callback to stop parsing with a specific status."""
 
@@ -184,6 +354,35 @@ class RequestRejected(Exception):
         self.status = status
         self.code = code
         self.message = message
+        self.headers = b""  # extra header lines of the error response (e.g. Allow)
+
+
+class _HeldMethodParser:
+    """Stands in for the parser while a method token is incomplete and held back: the next read
+    is refused with ``_METHOD_HELD``, and the error path feeds the held bytes and the new ones
+    to a fresh parser."""
+
+    def feed_data(self, data: bytes) -> None:
+        raise _METHOD_HELD
+
+
+_METHOD_HELD = httptools.HttpParserError("method token held for more bytes")
+_HELD_METHOD_PARSER = _HeldMethodParser()
+
+
+class HeadFields(list[tuple[bytes, bytes]]):
+    """The head fields of a chunked request, once the head is complete. What on_header appends
+    after that is a trailer field: never merged into the head nor forwarded (the gateway drops
+    request trailers), and RFC 9110 §6.5.1 fields are refused as they arrive, before the read
+    they came in can dispatch anything. (A subclass only for chunked requests: a second list
+    attribute on every Exchange cost ~0.15 µs per request in instance-dict growth.)"""
+
+    def append(self, item: tuple[bytes, bytes]) -> None:
+        name = item[0]
+        if hdr.forbidden_trailer(name):
+            raise RequestRejected(
+                400, "bad_request", f"{name.decode('latin-1')} is not allowed in trailers"
+            )
 
 
 class Exchange:
@@ -253,6 +452,17 @@ class Exchange:
     bytes_out = 0  # response body bytes relayed to the client
     instance_address = ""
     error_code = ""  # why the gateway answered itself (no_route, upstream_timeout, ...)
+    method_prefix = b""  # the bytes of this read when it ended inside the method (split token)
+    # Chunked body walker (framing bytes are measured: llhttp reports no extensions).
+    cw_state = _CW_START
+    cw_line = 0  # bytes of the current chunk-size or trailer line so far
+    cw_prefix = b""  # the start of a chunk-size line that spans reads (its hex size)
+    cw_left = 0  # data bytes left in the current chunk
+    cw_crlf = 0  # bytes left of the CRLF after chunk data
+    cw_extensions = 0  # chunk-extension bytes so far
+    cw_trailer = 0  # trailer section bytes so far
+    cw_body_mark = 0  # body_bytes when the last read was walked
+    cw_tail = b""  # the last bytes of the read before the one that ended the head
 
     def __init__(self, now: float, max_body: int) -> None:
         self.t_start = now
@@ -396,13 +606,18 @@ class ProxyServer:
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "active",
+        "allowed_methods",
         "body_deadline",
+        "chunked_walk",
         "closed",
         "head_deadline",
         "head_limit",
         "head_received",
+        "head_tail",
         "idle_deadline",
         "limits",
+        "method_carry",
+        "method_hook",
         "out",
         "parser",
         "parsing",
@@ -411,12 +626,14 @@ class ClientConnection(asyncio.Protocol):
         "pending_error",
         "queue",
         "reading_paused",
+        "real_method",
         "send_deadline",
         "server",
         "to_dispatch",
         "transport",
         "tunnel",
         "tunnel_pending",
+        "underscores",
         "upgrade_pending",
         "upstream_write_paused",
         "writing_paused",
@@ -450,6 +667,15 @@ class ClientConnection(asyncio.Protocol):
         self.limits = server.snapshot.config.limits  # a reload applies to new connections
         self.head_received = 0  # raw bytes seen while a request head is incomplete
         self.head_limit = self.limits.max_header_bytes + self.limits.max_uri_bytes
+        self.underscores = _UNDERSCORE_ACTIONS[self.limits.headers_with_underscores]
+        allowed = self.limits.allowed_methods
+        self.allowed_methods = frozenset(allowed) if allowed is not None else None
+        self.method_carry: bytes | None = None  # a method token not complete yet (not fed)
+        self.real_method: bytes | None = None  # the extension method fed as _STAND_IN_METHOD
+        # on_headers_complete has method work: a real_method to restore, or allowed_methods.
+        self.method_hook = self.allowed_methods is not None
+        self.head_tail = b""  # last bytes of a read that ended inside a head
+        self.chunked_walk: list[Exchange] | None = None  # chunked bodies to walk after a read
 
     # -- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -653,18 +879,34 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self.head_received = 0
-            self.upgrade_pending = True
-            self.tunnel_pending = [data[upgrade.args[0] :]]
-            self._update_reading()
+            self._begin_upgrade(data, upgrade.args[0])
         except httptools.HttpParserError as error:
-            self._on_parse_error(error)
+            refed = self._refeed_extension_method(error, data)
+            if refed is None:
+                return
+            data = refed
+        if self.chunked_walk is not None and not self._walk_chunked(data):
             return
         parsing = self.parsing
         if parsing is not None and parsing.method:
             # Inside a request body: the client must send more within client_body_timeout.
             self.body_deadline = self.server.clock + self.limits.client_body_timeout
         elif parsing is not None:
+            if not parsing.headers:
+                # The read ended inside the request line of a message that began with it: keep
+                # the bytes, in case llhttp refuses its method once it has it all (extension
+                # method; llhttp refuses its RTSP names only at the version).
+                if self.head_received < 0:  # (a message pipelined mid-read: see below)
+                    parsing.method_prefix = data
+                elif parsing.method_prefix:
+                    prefix = parsing.method_prefix + data
+                    parsing.method_prefix = prefix if len(prefix) <= _MAX_PREFIX_BYTES else b""
+            # The last 3 bytes of the head so far: its blank line may straddle the next read.
+            if len(data) >= 3:
+                self.head_tail = data[-3:]
+            else:
+                tail = self.head_tail + data if self.head_received >= 0 else data
+                self.head_tail = tail[-3:]
             # Still inside a request head. httptools hands over a header only once it is
             # complete, so an endless header line would grow unchecked: count raw bytes.
             if self.head_received < 0:
@@ -689,6 +931,128 @@ class ClientConnection(asyncio.Protocol):
             if ex is not None and ex.conn is not None and ex.pending:
                 self._send_pending(ex)
 
+    def _begin_upgrade(self, data: bytes, offset: int) -> None:
+        self.head_received = 0
+        self.upgrade_pending = True
+        self.tunnel_pending = [data[offset:]]
+        self._update_reading()
+
+    def _refeed_extension_method(
+        self, error: httptools.HttpParserError, data: bytes
+    ) -> bytes | None:
+        """llhttp refused a method: if it is a token llhttp does not know (an extension method,
+        RFC 9110 §9.1) beginning the first message of this read, parse the read again with a
+        stand-in method and restore the real one in ``on_headers_complete``.
+
+        Returns the bytes fed (for the rest of ``data_received``), or None when the request was
+        rejected or the token is not complete yet. An unknown method later in a read (behind a
+        pipelined request) cannot be re-fed (llhttp does not say where it stopped): 400. (A
+        message begun mid-read has the earlier message's method as first token: known, so 400.)
+        """
+        candidate: bytes | None = None
+        parsing = self.parsing
+        if error is _METHOD_HELD:
+            candidate = self.method_carry + data  # type: ignore[operator]
+            self.method_carry = None
+        elif error.args and error.args[0] in _UNKNOWN_METHOD_ERRORS and parsing is not None:
+            if self.head_received < 0:
+                candidate = data  # the refused message began in this read
+            elif parsing.method_prefix:
+                candidate = parsing.method_prefix + data  # the token began in an earlier read
+        if candidate is not None:
+            space = candidate.find(b" ", 0, MAX_METHOD_BYTES + 1)
+            token = candidate[:space] if space > 0 else candidate
+            if (
+                token not in _LLHTTP_METHODS
+                and len(token) <= MAX_METHOD_BYTES
+                and hdr.valid_token(token)
+            ):
+                self.parsing = None
+                self.head_received = 0
+                if space < 0:
+                    # Wait for the rest of the token: the next read goes to a stand-in parser
+                    # that refuses it, which brings it back here (no check per read).
+                    self.method_carry = candidate
+                    self.parser = _HELD_METHOD_PARSER  # type: ignore[assignment]
+                    return None
+                self.parser = httptools.HttpRequestParser(self)
+                self.real_method = token
+                self.method_hook = True
+                fed = _STAND_IN_METHOD + candidate[space:]
+                try:
+                    self.parser.feed_data(fed)
+                except httptools.HttpParserUpgrade as upgrade:
+                    self._begin_upgrade(fed, upgrade.args[0])
+                except httptools.HttpParserError as second:
+                    self._on_parse_error(second)
+                    return None
+                return fed
+        self._on_parse_error(error)
+        return None
+
+    def _walk_chunked(self, data: bytes) -> bool:
+        """Measure the chunked framing this read carried for each chunked request body.
+
+        llhttp validated the bytes, but it reports neither chunk extensions nor the raw size of
+        trailer lines, so the framing is walked here: chunk-size lines against
+        ``max_chunk_line_bytes``, their extensions against ``max_chunk_extensions_bytes``, the
+        trailer section against ``max_header_bytes``. Data bytes are skipped by count, never
+        scanned. The walk must agree with llhttp (same body bytes, same end) or the request is
+        refused. False: a request was rejected.
+        """
+        walk = self.chunked_walk
+        assert walk is not None
+        limits = self.limits
+        max_line = limits.max_chunk_line_bytes
+        max_extensions = limits.max_chunk_extensions_bytes
+        max_trailer = limits.max_header_bytes
+        position = 0
+        for ex in list(walk):
+            if ex.cw_state == _CW_START:
+                # The head ended in this read: the body starts after its blank line. If the
+                # head began here behind other requests, the first blank line may be theirs;
+                # candidates are tried until one walks in agreement with llhttp.
+                tail = ex.cw_tail
+                buffer = tail + data if tail else data
+                search = position  # (with a tail, position is 0: the head began earlier)
+                outcome = _CW_DESYNC
+                for _ in range(_CW_MAX_CANDIDATES):
+                    found = buffer.find(b"\r\n\r\n", search)
+                    if found < 0:
+                        break
+                    outcome = _walk_framing(
+                        ex, data, found + 4 - len(tail), max_line, max_extensions, max_trailer
+                    )
+                    if outcome != _CW_DESYNC:
+                        break
+                    _reset_walk(ex)
+                    search = found + 1
+            else:
+                outcome = _walk_framing(ex, data, position, max_line, max_extensions, max_trailer)
+            if outcome < 0:
+                self._reject_walked(ex, outcome)
+                return False
+            position = outcome
+            if ex.cw_state == _CW_DONE:
+                walk.remove(ex)
+        if not walk:
+            self.chunked_walk = None
+        return True
+
+    def _reject_walked(self, ex: Exchange, outcome: int) -> None:
+        if outcome == _CW_LINE_TOO_LONG:
+            rejected = RequestRejected(400, "bad_request", "chunk-size line too long")
+        elif outcome == _CW_EXTENSIONS_TOO_LONG:
+            rejected = RequestRejected(400, "bad_request", "chunk extensions too long")
+        elif outcome == _CW_TRAILER_TOO_LARGE:
+            rejected = RequestRejected(431, "headers_too_large", "trailer section too large")
+        else:
+            rejected = RequestRejected(400, "bad_request", "chunked framing not understood")
+        self.chunked_walk = None
+        if ex is self.active:
+            self.parsing = ex  # an exchange streaming upstream is aborted with it
+        self._reject_parsing(rejected)
+
     # -- httptools callbacks (request) -------------------------------------------------------
     def on_message_begin(self) -> None:
         server = self.server
@@ -711,9 +1075,19 @@ class ClientConnection(asyncio.Protocol):
         ex.header_bytes += len(name) + len(value) + 4
         if ex.header_bytes > self.limits.max_header_bytes:
             raise RequestRejected(431, "headers_too_large", "request header fields too large")
+        if _UNDERSCORE in name:
+            # Backends that read "_" as "-" would see another field (a smuggling vector).
+            action = self.underscores
+            if action == _UNDERSCORE_REJECT:
+                raise RequestRejected(400, "bad_request", "header field name with '_'")
+            if action == _UNDERSCORE_ALLOW and not hdr.underscore_lookalike(name):
+                ex.headers.append((name, value))
+            return
         special = _SPECIAL_HEADERS.get(name)
         if special is not None:
             if special == _H_HOST:
+                if value not in _VALID_HOSTS:
+                    value = _checked_host(value)  # RFC 9112 §3.2: an invalid Host gets 400
                 ex.host = value
                 ex.host_count += 1
             elif special == _H_CONTENT_LENGTH:
@@ -734,7 +1108,10 @@ class ClientConnection(asyncio.Protocol):
         ex = self.parsing
         assert ex is not None
         parser = self.parser
-        ex.method = method = parser.get_method()
+        method = parser.get_method()
+        if self.method_hook:
+            method = self._method_hook(ex, method)
+        ex.method = method
         ex.method_name = method.decode("ascii")
         ex.version = version = parser.get_http_version()
         ex.keep_alive = parser.should_keep_alive()
@@ -764,6 +1141,20 @@ class ClientConnection(asyncio.Protocol):
             )
         elif method == b"CONNECT":
             ex.error = RequestRejected(405, "method_not_allowed", "CONNECT is not supported")
+        elif ex.url[:1] != b"/" and not _absolute_authority_ok(ex.url):
+            # RFC 9112 §3.2.2: the authority of an absolute-form target is the Host.
+            ex.error = RequestRejected(400, "bad_request", "invalid authority in request target")
+        if ex.chunked:
+            # llhttp reports trailer fields through on_header too (appending to ex.headers):
+            # this list keeps the head's fields and checks, then drops, what is appended later.
+            ex.headers = HeadFields(ex.headers)
+            if ex.error is None and not upgrading:
+                if self.head_received >= 0:
+                    ex.cw_tail = self.head_tail  # the head began in an earlier read
+                if self.chunked_walk is None:
+                    self.chunked_walk = [ex]
+                else:
+                    self.chunked_walk.append(ex)
         if not upgrading or ex.error is not None or b"upgrade" not in ex.conn_tokens:
             ex.upgrade = None
         self.head_deadline = 0.0
@@ -776,6 +1167,32 @@ class ClientConnection(asyncio.Protocol):
             self.queue.append(ex)
             self._update_reading()
 
+    def _method_hook(self, ex: Exchange, method: bytes) -> bytes:
+        """The real method of a request parsed with a stand-in, and limits.allowed_methods
+        (errors found later in on_headers_complete take precedence)."""
+        real = self.real_method
+        if real is not None:
+            method = real  # an extension method llhttp parsed as _STAND_IN_METHOD
+            self.real_method = None
+            self.method_hook = self.allowed_methods is not None
+        allowed = self.allowed_methods
+        if allowed is not None:
+            name = method.decode("ascii")
+            if name not in allowed:
+                ex.error = self._method_refused(name)
+        return method
+
+    def _method_refused(self, method: str) -> RequestRejected:
+        allowed = self.allowed_methods
+        assert allowed is not None
+        if method in KNOWN_METHODS:
+            # RFC 9110 §15.5.6: a known method not allowed here; Allow lists what is.
+            rejected = RequestRejected(405, "method_not_allowed", f"method {method} is not allowed")
+            rejected.headers = b"allow: %s\r\n" % ", ".join(sorted(allowed)).encode("ascii")
+            return rejected
+        # RFC 9110 §15.6.2: a method the server does not recognise or implement.
+        return RequestRejected(501, "not_implemented", f"method {method} is not implemented")
+
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         assert ex is not None
@@ -785,7 +1202,9 @@ class ClientConnection(asyncio.Protocol):
             raise RequestRejected(413, "body_too_large", "request body exceeds the limit")
         framed = b"%x\r\n%b\r\n" % (size, body) if ex.chunked else body
         conn = ex.conn
-        if conn is not None and not ex.pending:
+        # Chunked bytes wait for the end of the read: its framing is checked first (see
+        # _walk_chunked), and ``data_received`` sends them on.
+        if conn is not None and not ex.pending and not ex.chunked:
             conn.send(framed)
             ex.body_sent = True
             replay = ex.replay
@@ -811,16 +1230,11 @@ class ClientConnection(asyncio.Protocol):
         if ex.conn is not None and not ex.read_deadline and not ex.response_started:
             self._start_read_timer(ex)  # the upstream has all it needs: now it may be slow
         if ex.chunked:
-            conn = ex.conn
-            if conn is not None and not ex.pending:
-                conn.send(b"0\r\n\r\n")
-                if ex.replay is not None:
-                    ex.replay.append(b"0\r\n\r\n")
+            # Sent with the rest of the read once its framing is checked (data_received).
+            if ex.pending is None:
+                ex.pending = [b"0\r\n\r\n"]
             else:
-                if ex.pending is None:
-                    ex.pending = [b"0\r\n\r\n"]
-                else:
-                    ex.pending.append(b"0\r\n\r\n")
+                ex.pending.append(b"0\r\n\r\n")
         if ex.response_complete:
             # The response finished before the request body did (early reply).
             self._finish(ex)
@@ -1681,6 +2095,8 @@ class ClientConnection(asyncio.Protocol):
             head.append(b"connection: keep-alive\r\n")
         if extra_headers:
             head.append(extra_headers)
+        if error.headers:
+            head.append(error.headers)
         head.append(b"\r\n")
         self.out.append(b"".join(head))
         if not ex.is_head:
