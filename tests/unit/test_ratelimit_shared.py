@@ -171,7 +171,13 @@ def test_two_processes_on_one_key_admit_exactly_burst_plus_rate_times_t(
     last = max(r["last"] for r in results)
     # GCRA from a full bucket: the n-th request passes once n <= burst + (now - first) / T.
     expected = burst + int((last - first) / interval + 1e-6)
-    assert expected - 1 <= admitted <= expected + 1, (admitted, expected, results)
+    # Never more (the safety property). A few fewer when a process is descheduled between
+    # reading the clock and taking the bucket (it then takes with an older `now`): 0.5%.
+    assert expected - max(1, expected // 200) <= admitted <= expected + 1, (
+        admitted,
+        expected,
+        results,
+    )
     assert table.lock_timeouts == 0
     # A process started without the workers' hash seed would put keys elsewhere: refused.
     stranger = _hammer(table, args, "7")
