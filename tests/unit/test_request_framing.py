@@ -59,6 +59,9 @@ class RecordingTransport:
     def resume_reading(self) -> None:
         pass
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.write_limits = (high, low)
+
 
 class Wire:
     """A client connection whose upstream pool holds one connection with a recording transport."""
