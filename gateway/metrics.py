@@ -155,6 +155,8 @@ class GatewayMetrics:
         self.overflows: dict[tuple[str, str], int] = {}
         # (route, result) -> rate-limit decisions.
         self.ratelimits: dict[tuple[str, str], int] = {}
+        # (route, result) -> Idempotency-Key outcomes (stored, replayed, conflict, ...).
+        self.idempotency_results: dict[tuple[str, str], int] = {}
         # upstream -> {state: count} of its instances (healthy, unhealthy, ejected), last report.
         self.instance_states: dict[str, dict[str, int]] = {}
         # Slow or excess clients: reason -> connections refused (max_connections, draining);
@@ -248,6 +250,10 @@ class GatewayMetrics:
     def ratelimit(self, route: str, result: str) -> None:
         key = (route, result)
         self.ratelimits[key] = self.ratelimits.get(key, 0) + 1
+
+    def idempotency(self, route: str, result: str) -> None:
+        key = (route, result)
+        self.idempotency_results[key] = self.idempotency_results.get(key, 0) + 1
 
     def breaker_overflow(self, upstream: str, kind: str) -> None:
         key = (upstream, kind)
@@ -384,6 +390,16 @@ class GatewayMetrics:
         )
         for (route, result), count in list(self.ratelimits.items()):
             ratelimits.add_metric([route, result], count)
+        idempotency = CounterMetricFamily(
+            "gateway_idempotency_total",
+            "Keyed requests of routes with an idempotency store, by result: stored (response"
+            " kept for replay), replayed, conflict (409, in flight), mismatch (422), bypassed"
+            " (relayed, not stored: too large or a 4xx with store_4xx off), released (5xx or"
+            " failure: key freed), rejected (400 invalid or missing key, 413), store_error.",
+            labels=["route", "result"],
+        )
+        for (route, result), count in list(self.idempotency_results.items()):
+            idempotency.add_metric([route, result], count)
         protocol_errors = CounterMetricFamily(
             "gateway_upstream_protocol_errors_total",
             "Upstream connections closed because the upstream broke HTTP/1.1 framing, by reason:"
@@ -436,6 +452,7 @@ class GatewayMetrics:
             retries,
             overflows,
             ratelimits,
+            idempotency,
             protocol_errors,
             instances,
             refused,
@@ -463,6 +480,7 @@ class GatewayMetrics:
             "retries": [[u, r, n] for (u, r), n in list(self.retries.items())],
             "overflows": [[u, k, n] for (u, k), n in list(self.overflows.items())],
             "ratelimits": [[r, x, n] for (r, x), n in list(self.ratelimits.items())],
+            "idempotency": [[r, x, n] for (r, x), n in list(self.idempotency_results.items())],
             "upstream_protocol_errors": [
                 [u, r, n] for (u, r), n in list(self.upstream_protocol_errors.items())
             ],
@@ -519,6 +537,9 @@ class GatewayMetrics:
             self.retries[(upstream, reason)] = self.retries.get((upstream, reason), 0) + count
         for route, result, count in state.get("ratelimits", ()):
             self.ratelimits[(route, result)] = self.ratelimits.get((route, result), 0) + count
+        results = self.idempotency_results
+        for route, result, count in state.get("idempotency", ()):
+            results[(route, result)] = results.get((route, result), 0) + count
         for upstream, kind, count in state.get("overflows", ()):
             self.overflows[(upstream, kind)] = self.overflows.get((upstream, kind), 0) + count
         for reason, count in state.get("connections_refused", {}).items():
@@ -549,6 +570,7 @@ class _GatewayCollector:
         ("gateway_retries", "counter"),
         ("gateway_circuit_breaker_overflow", "counter"),
         ("gateway_ratelimit_decisions", "counter"),
+        ("gateway_idempotency", "counter"),
         ("gateway_upstream_protocol_errors", "counter"),
         ("gateway_upstream_instances", "gauge"),
         ("gateway_connections_refused", "counter"),

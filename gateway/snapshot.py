@@ -12,7 +12,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Container, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.balancing import SlowStart, compile_hash_key, make_balancer
 from gateway.config.model import (
@@ -24,6 +24,7 @@ from gateway.config.model import (
     UpstreamConfig,
 )
 from gateway.health.outlier import OutlierDetector
+from gateway.idempotency import RouteIdempotency, idempotency_stores
 from gateway.proxy.headers import TrustedProxies
 from gateway.proxy.upstream import InstancePool
 from gateway.ratelimit import LimitSpec, RedisStore, RouteLimiter
@@ -325,6 +326,8 @@ class Snapshot:
     trusted_proxies: TrustedProxies
     route_retry: dict[str, RetryPolicy | None]  # routes whose retry overrides the upstream's
     limiters: dict[str, RouteLimiter]  # routes with rate limits or max_in_flight
+    # Routes with an idempotency section (Idempotency-Key replay store).
+    idempotency: dict[str, RouteIdempotency] = field(default_factory=dict)
 
     def pools(self) -> list[InstancePool]:
         return [
@@ -397,6 +400,7 @@ def build_snapshot(
         upstreams=upstreams,
         trusted_proxies=TrustedProxies(config.trusted_proxies),
         limiters=_limiters(config, previous),
+        idempotency=idempotency_stores.for_config(config),
         route_retry={
             route.name: retry_policy(route.retry)
             for route in config.routes
@@ -480,6 +484,7 @@ async def close_redis_stores() -> None:
     while _REDIS_STORES:
         _, store = _REDIS_STORES.popitem()
         await store.close()
+    await idempotency_stores.close()
 
 
 def _limit_spec(limit: RateLimitConfig, owner: str | None, name: str | None) -> LimitSpec:

@@ -176,6 +176,24 @@ class RedisConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyConfig:
+    """``idempotency`` of a route: the Idempotency-Key replay store (docs/idempotency.md)."""
+
+    store: Literal["local", "redis"] = "local"
+    methods: tuple[str, ...] = ("POST", "PATCH")
+    required: bool = False  # 400 when the key is missing
+    ttl: float = 86400.0  # seconds a completed response is replayed
+    max_response_bytes: int = 1024 * 1024  # larger responses are relayed, not stored
+    max_request_bytes: int = 64 * 1024  # keyed request bodies are buffered up to this (413)
+    fingerprint: tuple[str, ...] = ("method", "path", "body")
+    lock_timeout: float = 30.0  # a claim whose request never finished frees the key after this
+    principal: str = "client_ip"  # client_ip | header:NAME
+    on_store_error: Literal["allow", "deny"] = "allow"
+    in_flight: Literal["conflict", "wait"] = "conflict"
+    store_4xx: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     name: str
     match: MatchConfig
@@ -189,6 +207,7 @@ class RouteConfig:
     rate_limit_headers: bool = False  # RateLimit/RateLimit-Policy on admitted responses too
     rate_limit_legacy_headers: bool = False  # X-RateLimit-Limit/Remaining/Reset as well
     max_in_flight: int = 0  # concurrent requests of this route (0: no cap) -> 503
+    idempotency: IdempotencyConfig | None = None  # Idempotency-Key replay store
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from gateway.config.model import (
     DiscoveryConfig,
     HealthConfig,
     HedgeConfig,
+    IdempotencyConfig,
     InstanceConfig,
     LimitsConfig,
     MatchConfig,
@@ -668,6 +669,87 @@ REWRITE = Struct(
 )
 
 
+def _idempotency(methods: list[str], fingerprint: list[str], **values: Any) -> IdempotencyConfig:
+    return IdempotencyConfig(methods=tuple(methods), fingerprint=tuple(fingerprint), **values)
+
+
+IDEMPOTENCY = Struct(
+    "idempotency",
+    "Idempotency-Key replay store (draft-ietf-httpapi-idempotency-key-header): a keyed request"
+    " is executed once per key, route and principal; duplicates get the stored response"
+    " (docs/idempotency.md).",
+    [
+        Field(
+            "store",
+            Enum(("local", "redis")),
+            "redis (shared by all gateways, needs the top-level redis section) or local (an"
+            " SQLite file in state_dir, shared by this gateway's workers).",
+            "local",
+        ),
+        Field(
+            "methods",
+            ListOf(METHOD, min_items=1, unique=True),
+            "Methods whose keyed requests are guarded.",
+            ["POST", "PATCH"],
+        ),
+        Field("required", Bool(), "Answer 400 to a request of these methods without a key.", False),
+        Field("ttl", DURATION, "How long a completed response is replayed.", "24h"),
+        Field(
+            "max_response_bytes",
+            Size(0),
+            "Larger response bodies are relayed but not stored (counted as bypassed).",
+            "1MiB",
+        ),
+        Field(
+            "max_request_bytes",
+            Size(0, 1024 * 1024),
+            "Keyed request bodies are buffered whole before the claim (the fingerprint covers"
+            " the body) up to this size; beyond: 413.",
+            "64KiB",
+        ),
+        Field(
+            "fingerprint",
+            ListOf(Enum(("method", "path", "body")), min_items=1, unique=True),
+            "Request parts hashed into the fingerprint; the same key with another one: 422.",
+            ["method", "path", "body"],
+        ),
+        Field(
+            "lock_timeout",
+            DURATION,
+            "A claim whose request never finished (gateway crash) frees the key after this.",
+            "30s",
+        ),
+        Field(
+            "principal",
+            Text("client_ip or header:NAME", pattern=r"client_ip|header:" + TOKEN_PATTERN),
+            "Whose keys these are: client_ip (honouring trusted_proxies) or header:NAME;"
+            " keys never match across principals.",
+            "client_ip",
+        ),
+        Field(
+            "on_store_error",
+            Enum(("allow", "deny")),
+            "When the store fails or is slower than redis.timeout: forward without the guarantee"
+            " (allow) or answer 503 (deny).",
+            "allow",
+        ),
+        Field(
+            "in_flight",
+            Enum(("conflict", "wait")),
+            "A duplicate while the first is in flight: 409 (conflict), or wait (bounded by"
+            " lock_timeout and the route timeout) and replay.",
+            "conflict",
+        ),
+        Field(
+            "store_4xx",
+            Bool(),
+            "Store and replay 4xx responses too (5xx and failures always free the key).",
+            True,
+        ),
+    ],
+    build=_idempotency,
+)
+
 ROUTE = Struct(
     "route",
     "A route: requests matching `match` go to `upstream`.",
@@ -708,6 +790,7 @@ ROUTE = Struct(
             "Concurrent requests of this route (0: no cap); beyond, 503 with Retry-After.",
             0,
         ),
+        Field("idempotency", IDEMPOTENCY, "Idempotency-Key replay store for this route."),
     ],
     build=lambda rate_limit, **values: RouteConfig(rate_limit=rate_limit or (), **values),
 )
@@ -1088,6 +1171,20 @@ def _redis_for_redis_limits(values: dict[str, Any]) -> list[tuple[str, str]]:
     return []
 
 
+def _redis_for_idempotency(values: dict[str, Any]) -> list[tuple[str, str]]:
+    if values.get("redis") is not None:
+        return []
+    users = [
+        route.name
+        for route in values.get("routes") or ()
+        if route.idempotency is not None and route.idempotency.store == "redis"
+    ]
+    if users:
+        names = ", ".join(users)
+        return [("redis", f"required: idempotency of route {names} uses store: redis")]
+    return []
+
+
 def limit_names(
     route: RouteConfig, upstream: UpstreamConfig | None, global_limits: tuple[Any, ...]
 ) -> list[str]:
@@ -1318,5 +1415,5 @@ ROOT = Struct(
         ),
     ],
     build=_root,
-    checks=[_redis_for_redis_limits, _rate_limit_names_unique],
+    checks=[_redis_for_redis_limits, _rate_limit_names_unique, _redis_for_idempotency],
 )

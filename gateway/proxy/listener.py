@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import logging
 import re
 import socket
@@ -51,6 +52,7 @@ from gateway.resilience.retry import (
 )
 
 if TYPE_CHECKING:
+    from gateway.idempotency.policy import Recorder
     from gateway.metrics import GatewayMetrics
     from gateway.routing import Route
     from gateway.snapshot import Instance, Snapshot, Upstream
@@ -117,6 +119,7 @@ _H_TRANSFER_ENCODING = 3
 _H_CONNECTION = 4
 _H_UPGRADE = 5
 _H_REQUEST_ID = 6
+_H_IDEMPOTENCY_KEY = 7
 _SPECIAL_HEADERS = {
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
@@ -124,6 +127,7 @@ _SPECIAL_HEADERS = {
     b"connection": _H_CONNECTION,
     b"upgrade": _H_UPGRADE,
     b"x-request-id": _H_REQUEST_ID,
+    b"idempotency-key": _H_IDEMPOTENCY_KEY,
 }
 
 _REASONS = {
@@ -442,6 +446,11 @@ class Exchange:
     retry_timer: asyncio.TimerHandle | None = None
     counted = False  # upstream-level counters (active requests, breaker) were taken
     idempotent = False  # RFC 9110 §9.2.2 method, or an Idempotency-Key header
+    # Idempotency-Key (gateway/idempotency): field values, body digest, the route's recorder.
+    idem_keys: list[bytes] | None = None
+    body_hash: hashlib._Hash | None = None
+    recorder: Recorder | None = None
+    idem_checked = False
     hedge_conn: UpstreamConnection | None = None  # a second, hedged try in flight
     hedge_instance: Instance | None = None
     hedge_timer: asyncio.TimerHandle | None = None
@@ -1102,6 +1111,12 @@ class ClientConnection(asyncio.Protocol):
                 ex.upgrade = value
             elif special == _H_REQUEST_ID:
                 ex.request_id = value
+            elif special == _H_IDEMPOTENCY_KEY:
+                if ex.idem_keys is None:
+                    ex.idem_keys = [value]
+                    ex.body_hash = hashlib.sha256()  # the fingerprint may cover the body
+                else:
+                    ex.idem_keys.append(value)
         ex.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -1200,6 +1215,10 @@ class ClientConnection(asyncio.Protocol):
         ex.body_bytes += size
         if ex.body_bytes > ex.max_body:
             raise RequestRejected(413, "body_too_large", "request body exceeds the limit")
+        if ex.body_hash is not None:
+            ex.body_hash.update(body)
+            if ex.recorder is not None:
+                ex.recorder.request_body(ex)
         framed = b"%x\r\n%b\r\n" % (size, body) if ex.chunked else body
         conn = ex.conn
         # Chunked bytes wait for the end of the read: its framing is checked first (see
@@ -1235,6 +1254,8 @@ class ClientConnection(asyncio.Protocol):
                 ex.pending = [b"0\r\n\r\n"]
             else:
                 ex.pending.append(b"0\r\n\r\n")
+        if ex.recorder is not None:
+            ex.recorder.body_complete()  # a held keyed request is claimed now
         if ex.response_complete:
             # The response finished before the request body did (early reply).
             self._finish(ex)
@@ -1369,6 +1390,12 @@ class ClientConnection(asyncio.Protocol):
         ``url`` is the origin-form target to send (normalised and rewritten path + query),
         ``path`` the normalised path the route matched.
         """
+        if snapshot.idempotency and not ex.idem_checked:
+            idempotency = snapshot.idempotency.get(route.name)
+            if idempotency is not None and not idempotency.begin(
+                self, ex, (ex, snapshot, route, url, host, path, query)
+            ):
+                return  # claimed at the store first (or answered: 4xx, replay)
         upstream = snapshot.upstreams[route.upstream]
         ex.upstream = upstream
         ex.upstream_name = upstream.name
@@ -1397,9 +1424,7 @@ class ClientConnection(asyncio.Protocol):
             else upstream.retry
         )
         method = ex.method
-        ex.idempotent = method in IDEMPOTENT_METHODS or any(
-            name == b"idempotency-key" for name, _ in ex.headers
-        )
+        ex.idempotent = method in IDEMPOTENT_METHODS or ex.idem_keys is not None
         if policy is not None:
             ex.retry = policy
             ex.replay_limit = max(policy.max_body_bytes, REPLAY_LIMIT)
@@ -1666,6 +1691,8 @@ class ClientConnection(asyncio.Protocol):
             )
         )
         ex.response_started = True
+        if ex.recorder is not None:
+            ex.recorder.on_head(status, head.reason, head.fields)
 
     def on_response_body(self, body: bytes) -> None:
         ex = self.active
@@ -1673,6 +1700,8 @@ class ClientConnection(asyncio.Protocol):
             return
         frame = ex.response_frame
         ex.bytes_out += len(body)
+        if ex.recorder is not None:
+            ex.recorder.on_body(body)
         if frame == FRAME_RAW:
             self.out.append(body)
         elif frame == FRAME_CHUNKED:
@@ -2059,6 +2088,25 @@ class ClientConnection(asyncio.Protocol):
             ex.instance = None
 
     # -- responses produced by the gateway ----------------------------------------------------
+    def request_id_of(self, ex: Exchange) -> bytes:
+        request_id = ex.request_id
+        if request_id is None or not hdr.valid_request_id(request_id):
+            request_id = ex.request_id = self.server.request_ids.next()
+        return request_id
+
+    def respond_bytes(
+        self, ex: Exchange, status: int, data: bytes, keep_alive: bool, code: str
+    ) -> None:
+        """Answer with a whole response built elsewhere (an idempotency replay or problem)."""
+        ex.status = status
+        ex.error_code = code
+        ex.keep_alive = keep_alive
+        self.out.append(data)
+        ex.response_started = True
+        ex.response_complete = True
+        self.flush_to_client()
+        self._finish(ex)
+
     def _respond_error(
         self, ex: Exchange, error: RequestRejected, extra_headers: bytes = b""
     ) -> None:
@@ -2182,6 +2230,8 @@ class ClientConnection(asyncio.Protocol):
         if ex.limiter is not None:
             ex.limiter.release()
             ex.limiter = None
+        if ex.recorder is not None:
+            ex.recorder.finish(ex)  # store the response, or free the key for a retry
         now = time.perf_counter()
         total = now - ex.t_start
         if ex.t_upstream:

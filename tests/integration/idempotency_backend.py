@@ -1,0 +1,72 @@
+"""A backend that counts the POSTs it executed, for the idempotency tests (exactly-once)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from typing import Any
+
+from aiohttp import web
+
+from tests.integration.backends import LoopThread
+
+
+class CountingBackend:
+    """``POST /pay``: counts an execution, answers 201 with a body unique to the execution.
+    ``?delay_ms=N`` holds the answer; ``?size=N`` answers N body bytes; ``?status=N``;
+    ``/die`` resets the connection without answering the first ``die_times`` times."""
+
+    def __init__(self) -> None:
+        self.executed = 0
+        self.lock = threading.Lock()
+        self.die_times = 0
+        self._ids = itertools.count(1)
+        self.thread = LoopThread()
+        self.port: int = self.thread.call(self._start())
+
+    async def _start(self) -> int:
+        app = web.Application()
+        app.router.add_route("*", "/pay", self._pay)
+        app.router.add_route("*", "/die", self._die)
+        app.router.add_route("*", "/{tail:.*}", self._pay)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server: Any = site._server
+        return int(server.sockets[0].getsockname()[1])
+
+    async def _pay(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        with self.lock:
+            self.executed += 1
+            execution = next(self._ids)
+        delay = int(request.query.get("delay_ms", "0"))
+        if delay:
+            await asyncio.sleep(delay / 1000)
+        size = request.query.get("size")
+        status = int(request.query.get("status", "201"))
+        headers = {"x-execution": str(execution), "x-custom": "kept"}
+        if size is not None:
+            return web.Response(status=status, body=b"x" * int(size), headers=headers)
+        return web.json_response(
+            {"execution": execution, "received": len(body)}, status=status, headers=headers
+        )
+
+    async def _die(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        with self.lock:
+            self.executed += 1
+            dies = self.die_times > 0
+            if dies:
+                self.die_times -= 1
+        if dies:
+            assert request.transport is not None
+            request.transport.abort()  # the instance "crashes" mid-request
+            raise asyncio.CancelledError
+        return web.json_response({"survived": True}, status=201)
+
+    def close(self) -> None:
+        self.thread.call(self._runner.cleanup())
+        self.thread.stop()
