@@ -70,3 +70,69 @@ class CountingBackend:
     def close(self) -> None:
         self.thread.call(self._runner.cleanup())
         self.thread.stop()
+
+
+def raw_post(
+    port: int,
+    path: str = "/pay",
+    body: bytes = b'{"amount":1}',
+    key: bytes | None = b'"k"',
+    extra: bytes = b"",
+    timeout: float = 10.0,
+) -> bytes:
+    """One POST on a fresh connection (so that with workers: N it may land on any worker);
+    returns the whole raw response (head and Content-Length body)."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        key_line = b"idempotency-key: " + key + b"\r\n" if key is not None else b""
+        sock.sendall(
+            b"POST %s HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n%b%b\r\n%b" % (path.encode(), len(body), key_line, extra, body)
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed before a response head: {data!r}")
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed mid-body")
+            rest += chunk
+        return head + b"\r\n\r\n" + rest
+    finally:
+        sock.close()
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def header_of(response: bytes, name: bytes) -> bytes | None:
+    head = response.partition(b"\r\n\r\n")[0]
+    for line in head.split(b"\r\n")[1:]:
+        field, _, value = line.partition(b":")
+        if field.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+def without_per_request_lines(response: bytes) -> bytes:
+    """The response minus what legitimately differs between an original and its replay: the
+    request id (each request has its own) and the replay marker."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = [
+        line
+        for line in head.split(b"\r\n")
+        if not line.lower().startswith((b"x-request-id:", b"idempotent-replayed:"))
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body

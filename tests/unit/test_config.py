@@ -81,7 +81,8 @@ ERROR_CASES: list[tuple[str, str, list[str]]] = [
             "datacenter, passing_only, rate_limit)",
             "gateway.yaml:6: routes[0].compress: unknown key 'compress' (allowed: name, match, "
             "upstream, rewrite, timeout, max_body_bytes, retry, server_timing, rate_limit, "
-            "rate_limit_headers, rate_limit_legacy_headers, max_in_flight)",
+            "rate_limit_headers, rate_limit_legacy_headers, max_in_flight,"
+            " idempotency)",
         ],
     ),
     (
