@@ -117,28 +117,26 @@ class RouteIdempotency:
             principal = "ip:" + conn.peer_ip
         elif isinstance(principal, bytes):
             principal = principal.decode("latin-1")
+        limit = self.config.max_request_bytes
+        declared = int(ex.content_length) if ex.content_length is not None else 0
+        if ex.body_bytes > limit or declared > limit:
+            # Keyed bodies are buffered whole before the claim: bounded.
+            metrics.idempotency(self.route, "rejected")
+            from gateway.proxy.listener import RequestRejected
+
+            conn._respond_error(
+                ex, RequestRejected(413, "body_too_large", "keyed request body exceeds the limit")
+            )
+            return False
         recorder = Recorder(self, conn, ex, scope_key(self.prefix, self.route, principal, key))
         recorder.resume = resume
         ex.recorder = recorder
         if ex.request_complete:
             recorder.claim()
         else:
-            recorder.state = _HELD
-            limit = self.config.max_request_bytes
+            recorder.state = _HELD  # claimed from on_message_complete
             if ex.max_body > limit:
                 ex.max_body = limit
-            if ex.body_bytes > limit or (
-                ex.content_length is not None and int(ex.content_length) > limit
-            ):
-                recorder.state = _DONE
-                ex.recorder = None
-                metrics.idempotency(self.route, "rejected")
-                from gateway.proxy.listener import RequestRejected
-
-                conn._respond_error(
-                    ex,
-                    RequestRejected(413, "body_too_large", "keyed request body exceeds the limit"),
-                )
         return False
 
 

@@ -228,3 +228,72 @@ def test_gateway_retry_of_a_keyed_post_stays_within_its_claim(
         without_per_request_lines(first)
     )
     assert backend.executed == 2
+
+
+def _chunked_post(port: int, key: bytes, pieces: list[bytes], extra: bytes = b"") -> bytes:
+    """A chunked keyed POST whose chunks are written one by one (TCP_NODELAY), so that the
+    body usually arrives after the head was dispatched: the request is held, then claimed."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.sendall(
+            b"POST /pay HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n"
+            b"idempotency-key: %b\r\n%b\r\n" % (key, extra)
+        )
+        for piece in pieces:
+            sock.sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
+        sock.sendall(b"0\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(header_of(data, b"content-length") or b"0")
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return head + b"\r\n\r\n" + rest
+    finally:
+        sock.close()
+
+
+def test_streamed_bodies_are_fingerprinted_whatever_their_framing(
+    start_gateway: Callable[..., GatewayProcess], backend: CountingBackend
+) -> None:
+    """The body digest is taken over the body bytes, not their framing: the same body sent
+    chunked in pieces, then with Content-Length, is one request. A keyed body beyond
+    max_request_bytes is refused (413) before anything is claimed or forwarded."""
+    gateway = start_gateway(_config(backend, max_request_bytes="1KiB"))
+    key = _key()
+    first = _chunked_post(gateway.port, key, [b'{"amo', b'unt":', b"1}"])
+    assert status_of(first) == 201
+    _poll(_stored(gateway, 1))
+    replay = raw_post(gateway.port, key=key, body=b'{"amount":1}')
+    assert header_of(replay, b"idempotent-replayed") == b"true"
+    assert status_of(_chunked_post(gateway.port, key, [b'{"amount":2}'])) == 422
+    big = _key()
+    assert status_of(raw_post(gateway.port, key=big, body=b"x" * 2048)) == 413
+    assert status_of(_chunked_post(gateway.port, big, [b"x" * 600, b"y" * 600])) == 413
+    assert backend.executed == 1
+
+
+def test_principal_header_scopes_keys(
+    start_gateway: Callable[..., GatewayProcess], backend: CountingBackend
+) -> None:
+    """principal: header:x-api-key: the same key from two API keys is two requests."""
+    gateway = start_gateway(_config(backend, principal="header:x-api-key"))
+    key = _key()
+    alice = raw_post(gateway.port, key=key, extra=b"x-api-key: alice\r\n")
+    bob = raw_post(gateway.port, key=key, extra=b"x-api-key: bob\r\n")
+    assert status_of(alice) == 201 and status_of(bob) == 201
+    assert header_of(alice, b"x-execution") != header_of(bob, b"x-execution")
+    _poll(_stored(gateway, 2))
+    again = raw_post(gateway.port, key=key, extra=b"x-api-key: alice\r\n")
+    assert without_per_request_lines(again) == without_per_request_lines(alice)
+    assert backend.executed == 2
