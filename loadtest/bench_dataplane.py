@@ -34,6 +34,8 @@ routes:
 """
 # A local limit that is never hit: the cost of the decision itself.
 RATE_LIMIT = ", rate_limit: {rate: 100000000/s, key: client_ip}"
+# An Idempotency-Key store on the route; the benchmark's requests carry no key.
+IDEMPOTENCY = ", idempotency: {store: local, methods: [GET, POST]}"
 # Everything the failover issue adds, switched off: the baseline it is measured against.
 RESILIENCE_OFF = """    retry: {attempts: 1}
     outlier: {enabled: false}
@@ -91,12 +93,13 @@ def run(
     resilience: bool = True,
     metrics: bool = True,
     rate_limit: bool = False,
+    idempotency: bool = False,
 ) -> float:
     config = load_config_text(
         CONFIG.format(
             balancer=balancer,
             resilience="" if resilience else RESILIENCE_OFF,
-            route_extra=RATE_LIMIT if rate_limit else "",
+            route_extra=(RATE_LIMIT if rate_limit else "") + (IDEMPOTENCY if idempotency else ""),
         )
     )
     snapshot = build_snapshot(config)
@@ -144,11 +147,18 @@ def main() -> None:
         action="store_true",
         help="also run with a local rate limit that is never hit, and compare",
     )
+    parser.add_argument(
+        "--compare-idempotency",
+        action="store_true",
+        help="also run with an idempotency store on the route (requests without a key)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="runs per variant; the best counts")
     args = parser.parse_args()
 
-    async def measure(resilience: bool, metrics: bool = True, rate_limit: bool = False) -> float:
-        return run(args.requests, args.balancer, resilience, metrics, rate_limit)
+    async def measure(
+        resilience: bool, metrics: bool = True, rate_limit: bool = False, idem: bool = False
+    ) -> float:
+        return run(args.requests, args.balancer, resilience, metrics, rate_limit, idem)
 
     # Variants alternate and the fastest round of each counts: on a shared machine the
     # minimum is the figure least disturbed by other processes.
@@ -156,6 +166,7 @@ def main() -> None:
     off: list[float] = []
     no_metrics: list[float] = []
     limited: list[float] = []
+    keyless: list[float] = []
     for _ in range(args.rounds):
         on.append(asyncio.run(measure(True)))
         if args.compare_resilience:
@@ -164,6 +175,8 @@ def main() -> None:
             no_metrics.append(asyncio.run(measure(True, metrics=False)))
         if args.compare_ratelimit:
             limited.append(asyncio.run(measure(True, rate_limit=True)))
+        if args.compare_idempotency:
+            keyless.append(asyncio.run(measure(True, idem=True)))
     print(
         f"data plane Python cost ({args.balancer}, resilience on): {min(on):.2f} µs/request"
         f" (best of {args.rounds} x {args.requests} requests)"
@@ -172,6 +185,11 @@ def main() -> None:
         print(
             f"data plane Python cost with a local rate limit (not hit): {min(limited):.2f}"
             f" µs/request; rate limit cost {min(limited) - min(on):+.2f} µs"
+        )
+    if keyless:
+        print(
+            f"data plane Python cost with an idempotency store (no key): {min(keyless):.2f}"
+            f" µs/request; idempotency cost {min(keyless) - min(on):+.2f} µs"
         )
     if no_metrics:
         print(

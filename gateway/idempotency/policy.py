@@ -69,6 +69,7 @@ class RouteIdempotency:
         "parts",
         "prefix",
         "principal",
+        "required",
         "route",
         "store",
         "ttl_ms",
@@ -87,6 +88,7 @@ class RouteIdempotency:
         self.config = config
         self.store = store
         self.methods = frozenset(config.methods)
+        self.required = config.required
         self.parts = tuple(config.fingerprint)
         self.principal = compile_key(config.principal, trusted)
         self.lock_ms = int(config.lock_timeout * 1000)
@@ -95,14 +97,14 @@ class RouteIdempotency:
         self.metrics_route = route
 
     def begin(self, conn: ClientConnection, ex: Exchange, resume: tuple[Any, ...]) -> bool:
+        values = ex.idem_keys
+        if values is None and not self.required:
+            return True  # no key: nothing to do (the common case, kept to two loads)
         ex.idem_checked = True
         if ex.method_name not in self.methods or ex.upgrade is not None:
             return True
-        values = ex.idem_keys
         metrics = conn.server.metrics
         if values is None:
-            if not self.config.required:
-                return True
             metrics.idempotency(self.route, "rejected")
             _answer(conn, ex, problem_status(400, "an Idempotency-Key header is required"))
             return False

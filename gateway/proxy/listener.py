@@ -449,7 +449,6 @@ class Exchange:
     # Idempotency-Key (gateway/idempotency): field values, body digest, the route's recorder.
     idem_keys: list[bytes] | None = None
     body_hash: hashlib._Hash | None = None
-    recorder: Recorder | None = None
     idem_checked = False
     hedge_conn: UpstreamConnection | None = None  # a second, hedged try in flight
     hedge_instance: Instance | None = None
@@ -477,6 +476,9 @@ class Exchange:
         self.t_start = now
         self.max_body = max_body
         self.headers: list[tuple[bytes, bytes]] = []
+        # An instance value, not a class default: the hooks read it per response chunk, and a
+        # class attribute read through the instance is not specialised (~300 instructions).
+        self.recorder: Recorder | None = None
 
 
 class ProxyServer:
@@ -1392,8 +1394,10 @@ class ClientConnection(asyncio.Protocol):
         """
         if snapshot.idempotency and not ex.idem_checked:
             idempotency = snapshot.idempotency.get(route.name)
-            if idempotency is not None and not idempotency.begin(
-                self, ex, (ex, snapshot, route, url, host, path, query)
+            if (
+                idempotency is not None
+                and (ex.idem_keys is not None or idempotency.required)
+                and not idempotency.begin(self, ex, (ex, snapshot, route, url, host, path, query))
             ):
                 return  # claimed at the store first (or answered: 4xx, replay)
         upstream = snapshot.upstreams[route.upstream]
