@@ -3,7 +3,9 @@ reload that keeps the settings keeps the connection or the database thread."""
 
 from __future__ import annotations
 
+from collections.abc import Container
 from pathlib import Path
+from typing import cast
 
 from gateway.config.model import GatewayConfig
 from gateway.idempotency.policy import RouteIdempotency
@@ -38,13 +40,14 @@ class IdempotencyStores:
 
     def for_config(self, config: GatewayConfig) -> dict[str, RouteIdempotency]:
         policies: dict[str, RouteIdempotency] = {}
-        trusted = None
+        trusted: Container[str] | None = None
         for route in config.routes:
             idem = route.idempotency
             if idem is None:
                 continue
             if trusted is None:
-                trusted = TrustedProxies(config.trusted_proxies)
+                # Membership by address string (its __contains__ is typed for str only).
+                trusted = cast("Container[str]", TrustedProxies(config.trusted_proxies))
             store, prefix = self._store(config, idem.store)
             policies[route.name] = RouteIdempotency(
                 route.name, idem, store, trusted=trusted, prefix=prefix

@@ -203,3 +203,19 @@ async def _state_machine(path: Path) -> None:
     assert await _call(second, "claim", b"j", b"t8", FP, 1_000, now + 1.7) == (CLAIMED, b"", b"")
     await first.close()
     await second.close()
+
+
+def test_metrics_export_merge_and_render() -> None:
+    from gateway.metrics import GatewayMetrics
+
+    workers = [GatewayMetrics(), GatewayMetrics()]
+    workers[0].idempotency("payments", "stored")
+    workers[1].idempotency("payments", "stored")
+    workers[1].idempotency("payments", "replayed")
+    merged = GatewayMetrics()
+    for worker in workers:
+        merged.merge_state(worker.export_state())
+    assert merged.idempotency_results == {("payments", "stored"): 2, ("payments", "replayed"): 1}
+    family = next(f for f in merged.families() if f.name == "gateway_idempotency")
+    samples = {(s.labels["route"], s.labels["result"]): s.value for s in family.samples}
+    assert samples[("payments", "stored")] == 2 and samples[("payments", "replayed")] == 1
