@@ -227,6 +227,10 @@ class Recorder:
             self.key, self.token, self.fingerprint, policy.lock_ms, time.time(), self._claimed
         )
 
+    def _claim_again(self) -> None:
+        if self.state == _CLAIMING:  # not finished meanwhile (client gone, timeout)
+            self.claim()
+
     def _claimed(self, result: ClaimResult | None) -> None:
         conn = self.conn
         ex = self.ex
@@ -264,7 +268,7 @@ class Recorder:
             if now + self.wait_delay < self.wait_until:
                 delay = self.wait_delay
                 self.wait_delay = min(WAIT_MAX, delay * 2)
-                loop.call_later(delay, self.claim)
+                loop.call_later(delay, self._claim_again)
                 return
             action = CONFLICT
         self.state = _DONE
