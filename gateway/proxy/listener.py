@@ -1143,7 +1143,7 @@ class ClientConnection(asyncio.Protocol):
             ex.error = RequestRejected(405, "method_not_allowed", "CONNECT is not supported")
         elif ex.url[:1] != b"/" and not _absolute_authority_ok(ex.url):
             # RFC 9112 §3.2.2: the authority of an absolute-form target is the Host.
-            ex.error = RequestRejected(400, "bad_request", "invalid authority in request target")
+            ex.error = RequestRejected(400, "invalid_target", "invalid authority in request target")
         if ex.chunked:
             # llhttp reports trailer fields through on_header too (appending to ex.headers):
             # this list keeps the head's fields and checks, then drops, what is appended later.
