@@ -3,12 +3,12 @@
 Wall-clock and CPU-time figures move with whatever else the machine is doing; an instruction
 count does not. For each scenario x proxy this runs the proxy (one process) under
 ``valgrind --tool=callgrind``, warms it up with K requests, zeroes callgrind's counters
-(``callgrind_control -z``), sends exactly N requests over 8 keep-alive connections from a small
-raw-socket client in this process (not under valgrind), dumps the counters
-(``callgrind_control -d``) and divides the dump's ``summary:`` (Ir) by N. Kernel work is not
-counted: callgrind sees user space only. Timer work (the gateway's 100 ms sweep) grows with
-wall-clock time, not with requests: it is measured separately (S seconds without requests) and
-subtracted. The backend (nginx answering from memory) and Redis run
+(``callgrind_control -z``, sent straight through vgdb), sends exactly N requests over 8
+keep-alive connections from a small raw-socket client in this process (not under valgrind),
+dumps the counters (``callgrind_control -d``) and divides the dump's ``summary:`` (Ir) by N.
+Kernel work is not counted: callgrind sees user space only. Timer work (the gateway's 100 ms
+sweep) grows with wall-clock time, not with requests: it is measured separately (S seconds
+without requests) and subtracted. The backend (nginx answering from memory) and Redis run
 natively. See the README's benchmark section for the method and its limits.
 """
 
@@ -209,7 +209,8 @@ def relative_spread(values: Sequence[float]) -> float | None:
 
 
 def callgrind_argv(valgrind: str, out_file: Path, argv: Sequence[str]) -> list[str]:
-    """Run ``argv`` under callgrind with instrumentation off until ``callgrind_control -i on``.
+    """Run ``argv`` under callgrind with instrumentation off until ``callgrind_control -i on``
+    (sent as the vgdb monitor command ``instrumentation on``).
 
     Uninstrumented, valgrind runs a program several times faster, which matters for the
     gateway's start (Python imports, 10,000 routes to validate); the harness switches
@@ -224,7 +225,7 @@ def callgrind_argv(valgrind: str, out_file: Path, argv: Sequence[str]) -> list[s
         "--tool=callgrind",
         f"--callgrind-out-file={out_file}",
         "--instr-atstart=no",
-        "--vgdb=yes",  # callgrind_control talks to the process through vgdb
+        "--vgdb=yes",  # vgdb (and callgrind_control) talk to the process through vgdb
         *argv,
     ]
 
@@ -438,23 +439,33 @@ def wait_quiet(pid: int, timeout_s: float = 30.0) -> None:
         time.sleep(0.005)
 
 
-def callgrind_control(tool: str, option: str, pid: int, timeout_s: float = 60.0) -> float:
-    """Send one command; return the monotonic time half-way through it (when it most likely
-    took effect: vgdb needs a few hundred ms to reach the process)."""
+def monitor(vgdb: str, pid: int, command: str, timeout_s: float = 60.0) -> float:
+    """Send a callgrind monitor command (``zero``, ``dump``, ``instrumentation on``) through
+    vgdb; return the monotonic time half-way through the call, when it most likely took effect.
+
+    ``callgrind_control -z PID`` does the same through a Perl wrapper that first lists the
+    processes, and vgdb waits 100 ms by default before it interrupts a process blocked in
+    ``epoll_wait``; calling vgdb with ``--max-invoke-ms=5`` makes the instant of the command
+    (so the window the timer work is subtracted for) 3-5 times sharper.
+    """
     started = time.monotonic()
     out = subprocess.run(
-        [tool, option, str(pid)], capture_output=True, text=True, timeout=timeout_s, check=False
+        [vgdb, f"--pid={pid}", "--max-invoke-ms=5", *command.split()],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
     )
-    if out.returncode != 0 or "OK" not in out.stdout:
+    answer = (out.stdout + out.stderr).strip()
+    if out.returncode != 0 or "not recognised" in answer or "error" in answer.lower():
         raise InstructionsError(
-            f"callgrind_control {option} {pid} failed ({out.returncode}): "
-            f"{(out.stdout + out.stderr).strip()[-500:]}"
+            f"vgdb --pid={pid} {command} failed ({out.returncode}): {answer[-500:]}"
         )
     return (started + time.monotonic()) / 2
 
 
 def newest_dump(out_file: Path) -> Path:
-    """The highest-numbered ``OUT.N`` dump callgrind_control -d wrote next to ``out_file``."""
+    """The highest-numbered ``OUT.N`` file a ``dump`` (callgrind_control -d) wrote."""
     parts = []
     for path in out_file.parent.glob(out_file.name + ".*"):
         suffix = path.name[len(out_file.name) + 1 :]
@@ -619,7 +630,7 @@ class InstructionsRun:
         return proc, port, out_file
 
     def measure(self, scenario: Scenario, name: str, repetition: int) -> Measurement:
-        control = self.tools["callgrind_control"]
+        control = self.tools["vgdb"]
         assert control is not None
         args = self.args
         proc, port, out_file = self.start_proxy(name, scenario)
@@ -628,15 +639,15 @@ class InstructionsRun:
             client = KeepAliveClient(HOST, port, args.connections, args.timeout)
             try:
                 request = scenario.request()
-                callgrind_control(control, "--instr=on", pid)
+                monitor(control, pid, "instrumentation on")
                 warm = client.run(request, args.warmup_requests, args.inflight)
                 _check_statuses(warm, args.warmup_requests, f"{scenario.name}/{name} warm-up")
                 wait_quiet(pid)
-                zeroed = callgrind_control(control, "-z", pid)
+                zeroed = monitor(control, pid, "zero")
                 statuses = client.run(request, args.requests, args.inflight)
                 _check_statuses(statuses, args.requests, f"{scenario.name}/{name}")
                 wait_quiet(pid)
-                seconds = callgrind_control(control, "-d", pid) - zeroed
+                seconds = monitor(control, pid, "dump") - zeroed
                 dump = newest_dump(out_file)
                 idle_per_s = self._idle_rate(pid, out_file) if args.idle_seconds else None
             finally:
@@ -661,12 +672,12 @@ class InstructionsRun:
         """Instructions per second the proxy runs with its connections open and no requests:
         its timers (the gateway's 100 ms sweep, nginx's none). It is the part of a
         measurement that grows with wall-clock time instead of with requests."""
-        control = self.tools["callgrind_control"]
+        control = self.tools["vgdb"]
         assert control is not None
-        zeroed = callgrind_control(control, "-z", pid)
+        zeroed = monitor(control, pid, "zero")
         time.sleep(self.args.idle_seconds)  # the measurement window itself, not a wait for state
         wait_quiet(pid)
-        seconds = callgrind_control(control, "-d", pid) - zeroed
+        seconds = monitor(control, pid, "dump") - zeroed
         idle = parse_callgrind_totals(newest_dump(out_file).read_text(errors="replace"))
         return idle.event("Ir") / seconds
 
@@ -801,10 +812,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeat", default=1, type=_positive, help="fresh runs per measurement (1)")
     ap.add_argument(
         "--idle-seconds",
-        default=2.0,
+        default=3.0,
         type=float,
         help="after each measurement, also count S seconds without requests: the proxy's "
-        "timer work per second, subtracted from the result (default 2; 0 = off)",
+        "timer work per second, subtracted from the result (default 3; 0 = off)",
     )
     ap.add_argument("--timeout", default=600.0, type=float, help="seconds per request batch")
     ap.add_argument("--ready-timeout", default=180.0, type=float, help="seconds to start")
@@ -827,9 +838,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.inflight > args.connections:
         print("error: --inflight cannot exceed --connections", file=sys.stderr)
         return 2
-    names = ("valgrind", "callgrind_control", "nginx", "haproxy", "caddy", "redis-server")
+    names = ("valgrind", "vgdb", "nginx", "haproxy", "caddy", "redis-server")
     tools = {name: find_tool(name) for name in names}
-    for needed in ("valgrind", "callgrind_control"):
+    for needed in ("valgrind", "vgdb"):
         if not tools[needed]:
             print(f"error: {needed} is missing (apt-get install valgrind)", file=sys.stderr)
             return 2
@@ -934,8 +945,9 @@ def _run(
             "--instructions",
             *(sys.argv[1:] if argv is None else argv),
         ],
-        "method": "callgrind Ir (user-space instructions) between callgrind_control -z after "
-        "the warm-up and callgrind_control -d after the measured requests, divided by requests",
+        "method": "callgrind Ir (user-space instructions, the dump's summary:) between a zero "
+        "after the warm-up and a dump after the measured requests, minus the idle (timer) rate "
+        "times the window, divided by the requests",
         "settings": {
             "scenarios": {s: SCENARIOS[s].description for s in args.scenarios},
             "requests": args.requests,
