@@ -829,6 +829,28 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def plan_runs(
+    scenarios: Sequence[str], proxies: Sequence[str], installed: set[str]
+) -> tuple[list[tuple[Scenario, str]], list[str]]:
+    """The (scenario, proxy) runs to make, and a note for each one left out and why."""
+    notes = [f"{name}: not installed, skipped" for name in proxies if name not in installed]
+    plan: list[tuple[Scenario, str]] = []
+    for sc_name in scenarios:
+        scenario = SCENARIOS[sc_name]
+        if scenario.rate_limit == "redis" and "redis-server" not in installed:
+            notes.append(f"{sc_name}: skipped, redis-server is not installed (apt-get install "
+                         "redis-server)")  # fmt: skip
+            continue
+        for name in proxies:
+            if name not in installed:
+                continue
+            if name not in scenario.proxies:
+                notes.append(f"{sc_name}: {name} has no equivalent configuration, skipped")
+                continue
+            plan.append((scenario, name))
+    return plan, notes
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -844,23 +866,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not tools[needed]:
             print(f"error: {needed} is missing (apt-get install valgrind)", file=sys.stderr)
             return 2
-    notes: list[str] = []
-    plan: list[tuple[Scenario, str]] = []
-    for sc_name in args.scenarios:
-        scenario = SCENARIOS[sc_name]
-        if scenario.rate_limit == "redis" and not tools["redis-server"]:
-            notes.append(f"{sc_name}: skipped, redis-server is not installed")
-            print(f"note: {notes[-1]} (apt-get install redis-server)", file=sys.stderr)
-            continue
-        for name in args.only:
-            if name != "gateway" and not tools[name]:
-                if sc_name == args.scenarios[0]:
-                    notes.append(f"{name}: not installed, skipped")
-                continue
-            if name not in scenario.proxies:
-                notes.append(f"{sc_name}: {name} has no equivalent configuration, skipped")
-                continue
-            plan.append((scenario, name))
+    installed = {name for name, path in tools.items() if path} | {"gateway"}
+    plan, notes = plan_runs(args.scenarios, args.only, installed)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
     # SIGINT too: a shell starts background jobs with SIGINT ignored, and we must clean up.
     previous = {sig: signal.signal(sig, _interrupt) for sig in _SIGNALS}

@@ -38,6 +38,7 @@ from loadtest.instructions import (
     parse_response,
     per_request,
     per_request_excluding_timers,
+    plan_runs,
     proxy_files,
     relative_spread,
     render_table,
@@ -424,6 +425,33 @@ def test_wait_quiet_tells_sleeping_from_busy() -> None:
             proc.wait()
     with pytest.raises(InstructionsError, match="is gone"):
         wait_quiet(sleeper.pid, timeout_s=1)
+
+
+@pytest.mark.parametrize(
+    ("installed", "runs", "note_parts"),
+    [
+        # Everything there: nginx runs what it can express; the Redis limit is gateway-only.
+        (
+            {"gateway", "nginx", "redis-server"},
+            [("small", "gateway"), ("small", "nginx"), ("ratelimit-redis", "gateway")],
+            ["ratelimit-redis: nginx has no equivalent"],
+        ),
+        # No redis-server: the scenario is skipped with a clear note, not failed.
+        ({"gateway", "nginx"}, [("small", "gateway"), ("small", "nginx")], ["redis-server is not"]),
+        # No nginx: one note for the proxy, the gateway still runs.
+        (
+            {"gateway", "redis-server"},
+            [("small", "gateway"), ("ratelimit-redis", "gateway")],
+            ["nginx: not installed"],
+        ),
+    ],
+)
+def test_plan_runs(installed: set[str], runs: list[tuple[str, str]], note_parts: list[str]) -> None:
+    plan, notes = plan_runs(["small", "ratelimit-redis"], ["gateway", "nginx"], installed)
+    assert [(s.name, proxy) for s, proxy in plan] == runs
+    assert len(notes) == len(note_parts)
+    for note, part in zip(notes, note_parts, strict=True):
+        assert part in note
 
 
 def test_cli_rejects_unknown_names() -> None:
