@@ -464,6 +464,23 @@ def test_cli_rejects_unknown_names() -> None:
     assert (args.requests, args.connections, args.inflight) == (2000, 8, 1)
 
 
+def test_harness_hands_instructions_over(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest.harness import main as harness_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        harness_main(["--instructions", "--help"])
+    assert exit_info.value.code == 0
+    assert "python -m loadtest --instructions" in capsys.readouterr().out
+
+
+def test_missing_valgrind_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(instructions, "find_tool", lambda name: None)
+    assert instructions.main(["--scenarios", "small"]) == 2
+    assert "valgrind is missing (apt-get install valgrind)" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- a real run
 
 VALGRIND = shutil.which("valgrind")
