@@ -42,6 +42,7 @@ from loadtest.instructions import (
     proxy_files,
     relative_spread,
     render_table,
+    stable_port,
     summarize,
     thread_states,
     wait_quiet,
@@ -452,6 +453,17 @@ def test_plan_runs(installed: set[str], runs: list[tuple[str, str]], note_parts:
     assert len(notes) == len(note_parts)
     for note, part in zip(notes, note_parts, strict=True):
         assert part in note
+
+
+def test_stable_port_prefers_its_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:  # a port that is free right now stands in for the preferred
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    monkeypatch.setitem(instructions.PREFERRED_PORTS, "proxy", free)
+    assert stable_port("proxy") == free
+    with socket.create_server(("127.0.0.1", free)):  # taken: any other free port instead
+        other = stable_port("proxy")
+        assert other != free and other > 0
 
 
 def test_cli_rejects_unknown_names() -> None:
