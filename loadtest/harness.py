@@ -166,6 +166,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="nginx if installed (auto), or the bundled asyncio backend",
     )
     ap.add_argument("--ready-timeout", default=30.0, type=float, help="seconds to wait for start")
+    ap.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instead: count instructions per request under callgrind (its own options: "
+        "python -m loadtest --instructions --help)",
+    )
     return ap
 
 
@@ -509,6 +515,12 @@ class Harness:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--instructions" in argv:  # a different benchmark with its own options
+        from loadtest import instructions
+
+        argv.remove("--instructions")
+        return instructions.main(argv)
     args = build_arg_parser().parse_args(argv)
     tools = {name: find_tool(name) for name in ("wrk", "taskset", "nginx", "haproxy", "caddy")}
     if not tools["wrk"] and args.scenarios:
