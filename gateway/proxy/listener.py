@@ -23,7 +23,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 import orjson
@@ -280,7 +280,7 @@ class ProxyServer:
         self.servers: list[asyncio.Server] = []
         self.listeners: dict[str, ListenerState] = {}
         self.default_listener = ListenerState("default")
-        self.handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes under way
+        self.handshakes: set[Any] = set()  # TLS handshakes under way (gateway.tls.accept)
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # limits.max_connections: this process's count, or the gateway-wide one of workers.
@@ -442,8 +442,8 @@ class ProxyServer:
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for task in list(self.handshakes):
-            task.cancel()
+        for handshake in list(self.handshakes):
+            handshake.abort()
         for server in self.servers:
             server.close()
         for server in self.servers:

@@ -8,8 +8,8 @@ tiny ``_Handshake`` protocol that pauses reading and hands the transport to
 as ``create_server(ssl=)`` (so the data path is identical), but its outcome comes back to us.
 Success: the ``ClientConnection`` gets ``connection_made`` with the TLS transport. Failure:
 ``gateway_tls_handshake_errors_total{listener,reason}`` and the socket is closed; nothing else
-is touched. One task per *connection* runs the handshake (a handshake costs far more CPU);
-requests on the connection run on callbacks as on plaintext.
+is touched. No Task is created: the ``start_tls`` coroutine is stepped from callbacks (its
+waiter's done callback), so a TLS connection costs no more asyncio machinery than a plain one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import socket
 import ssl
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from gateway.tls.certs import resolve
 from gateway.tls.contexts import ServerTLS
@@ -106,61 +106,111 @@ class ListenerState:
 
 
 class _Handshake(asyncio.Protocol):
-    """Holds an accepted TCP connection while its TLS handshake runs."""
+    """Holds an accepted TCP connection while its TLS handshake runs.
 
-    __slots__ = ("server", "state")
+    uvloop may deliver the first bytes (the ClientHello) here even though ``connection_made``
+    pauses reading at once; they are kept and handed to the TLS protocol right after it took
+    over the transport, before it reads anything itself.
+    """
+
+    __slots__ = ("early", "server", "state", "step", "transport")
 
     def __init__(self, server: ProxyServer, state: ListenerState) -> None:
         self.server = server
         self.state = state
+        self.early: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+        self.step: Any = None  # the start_tls coroutine being driven
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
-        # Nothing may be read before the TLS protocol takes over: it is the ClientHello.
+        self.transport = transport
         transport.pause_reading()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        server = self.server
-        task = asyncio.get_running_loop().create_task(_handshake(server, self.state, transport))
-        server.handshakes.add(task)
-        task.add_done_callback(server.handshakes.discard)
+        # Later in this loop iteration: uvloop may still hand us bytes read with the accept.
+        asyncio.get_running_loop().call_soon(self._start)
 
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
-        pass
+    def data_received(self, data: bytes) -> None:
+        self.early.append(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        pass
+        if self.step is None:  # closed before the handshake began
+            self.server.metrics.tls_handshake_error(self.state.name, "closed")
+            self.transport = None
 
+    def _start(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        tls = self.state.tls
+        assert tls is not None
+        from gateway.proxy.listener import ClientConnection
 
-async def _handshake(
-    server: ProxyServer, state: ListenerState, transport: asyncio.Transport
-) -> None:
-    from gateway.proxy.listener import ClientConnection
-
-    tls = state.tls
-    assert tls is not None
-    loop = asyncio.get_running_loop()
-    conn = ClientConnection(server, state)
-    try:
-        tls_transport = await loop.start_tls(
+        server = self.server
+        conn = ClientConnection(server, self.state)
+        server.handshakes.add(self)
+        # start_tls is driven by hand rather than by a Task: its synchronous part installs the
+        # TLS protocol and schedules its connection_made; the early bytes are queued after that.
+        coroutine = asyncio.get_running_loop().start_tls(
             transport,
             conn,
             tls.context,
             server_side=True,
             ssl_handshake_timeout=tls.handshake_timeout,
         )
-    except asyncio.CancelledError:
-        transport.abort()
-        raise
-    except (OSError, EOFError, TimeoutError, ValueError) as error:
-        server.metrics.tls_handshake_error(state.name, handshake_reason(error))
-        transport.abort()
+        self.step = (coroutine, conn)
+        self._drive()
+        if self.early and self.step is not None:
+            early, self.early = b"".join(self.early), []
+            asyncio.get_running_loop().call_soon(_replay, transport, early)
+
+    def _drive(self, _future: object = None) -> None:
+        assert self.step is not None
+        coroutine, conn = self.step
+        try:
+            waiting = coroutine.send(None)
+        except StopIteration as done:
+            self.step = None
+            self.server.handshakes.discard(self)
+            tls_transport = done.value
+            if tls_transport is None:
+                self.server.metrics.tls_handshake_error(self.state.name, "closed")
+                return
+            conn.connection_made(tls_transport)
+            return
+        except (OSError, EOFError, TimeoutError, ValueError) as error:
+            self.step = None
+            self.server.handshakes.discard(self)
+            self.server.metrics.tls_handshake_error(self.state.name, handshake_reason(error))
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        waiting.add_done_callback(self._drive)
+
+    def abort(self) -> None:
+        """The server closes: drop a handshake still under way."""
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _replay(transport: asyncio.Transport, data: bytes) -> None:
+    """Hand bytes read before the TLS protocol took over to it (uvloop's is a
+    BufferedProtocol)."""
+    protocol: Any = transport.get_protocol()
+    if transport.is_closing():
         return
-    if tls_transport is None:  # the connection closed as the handshake finished
-        server.metrics.tls_handshake_error(state.name, "closed")
-        return
-    conn.connection_made(tls_transport)
+    if hasattr(protocol, "get_buffer"):
+        view = 0
+        while view < len(data):
+            buffer = protocol.get_buffer(len(data) - view)
+            size = min(len(buffer), len(data) - view)
+            buffer[:size] = data[view : view + size]
+            protocol.buffer_updated(size)
+            view += size
+    else:
+        protocol.data_received(data)
 
 
 async def start_tls_listener(
