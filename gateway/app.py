@@ -69,8 +69,9 @@ WATCH_INTERVAL = 1.0
 Discovered = dict[str, tuple[InstanceConfig, ...]]
 
 
-def read_config(path: str) -> tuple[GatewayConfig, str]:
-    """Load and validate ``path``; also return its text, so workers parse the very same bytes."""
+def read_config(path: str, *, reload: bool = False) -> tuple[GatewayConfig, str]:
+    """Load and validate ``path``; also return its text, so workers parse the very same bytes.
+    ``reload``: an expired listener certificate is refused (gateway.tls.certs)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -80,7 +81,7 @@ def read_config(path: str) -> tuple[GatewayConfig, str]:
         raise
     config = load_config_text(text, path, require_routes=True)
     # Certificates, keys and CAs are read and checked here, once (ConfigInvalid if unusable).
-    config, _ = load_with_tls(config, text)
+    config, _ = load_with_tls(config, text, refuse_expired=reload)
     return dataclasses.replace(config, sha256=hashlib.sha256(data).hexdigest()), text
 
 
@@ -486,7 +487,7 @@ class ControlPlane:
         async with self._reload_lock:
             path = self.config_path
             try:
-                new_config, text = read_config(path)
+                new_config, text = read_config(path, reload=True)
             except ConfigInvalid as invalid:
                 return self._rejected(invalid.errors, trigger)
             except OSError as error:

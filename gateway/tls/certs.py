@@ -278,9 +278,26 @@ def _reason(exc: BaseException) -> str:
     return str(reason).lower().replace("_", " ") if reason else str(exc)
 
 
-def load_with_tls(config: GatewayConfig, text: str | None) -> tuple[GatewayConfig, TLSCheck]:
-    """``config`` with its TLS files attached; ConfigInvalid if any is unusable."""
+def load_with_tls(
+    config: GatewayConfig, text: str | None, *, refuse_expired: bool = False
+) -> tuple[GatewayConfig, TLSCheck]:
+    """``config`` with its TLS files attached; ConfigInvalid if any is unusable.
+
+    ``refuse_expired`` (reloads): an expired or not yet valid listener certificate is an
+    error, not a warning. Rotating to such a certificate is always a mistake (every client
+    would refuse it), and the running one keeps serving; at start and in ``gateway check`` it
+    is a warning, so that a gateway can still come up and say why."""
     check = check_tls_files(config, text)
+    if refuse_expired and not check.errors:
+        for warning in check.warnings:
+            if "expired on" in warning or "is not valid before" in warning:
+                where, _, message = warning.partition(": warning: ")
+                file, _, rest = where.partition(":")
+                line_text, _, key = rest.partition(": ")
+                line = int(line_text) if line_text.isdigit() else None
+                check.errors.append(
+                    ConfigError(file, line, key, message + "; not swapped in on a reload")
+                )
     if check.errors:
         raise ConfigInvalid(check.errors)
     return (

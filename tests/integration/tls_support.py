@@ -3,7 +3,6 @@ real TLS backend that records what each handshake carried (SNI, client certifica
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import ssl
 import subprocess
@@ -133,12 +132,3 @@ def s_client(port: int, *args: str, timeout: float = 10.0, request: bytes = b"")
         timeout=timeout,
     )
     return result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
-
-
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)

@@ -1,0 +1,170 @@
+"""Certificate rotation: SIGHUP-free reloads (POST /admin/reload) swap certificates for new
+handshakes while open connections (a WebSocket) stay up and no request fails; unusable
+certificates (missing, mismatched key, expired) are refused by ``gateway check`` and by a
+reload, and change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from tests.integration.backends import AppBackend
+from tests.integration.conftest import ROOT, GatewayProcess, free_ports
+from tests.integration.test_reload import admin_json
+from tests.integration.tls_support import CertFiles, tls_get
+
+
+def serial_seen(port: int, context: ssl.SSLContext) -> str:
+    status, _, facts = tls_get(port, "api.test", context, path="/name")
+    assert status == 200
+    return str(facts["peer"]["serialNumber"])
+
+
+def install(source: tuple[Path, Path], target: tuple[Path, Path]) -> None:
+    """Replace cert and key files the way a rotation tool does (write aside, rename)."""
+    for src, dst in zip(source, target, strict=True):
+        tmp = dst.with_suffix(".tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
+@pytest.fixture
+def rotation(tmp_path: Path, app_backend: AppBackend, start_gateway: Any) -> Any:
+    def start(workers: int) -> tuple[GatewayProcess, CertFiles, tuple[Path, Path], int]:
+        certs = CertFiles(tmp_path)
+        first = certs.issue("api-v1", "api.test")
+        live = (tmp_path / "live.pem", tmp_path / "live.key")
+        install(first, live)
+        (port,) = free_ports(1)
+        gateway = start_gateway(
+            {
+                "workers": workers,
+                "listen": [
+                    f"127.0.0.1:{free_ports(1)[0]}",
+                    {
+                        "address": f"127.0.0.1:{port}",
+                        "name": "https",
+                        "tls": {"certificates": [{"cert": str(live[0]), "key": str(live[1])}]},
+                    },
+                ],
+                "upstreams": {"app": {"instances": [f"127.0.0.1:{app_backend.port}"]}},
+                "routes": [{"name": "all", "upstream": "app"}],
+            }
+        )
+        return gateway, certs, live, port
+
+    return start
+
+
+def relink(gateway: GatewayProcess, live: tuple[Path, Path]) -> None:
+    """Point the config at ``live`` by absolute path (used by the refusal steps)."""
+    config = yaml.safe_load(gateway.config_path.read_text())
+    config["listen"][1]["tls"]["certificates"] = [{"cert": str(live[0]), "key": str(live[1])}]
+    gateway.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_rotation_under_load_keeps_connections_and_fails_nothing(
+    rotation: Any, workers: int, tmp_path: Path
+) -> None:
+    gateway, certs, live, port = rotation(workers)
+    context = certs.client_context()
+    old_serial = await asyncio.to_thread(serial_seen, port, context)
+
+    failures: list[str] = []
+    serials: set[str] = set()
+    done = threading.Event()
+
+    def load() -> None:  # light load: one new TLS connection and request after another
+        while not done.is_set():
+            try:
+                serials.add(serial_seen(port, context))
+            except (OSError, AssertionError) as error:
+                failures.append(repr(error))
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            f"https://127.0.0.1:{port}/ws",
+            ssl=context,
+            server_hostname="api.test",
+            headers={"Host": "api.test"},  # another Host than the SNI name would get a 421
+        ) as ws,
+    ):
+        await ws.send_str("before")
+        assert (await ws.receive(timeout=10)).data == "echo:before"
+
+        install(certs.issue("api-v2", "api.test"), live)
+        code, result = await asyncio.to_thread(admin_json, gateway, "/admin/reload", "POST")
+        assert code == 200 and result["result"] == "success", result
+        new_serial = await asyncio.to_thread(serial_seen, port, context)
+        assert new_serial != old_serial  # the reload answered: every worker has it
+
+        await ws.send_str("after")  # the tunnel opened before the swap is still up
+        assert (await ws.receive(timeout=10)).data == "echo:after"
+    done.set()
+    await asyncio.to_thread(loader.join, 20)
+    assert failures == []
+    assert {old_serial, new_serial} <= serials
+
+
+def write_bad(kind: str, certs: CertFiles, directory: Path) -> tuple[Path, Path]:
+    if kind == "missing":
+        return directory / "absent.pem", directory / "absent.key"
+    if kind == "mismatched":
+        cert, _ = certs.issue("half-a", "api.test")
+        _, key = certs.issue("half-b", "api.test")
+        return cert, key
+    past = datetime.datetime(2001, 1, 1, tzinfo=datetime.UTC)
+    return certs.issue("expired", "api.test", not_before=past, not_after=past)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "cannot read cert file"),
+        ("mismatched", "does not belong to"),
+        ("expired", "expired on 2001-01-01"),
+    ],
+)
+def test_unusable_certificates_are_refused_by_reload_and_check(
+    rotation: Any, kind: str, message: str, tmp_path: Path
+) -> None:
+    gateway, certs, live, port = rotation(1)
+    context = certs.client_context()
+    serial = serial_seen(port, context)
+    relink(gateway, write_bad(kind, certs, tmp_path))
+    code, result = admin_json(gateway, "/admin/reload", "POST")
+    assert result["result"] == "error", result
+    errors = result["errors"]
+    assert any(message in error for error in errors), errors
+    for error in errors:  # file:line: key — the line of the listener's certificates entry
+        assert error.startswith(f"{gateway.config_path}:")
+        assert "listen[1].tls.certificates[0]." in error
+    assert serial_seen(port, context) == serial  # nothing changed
+
+    check = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "-c", str(gateway.config_path), "--strict"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 1
+    assert message in check.stderr
+    if kind == "expired":  # a warning in check (--strict fails on it), an error on reload
+        assert ": warning: " in check.stderr
