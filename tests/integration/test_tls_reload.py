@@ -144,12 +144,12 @@ def write_bad(kind: str, certs: CertFiles, directory: Path) -> tuple[Path, Path]
 def test_unusable_certificates_are_refused_by_reload_and_check(
     rotation: Any, kind: str, message: str, tmp_path: Path
 ) -> None:
-    gateway, certs, live, port = rotation(1)
+    gateway, certs, _live, port = rotation(1)
     context = certs.client_context()
     serial = serial_seen(port, context)
     relink(gateway, write_bad(kind, certs, tmp_path))
     code, result = admin_json(gateway, "/admin/reload", "POST")
-    assert result["result"] == "error", result
+    assert code == 400 and result["result"] == "error", result
     errors = result["errors"]
     assert any(message in error for error in errors), errors
     for error in errors:  # file:line: key — the line of the listener's certificates entry
