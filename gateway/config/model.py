@@ -315,6 +315,7 @@ class ListenerTLSConfig:
     handshake_timeout: float = 10.0
     client_auth: ClientAuthConfig | None = None
     forward_client_cert: bool = False
+    session_tickets: bool = True  # stateless resumption (RFC 8446 §4.6.1, RFC 5077)
 
 
 @dataclass(frozen=True, slots=True)

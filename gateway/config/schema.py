@@ -1269,6 +1269,14 @@ LISTENER_TLS = Struct(
             " is a trusted proxy.",
             False,
         ),
+        Field(
+            "session_tickets",
+            Bool(),
+            "Session tickets (resumption without a full handshake; the keys live in each"
+            " process and survive certificate reloads). false: every connection does a full"
+            " handshake.",
+            True,
+        ),
     ],
     build=_listener_tls,
     checks=[_default_certificate_listed],

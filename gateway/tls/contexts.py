@@ -72,7 +72,10 @@ def server_context(
     _harden(context, tls.min_version)
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     context.set_alpn_protocols(list(tls.alpn))
-    # Session tickets (RFC 8446 §4.6.1 / RFC 5077) stay on: OpenSSL's default, stateless.
+    # Session tickets (RFC 8446 §4.6.1 / RFC 5077): OpenSSL's default, stateless.
+    if not tls.session_tickets:
+        context.options |= ssl.OP_NO_TICKET
+        context.num_tickets = 0
     if cert_path is not None and key_path is not None:
         load_chain(context, files[cert_path], files[key_path])
     if tls.client_auth is not None and client_ca is not None:
