@@ -45,7 +45,7 @@ def tls_backend(setup: Setup) -> Iterator[TLSBackend]:
 
 @pytest.fixture(scope="module")
 def ports() -> dict[str, int]:
-    names = ("https", "mtls", "optional", "strict")
+    names = ("https", "mtls", "optional", "strict", "redirect")
     return dict(zip(names, free_ports(len(names)), strict=True))
 
 
@@ -66,6 +66,10 @@ def tls_gateway(
     config = {
         "listen": [
             f"127.0.0.1:{plain_port}",
+            {
+                "address": f"127.0.0.1:{ports['redirect']}",
+                "redirect_to": f"https://{{host}}:{ports['https']}",
+            },
             {
                 "address": f"127.0.0.1:{ports['https']}",
                 "name": "https",
@@ -263,6 +267,37 @@ def test_pipelined_requests_over_tls(
             data += chunk
     assert data.count(b"HTTP/1.1 200 ") == 2
     assert data.index(b'"/echo/1"') < data.index(b'"/echo/2"')
+
+
+@pytest.mark.parametrize(
+    ("host", "target", "status", "location"),
+    [
+        # RFC 9110 §15.4.9: 308 keeps the method; the request target is appended as sent.
+        (b"api.test", b"/echo?x=1", 308, b"https://api.test:{port}/echo?x=1"),
+        (b"api.test:80", b"/", 308, b"https://api.test:{port}/"),
+        (b"[::1]:80", b"/a", 308, b"https://[::1]:{port}/a"),
+        (b"bad host!", b"/", 400, None),
+    ],
+)
+def test_plaintext_listener_redirects_to_https(
+    tls_gateway: GatewayProcess,
+    ports: dict[str, int],
+    host: bytes,
+    target: bytes,
+    status: int,
+    location: bytes | None,
+) -> None:
+    with socket.create_connection(("127.0.0.1", ports["redirect"]), timeout=10) as sock:
+        sock.sendall(
+            b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nconnection: close\r\n\r\n"
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 %d " % status), data
+    if location is not None:
+        expected = location.replace(b"{port}", str(ports["https"]).encode())
+        assert b"\r\nlocation: " + expected + b"\r\n" in data
 
 
 # --- versions, resumption, handshake errors ----------------------------------------------------

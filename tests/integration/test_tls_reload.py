@@ -23,7 +23,7 @@ import yaml
 from tests.integration.backends import AppBackend
 from tests.integration.conftest import ROOT, GatewayProcess, free_ports
 from tests.integration.test_reload import admin_json
-from tests.integration.tls_support import CertFiles, tls_get
+from tests.integration.tls_support import CertFiles, s_client, tls_get
 
 
 def serial_seen(port: int, context: ssl.SSLContext) -> str:
@@ -82,6 +82,13 @@ async def test_rotation_under_load_keeps_connections_and_fails_nothing(
     gateway, certs, live, port = rotation(workers)
     context = certs.client_context()
     old_serial = await asyncio.to_thread(serial_seen, port, context)
+    ticket_file = tmp_path / "session.pem"
+    request = b"GET /name HTTP/1.1\r\nHost: api.test\r\nconnection: close\r\n\r\n"
+    resume = ["-servername", "api.test", "-tls1_3"]
+    first = await asyncio.to_thread(
+        s_client, port, *resume, "-sess_out", str(ticket_file), request=request
+    )
+    assert "New, TLSv1.3" in first
 
     failures: list[str] = []
     serials: set[str] = set()
@@ -116,6 +123,11 @@ async def test_rotation_under_load_keeps_connections_and_fails_nothing(
 
         await ws.send_str("after")  # the tunnel opened before the swap is still up
         assert (await ws.receive(timeout=10)).data == "echo:after"
+        if workers == 1:  # tickets are per process: with 2 workers the kernel picks one
+            again = await asyncio.to_thread(
+                s_client, port, *resume, "-sess_in", str(ticket_file), request=request
+            )
+            assert "Reused, TLSv1.3" in again  # a ticket from before the reload resumes
     done.set()
     await asyncio.to_thread(loader.join, 20)
     assert failures == []
