@@ -21,7 +21,7 @@ import ssl
 from typing import TYPE_CHECKING, Any, cast
 
 from gateway.tls.certs import resolve
-from gateway.tls.contexts import ServerTLS
+from gateway.tls.contexts import ServerTLS, build_store
 
 if TYPE_CHECKING:
     from gateway.config.model import GatewayConfig, ListenerConfig
@@ -90,19 +90,17 @@ class ListenerState:
         return cls(listener.name, tls, listener.redirect_to)
 
     def prepare(self, listener: ListenerConfig, config: GatewayConfig) -> object:
-        """Build what ``commit`` swaps in; raises if a certificate does not load."""
+        """Build what ``commit`` swaps in; raises if a certificate does not load, before any
+        listener changed."""
         if self.tls is None or listener.tls is None:
             return None
-        from gateway.tls.contexts import build_store
-
-        build_store(listener.tls, config.tls_files, config.source)  # fails before any swap
-        return (listener.tls, config.tls_files, config.source)
+        return (listener.tls, build_store(listener.tls, config.tls_files, config.source))
 
     def commit(self, prepared: object) -> None:
         if prepared is None or self.tls is None:
             return
-        tls_config, files, source = cast(tuple, prepared)
-        self.tls.update(tls_config, files, source)
+        tls_config, store = cast(tuple, prepared)
+        self.tls.update(tls_config, store)
 
 
 class _Handshake(asyncio.Protocol):

@@ -126,7 +126,7 @@ class CertStore:
     """A listener's certificates, looked up by SNI: exact names, then the longest wildcard,
     then the default."""
 
-    __slots__ = ("by_context", "default", "entries", "exact", "wildcards")
+    __slots__ = ("default", "entries", "exact", "wildcards")
 
     def __init__(self, entries: list[CertEntry], default: CertEntry) -> None:
         self.entries = entries
@@ -138,7 +138,6 @@ class CertStore:
                 self.exact.setdefault(name, entry)
             for suffix in entry.wildcards:
                 self.wildcards.setdefault(suffix, entry)
-        self.by_context = {id(entry.context): entry for entry in entries}
 
     def pick(self, server_name: str | None) -> CertEntry:
         if not server_name:
@@ -199,13 +198,14 @@ class ServerTLS:
     ) -> None:
         ssl_object.gateway_sni = server_name  # type: ignore[attr-defined]  # read by the connection
         entry = self.store.pick(server_name)
+        ssl_object.gateway_entry = entry  # type: ignore[attr-defined]
         if entry.context is not ssl_object.context:
             ssl_object.context = entry.context
         return None
 
-    def update(self, tls: ListenerTLSConfig, files: dict[str, bytes], source: str) -> None:
-        """Swap in new certificates (raises, changing nothing, if they do not load)."""
-        store = build_store(tls, files, source)
+    def update(self, tls: ListenerTLSConfig, store: CertStore) -> None:
+        """Swap in new certificates (``build_store`` made them; it raises, changing nothing,
+        if one does not load)."""
         front = self.context
         # Settings read from the front context at the start of each handshake.
         front.minimum_version = VERSIONS[tls.min_version]
@@ -216,19 +216,10 @@ class ServerTLS:
         self.handshake_timeout = tls.handshake_timeout
 
     def entry_for(self, ssl_object: ssl.SSLObject) -> CertEntry:
-        """The certificate a finished handshake used."""
-        context = ssl_object.context
-        for store in (self.store,):
-            entry = store.by_context.get(id(context))
-            if entry is not None:
-                return entry
-        return _entry_of_front(self, context)
-
-
-def _entry_of_front(server: ServerTLS, context: ssl.SSLContext) -> CertEntry:
-    """A handshake that stayed on the front context used its (first-built) certificate; after
-    a reload the front context is the old default, whose names the new default still shows."""
-    return server.store.default
+        """The certificate a finished handshake used (recorded by the SNI callback, so a
+        handshake that straddled a reload still names its own certificate)."""
+        entry = getattr(ssl_object, "gateway_entry", None)
+        return entry if entry is not None else self.store.default
 
 
 def client_context(tls: UpstreamTLSConfig, files: dict[str, bytes], source: str) -> ssl.SSLContext:

@@ -180,3 +180,63 @@ def test_unusable_certificates_are_refused_by_reload_and_check(
     assert message in check.stderr
     if kind == "expired":  # a warning in check (--strict fails on it), an error on reload
         assert ": warning: " in check.stderr
+
+
+async def test_reloaded_client_ca_applies_to_new_handshakes(tmp_path: Path) -> None:
+    """client_auth.ca rotation: OpenSSL reads the verify mode from the context a handshake
+    started with and the CA store from the one SNI switched to; both follow a reload."""
+    import trustme
+
+    from gateway.config import load_config_text
+    from gateway.tls.certs import check_tls_files
+    from gateway.tls.contexts import ServerTLS, build_store
+
+    server_ca, ca_a, ca_b = trustme.CA(), trustme.CA(), trustme.CA()
+    leaf = server_ca.issue_cert("api.test")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "s.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "s.key"))
+    ca_a.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    text = (
+        "listen:\n  - address: 127.0.0.1:0\n    tls:\n"
+        "      certificates: [{cert: s.pem, key: s.key}]\n"
+        "      client_auth: {ca: ca.pem, mode: require}\nroutes: []\n"
+    )
+
+    def load() -> tuple[Any, dict[str, bytes]]:
+        config = load_config_text(text, str(tmp_path / "gateway.yaml"))
+        return config.all_listeners[0].tls, check_tls_files(config, text).files
+
+    settings, files = load()
+    tls = ServerTLS("x", settings, files, str(tmp_path / "gateway.yaml"))
+
+    class Answer(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            transport.write(b"ok")
+            transport.close()
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Answer, "127.0.0.1", 0, ssl=tls.context)
+    port = server.sockets[0].getsockname()[1]
+
+    async def accepted(client_ca: trustme.CA) -> bool:
+        context = ssl.create_default_context()
+        server_ca.configure_trust(context)
+        client_ca.issue_cert("client.test").configure_cert(context)
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=context, server_hostname="api.test"
+            )
+            data = await reader.read()
+            writer.close()
+        except (OSError, ssl.SSLError):
+            return False
+        return data == b"ok"
+
+    try:
+        assert await accepted(ca_a) and not await accepted(ca_b)
+        ca_b.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        settings, files = load()
+        tls.update(settings, build_store(settings, files, str(tmp_path / "gateway.yaml")))
+        assert await accepted(ca_b) and not await accepted(ca_a)
+    finally:
+        server.close()
