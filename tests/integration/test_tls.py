@@ -44,6 +44,14 @@ def tls_backend(setup: Setup) -> Iterator[TLSBackend]:
 
 
 @pytest.fixture(scope="module")
+def impostor(setup: Setup) -> Iterator[TLSBackend]:
+    """A TLS instance whose certificate (same CA) names another host."""
+    backend = TLSBackend(setup.certs, ("impostor.internal",))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
 def ports() -> dict[str, int]:
     names = ("https", "mtls", "optional", "strict", "redirect")
     return dict(zip(names, free_ports(len(names)), strict=True))
@@ -56,6 +64,7 @@ def tls_gateway(
     app_backend: AppBackend,
     app_backend_2: AppBackend,
     tls_backend: TLSBackend,
+    impostor: TLSBackend,
     start_gateway: Any,
 ) -> GatewayProcess:
     certs = setup.certs
@@ -125,6 +134,14 @@ def tls_gateway(
                 "retry": {"attempts": 1},
                 "outlier": {"enabled": False},
             },
+            "mixed": {
+                # round robin over a good instance and one whose certificate names another
+                # host: its handshake fails the hostname check, a connect failure, retried
+                "instances": [f"127.0.0.1:{impostor.port}", backend],
+                "tls": {"sni": "backend.internal", "ca": str(certs.ca_path)},
+                "retry": {"attempts": 2},
+                "outlier": {"consecutive_failures": 2, "base_ejection_time": "30s"},
+            },
             "unverified": {
                 "instances": [backend],
                 "tls": {"sni": "backend.internal", "ca": str(setup.other.ca_path), "verify": False},
@@ -138,6 +155,7 @@ def tls_gateway(
                 "match": {"path": {"prefix": "/wrong-ca"}},
                 "upstream": "wrong-ca",
             },
+            {"name": "mixed", "match": {"path": {"prefix": "/mixed"}}, "upstream": "mixed"},
             {
                 "name": "unverified",
                 "match": {"path": {"prefix": "/unverified"}},
@@ -459,6 +477,18 @@ def test_upstream_with_the_wrong_ca_is_a_clear_502(tls_gateway: GatewayProcess) 
     assert body["error"] == "upstream_connect_failure"
     assert "TLS handshake with backend.internal failed" in body["message"]
     assert "certificate" in body["message"].split("failed: ", 1)[1]  # OpenSSL's verify reason
+
+
+def test_upstream_tls_failure_is_a_connect_failure_retried_and_ejected(
+    tls_gateway: GatewayProcess,
+) -> None:
+    statuses = [plain_get(tls_gateway, f"/mixed/{i}")[0] for i in range(8)]
+    assert statuses == [200] * 8  # every failed handshake was retried on the good instance
+    assert metric(tls_gateway, "gateway_retries_total", upstream="mixed") >= 1
+    deadline = time.monotonic() + 5
+    while metric(tls_gateway, "gateway_upstream_instances", upstream="mixed", state="ejected") < 1:
+        assert time.monotonic() < deadline, tls_gateway.metrics_text()
+        time.sleep(0.05)
 
 
 def test_upstream_verify_false_accepts_any_certificate(tls_gateway: GatewayProcess) -> None:
