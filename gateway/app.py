@@ -63,6 +63,8 @@ RESTART_KEYS = ("listen", "admin", "workers", "metrics")
 
 def _listener_sockets(config: GatewayConfig) -> list[tuple[str, tuple[str, int, bool]]]:
     return [(listener.name, listener.socket_key) for listener in config.all_listeners]
+
+
 # watch: the file is checked this often, and read once it was the same on two checks in a row.
 WATCH_INTERVAL = 1.0
 
@@ -656,9 +658,7 @@ class ControlPlane:
             log.warning("%s", warning)
         log.info(
             "gateway listening on %s (admin %s, %s), %d routes, config %s sha256 %s",
-            ", ".join(
-                f"{li.address}{' (tls)' if li.tls else ''}" for li in config.all_listeners
-            ),
+            ", ".join(f"{li.address}{' (tls)' if li.tls else ''}" for li in config.all_listeners),
             config.admin,
             "1 process"
             if isinstance(self.plane, LocalPlane)

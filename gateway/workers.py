@@ -756,9 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvloop
 
     addresses = [(item.rsplit("|", 1)[0], int(item.rsplit("|", 1)[1])) for item in args.listen]
-    return int(
-        uvloop.run(run_worker(args.ipc_fd, args.index, args.host, args.port, addresses))
-    )
+    return int(uvloop.run(run_worker(args.ipc_fd, args.index, args.host, args.port, addresses)))
 
 
 if __name__ == "__main__":

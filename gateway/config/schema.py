@@ -208,8 +208,12 @@ UPSTREAM_TLS = Struct(
             " Default: the instance's host when it is a name; for an IP instance no SNI is"
             " sent and the certificate must carry that IP.",
         ),
-        Field("ca", FILE_PATH, "CA bundle (PEM) the instances' certificates must chain to."
-              " Default: the system trust store."),
+        Field(
+            "ca",
+            FILE_PATH,
+            "CA bundle (PEM) the instances' certificates must chain to."
+            " Default: the system trust store.",
+        ),
         Field(
             "verify",
             Bool(),
@@ -1193,8 +1197,9 @@ CERTIFICATE = Struct(
     "A certificate and its key; SNI picks it by the names in its subjectAltName.",
     [
         Field("cert", FILE_PATH, "PEM certificate, followed by its intermediates.", REQUIRED),
-        Field("key", FILE_PATH, "PEM private key. Secret: redacted when shown.", REQUIRED,
-              secret=True),
+        Field(
+            "key", FILE_PATH, "PEM private key. Secret: redacted when shown.", REQUIRED, secret=True
+        ),
     ],
     build=CertificateConfig,
 )
@@ -1305,9 +1310,11 @@ LISTENER = Struct(
         address, name or str(address), tls, redirect_to
     ),
     checks=[
-        lambda values: [("redirect_to", "only meaningful on a plaintext listener")]
-        if values["tls"] is not None and values["redirect_to"] is not None
-        else []
+        lambda values: (
+            [("redirect_to", "only meaningful on a plaintext listener")]
+            if values["tls"] is not None and values["redirect_to"] is not None
+            else []
+        )
     ],
 )
 

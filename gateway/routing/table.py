@@ -89,8 +89,10 @@ def sni_matches(pattern: str, server_name: str) -> bool:
         return False
     if pattern.startswith("*."):
         suffix = pattern[1:]  # ".example.com"
-        return server_name.endswith(suffix) and "." not in server_name[: -len(suffix)] and (
-            len(server_name) > len(suffix)
+        return (
+            server_name.endswith(suffix)
+            and "." not in server_name[: -len(suffix)]
+            and (len(server_name) > len(suffix))
         )
     return server_name == pattern
 

@@ -171,9 +171,10 @@ def check_tls_files(
 
     # Certificates with their keys, and CA bundles.
     for ref in refs:
-        data = readable.get(ref.where)
-        if data is None:
+        found = readable.get(ref.where)
+        if found is None:
             continue
+        data = found
         if ref.kind == "ca":
             try:
                 ssl.create_default_context(cadata=data.decode("ascii", "replace"))

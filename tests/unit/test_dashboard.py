@@ -28,6 +28,7 @@ class _Expiry(CertificateExpiry):
     def __init__(self) -> None:
         self.rows = [("https", "api.example.com", 2.0e9)]
 
+
 DASHBOARD = Path(__file__).resolve().parents[2] / "config" / "grafana" / "gateway-dashboard.json"
 
 # Metrics the dashboard already shows although the gateway does not export them yet; their
