@@ -601,6 +601,40 @@ class ControlPlane:
             if result["result"] in ("error", "refused"):
                 self._failed_sha256 = digest
 
+    async def watch_tls_files(self) -> None:
+        """``watch: true`` also follows the certificate, key and CA files: a rotation tool
+        replaces them, and once their bytes differ from what the running config serves and
+        were the same (stat) on two checks in a row, they are reloaded. A rejected set is not
+        retried until it changes again."""
+        unchanged: object = None  # stat signature whose contents equal the running files
+        pending: object = None
+        failed: object = None
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            running = self.config.tls_files
+            if not self.config.watch or not running:
+                unchanged = pending = None
+                continue
+            try:
+                stats = [(path, os.stat(path)) for path in sorted(running)]
+                signature = tuple((p, s.st_mtime_ns, s.st_size, s.st_ino) for p, s in stats)
+                if signature in (unchanged, failed):
+                    continue
+                if all(_read_bytes(path) == data for path, data in running.items()):
+                    unchanged, pending = signature, None
+                    continue
+            except OSError:
+                pending = None
+                continue  # mid-rename: look again next second
+            if signature != pending:
+                log.info("TLS files changed: waiting for them to settle")
+                pending = signature
+                continue
+            pending = None
+            result = await self.reload("certificate change")
+            if result["result"] in ("error", "refused"):
+                failed = signature
+
     async def run(self, *, with_demo: bool = False) -> int:
         loop = asyncio.get_running_loop()
         config = self.config
@@ -685,6 +719,7 @@ class ControlPlane:
         loop.add_signal_handler(signal.SIGQUIT, exit_now, 128 + signal.SIGQUIT)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.in_background(self.reload("SIGHUP")))
         self.in_background(self.watch())
+        self.in_background(self.watch_tls_files())
 
         await stop.wait()
         drain_timeout = self.config.drain_timeout

@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +241,33 @@ async def test_reloaded_client_ca_applies_to_new_handshakes(tmp_path: Path) -> N
         assert await accepted(ca_b) and not await accepted(ca_a)
     finally:
         server.close()
+
+
+def test_watch_applies_replaced_certificate_files(
+    tmp_path: Path, app_backend: AppBackend, start_gateway: Any
+) -> None:
+    certs = CertFiles(tmp_path)
+    live = (tmp_path / "live.pem", tmp_path / "live.key")
+    install(certs.issue("v1", "api.test"), live)
+    (port,) = free_ports(1)
+    gateway = start_gateway(
+        {
+            "watch": True,
+            "listen": [
+                {
+                    "address": f"127.0.0.1:{port}",
+                    "tls": {"certificates": [{"cert": str(live[0]), "key": str(live[1])}]},
+                }
+            ],
+            "upstreams": {"app": {"instances": [f"127.0.0.1:{app_backend.port}"]}},
+            "routes": [{"name": "all", "upstream": "app"}],
+        }
+    )
+    context = certs.client_context()
+    old = serial_seen(port, context)
+    install(certs.issue("v2", "api.test"), live)  # no reload call: the watcher sees it
+    deadline = time.monotonic() + 15
+    while serial_seen(port, context) == old:
+        assert time.monotonic() < deadline, gateway.log()
+        time.sleep(0.1)
+    assert "config reloaded (certificate change" in gateway.log()
