@@ -109,6 +109,9 @@ def nginx_backend_conf(
     )
 
 
+TLSFiles = tuple[str, str, bool]  # certificate, key, session tickets on
+
+
 def nginx_proxy_conf(
     prefix: Path,
     port: int,
@@ -118,12 +121,28 @@ def nginx_proxy_conf(
     *,
     single_process: bool = False,
     rate_limit: tuple[int, int] | None = None,
+    tls: TLSFiles | None = None,
 ) -> str:
     """nginx ``proxy_pass`` with upstream keep-alive, one worker, no access log.
 
     ``rate_limit`` = (requests per second, burst): one ``limit_req`` zone keyed by client
     address on every location, the counterpart of the gateway's ``key: client_ip`` limit.
+    With ``tls`` it terminates TLS like the gateway (TLS 1.2+, the same certificate, tickets
+    as given, no server-side session cache).
     """
+    listen = f"127.0.0.1:{port} backlog=4096"
+    tls_lines = ""
+    if tls is not None:
+        cert, key, tickets = tls
+        listen += " ssl"
+        tls_lines = (
+            f"        ssl_certificate {cert};\n"
+            f"        ssl_certificate_key {key};\n"
+            "        ssl_protocols TLSv1.2 TLSv1.3;\n"
+            "        ssl_ciphers ECDHE+AESGCM:ECDHE+CHACHA20;\n"
+            f"        ssl_session_tickets {'on' if tickets else 'off'};\n"
+            "        ssl_session_cache off;\n"
+        )
     proxy = "proxy_pass http://bench;"
     zone = limit = ""
     if rate_limit is not None:
@@ -150,8 +169,8 @@ def nginx_proxy_conf(
     proxy_buffers 8 16k;
     client_body_buffer_size 32k;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
-"""
+        listen {listen};
+{tls_lines}"""
         + limit
         + f"""        location / {{ {proxy} }}
 """
@@ -212,15 +231,30 @@ def gateway_config(
     backend_port: int,
     extra_routes: int = 0,
     workers: int | str = 1,
+    tls: TLSFiles | None = None,
 ) -> dict[str, Any]:
-    """The gateway's YAML document (DESIGN.md contract): one upstream, ``bench`` route last."""
+    """The gateway's YAML document (DESIGN.md contract): one upstream, ``bench`` route last;
+    with ``tls`` the listener terminates TLS."""
     routes: list[dict[str, Any]] = [
         {"name": f"r{i}", "match": {"path": {kind: path}}, "upstream": "bench"}
         for i, (kind, path) in enumerate(extra_route_paths(extra_routes))
     ]
     routes.append({"name": "bench", "match": {"path": {"prefix": "/"}}, "upstream": "bench"})
+    listen: Any = f"127.0.0.1:{port}"
+    if tls is not None:
+        cert, key, tickets = tls
+        listen = [
+            {
+                "address": listen,
+                "name": "https",
+                "tls": {
+                    "certificates": [{"cert": cert, "key": key}],
+                    "session_tickets": tickets,
+                },
+            }
+        ]
     return {
-        "listen": f"127.0.0.1:{port}",
+        "listen": listen,
         "admin": f"127.0.0.1:{admin_port}",
         "workers": workers,
         "upstreams": {"bench": {"instances": [f"127.0.0.1:{backend_port}"]}},
