@@ -516,7 +516,7 @@ def _run_real(tmp_path: Path, proxy: str, requests: int) -> dict[str, object]:
     return row
 
 
-@pytest.mark.skipif(VALGRIND is None or NGINX is None, reason="needs valgrind and nginx")
+# valgrind and nginx are installed by `make test` (scripts/setup_system.sh): no skip.
 def test_real_nginx_run_repeats(tmp_path: Path) -> None:
     """nginx under callgrind, 200 requests twice (about 15 s): a plausible, repeatable count."""
     row = _run_real(tmp_path, "nginx", 200)
@@ -526,10 +526,6 @@ def test_real_nginx_run_repeats(tmp_path: Path) -> None:
     assert row["ratio_vs_nginx"] == 1
 
 
-@pytest.mark.skipif(
-    VALGRIND is None or NGINX is None or not os.environ.get("LOADTEST_INSTRUCTIONS_GATEWAY"),
-    reason="needs valgrind, nginx and LOADTEST_INSTRUCTIONS_GATEWAY=1 (about 60 s)",
-)
 def test_real_gateway_run_repeats(tmp_path: Path) -> None:
     row = _run_real(tmp_path, "gateway", 200)
     assert 20_000 < row["instructions_per_request"] < 2_000_000  # type: ignore[operator]
