@@ -245,9 +245,10 @@ class WorkerPool:
             self.workers[index] = await self._spawn(index)
         for worker in list(self.workers.values()):
             exited = asyncio.ensure_future(worker.process.wait())
+            waiting: set[asyncio.Future[Any]] = {worker.ready, exited}
             try:
                 done, _ = await asyncio.wait(
-                    {worker.ready, exited},
+                    waiting,
                     timeout=START_TIMEOUT,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
@@ -372,7 +373,8 @@ class WorkerPool:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
             if self.stopping:
-                return
+                # mypy keeps the narrowing from before the await; stop() may have run since.
+                return  # type: ignore[unreachable]
             try:
                 worker = await self._spawn(worker.index)
             except OSError as error:

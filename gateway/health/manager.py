@@ -36,8 +36,8 @@ class HealthManager:
             if upstream.config.health is not None
         }
         for name in list(self._checkers):
-            health, checker = self._checkers[name]
-            if name not in wanted or wanted[name].config.health != health:
+            checked, checker = self._checkers[name]
+            if name not in wanted or wanted[name].config.health != checked:
                 del self._checkers[name]
                 await checker.stop()
         for name, upstream in wanted.items():
