@@ -31,9 +31,11 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+def _module_level_imports(
+    tree: ast.Module, type_checking: bool = False
+) -> list[ast.Import | ast.ImportFrom]:
     """Imports that run when the module is imported: top level, and inside top-level
-    ``try``/``if`` blocks other than ``if TYPE_CHECKING:``."""
+    ``try``/``if`` blocks other than ``if TYPE_CHECKING:`` (included with ``type_checking``)."""
     found: list[ast.Import | ast.ImportFrom] = []
     pending: list[ast.stmt] = list(tree.body)
     while pending:
@@ -41,7 +43,7 @@ def _module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]
         if isinstance(node, ast.Import | ast.ImportFrom):
             found.append(node)
         elif isinstance(node, ast.If):
-            if not _is_type_checking(node.test):
+            if type_checking or not _is_type_checking(node.test):
                 pending.extend(node.body)
             pending.extend(node.orelse)
         elif isinstance(node, ast.Try):
@@ -55,12 +57,13 @@ def _module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]
     return found
 
 
-def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+def import_graph(modules: dict[str, Path], type_checking: bool = False) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         is_package = path.name == "__init__.py"
         edges: set[str] = set()
-        for node in _module_level_imports(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in _module_level_imports(tree, type_checking):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             else:
@@ -113,6 +116,30 @@ def test_gateway_has_no_import_cycles() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+# Type-only cycles left, each with the reason. The client and upstream protocols call each
+# other (the listener restructure of the second edition splits them).
+KNOWN_TYPE_CYCLES = {frozenset({"gateway.proxy.listener", "gateway.proxy.upstream"})}
+
+
+def test_gateway_layers_even_for_type_checking() -> None:
+    """With the ``if TYPE_CHECKING:`` imports too: a cycle there is a layering smell (the
+    snapshot naming the transport, the registry naming its manager) even if it cannot fail at
+    import time."""
+    graph = import_graph(gateway_modules(), type_checking=True)
+    for pair in KNOWN_TYPE_CYCLES:
+        first, second = sorted(pair)
+        graph[second].discard(first)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle (type-level): " + " -> ".join(cycle or [])
+
+
+def test_snapshot_does_not_import_the_transport() -> None:
+    graph = import_graph(gateway_modules(), type_checking=True)
+    assert "gateway.proxy.upstream" not in graph["gateway.snapshot"]
+    assert "gateway.proxy.listener" not in graph["gateway.snapshot"]
+    assert "gateway.pools" in graph["gateway.snapshot"]
+
+
 @pytest.mark.parametrize(
     ("graph", "has_cycle"),
     [
@@ -147,3 +174,6 @@ def test_type_checking_imports_are_not_edges(tmp_path: Path) -> None:
     }
     graph = import_graph(modules)
     assert graph == {"p": set(), "p.a": set(), "p.b": {"p.a"}, "p.c": {"p.b"}}
+    with_types = import_graph(modules, type_checking=True)
+    assert with_types["p.a"] == {"p.b"}
+    assert find_cycle(with_types) == ["p.a", "p.b", "p.a"]
