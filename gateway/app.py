@@ -44,20 +44,36 @@ from gateway.metrics import GatewayMetrics, make_registry
 from gateway.proxy.listener import ProxyServer
 from gateway.ratelimit.shared import table_slots
 from gateway.snapshot import Snapshot, build_snapshot, close_redis_stores, describe_upstreams
-from gateway.workers import WorkerPool, WorkerStartError, apply_ejections, worker_count
+from gateway.tls.certs import load_with_tls
+from gateway.tls.metrics import CertificateExpiry
+from gateway.workers import (
+    WorkerPool,
+    WorkerStartError,
+    apply_ejections,
+    encode_tls_files,
+    worker_count,
+)
 
 log = logging.getLogger("gateway")
 
 # Keys that only take effect when the process starts (sockets, process count, histogram shapes).
+# ``listeners`` is compared by address and TLS-or-not only: TLS settings are reloaded.
 RESTART_KEYS = ("listen", "admin", "workers", "metrics")
+
+
+def _listener_sockets(config: GatewayConfig) -> list[tuple[str, tuple[str, int, bool]]]:
+    return [(listener.name, listener.socket_key) for listener in config.all_listeners]
+
+
 # watch: the file is checked this often, and read once it was the same on two checks in a row.
 WATCH_INTERVAL = 1.0
 
 Discovered = dict[str, tuple[InstanceConfig, ...]]
 
 
-def read_config(path: str) -> tuple[GatewayConfig, str]:
-    """Load and validate ``path``; also return its text, so workers parse the very same bytes."""
+def read_config(path: str, *, reload: bool = False) -> tuple[GatewayConfig, str]:
+    """Load and validate ``path``; also return its text, so workers parse the very same bytes.
+    ``reload``: an expired listener certificate is refused (gateway.tls.certs)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -66,6 +82,8 @@ def read_config(path: str) -> tuple[GatewayConfig, str]:
         load_config(path)  # raises ConfigInvalid with the file-level error
         raise
     config = load_config_text(text, path, require_routes=True)
+    # Certificates, keys and CAs are read and checked here, once (ConfigInvalid if unusable).
+    config, _ = load_with_tls(config, text, refuse_expired=reload)
     return dataclasses.replace(config, sha256=hashlib.sha256(data).hexdigest()), text
 
 
@@ -218,10 +236,11 @@ class LocalPlane:
         if config.access_log is not None:
             server.access_log = AccessLog(config.access_log.path, config.access_log.sample)
         self.server = server
-        await server.start(config.listen.host, config.listen.port)
+        await server.start(listeners=list(config.all_listeners))
 
     async def apply(self, config: GatewayConfig, text: str, discovered: Discovered) -> list[str]:
         assert self.server is not None
+        self.server.apply_tls(config)  # new handshakes get the new certificates
         self.server.set_snapshot(build_snapshot(config, self.server.snapshot, discovered))
         self.metrics.declare((route.name, route.upstream) for route in config.routes)
         return []
@@ -304,12 +323,14 @@ class WorkerPlane:
     def __init__(self, config: GatewayConfig, count: int) -> None:
         self.buckets = dict(config.metrics.buckets)
         self.metrics = GatewayMetrics(bucket_overrides=self.buckets)  # replaced at each scrape
+        listeners = config.all_listeners
         self.pool = WorkerPool(
             count,
-            config.listen.host,
-            config.listen.port,
+            listeners[0].address.host,
+            listeners[0].address.port,
             log_level=logging.getLogger().level,
             shared_slots=table_slots(_local_keys(config)),
+            extra_addresses=[(li.address.host, li.address.port) for li in listeners[1:]],
         )
         self.pool.on_eject = self._worker_ejected
         # Outlier ejections reported by workers and still running: (upstream, address) -> until.
@@ -360,6 +381,7 @@ class WorkerPlane:
             "text": text,
             "sha256": config.sha256,
             "references": config.references,
+            "tls": encode_tls_files(config.tls_files),
             **self._instance_state(discovered),
         }
 
@@ -513,6 +535,7 @@ class ControlPlane:
             refresh_metrics=plane.refresh_metrics,
             workers_describe=plane.describe_workers,
         )
+        self.expiry = CertificateExpiry(config)
         self._reload_lock = asyncio.Lock()
         self._failed_sha256: str | None = None  # a bad file seen by the watcher: not retried
         self._background: set[asyncio.Task[Any]] = set()
@@ -531,7 +554,7 @@ class ControlPlane:
         async with self._reload_lock:
             path = self.config_path
             try:
-                new_config, text = read_config(path)
+                new_config, text = read_config(path, reload=True)
             except ConfigInvalid as invalid:
                 return self._rejected(invalid.errors, trigger)
             except OSError as error:
@@ -544,6 +567,13 @@ class ControlPlane:
                 if drops:
                     return self._rejected(drops, trigger, result="refused")
             restart = [key for key in RESTART_KEYS if getattr(new_config, key) != getattr(old, key)]
+            if _listener_sockets(new_config) != _listener_sockets(old) and "listen" not in restart:
+                restart.append("listen")
+            if "listen" in restart:
+                restart.append("listeners")
+            elif new_config.listeners != old.listeners:
+                # Same sockets, new TLS settings or certificates: applied to new handshakes.
+                pass
             if restart:
                 log.warning(
                     "%s: %s changed: takes effect after a restart; running with the old value",
@@ -551,10 +581,19 @@ class ControlPlane:
                     ", ".join(restart),
                 )
                 new_config = dataclasses.replace(
-                    new_config, **{key: getattr(old, key) for key in restart}
+                    new_config,
+                    **{key: getattr(old, key) for key in restart},
+                    # The running listeners' certificates stay loadable.
+                    tls_files={**old.tls_files, **new_config.tls_files},
                 )
             discovered = self.discovery.instances(new_config)
-            problems = await self.plane.apply(new_config, text, discovered)
+            try:
+                problems = await self.plane.apply(new_config, text, discovered)
+            except (OSError, ValueError, KeyError) as error:  # e.g. a certificate that won't load
+                return self._rejected([ConfigError(path, None, "listen", str(error))], trigger)
+            self.expiry.update(new_config)
+            for warning in new_config.tls_warnings:
+                log.warning("%s", warning)
             self.config = self.state.config = new_config
             self.text = text
             SCRUBBER.set_secrets(new_config.secrets)
@@ -627,6 +666,40 @@ class ControlPlane:
             if result["result"] in ("error", "refused"):
                 self._failed_sha256 = digest
 
+    async def watch_tls_files(self) -> None:
+        """``watch: true`` also follows the certificate, key and CA files: a rotation tool
+        replaces them, and once their bytes differ from what the running config serves and
+        were the same (stat) on two checks in a row, they are reloaded. A rejected set is not
+        retried until it changes again."""
+        unchanged: object = None  # stat signature whose contents equal the running files
+        pending: object = None
+        failed: object = None
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            running = self.config.tls_files
+            if not self.config.watch or not running:
+                unchanged = pending = None
+                continue
+            try:
+                stats = [(path, os.stat(path)) for path in sorted(running)]
+                signature = tuple((p, s.st_mtime_ns, s.st_size, s.st_ino) for p, s in stats)
+                if signature in (unchanged, failed):
+                    continue
+                if all(_read_bytes(path) == data for path, data in running.items()):
+                    unchanged, pending = signature, None
+                    continue
+            except OSError:
+                pending = None
+                continue  # mid-rename: look again next second
+            if signature != pending:
+                log.info("TLS files changed: waiting for them to settle")
+                pending = signature
+                continue
+            pending = None
+            result = await self.reload("certificate change")
+            if result["result"] in ("error", "refused"):
+                failed = signature
+
     async def run(self, *, with_demo: bool = False) -> int:
         loop = asyncio.get_running_loop()
         config = self.config
@@ -635,6 +708,7 @@ class ControlPlane:
         registry = self.plane.registry
         registry.register(discovery.collector())
         registry.register(self.stats)
+        registry.register(self.expiry)
         registry.register(self.health.collector())
         # Discovery first, so that the first snapshot already holds discovered instances.
         await discovery.start()
@@ -679,9 +753,11 @@ class ControlPlane:
         self.state.ready = True
         for warning in config_warnings(config):
             log.warning("%s", warning)
+        for warning in config.tls_warnings:
+            log.warning("%s", warning)
         log.info(
             "gateway listening on %s (admin %s, %s), %d routes, config %s sha256 %s",
-            config.listen,
+            ", ".join(f"{li.address}{' (tls)' if li.tls else ''}" for li in config.all_listeners),
             config.admin,
             self.plane.summary(),
             len(config.routes),
@@ -706,6 +782,7 @@ class ControlPlane:
         loop.add_signal_handler(signal.SIGQUIT, exit_now, 128 + signal.SIGQUIT)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.in_background(self.reload("SIGHUP")))
         self.in_background(self.watch())
+        self.in_background(self.watch_tls_files())
 
         await stop.wait()
         drain_timeout = self.config.drain_timeout

@@ -86,12 +86,14 @@ class InstanceState(TypedDict):
 
 class ConfigPayload(InstanceState):
     """A config as the supervisor validated it: the file's exact text (nothing is read again),
-    its resolved ``${env:...}``/``${file:...}`` references and the digest of its bytes."""
+    its resolved ``${env:...}``/``${file:...}`` references, the digest of its bytes and the
+    TLS files (path -> PEM text as latin-1) as the supervisor read and checked them."""
 
     source: str
     text: str
     sha256: str
     references: dict[str, str]
+    tls: dict[str, str]
 
 
 # --------------------------------------------------------------------------- to a worker
@@ -212,6 +214,7 @@ def config_message(
         "text": payload["text"],
         "sha256": payload["sha256"],
         "references": payload["references"],
+        "tls": payload["tls"],
         "discovered": payload["discovered"],
         "unhealthy": payload["unhealthy"],
         "ejected": payload["ejected"],
@@ -326,6 +329,15 @@ def _bool(message: Mapping[str, Any], key: str) -> bool:
     return value
 
 
+def _str_map(message: Mapping[str, Any], key: str) -> dict[str, str]:
+    value = _field(message, key)
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise BadMessage(f"{key!r} must map strings to strings")
+    return value
+
+
 def _object_or_none(message: Mapping[str, Any], key: str) -> dict[str, Any] | None:
     value = message.get(key)
     if value is not None and not isinstance(value, dict):
@@ -378,17 +390,13 @@ def parse_to_worker(payload: bytes | Mapping[str, Any]) -> ToWorker:
     message = _object(payload)
     op = message.get("op")
     if op == "config":
-        references = _field(message, "references")
-        if not isinstance(references, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in references.items()
-        ):
-            raise BadMessage("'references' must map strings to strings")
         return config_message(
             {
                 "source": _str(message, "source"),
                 "text": _str(message, "text"),
                 "sha256": _str(message, "sha256"),
-                "references": references,
+                "references": _str_map(message, "references"),
+                "tls": _str_map(message, "tls"),
                 **_instance_state(message),
             },
             _int(message, "seq"),

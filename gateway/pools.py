@@ -9,6 +9,7 @@ transport: a snapshot can be built, carried over and described without it.
 from __future__ import annotations
 
 import importlib
+import ssl
 from typing import Protocol
 
 # The module that registers the data plane's pool factory when it is imported.
@@ -59,6 +60,8 @@ class PoolFactory(Protocol):
         max_idle: int,
         idle_timeout: float,
         connect_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> ConnectionPool: ...
 
 

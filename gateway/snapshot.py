@@ -33,6 +33,7 @@ from gateway.resilience.budget import RetryBudget
 from gateway.resilience.circuit_breaker import CircuitBreaker
 from gateway.resilience.retry import RetryPolicy
 from gateway.routing import RouteTable
+from gateway.tls.upstream import upstream_tls
 
 log = logging.getLogger("gateway.upstreams")
 
@@ -336,9 +337,14 @@ class Snapshot:
         ]
 
 
+PoolKey = tuple[str, str, int, float, float, int, object]
+
+
 def _pool_key(
-    upstream: UpstreamConfig, instance: InstanceConfig
-) -> tuple[str, str, int, float, float, int]:
+    upstream: UpstreamConfig, instance: InstanceConfig, tls_key: object = None
+) -> PoolKey:
+    """Pools carry over while these are the same; ``tls_key`` is (TLS settings, digest of
+    the TLS files' bytes): a new CA or client certificate means new connections."""
     timeouts = upstream.timeouts
     return (
         upstream.name,
@@ -347,6 +353,7 @@ def _pool_key(
         timeouts.connect,
         timeouts.idle,
         upstream.max_idle_connections,
+        tls_key,
     )
 
 
@@ -365,19 +372,23 @@ def build_snapshot(
     """
     if new_pool is None:
         new_pool = pool_factory()
-    old_pools: dict[tuple[str, str, int, float, float, int], ConnectionPool] = {}
+    old_pools: dict[PoolKey, ConnectionPool] = {}
     if previous is not None:
         for old_upstream in previous.upstreams.values():
+            old_tls = upstream_tls(old_upstream.config, previous.config)
             for old_instance in old_upstream.instances:
-                old_pools[_pool_key(old_upstream.config, old_instance.config)] = old_instance.pool
+                old_pools[_pool_key(old_upstream.config, old_instance.config, old_tls.key)] = (
+                    old_instance.pool
+                )
     upstreams: dict[str, Upstream] = {}
     for name, upstream_config in config.upstreams.items():
         instances: list[Instance] = []
         instance_configs = upstream_config.instances
         if discovered is not None and name in discovered:
             instance_configs = tuple(discovered[name])
+        tls = upstream_tls(upstream_config, config)
         for instance_config in instance_configs:
-            key = _pool_key(upstream_config, instance_config)
+            key = _pool_key(upstream_config, instance_config, tls.key)
             pool = old_pools.pop(key, None)
             if pool is None:
                 pool = new_pool(
@@ -386,6 +397,8 @@ def build_snapshot(
                     max_idle=upstream_config.max_idle_connections,
                     idle_timeout=upstream_config.timeouts.idle,
                     connect_timeout=upstream_config.timeouts.connect,
+                    ssl_context=tls.context,
+                    server_hostname=tls.server_hostname(instance_config.host),
                 )
             instances.append(Instance(instance_config, pool))
         previous_upstream = previous.upstreams.get(name) if previous is not None else None

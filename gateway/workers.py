@@ -58,7 +58,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -160,10 +160,14 @@ class WorkerPool:
         *,
         log_level: int = logging.INFO,
         shared_slots: int = DEFAULT_SLOTS,
+        extra_addresses: Sequence[tuple[str, int]] = (),
     ):
         self.count = count
         self.host = host
         self.port = port
+        # Listeners after the first (``listen`` as a list): each reserved and passed the same way.
+        self.addresses: list[tuple[str, int]] = [(host, port), *extra_addresses]
+        self._placeholders: list[socket.socket] = []
         self.log_level = log_level
         self.workers: dict[int, _Worker] = {}
         self.restarts = 0
@@ -188,26 +192,31 @@ class WorkerPool:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def _reserve_port(self) -> None:
-        """Bind (without listening) the listen address with SO_REUSEPORT.
+        """Bind (without listening) every listen address with SO_REUSEPORT.
 
         It resolves port 0 to one concrete port for every worker, fails early and clearly when
         the port is taken, and holds the port while a worker restarts. A socket that does not
         listen is not in the kernel's reuseport group, so it is never handed a connection.
         """
-        infos = socket.getaddrinfo(
-            self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
-        except OSError:
-            sock.close()
-            raise
-        self.port = sock.getsockname()[1]
-        self._placeholder = sock
+        resolved: list[tuple[str, int]] = []
+        for host, port in self.addresses:
+            infos = socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, kind, proto, _, address = infos[0]
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(address)
+            except OSError as error:
+                sock.close()
+                raise OSError(error.errno, f"{host}:{port}: {error.strerror}") from None
+            resolved.append((host, sock.getsockname()[1]))
+            self._placeholders.append(sock)
+        self.addresses = resolved
+        self.port = resolved[0][1]
+        self._placeholder = self._placeholders[0]
 
     async def start(self) -> None:
         """Start every worker and wait until each has its first snapshot live and listens."""
@@ -261,6 +270,7 @@ class WorkerPool:
                 self.host,
                 "--port",
                 str(self.port),
+                *[arg for host, port in self.addresses for arg in ("--listen", f"{host}|{port}")],
                 "--log-level",
                 logging.getLevelName(self.log_level),
                 pass_fds=(child.fileno(),)
@@ -379,8 +389,8 @@ class WorkerPool:
             task.cancel()
         for worker in self.workers.values():
             worker.writer.close()
-        if self._placeholder is not None:
-            self._placeholder.close()
+        for placeholder in self._placeholders:
+            placeholder.close()
         if self.shared is not None:
             self.shared.close()
         if self.connections is not None:
@@ -552,11 +562,34 @@ def _parse(message: ConfigMessage) -> GatewayConfig:
 
     config = load_config_text(message["text"], message["source"], references=message["references"])
     SCRUBBER.set_secrets(config.secrets)
+    # The TLS files as the supervisor read and checked them (PEM is ASCII: latin-1 is exact).
+    tls_files = {path: text.encode("latin-1") for path, text in message["tls"].items()}
     # The supervisor hashed the file's bytes; keep its digest so both report the same one.
-    return dataclasses.replace(config, sha256=message["sha256"] or config.sha256)
+    return dataclasses.replace(
+        config, sha256=message["sha256"] or config.sha256, tls_files=tls_files
+    )
 
 
-async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
+def encode_tls_files(files: Mapping[str, bytes]) -> dict[str, str]:
+    """``GatewayConfig.tls_files`` for the ``config`` message (``tls``)."""
+    return {path: data.decode("latin-1") for path, data in files.items()}
+
+
+def _bound_listeners(config: Any, addresses: Sequence[tuple[str, int]]) -> Any:
+    """The config's listeners with the ports the supervisor reserved (port 0 resolved)."""
+    import dataclasses
+
+    from gateway.config.model import Address
+
+    return [
+        dataclasses.replace(listener, address=Address(host, port))
+        for listener, (host, port) in zip(config.all_listeners, addresses, strict=False)
+    ]
+
+
+async def run_worker(
+    ipc_fd: int, index: int, host: str, port: int, addresses: Sequence[tuple[str, int]] = ()
+) -> int:
     """A worker process: the data plane only, fed over the control pipe."""
     from gateway.accesslog import AccessLog
     from gateway.config import ConfigInvalid, format_errors
@@ -604,8 +637,11 @@ async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
     if config.access_log is not None:
         server.access_log = AccessLog(config.access_log.path, config.access_log.sample)
     try:
-        await server.start(host, port, reuse_port=True)
-    except OSError as error:
+        if addresses:
+            await server.start(reuse_port=True, listeners=_bound_listeners(config, addresses))
+        else:
+            await server.start(host, port, reuse_port=True)
+    except (OSError, ValueError) as error:
         log.error("cannot listen on %s:%d: %s", host, port, error)
         return 1
     send(writer, ipc.ready_message(first["seq"], os.getpid(), config.sha256))
@@ -644,6 +680,11 @@ async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
             except ConfigInvalid as invalid:
                 send(writer, ipc.reject_message(message["seq"], format_errors(invalid.errors)))
                 return
+            try:
+                server.apply_tls(new_config)  # new handshakes get the new certificates
+            except (OSError, ValueError, KeyError) as error:
+                send(writer, ipc.reject_message(message["seq"], str(error)))
+                return
             server.set_snapshot(_build(new_config, server.snapshot, message))
             metrics.declare((route.name, route.upstream) for route in new_config.routes)
             send(writer, ipc.ack_message(message["seq"], new_config.sha256))
@@ -679,6 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--listen", action="append", default=[], help="host|port, per listener")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -690,7 +732,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_log_redaction()  # e.g. a Redis URL in a store's log line loses its password
     import uvloop
 
-    return int(uvloop.run(run_worker(args.ipc_fd, args.index, args.host, args.port)))
+    addresses = [(item.rsplit("|", 1)[0], int(item.rsplit("|", 1)[1])) for item in args.listen]
+    return int(uvloop.run(run_worker(args.ipc_fd, args.index, args.host, args.port, addresses)))
 
 
 if __name__ == "__main__":

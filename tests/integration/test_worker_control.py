@@ -47,6 +47,7 @@ def test_worker_ignores_malformed_control_messages() -> None:
         "text": text,
         "sha256": "0" * 64,
         "references": {},
+        "tls": {},
         "discovered": {},
         "unhealthy": [],
         "ejected": [],

@@ -116,19 +116,27 @@ def test_gateway_has_no_import_cycles() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-# Type-only cycles left, each with the reason. The client and upstream protocols call each
-# other (the listener restructure of the second edition splits them).
-KNOWN_TYPE_CYCLES = {frozenset({"gateway.proxy.listener", "gateway.proxy.upstream"})}
+# Type-only cycles left, each with the reason; the type-only edges inside a group are ignored.
+KNOWN_TYPE_CYCLES = [
+    # The client protocol, the upstream protocol and the TLS handshake protocol call back into
+    # the listener (the listener restructure of the second edition splits them).
+    {"gateway.proxy.listener", "gateway.proxy.upstream", "gateway.tls.accept"},
+    # contexts names certs' CertInfo and calls certs lazily; certs loads chains with contexts.
+    {"gateway.tls.certs", "gateway.tls.contexts"},
+]
 
 
 def test_gateway_layers_even_for_type_checking() -> None:
     """With the ``if TYPE_CHECKING:`` imports too: a cycle there is a layering smell (the
     snapshot naming the transport, the registry naming its manager) even if it cannot fail at
     import time."""
-    graph = import_graph(gateway_modules(), type_checking=True)
-    for pair in KNOWN_TYPE_CYCLES:
-        first, second = sorted(pair)
-        graph[second].discard(first)
+    modules = gateway_modules()
+    runtime = import_graph(modules)
+    graph = import_graph(modules, type_checking=True)
+    for group in KNOWN_TYPE_CYCLES:
+        assert group <= graph.keys(), f"stale entry: {sorted(group - graph.keys())}"
+        for module in group:
+            graph[module] -= group - runtime[module]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle (type-level): " + " -> ".join(cycle or [])
 

@@ -25,6 +25,7 @@ PAYLOAD: ipc.ConfigPayload = {
     "text": "listen: 127.0.0.1:8080\n",
     "sha256": "ab" * 32,
     "references": {"${env:TOKEN}": "s3cret"},
+    "tls": {"/etc/gw/cert.pem": "-----BEGIN CERTIFICATE-----\n..."},
     **STATE,
 }
 
@@ -130,6 +131,7 @@ def test_malformed_config_fields() -> None:
         ("text", None, "'text' must be a string"),
         ("references", {"a": 1}, "'references' must map strings to strings"),
         ("shared", [1], "'shared' must be an object or null"),
+        ("tls", {"/a.pem": None}, "'tls' must map strings to strings"),
         ("seq", 1.5, "'seq' must be an integer"),
     ]:
         with pytest.raises(BadMessage) as raised:
