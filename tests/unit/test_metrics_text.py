@@ -26,6 +26,9 @@ gateway_connections_open 5.0
 # HELP odd_labels Escapes.
 # TYPE odd_labels gauge
 odd_labels{path="a\\"b,c=d"} 1.5
+# HELP gateway_tls_certificate_expiry_timestamp_seconds Expiry.
+# TYPE gateway_tls_certificate_expiry_timestamp_seconds gauge
+gateway_tls_certificate_expiry_timestamp_seconds{listener="https",name="*.x.test"} 1.9e+09
 """
 
 
@@ -50,6 +53,12 @@ def test_by_label() -> None:
     assert by_label(TEXT, "gateway_requests_total", "method", route="a") == {"GET": 4, "POST": 2}
     assert by_label(TEXT, "gateway_requests_total", "route") == {"a": 6, "b": 7}
     assert by_label(TEXT, "gateway_connections_open", "route") == {}
+
+
+def test_a_label_called_name() -> None:
+    expiry = "gateway_tls_certificate_expiry_timestamp_seconds"
+    assert metric_sum(TEXT, expiry, name="*.x.test", listener="https") == 1.9e9
+    assert by_label(TEXT, expiry, "name", text="x") == {}
 
 
 def test_samples() -> None:
