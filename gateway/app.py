@@ -19,12 +19,13 @@ import os
 import signal
 import time
 from collections.abc import Coroutine, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from gateway import ipc
 from gateway.accesslog import AccessLog
 from gateway.admin.app import AdminState, create_admin_app
 from gateway.config import (
@@ -49,7 +50,6 @@ from gateway.workers import (
     WorkerPool,
     WorkerStartError,
     apply_ejections,
-    encode_discovered,
     encode_tls_files,
     worker_count,
 )
@@ -163,6 +163,58 @@ class ReloadStats:
 # --------------------------------------------------------------------------- data planes
 
 
+class DataPlane(Protocol):
+    """All the control plane knows of the data plane: ``LocalPlane`` (in this process) or
+    ``WorkerPlane`` (worker processes fed over pipes)."""
+
+    @property
+    def metrics(self) -> GatewayMetrics:
+        """The request metrics (in a supervisor: the last merge of the workers')."""
+        ...
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """What /metrics renders."""
+        ...
+
+    def current(self) -> Snapshot:
+        """The snapshot health checks probe and /admin/* describe."""
+        ...
+
+    def health_manager(self) -> HealthManager: ...
+
+    def summary(self) -> str:
+        """For the start-up log line: ``1 process`` or ``N workers``."""
+        ...
+
+    async def start(self, config: GatewayConfig, text: str, discovered: Discovered) -> None:
+        """Build the first snapshot and start listening (``text``: the file ``config`` was
+        parsed from)."""
+
+    async def apply(self, config: GatewayConfig, text: str, discovered: Discovered) -> list[str]:
+        """Swap a reloaded config in; the problems (empty: applied everywhere)."""
+        ...
+
+    def apply_discovered(self, discovered: Discovered) -> None:
+        """Same config, new instance lists."""
+
+    async def refresh_metrics(self) -> None:
+        """Called before each scrape."""
+
+    def describe_workers(self) -> list[dict[str, Any]] | None:
+        """/admin/workers (None: a single process)."""
+        ...
+
+    def ready(self) -> bool: ...
+
+    def ready_detail(self) -> dict[str, Any]: ...
+
+    async def drain(self, grace_period: float) -> None:
+        """Stop accepting; let requests in flight finish for up to ``grace_period`` s."""
+
+    def kill_now(self) -> None: ...
+
+
 class LocalPlane:
     """``workers: 1``: the data plane lives in this process and event loop."""
 
@@ -171,8 +223,6 @@ class LocalPlane:
         self.metrics.declare((route.name, route.upstream) for route in config.routes)
         self.registry = make_registry(self.metrics)
         self.server: ProxyServer | None = None
-        self.describe_workers = None
-        self.refresh_metrics = None
 
     def current(self) -> Snapshot:
         assert self.server is not None
@@ -199,6 +249,15 @@ class LocalPlane:
         server = self.server
         assert server is not None
         server.set_snapshot(build_snapshot(server.snapshot.config, server.snapshot, discovered))
+
+    def summary(self) -> str:
+        return "1 process"
+
+    async def refresh_metrics(self) -> None:
+        pass  # recorded in this process: always current
+
+    def describe_workers(self) -> list[dict[str, Any]] | None:
+        return None
 
     def ready(self) -> bool:
         return self.server is not None
@@ -293,42 +352,48 @@ class WorkerPlane:
     def health_manager(self) -> HealthManager:
         return _NotifyingHealth(self)
 
-    def _unhealthy(self) -> list[list[str]]:
+    def _unhealthy(self) -> ipc.Unhealthy:
         return [
-            [upstream.name, instance.address]
+            (upstream.name, instance.address)
             for upstream in self.current().upstreams.values()
             for instance in upstream.instances
             if not instance.healthy
         ]
 
-    def _ejected(self) -> list[list[Any]]:
+    def _ejected(self) -> ipc.Ejected:
         now = time.monotonic()
         for key in [key for key, until in self.ejections.items() if until <= now]:
             del self.ejections[key]
-        return [[upstream, address, until] for (upstream, address), until in self.ejections.items()]
+        return [(upstream, address, until) for (upstream, address), until in self.ejections.items()]
 
-    def _message(self, config: GatewayConfig, text: str, discovered: Discovered) -> dict[str, Any]:
+    def _instance_state(self, discovered: Discovered) -> ipc.InstanceState:
+        return {
+            "discovered": ipc.discovered_rows(discovered),
+            "unhealthy": self._unhealthy(),
+            "ejected": self._ejected(),
+        }
+
+    def _message(
+        self, config: GatewayConfig, text: str, discovered: Discovered
+    ) -> ipc.ConfigPayload:
         return {
             "source": config.source,
             "text": text,
             "sha256": config.sha256,
             "references": config.references,
-            "discovered": encode_discovered(discovered),
             "tls": encode_tls_files(config.tls_files),
-            "unhealthy": self._unhealthy(),
-            "ejected": self._ejected(),
+            **self._instance_state(discovered),
         }
 
     def _rebuild(self, config: GatewayConfig, discovered: Discovered) -> None:
         self.snapshot = build_snapshot(config, self.snapshot, discovered)
         apply_ejections(self.snapshot, self._ejected())
 
-    def _worker_ejected(self, message: dict[str, Any]) -> None:
+    def _worker_ejected(self, message: ipc.EjectMessage) -> None:
         """A worker's outlier detection ejected an instance: show it in /admin/upstreams and
         make every worker eject it too, unless that would put more than max_ejection_percent
         of the upstream out across the gateway (then only the reporting worker has it out)."""
-        upstream_name, address = str(message["upstream"]), str(message["address"])
-        until = float(message["until"])
+        upstream_name, address, until = message["upstream"], message["address"], message["until"]
         now = time.monotonic()
         upstream = self.current().upstreams.get(upstream_name)
         if upstream is None or not upstream.apply_ejection(address, until, now):
@@ -369,9 +434,7 @@ class WorkerPlane:
 
     def apply_discovered(self, discovered: Discovered) -> None:
         self._rebuild(self.current().config, discovered)
-        self.pool.update_instances(
-            encode_discovered(discovered), self._unhealthy(), self._ejected()
-        )
+        self.pool.update_instances(self._instance_state(discovered))
 
     def health_changed(self, upstream: str, address: str, healthy: bool) -> None:
         self.pool.health(upstream, address, healthy, self._unhealthy())
@@ -386,8 +449,11 @@ class WorkerPlane:
                 log.warning("worker metrics not merged: %s", error)
         self.metrics = merged
 
-    def describe_workers(self) -> list[dict[str, Any]]:
+    def describe_workers(self) -> list[dict[str, Any]] | None:
         return self.pool.describe()
+
+    def summary(self) -> str:
+        return f"{self.pool.count} workers"
 
     def ready(self) -> bool:
         return self.pool.ready_count() > 0
@@ -402,9 +468,6 @@ class WorkerPlane:
 
     def kill_now(self) -> None:
         self.pool.kill_now()
-
-
-Plane = LocalPlane | WorkerPlane
 
 
 def drop_problems(old: GatewayConfig, new: GatewayConfig) -> list[ConfigError]:
@@ -449,7 +512,9 @@ def _local_keys(config: GatewayConfig) -> int:
 
 
 class ControlPlane:
-    def __init__(self, config: GatewayConfig, text: str, config_path: str, plane: Plane) -> None:
+    def __init__(
+        self, config: GatewayConfig, text: str, config_path: str, plane: DataPlane
+    ) -> None:
         self.config = config
         self.text = text
         self.config_path = config_path
@@ -694,9 +759,7 @@ class ControlPlane:
             "gateway listening on %s (admin %s, %s), %d routes, config %s sha256 %s",
             ", ".join(f"{li.address}{' (tls)' if li.tls else ''}" for li in config.all_listeners),
             config.admin,
-            "1 process"
-            if isinstance(self.plane, LocalPlane)
-            else f"{self.plane.pool.count} workers",
+            self.plane.summary(),
             len(config.routes),
             self.config_path,
             config.sha256[:12],
@@ -750,5 +813,5 @@ async def serve(config: GatewayConfig, config_path: str, *, with_demo: bool = Fa
         log.error("cannot read %s again at start: %s", config_path, error)
         return 1
     count = worker_count(config.workers)
-    plane: Plane = LocalPlane(config) if count == 1 else WorkerPlane(config, count)
+    plane: DataPlane = LocalPlane(config) if count == 1 else WorkerPlane(config, count)
     return await ControlPlane(config, text, config_path, plane).run(with_demo=with_demo)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.utils import floatToGoString
+from prometheus_client.utils import floatToGoString as _float_to_go_string
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -71,6 +71,9 @@ HISTOGRAMS: dict[str, tuple[float, ...]] = {
     "request_body": DEFAULT_SIZE_BUCKETS,
     "response_body": DEFAULT_SIZE_BUCKETS,
 }
+
+# prometheus_client's formatter of `le` values (1.0 -> "1.0", inf -> "+Inf") has no annotations.
+float_to_go_string: Callable[[float], str] = _float_to_go_string
 
 # Label value used by callers for requests that matched no route (and so have no upstream).
 NO_ROUTE = "<none>"
@@ -295,12 +298,12 @@ class GatewayMetrics:
     ) -> HistogramMetricFamily:
         fam = HistogramMetricFamily(name, doc, labels=labelnames)
         bounds = self.buckets if bounds is None else bounds
-        les = [floatToGoString(b) for b in bounds]
+        les = [float_to_go_string(b) for b in bounds]
         les.append("+Inf")
         n = len(bounds)
         for labels, hist in items:
             cumulative: list[tuple[str, float]] = []
-            acc = 0
+            acc: float = 0
             for i in range(n + 1):
                 acc += hist[i]
                 cumulative.append((les[i], acc))
@@ -545,8 +548,10 @@ class GatewayMetrics:
         for kind, count in state.get("client_timeouts", {}).items():
             self.client_timeouts[kind] = self.client_timeouts.get(kind, 0) + count
         for listener, reason, count in state.get("tls_handshake_errors", ()):
-            key = (listener, reason)
-            self.tls_handshake_errors[key] = self.tls_handshake_errors.get(key, 0) + count
+            handshake = (listener, reason)
+            self.tls_handshake_errors[handshake] = (
+                self.tls_handshake_errors.get(handshake, 0) + count
+            )
         self.malloc_trims += state.get("malloc_trims", 0)
         errors = self.upstream_protocol_errors
         for upstream, reason, count in state.get("upstream_protocol_errors", ()):

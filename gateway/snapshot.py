@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.balancing import SlowStart, compile_hash_key, make_balancer
+from gateway.balancing import Balancer, SlowStart, compile_hash_key, make_balancer
 from gateway.config.model import (
     GatewayConfig,
     InstanceConfig,
@@ -24,8 +24,8 @@ from gateway.config.model import (
     UpstreamConfig,
 )
 from gateway.health.outlier import OutlierDetector
+from gateway.pools import ConnectionPool, PoolFactory, pool_factory
 from gateway.proxy.headers import TrustedProxies
-from gateway.proxy.upstream import InstancePool
 from gateway.ratelimit import LimitSpec, RedisStore, RouteLimiter
 from gateway.ratelimit import shared as shared_buckets
 from gateway.ratelimit.limiter import BucketStores
@@ -61,7 +61,7 @@ class Instance:
         "weight",
     )
 
-    def __init__(self, config: InstanceConfig, pool: InstancePool) -> None:
+    def __init__(self, config: InstanceConfig, pool: ConnectionPool) -> None:
         self.config = config
         self.address = config.address
         self.weight = config.weight
@@ -70,7 +70,7 @@ class Instance:
         self.failing = False  # the last try failed: the next success must reset the streak
         self.latency = 0.0  # moving average of upstream response time (s), for /admin/upstreams
         self.available = True
-        self.pool = pool
+        self.pool: ConnectionPool = pool  # the data plane's InstancePool (gateway/pools.py)
         self.active_requests = 0
 
     def update_availability(self) -> bool:
@@ -158,6 +158,10 @@ class Upstream:
         # reset: the balancer (slow start, P2C/EWMA state, carried over by address), the
         # breaker's counts, the retry budget and the latency window.
         same = previous is not None and _same_runtime_settings(previous.config, config)
+        self.rng: random.Random
+        self.balancer: Balancer[Instance]
+        self.budget: RetryBudget
+        self.breaker: CircuitBreaker
         if same:
             assert previous is not None
             self.rng = previous.rng
@@ -327,7 +331,7 @@ class Snapshot:
     route_retry: dict[str, RetryPolicy | None]  # routes whose retry overrides the upstream's
     limiters: dict[str, RouteLimiter]  # routes with rate limits or max_in_flight
 
-    def pools(self) -> list[InstancePool]:
+    def pools(self) -> list[ConnectionPool]:
         return [
             instance.pool for upstream in self.upstreams.values() for instance in upstream.instances
         ]
@@ -357,14 +361,18 @@ def build_snapshot(
     config: GatewayConfig,
     previous: Snapshot | None = None,
     discovered: Mapping[str, Sequence[InstanceConfig]] | None = None,
+    new_pool: PoolFactory | None = None,
 ) -> Snapshot:
     """Compile ``config`` into a snapshot.
 
     ``discovered`` maps upstream names to instance lists from a discovery backend; they replace
     the upstream's static ``instances``. Pools of (upstream, host, port) that exist in
-    ``previous`` are carried over with their idle connections.
+    ``previous`` are carried over with their idle connections; new ones come from ``new_pool``
+    (by default the factory the data plane registered, ``gateway.pools``).
     """
-    old_pools: dict[PoolKey, InstancePool] = {}
+    if new_pool is None:
+        new_pool = pool_factory()
+    old_pools: dict[PoolKey, ConnectionPool] = {}
     if previous is not None:
         for old_upstream in previous.upstreams.values():
             old_tls = upstream_tls(old_upstream.config, previous.config)
@@ -383,7 +391,7 @@ def build_snapshot(
             key = _pool_key(upstream_config, instance_config, tls.key)
             pool = old_pools.pop(key, None)
             if pool is None:
-                pool = InstancePool(
+                pool = new_pool(
                     instance_config.host,
                     instance_config.port,
                     max_idle=upstream_config.max_idle_connections,

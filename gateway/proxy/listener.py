@@ -1549,9 +1549,12 @@ class ClientConnection(asyncio.Protocol):
         )
         if route.timeout:
             ex.deadline = time.monotonic() + route.timeout  # exact: the tick clock may lag
-        self._connect(ex, instance.pool)
+        self._connect(ex, instance.pool)  # type: ignore[arg-type]  # see _connect
 
     def _connect(self, ex: Exchange, pool: InstancePool) -> None:
+        # Callers pass ``instance.pool``, typed as the snapshot's ConnectionPool protocol
+        # (gateway/pools.py): every pool is an InstancePool, built by the factory this package
+        # registers. Their ``type: ignore`` says so for free, where a cast() would be a call.
         conn = pool.acquire()
         if conn is not None:
             self._attach(ex, conn)
@@ -1923,7 +1926,7 @@ class ClientConnection(asyncio.Protocol):
             ex.pending = replay + pending if replay or pending else None
             ex.pending_bytes = sum(len(chunk) for chunk in ex.pending) if ex.pending else 0
             assert ex.instance is not None
-            self._connect(ex, ex.instance.pool)
+            self._connect(ex, ex.instance.pool)  # type: ignore[arg-type]  # see _connect
             return
         if not ex.response_started:
             conn.owner = None
@@ -2020,7 +2023,7 @@ class ClientConnection(asyncio.Protocol):
         assert upstream is not None
         instance = self._pick(ex, upstream, ex.tried)
         if instance is not None:
-            self._connect(ex, instance.pool)
+            self._connect(ex, instance.pool)  # type: ignore[arg-type]  # see _connect
 
     def _pick(
         self, ex: Exchange, upstream: Upstream, exclude: tuple[Instance, ...]
@@ -2066,7 +2069,7 @@ class ClientConnection(asyncio.Protocol):
         metrics.retry(upstream.name, "hedge")
         instance.active_requests += 1
         ex.hedge_instance = instance
-        pool = instance.pool
+        pool: InstancePool = instance.pool  # type: ignore[assignment]  # see _connect
         conn = pool.acquire()
         if conn is not None:
             self._attach_hedge(ex, conn)
@@ -2299,8 +2302,9 @@ class ClientConnection(asyncio.Protocol):
             ex.limiter = None
         now = time.perf_counter()
         total = now - ex.t_start
+        upstream_time: float | None  # declared apart, so the assignment below narrows it
         if ex.t_upstream:
-            upstream_time: float | None = (ex.t_upstream_done or now) - ex.t_upstream
+            upstream_time = (ex.t_upstream_done or now) - ex.t_upstream
             overhead = total - upstream_time
         else:
             upstream_time = None

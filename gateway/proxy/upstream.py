@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
+from gateway.pools import set_pool_factory
 from gateway.proxy.headers import parse_response_head
 
 if TYPE_CHECKING:
@@ -515,3 +516,7 @@ class InstancePool:
                 on_done(protocol, None)
 
         return loop.create_task(open_connection())
+
+
+# gateway.snapshot creates pools through this factory (gateway/pools.py) and does not import us.
+set_pool_factory(InstancePool)

@@ -24,8 +24,9 @@ from gateway.tls.certs import resolve
 from gateway.tls.contexts import ServerTLS, build_store
 
 if TYPE_CHECKING:
-    from gateway.config.model import GatewayConfig, ListenerConfig
+    from gateway.config.model import GatewayConfig, ListenerConfig, ListenerTLSConfig
     from gateway.proxy.listener import ProxyServer
+    from gateway.tls.contexts import CertStore
 
 HANDSHAKE_REASONS = (
     "timeout",  # not done within handshake_timeout
@@ -99,7 +100,7 @@ class ListenerState:
     def commit(self, prepared: object) -> None:
         if prepared is None or self.tls is None:
             return
-        tls_config, store = cast(tuple, prepared)
+        tls_config, store = cast("tuple[ListenerTLSConfig, CertStore]", prepared)
         self.tls.update(tls_config, store)
 
 

@@ -19,6 +19,7 @@ from tests.integration.backends import AppBackend
 from tests.integration.conftest import GatewayProcess, free_ports
 from tests.integration.test_reload import metric
 from tests.integration.tls_support import CertFiles, TLSBackend, peer_names, s_client, tls_get
+from tests.metrics_text import samples
 
 
 class Setup:
@@ -499,13 +500,12 @@ def test_upstream_verify_false_accepts_any_certificate(tls_gateway: GatewayProce
 
 
 def test_certificate_expiry_metric(tls_gateway: GatewayProcess) -> None:
-    lines = [
-        line
-        for line in tls_gateway.metrics_text().splitlines()
-        if line.startswith("gateway_tls_certificate_expiry_timestamp_seconds{")
-        and 'listener="https"' in line
-        and 'name="*.wild.test"' in line
-    ]
-    assert len(lines) == 1, lines
-    expiry = float(lines[0].rsplit(" ", 1)[1])
+    found = samples(
+        tls_gateway.metrics_text(),
+        "gateway_tls_certificate_expiry_timestamp_seconds",
+        listener="https",
+        name="*.wild.test",
+    )
+    assert len(found) == 1, found
+    expiry = found[0].value
     assert expiry > time.time() + 86400  # trustme certificates are valid for a long time
