@@ -313,9 +313,9 @@ RETRY = Struct(
             "budget_percent",
             Int(0, 100),
             "Retry budget: each request to the upstream earns this share of a retry, and each"
-            " retry or hedge spends one; earnings expire after budget_ttl. Over any budget_ttl"
-            " window, retries <= budget_percent% of requests + min_retries_per_second x"
-            " budget_ttl, so a correlated burst is retried and a retry storm is not.",
+            " retry or hedge spends one; earnings expire after budget_ttl. Over time, retries"
+            " stay within budget_percent% of requests plus min_retries_per_second, so a"
+            " correlated burst is retried and a retry storm is not.",
             20,
         ),
         Field(
