@@ -17,7 +17,7 @@ STAMP_LOADTEST := $(VENV)/.installed-loadtest
 
 help:
 	@echo "make run     set up .venv and run the gateway on $(CONFIG) with the demo backend"
-	@echo "make test    install what the suite needs (system servers, .venv), run ruff and the"
+	@echo "make test    install what the suite needs (system servers, .venv), run ruff, mypy and the"
 	@echo "             whole test suite"
 	@echo "make system  only install the system servers the suite needs (scripts/setup_system.sh)"
 	@echo "make lint    ruff check + ruff format --check"
@@ -63,6 +63,7 @@ test: system
 
 test-only: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q --durations=10
 
 system:
@@ -84,5 +85,5 @@ schema: $(STAMP)
 	mv config/schema.json.tmp config/schema.json
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

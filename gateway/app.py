@@ -19,12 +19,13 @@ import os
 import signal
 import time
 from collections.abc import Coroutine, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from gateway import ipc
 from gateway.accesslog import AccessLog
 from gateway.admin.app import AdminState, create_admin_app
 from gateway.config import (
@@ -43,26 +44,36 @@ from gateway.metrics import GatewayMetrics, make_registry
 from gateway.proxy.listener import ProxyServer
 from gateway.ratelimit.shared import table_slots
 from gateway.snapshot import Snapshot, build_snapshot, close_redis_stores, describe_upstreams
+from gateway.tls.certs import load_with_tls
+from gateway.tls.metrics import CertificateExpiry
 from gateway.workers import (
     WorkerPool,
     WorkerStartError,
     apply_ejections,
-    encode_discovered,
+    encode_tls_files,
     worker_count,
 )
 
 log = logging.getLogger("gateway")
 
 # Keys that only take effect when the process starts (sockets, process count, histogram shapes).
+# ``listeners`` is compared by address and TLS-or-not only: TLS settings are reloaded.
 RESTART_KEYS = ("listen", "admin", "workers", "metrics")
+
+
+def _listener_sockets(config: GatewayConfig) -> list[tuple[str, tuple[str, int, bool]]]:
+    return [(listener.name, listener.socket_key) for listener in config.all_listeners]
+
+
 # watch: the file is checked this often, and read once it was the same on two checks in a row.
 WATCH_INTERVAL = 1.0
 
 Discovered = dict[str, tuple[InstanceConfig, ...]]
 
 
-def read_config(path: str) -> tuple[GatewayConfig, str]:
-    """Load and validate ``path``; also return its text, so workers parse the very same bytes."""
+def read_config(path: str, *, reload: bool = False) -> tuple[GatewayConfig, str]:
+    """Load and validate ``path``; also return its text, so workers parse the very same bytes.
+    ``reload``: an expired listener certificate is refused (gateway.tls.certs)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -71,6 +82,8 @@ def read_config(path: str) -> tuple[GatewayConfig, str]:
         load_config(path)  # raises ConfigInvalid with the file-level error
         raise
     config = load_config_text(text, path, require_routes=True)
+    # Certificates, keys and CAs are read and checked here, once (ConfigInvalid if unusable).
+    config, _ = load_with_tls(config, text, refuse_expired=reload)
     return dataclasses.replace(config, sha256=hashlib.sha256(data).hexdigest()), text
 
 
@@ -150,6 +163,58 @@ class ReloadStats:
 # --------------------------------------------------------------------------- data planes
 
 
+class DataPlane(Protocol):
+    """All the control plane knows of the data plane: ``LocalPlane`` (in this process) or
+    ``WorkerPlane`` (worker processes fed over pipes)."""
+
+    @property
+    def metrics(self) -> GatewayMetrics:
+        """The request metrics (in a supervisor: the last merge of the workers')."""
+        ...
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """What /metrics renders."""
+        ...
+
+    def current(self) -> Snapshot:
+        """The snapshot health checks probe and /admin/* describe."""
+        ...
+
+    def health_manager(self) -> HealthManager: ...
+
+    def summary(self) -> str:
+        """For the start-up log line: ``1 process`` or ``N workers``."""
+        ...
+
+    async def start(self, config: GatewayConfig, text: str, discovered: Discovered) -> None:
+        """Build the first snapshot and start listening (``text``: the file ``config`` was
+        parsed from)."""
+
+    async def apply(self, config: GatewayConfig, text: str, discovered: Discovered) -> list[str]:
+        """Swap a reloaded config in; the problems (empty: applied everywhere)."""
+        ...
+
+    def apply_discovered(self, discovered: Discovered) -> None:
+        """Same config, new instance lists."""
+
+    async def refresh_metrics(self) -> None:
+        """Called before each scrape."""
+
+    def describe_workers(self) -> list[dict[str, Any]] | None:
+        """/admin/workers (None: a single process)."""
+        ...
+
+    def ready(self) -> bool: ...
+
+    def ready_detail(self) -> dict[str, Any]: ...
+
+    async def drain(self, grace_period: float) -> None:
+        """Stop accepting; let requests in flight finish for up to ``grace_period`` s."""
+
+    def kill_now(self) -> None: ...
+
+
 class LocalPlane:
     """``workers: 1``: the data plane lives in this process and event loop."""
 
@@ -158,8 +223,6 @@ class LocalPlane:
         self.metrics.declare((route.name, route.upstream) for route in config.routes)
         self.registry = make_registry(self.metrics)
         self.server: ProxyServer | None = None
-        self.describe_workers = None
-        self.refresh_metrics = None
 
     def current(self) -> Snapshot:
         assert self.server is not None
@@ -173,10 +236,11 @@ class LocalPlane:
         if config.access_log is not None:
             server.access_log = AccessLog(config.access_log.path, config.access_log.sample)
         self.server = server
-        await server.start(config.listen.host, config.listen.port)
+        await server.start(listeners=list(config.all_listeners))
 
     async def apply(self, config: GatewayConfig, text: str, discovered: Discovered) -> list[str]:
         assert self.server is not None
+        self.server.apply_tls(config)  # new handshakes get the new certificates
         self.server.set_snapshot(build_snapshot(config, self.server.snapshot, discovered))
         self.metrics.declare((route.name, route.upstream) for route in config.routes)
         return []
@@ -185,6 +249,15 @@ class LocalPlane:
         server = self.server
         assert server is not None
         server.set_snapshot(build_snapshot(server.snapshot.config, server.snapshot, discovered))
+
+    def summary(self) -> str:
+        return "1 process"
+
+    async def refresh_metrics(self) -> None:
+        pass  # recorded in this process: always current
+
+    def describe_workers(self) -> list[dict[str, Any]] | None:
+        return None
 
     def ready(self) -> bool:
         return self.server is not None
@@ -250,12 +323,14 @@ class WorkerPlane:
     def __init__(self, config: GatewayConfig, count: int) -> None:
         self.buckets = dict(config.metrics.buckets)
         self.metrics = GatewayMetrics(bucket_overrides=self.buckets)  # replaced at each scrape
+        listeners = config.all_listeners
         self.pool = WorkerPool(
             count,
-            config.listen.host,
-            config.listen.port,
+            listeners[0].address.host,
+            listeners[0].address.port,
             log_level=logging.getLogger().level,
             shared_slots=table_slots(_local_keys(config)),
+            extra_addresses=[(li.address.host, li.address.port) for li in listeners[1:]],
         )
         self.pool.on_eject = self._worker_ejected
         # Outlier ejections reported by workers and still running: (upstream, address) -> until.
@@ -277,41 +352,48 @@ class WorkerPlane:
     def health_manager(self) -> HealthManager:
         return _NotifyingHealth(self)
 
-    def _unhealthy(self) -> list[list[str]]:
+    def _unhealthy(self) -> ipc.Unhealthy:
         return [
-            [upstream.name, instance.address]
+            (upstream.name, instance.address)
             for upstream in self.current().upstreams.values()
             for instance in upstream.instances
             if not instance.healthy
         ]
 
-    def _ejected(self) -> list[list[Any]]:
+    def _ejected(self) -> ipc.Ejected:
         now = time.monotonic()
         for key in [key for key, until in self.ejections.items() if until <= now]:
             del self.ejections[key]
-        return [[upstream, address, until] for (upstream, address), until in self.ejections.items()]
+        return [(upstream, address, until) for (upstream, address), until in self.ejections.items()]
 
-    def _message(self, config: GatewayConfig, text: str, discovered: Discovered) -> dict[str, Any]:
+    def _instance_state(self, discovered: Discovered) -> ipc.InstanceState:
+        return {
+            "discovered": ipc.discovered_rows(discovered),
+            "unhealthy": self._unhealthy(),
+            "ejected": self._ejected(),
+        }
+
+    def _message(
+        self, config: GatewayConfig, text: str, discovered: Discovered
+    ) -> ipc.ConfigPayload:
         return {
             "source": config.source,
             "text": text,
             "sha256": config.sha256,
             "references": config.references,
-            "discovered": encode_discovered(discovered),
-            "unhealthy": self._unhealthy(),
-            "ejected": self._ejected(),
+            "tls": encode_tls_files(config.tls_files),
+            **self._instance_state(discovered),
         }
 
     def _rebuild(self, config: GatewayConfig, discovered: Discovered) -> None:
         self.snapshot = build_snapshot(config, self.snapshot, discovered)
         apply_ejections(self.snapshot, self._ejected())
 
-    def _worker_ejected(self, message: dict[str, Any]) -> None:
+    def _worker_ejected(self, message: ipc.EjectMessage) -> None:
         """A worker's outlier detection ejected an instance: show it in /admin/upstreams and
         make every worker eject it too, unless that would put more than max_ejection_percent
         of the upstream out across the gateway (then only the reporting worker has it out)."""
-        upstream_name, address = str(message["upstream"]), str(message["address"])
-        until = float(message["until"])
+        upstream_name, address, until = message["upstream"], message["address"], message["until"]
         now = time.monotonic()
         upstream = self.current().upstreams.get(upstream_name)
         if upstream is None or not upstream.apply_ejection(address, until, now):
@@ -352,9 +434,7 @@ class WorkerPlane:
 
     def apply_discovered(self, discovered: Discovered) -> None:
         self._rebuild(self.current().config, discovered)
-        self.pool.update_instances(
-            encode_discovered(discovered), self._unhealthy(), self._ejected()
-        )
+        self.pool.update_instances(self._instance_state(discovered))
 
     def health_changed(self, upstream: str, address: str, healthy: bool) -> None:
         self.pool.health(upstream, address, healthy, self._unhealthy())
@@ -369,8 +449,11 @@ class WorkerPlane:
                 log.warning("worker metrics not merged: %s", error)
         self.metrics = merged
 
-    def describe_workers(self) -> list[dict[str, Any]]:
+    def describe_workers(self) -> list[dict[str, Any]] | None:
         return self.pool.describe()
+
+    def summary(self) -> str:
+        return f"{self.pool.count} workers"
 
     def ready(self) -> bool:
         return self.pool.ready_count() > 0
@@ -385,9 +468,6 @@ class WorkerPlane:
 
     def kill_now(self) -> None:
         self.pool.kill_now()
-
-
-Plane = LocalPlane | WorkerPlane
 
 
 def drop_problems(old: GatewayConfig, new: GatewayConfig) -> list[ConfigError]:
@@ -432,7 +512,9 @@ def _local_keys(config: GatewayConfig) -> int:
 
 
 class ControlPlane:
-    def __init__(self, config: GatewayConfig, text: str, config_path: str, plane: Plane) -> None:
+    def __init__(
+        self, config: GatewayConfig, text: str, config_path: str, plane: DataPlane
+    ) -> None:
         self.config = config
         self.text = text
         self.config_path = config_path
@@ -453,6 +535,7 @@ class ControlPlane:
             refresh_metrics=plane.refresh_metrics,
             workers_describe=plane.describe_workers,
         )
+        self.expiry = CertificateExpiry(config)
         self._reload_lock = asyncio.Lock()
         self._failed_sha256: str | None = None  # a bad file seen by the watcher: not retried
         self._background: set[asyncio.Task[Any]] = set()
@@ -471,7 +554,7 @@ class ControlPlane:
         async with self._reload_lock:
             path = self.config_path
             try:
-                new_config, text = read_config(path)
+                new_config, text = read_config(path, reload=True)
             except ConfigInvalid as invalid:
                 return self._rejected(invalid.errors, trigger)
             except OSError as error:
@@ -484,6 +567,13 @@ class ControlPlane:
                 if drops:
                     return self._rejected(drops, trigger, result="refused")
             restart = [key for key in RESTART_KEYS if getattr(new_config, key) != getattr(old, key)]
+            if _listener_sockets(new_config) != _listener_sockets(old) and "listen" not in restart:
+                restart.append("listen")
+            if "listen" in restart:
+                restart.append("listeners")
+            elif new_config.listeners != old.listeners:
+                # Same sockets, new TLS settings or certificates: applied to new handshakes.
+                pass
             if restart:
                 log.warning(
                     "%s: %s changed: takes effect after a restart; running with the old value",
@@ -491,10 +581,19 @@ class ControlPlane:
                     ", ".join(restart),
                 )
                 new_config = dataclasses.replace(
-                    new_config, **{key: getattr(old, key) for key in restart}
+                    new_config,
+                    **{key: getattr(old, key) for key in restart},
+                    # The running listeners' certificates stay loadable.
+                    tls_files={**old.tls_files, **new_config.tls_files},
                 )
             discovered = self.discovery.instances(new_config)
-            problems = await self.plane.apply(new_config, text, discovered)
+            try:
+                problems = await self.plane.apply(new_config, text, discovered)
+            except (OSError, ValueError, KeyError) as error:  # e.g. a certificate that won't load
+                return self._rejected([ConfigError(path, None, "listen", str(error))], trigger)
+            self.expiry.update(new_config)
+            for warning in new_config.tls_warnings:
+                log.warning("%s", warning)
             self.config = self.state.config = new_config
             self.text = text
             SCRUBBER.set_secrets(new_config.secrets)
@@ -567,6 +666,40 @@ class ControlPlane:
             if result["result"] in ("error", "refused"):
                 self._failed_sha256 = digest
 
+    async def watch_tls_files(self) -> None:
+        """``watch: true`` also follows the certificate, key and CA files: a rotation tool
+        replaces them, and once their bytes differ from what the running config serves and
+        were the same (stat) on two checks in a row, they are reloaded. A rejected set is not
+        retried until it changes again."""
+        unchanged: object = None  # stat signature whose contents equal the running files
+        pending: object = None
+        failed: object = None
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            running = self.config.tls_files
+            if not self.config.watch or not running:
+                unchanged = pending = None
+                continue
+            try:
+                stats = [(path, os.stat(path)) for path in sorted(running)]
+                signature = tuple((p, s.st_mtime_ns, s.st_size, s.st_ino) for p, s in stats)
+                if signature in (unchanged, failed):
+                    continue
+                if all(_read_bytes(path) == data for path, data in running.items()):
+                    unchanged, pending = signature, None
+                    continue
+            except OSError:
+                pending = None
+                continue  # mid-rename: look again next second
+            if signature != pending:
+                log.info("TLS files changed: waiting for them to settle")
+                pending = signature
+                continue
+            pending = None
+            result = await self.reload("certificate change")
+            if result["result"] in ("error", "refused"):
+                failed = signature
+
     async def run(self, *, with_demo: bool = False) -> int:
         loop = asyncio.get_running_loop()
         config = self.config
@@ -575,6 +708,7 @@ class ControlPlane:
         registry = self.plane.registry
         registry.register(discovery.collector())
         registry.register(self.stats)
+        registry.register(self.expiry)
         registry.register(self.health.collector())
         # Discovery first, so that the first snapshot already holds discovered instances.
         await discovery.start()
@@ -619,13 +753,13 @@ class ControlPlane:
         self.state.ready = True
         for warning in config_warnings(config):
             log.warning("%s", warning)
+        for warning in config.tls_warnings:
+            log.warning("%s", warning)
         log.info(
             "gateway listening on %s (admin %s, %s), %d routes, config %s sha256 %s",
-            config.listen,
+            ", ".join(f"{li.address}{' (tls)' if li.tls else ''}" for li in config.all_listeners),
             config.admin,
-            "1 process"
-            if isinstance(self.plane, LocalPlane)
-            else f"{self.plane.pool.count} workers",
+            self.plane.summary(),
             len(config.routes),
             self.config_path,
             config.sha256[:12],
@@ -648,6 +782,7 @@ class ControlPlane:
         loop.add_signal_handler(signal.SIGQUIT, exit_now, 128 + signal.SIGQUIT)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.in_background(self.reload("SIGHUP")))
         self.in_background(self.watch())
+        self.in_background(self.watch_tls_files())
 
         await stop.wait()
         drain_timeout = self.config.drain_timeout
@@ -678,5 +813,5 @@ async def serve(config: GatewayConfig, config_path: str, *, with_demo: bool = Fa
         log.error("cannot read %s again at start: %s", config_path, error)
         return 1
     count = worker_count(config.workers)
-    plane: Plane = LocalPlane(config) if count == 1 else WorkerPlane(config, count)
+    plane: DataPlane = LocalPlane(config) if count == 1 else WorkerPlane(config, count)
     return await ControlPlane(config, text, config_path, plane).run(with_demo=with_demo)

@@ -23,8 +23,14 @@ DEFAULT_ADMIN = "127.0.0.1:9901"
 
 
 def _load_or_report(path: str) -> GatewayConfig | None:
+    from gateway.tls.certs import load_with_tls
+
     try:
-        return load_config(path)
+        config = load_config(path)
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+        # Certificates, keys and CAs: missing, unreadable or mismatched ones are errors.
+        return load_with_tls(config, text)[0]
     except ConfigInvalid as invalid:
         print(format_errors(invalid.errors), file=sys.stderr)
         return None
@@ -53,7 +59,7 @@ def _report_warnings(args: argparse.Namespace, config: GatewayConfig) -> int:
     from gateway.config.lint import lint_text
 
     with open(args.config, encoding="utf-8-sig") as f:
-        warnings = lint_text(f.read(), config)
+        warnings: list[object] = [*lint_text(f.read(), config), *config.tls_warnings]
     for warning in warnings:
         print(warning, file=sys.stderr)
     if warnings and args.strict:

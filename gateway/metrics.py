@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.utils import floatToGoString
+from prometheus_client.utils import floatToGoString as _float_to_go_string
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -71,6 +71,9 @@ HISTOGRAMS: dict[str, tuple[float, ...]] = {
     "request_body": DEFAULT_SIZE_BUCKETS,
     "response_body": DEFAULT_SIZE_BUCKETS,
 }
+
+# prometheus_client's formatter of `le` values (1.0 -> "1.0", inf -> "+Inf") has no annotations.
+float_to_go_string: Callable[[float], str] = _float_to_go_string
 
 # Label value used by callers for requests that matched no route (and so have no upstream).
 NO_ROUTE = "<none>"
@@ -162,6 +165,8 @@ class GatewayMetrics:
         # Slow or excess clients: reason -> connections refused (max_connections, draining);
         # kind -> clients cut off by a timeout (header, body, send); malloc_trim calls.
         self.connections_refused: dict[str, int] = {}
+        # (listener, reason) -> TLS handshakes that failed (gateway.tls.accept).
+        self.tls_handshake_errors: dict[tuple[str, str], int] = {}
         self.client_timeouts: dict[str, int] = {}
         self.malloc_trims = 0
         # (upstream, reason) -> upstream connections closed for breaking HTTP/1.1 framing
@@ -262,6 +267,10 @@ class GatewayMetrics:
     def connection_refused(self, reason: str) -> None:
         self.connections_refused[reason] = self.connections_refused.get(reason, 0) + 1
 
+    def tls_handshake_error(self, listener: str, reason: str) -> None:
+        key = (listener, reason)
+        self.tls_handshake_errors[key] = self.tls_handshake_errors.get(key, 0) + 1
+
     def client_timeout(self, kind: str) -> None:
         self.client_timeouts[kind] = self.client_timeouts.get(kind, 0) + 1
 
@@ -295,12 +304,12 @@ class GatewayMetrics:
     ) -> HistogramMetricFamily:
         fam = HistogramMetricFamily(name, doc, labels=labelnames)
         bounds = self.buckets if bounds is None else bounds
-        les = [floatToGoString(b) for b in bounds]
+        les = [float_to_go_string(b) for b in bounds]
         les.append("+Inf")
         n = len(bounds)
         for labels, hist in items:
             cumulative: list[tuple[str, float]] = []
-            acc = 0
+            acc: float = 0
             for i in range(n + 1):
                 acc += hist[i]
                 cumulative.append((les[i], acc))
@@ -435,6 +444,14 @@ class GatewayMetrics:
         )
         for kind, count in list(self.client_timeouts.items()):
             timeouts.add_metric([kind], count)
+        handshake_errors = CounterMetricFamily(
+            "gateway_tls_handshake_errors_total",
+            "TLS handshakes that failed, by listener and reason: timeout, protocol_version,"
+            " no_shared_cipher, client_certificate, peer_alert, http_on_https, closed, other.",
+            labels=["listener", "reason"],
+        )
+        for (listener, reason), count in list(self.tls_handshake_errors.items()):
+            handshake_errors.add_metric([listener, reason], count)
         trims = CounterMetricFamily(
             "gateway_malloc_trims_total",
             "Times freed heap memory was handed back to the OS after many connections closed.",
@@ -457,6 +474,7 @@ class GatewayMetrics:
             instances,
             refused,
             timeouts,
+            handshake_errors,
             trims,
         ]
 
@@ -487,6 +505,10 @@ class GatewayMetrics:
             "instance_states": {u: dict(c) for u, c in list(self.instance_states.items())},
             "connections_refused": dict(self.connections_refused),
             "client_timeouts": dict(self.client_timeouts),
+            "tls_handshake_errors": [
+                [listener, reason, n]
+                for (listener, reason), n in list(self.tls_handshake_errors.items())
+            ],
             "malloc_trims": self.malloc_trims,
         }
 
@@ -546,6 +568,11 @@ class GatewayMetrics:
             self.connections_refused[reason] = self.connections_refused.get(reason, 0) + count
         for kind, count in state.get("client_timeouts", {}).items():
             self.client_timeouts[kind] = self.client_timeouts.get(kind, 0) + count
+        for listener, reason, count in state.get("tls_handshake_errors", ()):
+            handshake = (listener, reason)
+            self.tls_handshake_errors[handshake] = (
+                self.tls_handshake_errors.get(handshake, 0) + count
+            )
         self.malloc_trims += state.get("malloc_trims", 0)
         errors = self.upstream_protocol_errors
         for upstream, reason, count in state.get("upstream_protocol_errors", ()):
@@ -575,6 +602,7 @@ class _GatewayCollector:
         ("gateway_upstream_instances", "gauge"),
         ("gateway_connections_refused", "counter"),
         ("gateway_client_timeouts", "counter"),
+        ("gateway_tls_handshake_errors", "counter"),
         ("gateway_malloc_trims", "counter"),
     )
 

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gateway.balancing import SlowStart, compile_hash_key, make_balancer
+from gateway.balancing import Balancer, SlowStart, compile_hash_key, make_balancer
 from gateway.config.model import (
     GatewayConfig,
     InstanceConfig,
@@ -25,8 +25,8 @@ from gateway.config.model import (
 )
 from gateway.health.outlier import OutlierDetector
 from gateway.idempotency import RouteIdempotency, idempotency_stores
+from gateway.pools import ConnectionPool, PoolFactory, pool_factory
 from gateway.proxy.headers import TrustedProxies
-from gateway.proxy.upstream import InstancePool
 from gateway.ratelimit import LimitSpec, RedisStore, RouteLimiter
 from gateway.ratelimit import shared as shared_buckets
 from gateway.ratelimit.limiter import BucketStores
@@ -34,6 +34,7 @@ from gateway.resilience.budget import RetryBudget
 from gateway.resilience.circuit_breaker import CircuitBreaker
 from gateway.resilience.retry import RetryPolicy
 from gateway.routing import RouteTable
+from gateway.tls.upstream import upstream_tls
 
 log = logging.getLogger("gateway.upstreams")
 
@@ -61,7 +62,7 @@ class Instance:
         "weight",
     )
 
-    def __init__(self, config: InstanceConfig, pool: InstancePool) -> None:
+    def __init__(self, config: InstanceConfig, pool: ConnectionPool) -> None:
         self.config = config
         self.address = config.address
         self.weight = config.weight
@@ -70,7 +71,7 @@ class Instance:
         self.failing = False  # the last try failed: the next success must reset the streak
         self.latency = 0.0  # moving average of upstream response time (s), for /admin/upstreams
         self.available = True
-        self.pool = pool
+        self.pool: ConnectionPool = pool  # the data plane's InstancePool (gateway/pools.py)
         self.active_requests = 0
 
     def update_availability(self) -> bool:
@@ -158,6 +159,10 @@ class Upstream:
         # reset: the balancer (slow start, P2C/EWMA state, carried over by address), the
         # breaker's counts, the retry budget and the latency window.
         same = previous is not None and _same_runtime_settings(previous.config, config)
+        self.rng: random.Random
+        self.balancer: Balancer[Instance]
+        self.budget: RetryBudget
+        self.breaker: CircuitBreaker
         if same:
             assert previous is not None
             self.rng = previous.rng
@@ -329,15 +334,20 @@ class Snapshot:
     # Routes with an idempotency section (Idempotency-Key replay store).
     idempotency: dict[str, RouteIdempotency] = field(default_factory=dict)
 
-    def pools(self) -> list[InstancePool]:
+    def pools(self) -> list[ConnectionPool]:
         return [
             instance.pool for upstream in self.upstreams.values() for instance in upstream.instances
         ]
 
 
+PoolKey = tuple[str, str, int, float, float, int, object]
+
+
 def _pool_key(
-    upstream: UpstreamConfig, instance: InstanceConfig
-) -> tuple[str, str, int, float, float, int]:
+    upstream: UpstreamConfig, instance: InstanceConfig, tls_key: object = None
+) -> PoolKey:
+    """Pools carry over while these are the same; ``tls_key`` is (TLS settings, digest of
+    the TLS files' bytes): a new CA or client certificate means new connections."""
     timeouts = upstream.timeouts
     return (
         upstream.name,
@@ -346,6 +356,7 @@ def _pool_key(
         timeouts.connect,
         timeouts.idle,
         upstream.max_idle_connections,
+        tls_key,
     )
 
 
@@ -353,34 +364,44 @@ def build_snapshot(
     config: GatewayConfig,
     previous: Snapshot | None = None,
     discovered: Mapping[str, Sequence[InstanceConfig]] | None = None,
+    new_pool: PoolFactory | None = None,
 ) -> Snapshot:
     """Compile ``config`` into a snapshot.
 
     ``discovered`` maps upstream names to instance lists from a discovery backend; they replace
     the upstream's static ``instances``. Pools of (upstream, host, port) that exist in
-    ``previous`` are carried over with their idle connections.
+    ``previous`` are carried over with their idle connections; new ones come from ``new_pool``
+    (by default the factory the data plane registered, ``gateway.pools``).
     """
-    old_pools: dict[tuple[str, str, int, float, float, int], InstancePool] = {}
+    if new_pool is None:
+        new_pool = pool_factory()
+    old_pools: dict[PoolKey, ConnectionPool] = {}
     if previous is not None:
         for old_upstream in previous.upstreams.values():
+            old_tls = upstream_tls(old_upstream.config, previous.config)
             for old_instance in old_upstream.instances:
-                old_pools[_pool_key(old_upstream.config, old_instance.config)] = old_instance.pool
+                old_pools[_pool_key(old_upstream.config, old_instance.config, old_tls.key)] = (
+                    old_instance.pool
+                )
     upstreams: dict[str, Upstream] = {}
     for name, upstream_config in config.upstreams.items():
         instances: list[Instance] = []
         instance_configs = upstream_config.instances
         if discovered is not None and name in discovered:
             instance_configs = tuple(discovered[name])
+        tls = upstream_tls(upstream_config, config)
         for instance_config in instance_configs:
-            key = _pool_key(upstream_config, instance_config)
+            key = _pool_key(upstream_config, instance_config, tls.key)
             pool = old_pools.pop(key, None)
             if pool is None:
-                pool = InstancePool(
+                pool = new_pool(
                     instance_config.host,
                     instance_config.port,
                     max_idle=upstream_config.max_idle_connections,
                     idle_timeout=upstream_config.timeouts.idle,
                     connect_timeout=upstream_config.timeouts.connect,
+                    ssl_context=tls.context,
+                    server_hostname=tls.server_hostname(instance_config.host),
                 )
             instances.append(Instance(instance_config, pool))
         previous_upstream = previous.upstreams.get(name) if previous is not None else None

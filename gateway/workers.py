@@ -7,7 +7,8 @@ kernel spreads new connections over the listening sockets) and runs only the dat
 uvloop. The supervisor keeps the control plane: config, discovery, health checks, admin server.
 
 Supervisor and worker talk over a socketpair inherited by the worker (``--ipc-fd``), one frame
-per message: a 4-byte big-endian length, then an orjson object with an ``op``:
+per message: a 4-byte big-endian length, then an orjson object with an ``op``. The messages are
+typed, built and parsed in ``gateway/ipc.py``; a malformed or unknown one is logged and ignored.
 
 supervisor -> worker
   ``config``      {seq, source, text, sha256, references, discovered, unhealthy, ejected,
@@ -55,33 +56,43 @@ import os
 import secrets
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
-import orjson
-
+from gateway import ipc
+from gateway.ipc import (
+    BadMessage,
+    ConfigMessage,
+    ConfigPayload,
+    EjectMessage,
+    InstanceState,
+    Reply,
+    ToWorker,
+    read_frame,
+    send,
+)
 from gateway.proxy.connlimit import SharedConnectionCount
 from gateway.ratelimit.shared import DEFAULT_SLOTS, SharedTable
 from gateway.snapshot import close_redis_stores
+
+if TYPE_CHECKING:
+    from gateway.config.model import GatewayConfig
+    from gateway.snapshot import Snapshot
 
 __all__ = [
     "WorkerPool",
     "WorkerStartError",
     "main",
-    "receive",
     "run_worker",
-    "send",
     "worker_count",
 ]
 
 log = logging.getLogger("gateway.workers")
 
-_FRAME = struct.Struct("!I")
-_MAX_FRAME = 256 * 1024 * 1024  # a 10,000-route config plus its metrics stays far below
 START_TIMEOUT = 60.0  # a worker parses and compiles the whole config before it is ready
 REPLY_TIMEOUT = 30.0  # config swaps: parsing a large file takes a while
 BACKOFF_MIN = 0.1
@@ -94,35 +105,6 @@ def worker_count(workers: int | str) -> int:
     if workers == "auto":
         return max(1, os.cpu_count() or 1)
     return int(workers)
-
-
-# --------------------------------------------------------------------------- framing
-
-
-def send(writer: asyncio.StreamWriter, message: Mapping[str, Any]) -> None:
-    data = orjson.dumps(message)
-    writer.write(_FRAME.pack(len(data)) + data)
-
-
-async def receive(reader: asyncio.StreamReader) -> dict[str, Any] | None:
-    """The next message, or None at EOF (the other side is gone)."""
-    try:
-        head = await reader.readexactly(_FRAME.size)
-        (size,) = _FRAME.unpack(head)
-        if size > _MAX_FRAME:
-            raise ValueError(f"control frame of {size} bytes")
-        message: dict[str, Any] = orjson.loads(await reader.readexactly(size))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    return message
-
-
-def encode_discovered(discovered: Mapping[str, Iterable[Any]]) -> dict[str, list[list[Any]]]:
-    """DiscoveryManager.instances() -> JSON-able ``{upstream: [[host, port, weight], ...]}``."""
-    return {
-        name: [[i.host, i.port, i.weight] for i in instances]
-        for name, instances in discovered.items()
-    }
 
 
 # --------------------------------------------------------------------------- supervisor side
@@ -138,8 +120,8 @@ class _Worker:
     process: asyncio.subprocess.Process
     writer: asyncio.StreamWriter
     started: float
-    ready: asyncio.Future[dict[str, Any]]
-    pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    ready: asyncio.Future[Reply]
+    pending: dict[int, asyncio.Future[Reply]] = field(default_factory=dict)
     last_state: dict[str, Any] | None = None  # its latest metrics export
     sha256: str = ""
     reader_task: asyncio.Task[None] | None = None
@@ -178,17 +160,21 @@ class WorkerPool:
         *,
         log_level: int = logging.INFO,
         shared_slots: int = DEFAULT_SLOTS,
+        extra_addresses: Sequence[tuple[str, int]] = (),
     ):
         self.count = count
         self.host = host
         self.port = port
+        # Listeners after the first (``listen`` as a list): each reserved and passed the same way.
+        self.addresses: list[tuple[str, int]] = [(host, port), *extra_addresses]
+        self._placeholders: list[socket.socket] = []
         self.log_level = log_level
         self.workers: dict[int, _Worker] = {}
         self.restarts = 0
         self.stopping = False
         # What a (re)started worker needs: the last config message plus later discovery and
         # health updates folded in. Set before start().
-        self.current: dict[str, Any] = {}
+        self.current: ConfigPayload | None = None
         # Metrics of workers that died: counters must not go backwards on /metrics.
         self.retired: list[dict[str, Any]] = []
         self._seq = 0
@@ -201,31 +187,36 @@ class WorkerPool:
         self.connections: SharedConnectionCount | None = None
         self.hash_seed = 1 + secrets.randbelow(2**32 - 1)
         # Called with each ``eject`` message a worker sends (set by the owner of the pool).
-        self.on_eject: Callable[[dict[str, Any]], None] | None = None
+        self.on_eject: Callable[[EjectMessage], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def _reserve_port(self) -> None:
-        """Bind (without listening) the listen address with SO_REUSEPORT.
+        """Bind (without listening) every listen address with SO_REUSEPORT.
 
         It resolves port 0 to one concrete port for every worker, fails early and clearly when
         the port is taken, and holds the port while a worker restarts. A socket that does not
         listen is not in the kernel's reuseport group, so it is never handed a connection.
         """
-        infos = socket.getaddrinfo(
-            self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
-        except OSError:
-            sock.close()
-            raise
-        self.port = sock.getsockname()[1]
-        self._placeholder = sock
+        resolved: list[tuple[str, int]] = []
+        for host, port in self.addresses:
+            infos = socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, kind, proto, _, address = infos[0]
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(address)
+            except OSError as error:
+                sock.close()
+                raise OSError(error.errno, f"{host}:{port}: {error.strerror}") from None
+            resolved.append((host, sock.getsockname()[1]))
+            self._placeholders.append(sock)
+        self.addresses = resolved
+        self.port = resolved[0][1]
+        self._placeholder = self._placeholders[0]
 
     async def start(self) -> None:
         """Start every worker and wait until each has its first snapshot live and listens."""
@@ -245,9 +236,10 @@ class WorkerPool:
             self.workers[index] = await self._spawn(index)
         for worker in list(self.workers.values()):
             exited = asyncio.ensure_future(worker.process.wait())
+            waiting: set[asyncio.Future[Any]] = {worker.ready, exited}
             try:
                 done, _ = await asyncio.wait(
-                    {worker.ready, exited},
+                    waiting,
                     timeout=START_TIMEOUT,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
@@ -278,6 +270,7 @@ class WorkerPool:
                 self.host,
                 "--port",
                 str(self.port),
+                *[arg for host, port in self.addresses for arg in ("--listen", f"{host}|{port}")],
                 "--log-level",
                 logging.getLevelName(self.log_level),
                 pass_fds=(child.fileno(),)
@@ -294,17 +287,12 @@ class WorkerPool:
         worker.reader_task = loop.create_task(self._read(worker, reader))
         seq = self._next_seq()
         worker.pending[seq] = worker.ready
+        assert self.current is not None, "set WorkerPool.current before start()"
         shared = self.shared.spec() if self.shared is not None else None
         connections = self.connections.spec() if self.connections is not None else None
         send(
             writer,
-            {
-                **self.current,
-                "op": "config",
-                "seq": seq,
-                "shared": shared,
-                "connections": connections,
-            },
+            ipc.config_message(self.current, seq, shared=shared, connections=connections),
         )
         log.info("worker %d started (pid %d)", index, process.pid)
         return worker
@@ -315,20 +303,21 @@ class WorkerPool:
 
     async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
         while True:
-            message = await receive(reader)
-            if message is None:
+            frame = await read_frame(reader)
+            if frame is None:
                 break
-            op = message.get("op")
-            if op == "eject":
-                if self.on_eject is not None:
-                    try:
-                        self.on_eject(message)
-                    except (KeyError, TypeError, ValueError) as error:
-                        log.warning("bad eject message from worker %d: %r", worker.index, error)
+            try:
+                message = ipc.parse_to_supervisor(frame)
+            except BadMessage as error:
+                log.warning("ignored a control message from worker %d: %s", worker.index, error)
                 continue
-            if op in ("ready", "ack"):
-                worker.sha256 = str(message.get("sha256", ""))
-            future = worker.pending.pop(int(message.get("seq", -1)), None)
+            if message["op"] == "eject":
+                if self.on_eject is not None:
+                    self.on_eject(message)
+                continue
+            if message["op"] == "ready" or message["op"] == "ack":
+                worker.sha256 = message["sha256"]
+            future = worker.pending.pop(message["seq"], None)
             if future is not None and not future.done():
                 future.set_result(message)
         worker.gone = True
@@ -372,7 +361,8 @@ class WorkerPool:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
             if self.stopping:
-                return
+                # mypy keeps the narrowing from before the await; stop() may have run since.
+                return  # type: ignore[unreachable]
             try:
                 worker = await self._spawn(worker.index)
             except OSError as error:
@@ -399,8 +389,8 @@ class WorkerPool:
             task.cancel()
         for worker in self.workers.values():
             worker.writer.close()
-        if self._placeholder is not None:
-            self._placeholder.close()
+        for placeholder in self._placeholders:
+            placeholder.close()
         if self.shared is not None:
             self.shared.close()
         if self.connections is not None:
@@ -418,89 +408,82 @@ class WorkerPool:
     def _live(self) -> list[_Worker]:
         return [w for w in self.workers.values() if w.is_ready]
 
-    def broadcast(self, message: Mapping[str, Any]) -> None:
+    def broadcast(self, message: ToWorker) -> None:
         """Send to every started worker (ones still starting got ``current`` already)."""
         for worker in self.workers.values():
             if worker.process.returncode is None and not worker.writer.is_closing():
                 send(worker.writer, message)
 
-    async def _ask(self, worker: _Worker, message: dict[str, Any], wait: float) -> Any:
+    async def _ask(self, worker: _Worker, message: Callable[[int], ToWorker], wait: float) -> Reply:
+        """Send ``message(seq)`` and wait for the reply with that ``seq``."""
         if worker.gone:
             raise ConnectionError(f"worker {worker.index} is gone")
         seq = self._next_seq()
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         worker.pending[seq] = future
-        send(worker.writer, {**message, "seq": seq})
+        send(worker.writer, message(seq))
         try:
             async with asyncio.timeout(wait):
                 return await future
         finally:
             worker.pending.pop(seq, None)
 
-    async def apply_config(self, message: dict[str, Any]) -> list[str]:
+    async def apply_config(self, payload: ConfigPayload) -> list[str]:
         """Swap a new config into every worker; returns the problems (empty = all swapped)."""
-        self.current = message
+        self.current = payload
         live = [w for w in self.workers.values() if w.process.returncode is None]
+        message = partial(ipc.config_message, payload)
         results = await asyncio.gather(
-            *(self._ask(w, {**message, "op": "config"}, REPLY_TIMEOUT) for w in live),
+            *(self._ask(w, message, REPLY_TIMEOUT) for w in live),
             return_exceptions=True,
         )
         problems = []
         for worker, result in zip(live, results, strict=True):
             if isinstance(result, BaseException):
                 problems.append(f"worker {worker.index}: {result!r}")
-            elif result.get("op") == "reject":
-                problems.append(f"worker {worker.index}: {result.get('error')}")
+            elif result["op"] == "reject":
+                problems.append(f"worker {worker.index}: {result['error']}")
         return problems
 
-    def update_instances(
-        self,
-        discovered: Mapping[str, Any],
-        unhealthy: Sequence[Sequence[str]],
-        ejected: Sequence[Sequence[Any]] = (),
-    ) -> None:
-        self.current = {
-            **self.current,
-            "discovered": discovered,
-            "unhealthy": list(unhealthy),
-            "ejected": list(ejected),
-        }
-        self.broadcast(
-            {
-                "op": "discovered",
-                "discovered": discovered,
-                "unhealthy": unhealthy,
-                "ejected": list(ejected),
-            }
-        )
+    def _current(self) -> ConfigPayload:
+        assert self.current is not None, "set WorkerPool.current before start()"
+        return self.current.copy()
 
-    def eject(
-        self, upstream: str, address: str, until: float, ejected: Sequence[Sequence[Any]]
-    ) -> None:
+    def update_instances(self, state: InstanceState) -> None:
+        current = self._current()
+        current["discovered"] = state["discovered"]
+        current["unhealthy"] = state["unhealthy"]
+        current["ejected"] = state["ejected"]
+        self.current = current
+        self.broadcast(ipc.discovered_message(state))
+
+    def eject(self, upstream: str, address: str, until: float, ejected: ipc.Ejected) -> None:
         """Tell every worker about an outlier ejection; ``ejected`` (all running ejections)
         goes to workers started later."""
-        self.current = {**self.current, "ejected": list(ejected)}
-        self.broadcast({"op": "eject", "upstream": upstream, "address": address, "until": until})
+        current = self._current()
+        current["ejected"] = ejected
+        self.current = current
+        self.broadcast(ipc.eject_message(upstream, address, until))
 
-    def health(
-        self, upstream: str, address: str, healthy: bool, unhealthy: Sequence[Sequence[str]]
-    ) -> None:
-        self.current = {**self.current, "unhealthy": list(unhealthy)}
-        self.broadcast(
-            {"op": "health", "upstream": upstream, "address": address, "healthy": healthy}
-        )
+    def health(self, upstream: str, address: str, healthy: bool, unhealthy: ipc.Unhealthy) -> None:
+        current = self._current()
+        current["unhealthy"] = unhealthy
+        self.current = current
+        self.broadcast(ipc.health_message(upstream, address, healthy))
 
     async def gather_metrics(self, wait: float = 1.0) -> list[dict[str, Any]]:
         """Every live worker's ``export_state()``; a worker that does not answer in ``wait`` s
         is represented by its previous answer, so counters never go backwards."""
         live = self._live()
         results = await asyncio.gather(
-            *(self._ask(w, {"op": "metrics"}, wait) for w in live), return_exceptions=True
+            *(self._ask(w, ipc.metrics_request, wait) for w in live), return_exceptions=True
         )
         states = list(self.retired)
         for worker, result in zip(live, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("worker %d did not answer the metrics request", worker.index)
+            elif result["op"] != "metrics":
+                log.warning("worker %d answered a metrics request with %r", worker.index, result)
             else:
                 worker.last_state = result["state"]
             if worker.last_state is not None:
@@ -545,47 +528,68 @@ def _counters_only(state: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- worker side
 
 
-def _build(config: Any, previous: Any, message: Mapping[str, Any]) -> Any:
+def _build(config: GatewayConfig, previous: Snapshot | None, state: InstanceState) -> Snapshot:
     from gateway.config.model import InstanceConfig
     from gateway.snapshot import build_snapshot
 
     discovered = {
-        name: tuple(InstanceConfig(str(h), int(p), int(w)) for h, p, w in rows)
-        for name, rows in message.get("discovered", {}).items()
+        name: tuple(InstanceConfig(h, p, w) for h, p, w in rows)
+        for name, rows in state["discovered"].items()
     }
     snapshot = build_snapshot(config, previous, discovered)
-    down = {(u, a) for u, a in message.get("unhealthy", ())}
+    down = set(state["unhealthy"])
     for upstream in snapshot.upstreams.values():
         for instance in upstream.instances:
             upstream.set_health(instance, (upstream.name, instance.address) not in down)
-    apply_ejections(snapshot, message.get("ejected", ()))
+    apply_ejections(snapshot, state["ejected"])
     return snapshot
 
 
-def apply_ejections(snapshot: Any, ejected: Iterable[Sequence[Any]]) -> None:
-    """Outlier ejections decided by any worker: [[upstream, address, until], ...]."""
+def apply_ejections(snapshot: Snapshot, ejected: Iterable[tuple[str, str, float]]) -> None:
+    """Outlier ejections decided by any worker: (upstream, address, until) rows."""
     now = time.monotonic()
     for name, address, until in ejected:
         upstream = snapshot.upstreams.get(name)
         if upstream is not None:
-            upstream.apply_ejection(str(address), float(until), now)
+            upstream.apply_ejection(address, until, now)
 
 
-def _parse(message: Mapping[str, Any]) -> Any:
+def _parse(message: ConfigMessage) -> GatewayConfig:
     import dataclasses
 
     from gateway.config import load_config_text
     from gateway.config.secrets import SCRUBBER
 
-    config = load_config_text(
-        str(message["text"]), str(message["source"]), references=message.get("references") or {}
-    )
+    config = load_config_text(message["text"], message["source"], references=message["references"])
     SCRUBBER.set_secrets(config.secrets)
+    # The TLS files as the supervisor read and checked them (PEM is ASCII: latin-1 is exact).
+    tls_files = {path: text.encode("latin-1") for path, text in message["tls"].items()}
     # The supervisor hashed the file's bytes; keep its digest so both report the same one.
-    return dataclasses.replace(config, sha256=str(message.get("sha256") or config.sha256))
+    return dataclasses.replace(
+        config, sha256=message["sha256"] or config.sha256, tls_files=tls_files
+    )
 
 
-async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
+def encode_tls_files(files: Mapping[str, bytes]) -> dict[str, str]:
+    """``GatewayConfig.tls_files`` for the ``config`` message (``tls``)."""
+    return {path: data.decode("latin-1") for path, data in files.items()}
+
+
+def _bound_listeners(config: Any, addresses: Sequence[tuple[str, int]]) -> Any:
+    """The config's listeners with the ports the supervisor reserved (port 0 resolved)."""
+    import dataclasses
+
+    from gateway.config.model import Address
+
+    return [
+        dataclasses.replace(listener, address=Address(host, port))
+        for listener, (host, port) in zip(config.all_listeners, addresses, strict=False)
+    ]
+
+
+async def run_worker(
+    ipc_fd: int, index: int, host: str, port: int, addresses: Sequence[tuple[str, int]] = ()
+) -> int:
     """A worker process: the data plane only, fed over the control pipe."""
     from gateway.accesslog import AccessLog
     from gateway.config import ConfigInvalid, format_errors
@@ -596,8 +600,13 @@ async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
 
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=ipc_fd))
-    first = await receive(reader)
-    if first is None or first.get("op") != "config":
+    frame = await read_frame(reader)
+    try:
+        first = ipc.parse_to_worker(frame) if frame is not None else None
+    except BadMessage as error:
+        log.error("bad first control message: %s", error)
+        return 2
+    if first is None or first["op"] != "config":
         log.error("no config from the supervisor")
         return 2
     try:
@@ -605,7 +614,7 @@ async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
     except ConfigInvalid as invalid:  # the supervisor validated it: should not happen
         log.error("config rejected:\n%s", format_errors(invalid.errors))
         return 2
-    if first.get("shared"):
+    if first["shared"]:
         try:
             shared_buckets.install(shared_buckets.SharedTable.attach(first["shared"]))
         except (OSError, ValueError) as error:
@@ -613,13 +622,13 @@ async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
             return 2
 
     def ejected(upstream: str, address: str, until: float) -> None:
-        send(writer, {"op": "eject", "upstream": upstream, "address": address, "until": until})
+        send(writer, ipc.eject_message(upstream, address, until))
 
     set_ejection_listener(ejected)
     metrics = GatewayMetrics(bucket_overrides=dict(config.metrics.buckets))
     metrics.declare((route.name, route.upstream) for route in config.routes)
     server = ProxyServer(_build(config, None, first), metrics)
-    if first.get("connections"):
+    if first["connections"]:
         try:
             server.connection_count = SharedConnectionCount.attach(first["connections"], index)
         except (OSError, ValueError) as error:
@@ -628,11 +637,14 @@ async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
     if config.access_log is not None:
         server.access_log = AccessLog(config.access_log.path, config.access_log.sample)
     try:
-        await server.start(host, port, reuse_port=True)
-    except OSError as error:
+        if addresses:
+            await server.start(reuse_port=True, listeners=_bound_listeners(config, addresses))
+        else:
+            await server.start(host, port, reuse_port=True)
+    except (OSError, ValueError) as error:
         log.error("cannot listen on %s:%d: %s", host, port, error)
         return 1
-    send(writer, {"op": "ready", "seq": first["seq"], "pid": os.getpid(), "sha256": config.sha256})
+    send(writer, ipc.ready_message(first["seq"], os.getpid(), config.sha256))
 
     stop = asyncio.Event()
 
@@ -647,37 +659,43 @@ async def run_worker(ipc_fd: int, index: int, host: str, port: int) -> int:
     # Reload is the supervisor's job; a SIGHUP to the process group must not kill workers.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
 
-    def handle(message: dict[str, Any]) -> None:
-        op = message.get("op")
-        if op == "metrics":
-            send(writer, {"op": "metrics", "seq": message["seq"], "state": metrics.export_state()})
-        elif op == "health":
+    def handle(message: ToWorker) -> None:
+        if message["op"] == "metrics":
+            send(writer, ipc.metrics_reply(message["seq"], metrics.export_state()))
+        elif message["op"] == "health":
             upstream = server.snapshot.upstreams.get(message["upstream"])
             if upstream is not None:
                 for instance in upstream.instances:
                     if instance.address == message["address"]:
-                        upstream.set_health(instance, bool(message["healthy"]))
-        elif op == "eject":
+                        upstream.set_health(instance, message["healthy"])
+        elif message["op"] == "eject":
             apply_ejections(
                 server.snapshot, [(message["upstream"], message["address"], message["until"])]
             )
-        elif op == "discovered":
+        elif message["op"] == "discovered":
             server.set_snapshot(_build(server.snapshot.config, server.snapshot, message))
-        elif op == "config":
+        elif message["op"] == "config":
             try:
                 new_config = _parse(message)
             except ConfigInvalid as invalid:
-                error = format_errors(invalid.errors)
-                send(writer, {"op": "reject", "seq": message["seq"], "error": error})
+                send(writer, ipc.reject_message(message["seq"], format_errors(invalid.errors)))
+                return
+            try:
+                server.apply_tls(new_config)  # new handshakes get the new certificates
+            except (OSError, ValueError, KeyError) as error:
+                send(writer, ipc.reject_message(message["seq"], str(error)))
                 return
             server.set_snapshot(_build(new_config, server.snapshot, message))
             metrics.declare((route.name, route.upstream) for route in new_config.routes)
-            send(writer, {"op": "ack", "seq": message["seq"], "sha256": new_config.sha256})
-        else:
-            log.warning("unknown control message %r", op)
+            send(writer, ipc.ack_message(message["seq"], new_config.sha256))
 
     async def control() -> None:
-        while (message := await receive(reader)) is not None:
+        while (frame := await read_frame(reader)) is not None:
+            try:
+                message = ipc.parse_to_worker(frame)
+            except BadMessage as error:
+                log.warning("ignored a control message: %s", error)
+                continue
             handle(message)
         log.warning("supervisor is gone: draining")
 
@@ -702,6 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--listen", action="append", default=[], help="host|port, per listener")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -713,7 +732,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_log_redaction()  # e.g. a Redis URL in a store's log line loses its password
     import uvloop
 
-    return int(uvloop.run(run_worker(args.ipc_fd, args.index, args.host, args.port)))
+    addresses = [(item.rsplit("|", 1)[0], int(item.rsplit("|", 1)[1])) for item in args.listen]
+    return int(uvloop.run(run_worker(args.ipc_fd, args.index, args.host, args.port, addresses)))
 
 
 if __name__ == "__main__":

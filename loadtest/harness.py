@@ -18,6 +18,7 @@ import platform
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,8 @@ class Scenario:
     post: bool = False
     new_connection: bool = False
     extra_routes: int = 0
+    tls: bool = False  # the proxy terminates TLS (gateway and nginx only)
+    tickets: bool = True  # TLS session tickets on the proxy
 
     def method_path(self) -> str:
         return f"{'POST' if self.post else 'GET'} {self.path}"
@@ -83,8 +86,26 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "newconn", "/small", "small GET, a new connection per request", new_connection=True
         ),
+        Scenario("tls", "/small", "small GET over TLS on keep-alive connections", tls=True),
+        Scenario(
+            "tls-newconn",
+            "/small",
+            "small GET over TLS, a new connection and a full handshake per request (tickets off)",
+            new_connection=True,
+            tls=True,
+            tickets=False,
+        ),
+        Scenario(
+            "tls-resume",
+            "/small",
+            "small GET over TLS, a new connection per request, session tickets on (the client"
+            " resumes if it keeps the session: wrk does across reconnects)",
+            new_connection=True,
+            tls=True,
+        ),
     )
 }
+TLS_PROXIES = ("gateway", "nginx")
 
 
 class HarnessError(Exception):
@@ -166,6 +187,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="nginx if installed (auto), or the bundled asyncio backend",
     )
     ap.add_argument("--ready-timeout", default=30.0, type=float, help="seconds to wait for start")
+    ap.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instead: count instructions per request under callgrind (its own options: "
+        "python -m loadtest --instructions --help)",
+    )
     return ap
 
 
@@ -232,6 +259,22 @@ def http_check(
         conn.close()
 
 
+def https_check(port: int, path: str, timeout: float = 2.0) -> tuple[int, int] | None:
+    """``http_check`` over TLS (the benchmark's own certificate: not verified)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(HOST, port, timeout=timeout, context=context)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, len(resp.read())
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -244,6 +287,7 @@ class Harness:
         self.processes: list[ManagedProcess] = []
         self.wrk: subprocess.Popen[str] | None = None
         self.notes: list[str] = []
+        self._tls: tuple[str, str] | None = None
         pin = not args.no_pin and tools.get("taskset") and (os.cpu_count() or 1) >= 2
         self.proxy_cpu: str | None = args.proxy_cpu if pin else None
         self.load_cpu: str | None = args.load_cpu if pin else None
@@ -352,10 +396,13 @@ class Harness:
         port = free_port()
         d = self._dir(f"{name}-{scenario.name}")
         extra = scenario.extra_routes
+        tls = (*self.tls_files(), scenario.tickets) if scenario.tls else None
         if name == "gateway":
             admin = free_port()
             cfg = d / "gateway.yaml"
-            document = gateway_config(port, admin, self.backend_port, extra, self.args.workers)
+            document = gateway_config(
+                port, admin, self.backend_port, extra, self.args.workers, tls=tls
+            )
             cfg.write_text(gateway_yaml(document))
             argv = gateway_argv(self.args.gateway_cmd, sys.executable, cfg)
             proc = self.spawn(name, argv, self.proxy_cpu, d, cwd=REPO_ROOT, env=self._env())
@@ -365,13 +412,16 @@ class Harness:
                 return res is not None and res[0] == 200
 
             wait_until(ready, self.args.ready_timeout, f"gateway /readyz on port {admin}", proc)
-            self._wait_http(proc, port, f"the gateway on port {port}")
+            if not scenario.tls:
+                self._wait_http(proc, port, f"the gateway on port {port}")
             return proc, port, extra + 1
         exe = self.tools[name]
         assert exe is not None
         if name == "nginx":
             conf = d / "nginx.conf"
-            conf.write_text(nginx_proxy_conf(d, port, self.backend_port, extra, self.nofile))
+            conf.write_text(
+                nginx_proxy_conf(d, port, self.backend_port, extra, self.nofile, tls=tls)
+            )
             argv = [exe, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")]
             routes = extra + 1
         elif name == "haproxy":
@@ -389,14 +439,38 @@ class Harness:
         # Caddy wants writable data/config homes; keep them in our temp dir.
         env = self._env({"HOME": str(d), "XDG_DATA_HOME": str(d), "XDG_CONFIG_HOME": str(d)})
         proc = self.spawn(name, argv, self.proxy_cpu, d, cwd=d, env=env)
-        self._wait_http(proc, port, f"{name} on port {port}")
+        if scenario.tls:
+            wait_until(
+                lambda: https_check(port, "/small") is not None,
+                self.args.ready_timeout,
+                f"{name} (TLS) on port {port}",
+                proc,
+            )
+        else:
+            self._wait_http(proc, port, f"{name} on port {port}")
         return proc, port, routes
+
+    def tls_files(self) -> tuple[str, str]:
+        """A certificate for 127.0.0.1 made once per run (trustme, the test extra): the
+        gateway and nginx serve the same one."""
+        if self._tls is None:
+            try:
+                import trustme
+            except ImportError:
+                raise HarnessError("TLS scenarios need trustme (pip install trustme)") from None
+            d = self._dir("tls")
+            cert = trustme.CA().issue_cert("127.0.0.1", "localhost")
+            cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+            cert.private_key_pem.write_to_path(str(d / "key.pem"))
+            (d / "key.pem").chmod(0o644)  # nginx workers run as nobody when started by root
+            self._tls = (str(d / "cert.pem"), str(d / "key.pem"))
+        return self._tls
 
     # ----------------------------------------------------------------- wrk
 
     def run_wrk(self, port: int, scenario: Scenario, duration_s: int) -> str:
         argv = wrk_command(
-            f"http://{HOST}:{port}{scenario.path}",
+            f"{'https' if scenario.tls else 'http'}://{HOST}:{port}{scenario.path}",
             duration_s=duration_s,
             connections=self.args.connections,
             threads=self.args.threads,
@@ -426,6 +500,8 @@ class Harness:
     def sanity_check(self, port: int, scenario: Scenario) -> None:
         if scenario.post:
             res = http_check(port, scenario.path, "POST", b"x" * POST_BODY_BYTES)
+        elif scenario.tls:
+            res = https_check(port, scenario.path)
         else:
             res = http_check(port, scenario.path)
         want_len = LARGE_BODY_BYTES if scenario.path == "/large" else None
@@ -435,6 +511,9 @@ class Harness:
     def run_one(self, scenario: Scenario, name: str) -> report.Row:
         row: report.Row = {"scenario": scenario.name, "proxy": name}
         proc: ManagedProcess | None = None
+        if scenario.tls and name not in TLS_PROXIES:
+            row.update(failure="not run: TLS scenarios compare the gateway with nginx only")
+            return row
         try:
             proc, port, routes = self.start_target(name, scenario)
             row["route_count"] = routes or None
@@ -509,6 +588,12 @@ class Harness:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--instructions" in argv:  # a different benchmark with its own options
+        from loadtest import instructions
+
+        argv.remove("--instructions")
+        return instructions.main(argv)
     args = build_arg_parser().parse_args(argv)
     tools = {name: find_tool(name) for name in ("wrk", "taskset", "nginx", "haproxy", "caddy")}
     if not tools["wrk"] and args.scenarios:

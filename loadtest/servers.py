@@ -44,10 +44,11 @@ def extra_route_paths(count: int) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- config generators
 
 
-def _nginx_common(prefix: Path, nofile: int) -> str:
+def _nginx_common(prefix: Path, nofile: int, single_process: bool = False) -> str:
     # Temp paths inside our own prefix: nginx must never touch /var/lib/nginx of the machine.
+    # single_process: no master, the one process serves (what callgrind must run to count it).
     return f"""daemon off;
-master_process on;
+master_process {"off" if single_process else "on"};
 worker_processes 1;
 worker_rlimit_nofile {nofile};
 pid {prefix}/nginx.pid;
@@ -70,9 +71,16 @@ def _nginx_http_common(prefix: Path) -> str:
 """
 
 
-def nginx_backend_conf(prefix: Path, port: int, www: Path, nofile: int = 4096) -> str:
-    """nginx as the fast backend: /small, /large (a static file in ``www``), POST /post."""
+def nginx_backend_conf(
+    prefix: Path, port: int, www: Path, nofile: int = 4096, any_path_ok: bool = False
+) -> str:
+    """nginx as the fast backend: /small, /large (a static file in ``www``), POST /post.
+
+    ``any_path_ok``: every other path answers like /small instead of 404 (the instruction-count
+    benchmark requests paths such as /r/9997/small that only a route table tells apart).
+    """
     small = SMALL_BODY.decode().replace("\n", "\\n")
+    fallback = f'default_type text/plain; return 200 "{small}";' if any_path_ok else "return 404;"
     post = POST_REPLY.decode().replace("\n", "\\n")
     return (
         _nginx_common(prefix, nofile)
@@ -94,26 +102,62 @@ def nginx_backend_conf(prefix: Path, port: int, www: Path, nofile: int = 4096) -
             default_type text/plain;
             return 200 "{post}";
         }}
-        location / {{ return 404; }}
+        location / {{ {fallback} }}
     }}
 }}
 """
     )
 
 
+TLSFiles = tuple[str, str, bool]  # certificate, key, session tickets on
+
+
 def nginx_proxy_conf(
-    prefix: Path, port: int, backend_port: int, extra_routes: int = 0, nofile: int = 4096
+    prefix: Path,
+    port: int,
+    backend_port: int,
+    extra_routes: int = 0,
+    nofile: int = 4096,
+    *,
+    single_process: bool = False,
+    rate_limit: tuple[int, int] | None = None,
+    tls: TLSFiles | None = None,
 ) -> str:
-    """nginx ``proxy_pass`` with upstream keep-alive, one worker, no access log."""
+    """nginx ``proxy_pass`` with upstream keep-alive, one worker, no access log.
+
+    ``rate_limit`` = (requests per second, burst): one ``limit_req`` zone keyed by client
+    address on every location, the counterpart of the gateway's ``key: client_ip`` limit.
+    With ``tls`` it terminates TLS like the gateway (TLS 1.2+, the same certificate, tickets
+    as given, no server-side session cache).
+    """
+    listen = f"127.0.0.1:{port} backlog=4096"
+    tls_lines = ""
+    if tls is not None:
+        cert, key, tickets = tls
+        listen += " ssl"
+        tls_lines = (
+            f"        ssl_certificate {cert};\n"
+            f"        ssl_certificate_key {key};\n"
+            "        ssl_protocols TLSv1.2 TLSv1.3;\n"
+            "        ssl_ciphers ECDHE+AESGCM:ECDHE+CHACHA20;\n"
+            f"        ssl_session_tickets {'on' if tickets else 'off'};\n"
+            "        ssl_session_cache off;\n"
+        )
     proxy = "proxy_pass http://bench;"
+    zone = limit = ""
+    if rate_limit is not None:
+        rate, burst = rate_limit
+        zone = f"    limit_req_zone $binary_remote_addr zone=bench:1m rate={rate}r/s;\n"
+        limit = f"        limit_req zone=bench burst={burst} nodelay;\n"
     extra = []
     for kind, path in extra_route_paths(extra_routes):
         op = "= " if kind == "exact" else ""
         extra.append(f"        location {op}{path} {{ {proxy} }}\n")
     return (
-        _nginx_common(prefix, nofile)
+        _nginx_common(prefix, nofile, single_process)
         + "http {\n"
         + _nginx_http_common(prefix)
+        + zone
         + f"""    upstream bench {{
         server 127.0.0.1:{backend_port};
         keepalive 64;
@@ -125,8 +169,10 @@ def nginx_proxy_conf(
     proxy_buffers 8 16k;
     client_body_buffer_size 32k;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{ {proxy} }}
+        listen {listen};
+{tls_lines}"""
+        + limit
+        + f"""        location / {{ {proxy} }}
 """
         + "".join(extra)
         + "    }\n}\n"
@@ -185,15 +231,30 @@ def gateway_config(
     backend_port: int,
     extra_routes: int = 0,
     workers: int | str = 1,
+    tls: TLSFiles | None = None,
 ) -> dict[str, Any]:
-    """The gateway's YAML document (DESIGN.md contract): one upstream, ``bench`` route last."""
+    """The gateway's YAML document (DESIGN.md contract): one upstream, ``bench`` route last;
+    with ``tls`` the listener terminates TLS."""
     routes: list[dict[str, Any]] = [
         {"name": f"r{i}", "match": {"path": {kind: path}}, "upstream": "bench"}
         for i, (kind, path) in enumerate(extra_route_paths(extra_routes))
     ]
     routes.append({"name": "bench", "match": {"path": {"prefix": "/"}}, "upstream": "bench"})
+    listen: Any = f"127.0.0.1:{port}"
+    if tls is not None:
+        cert, key, tickets = tls
+        listen = [
+            {
+                "address": listen,
+                "name": "https",
+                "tls": {
+                    "certificates": [{"cert": cert, "key": key}],
+                    "session_tickets": tickets,
+                },
+            }
+        ]
     return {
-        "listen": f"127.0.0.1:{port}",
+        "listen": listen,
         "admin": f"127.0.0.1:{admin_port}",
         "workers": workers,
         "upstreams": {"bench": {"instances": [f"127.0.0.1:{backend_port}"]}},

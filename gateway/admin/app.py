@@ -53,7 +53,8 @@ class AdminState:
     # Awaited before each /metrics render: the supervisor pulls and sums its workers' totals.
     refresh_metrics: Callable[[], Awaitable[None]] | None = None
     # Worker processes (pid, ready, config hash) for /admin/workers; None = single process.
-    workers_describe: Callable[[], list[dict[str, Any]]] | None = None
+    # None (or a None answer): a single process, no workers.
+    workers_describe: Callable[[], list[dict[str, Any]] | None] | None = None
 
 
 STATE_KEY: web.AppKey[AdminState] = web.AppKey("admin_state", AdminState)

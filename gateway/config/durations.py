@@ -46,7 +46,7 @@ SIZE_HINT = (
 
 def parse_duration(text: str) -> float:
     """Return the duration in seconds; ValueError (saying the expected format) if malformed."""
-    if not isinstance(text, str) or isinstance(text, bool):
+    if not isinstance(text, str):  # YAML may hand over any scalar
         raise ValueError(f"expected a duration string: {DURATION_HINT}")
     match = _DURATION_RE.fullmatch(text)
     if match is None:

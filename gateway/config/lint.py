@@ -139,6 +139,8 @@ def _covers(earlier: RouteConfig, later: RouteConfig) -> bool:
         return False
     if not set(a.headers) <= set(b.headers) or not set(a.query) <= set(b.query):
         return False
+    if a.sni is not None and a.sni != b.sni:  # an SNI condition narrows the earlier route
+        return False
     a_kind, a_value = (a.path.kind, a.path.value) if a.path else ("prefix", "/")
     b_kind, b_value = (b.path.kind, b.path.value) if b.path else ("prefix", "/")
     if a_kind == b_kind and a_value == b_value:

@@ -124,6 +124,19 @@ class UpstreamConfig:
     circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     # Limits every route to this upstream must also pass; their buckets are shared by the routes.
     rate_limit: tuple[RateLimitConfig, ...] = ()
+    tls: UpstreamTLSConfig | None = None  # TLS to the instances, off unless given
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLSConfig:
+    """``upstreams.NAME.tls``: speak TLS to the instances (see docs/tls.md)."""
+
+    sni: str | None = None  # server name sent and verified; None: the instance's host name
+    ca: str | None = None  # CA bundle path; None: the system trust store
+    verify: bool = True  # verify the chain and the name (false only when written)
+    cert: str | None = None  # client certificate for mTLS to the instances
+    key: str | None = None
+    min_version: str = "1.2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +152,7 @@ class MatchConfig:
     methods: tuple[str, ...] | None = None  # upper-case; None matches every method
     headers: tuple[tuple[str, str], ...] = ()  # (lowercase name, exact value)
     query: tuple[tuple[str, str], ...] = ()  # (parameter name, exact value)
+    sni: str | None = None  # lowercase TLS server name; exact or "*.example.com" wildcard
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +331,43 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateConfig:
+    cert: str  # PEM certificate (chain) path, relative to the config file
+    key: str  # PEM private key path (secret)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuthConfig:
+    ca: str  # CA bundle client certificates must chain to
+    mode: Literal["optional", "require"] = "optional"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTLSConfig:
+    certificates: tuple[CertificateConfig, ...]
+    default_certificate: str | None = None  # cert path; None: the first certificate
+    min_version: str = "1.2"
+    alpn: tuple[str, ...] = ("http/1.1",)
+    handshake_timeout: float = 10.0
+    client_auth: ClientAuthConfig | None = None
+    forward_client_cert: bool = False
+    session_tickets: bool = True  # stateless resumption (RFC 8446 §4.6.1, RFC 5077)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    address: Address
+    name: str  # for metrics and the access log; default: the address as written
+    tls: ListenerTLSConfig | None = None
+    redirect_to: str | None = None  # plaintext only: "https://{host}:8443" style redirect
+
+    @property
+    def socket_key(self) -> tuple[str, int, bool]:
+        """What only a restart can change: the bound address and whether it speaks TLS."""
+        return (self.address.host, self.address.port, self.tls is not None)
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listen: Address
     admin: Address
@@ -348,3 +399,13 @@ class GatewayConfig:
     key_lines: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     state_dir: str | None = None  # where state files go; None: the per-user default directory
     paths: PathsConfig = field(default_factory=PathsConfig)  # request path normalisation
+    # Every listener (``listen`` is the first one's address, kept for older callers).
+    listeners: tuple[ListenerConfig, ...] = ()
+    # TLS files (certificates, keys, CAs) by resolved path, read and checked once by the
+    # process that validated the config (gateway.tls.certs) and handed to the workers.
+    tls_files: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    tls_warnings: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def all_listeners(self) -> tuple[ListenerConfig, ...]:
+        return self.listeners or (ListenerConfig(self.listen, str(self.listen)),)

@@ -17,13 +17,17 @@ from gateway.config.model import (
     AccessLogConfig,
     Address,
     AdminConfig,
+    CertificateConfig,
     CircuitBreakerConfig,
+    ClientAuthConfig,
     DiscoveryConfig,
     HealthConfig,
     HedgeConfig,
     IdempotencyConfig,
     InstanceConfig,
     LimitsConfig,
+    ListenerConfig,
+    ListenerTLSConfig,
     MatchConfig,
     MetricsConfig,
     OutlierConfig,
@@ -37,6 +41,7 @@ from gateway.config.model import (
     RouteConfig,
     Timeouts,
     UpstreamConfig,
+    UpstreamTLSConfig,
 )
 from gateway.config.validate import (
     ADDRESS_HINT,
@@ -234,6 +239,46 @@ TIMEOUTS = Struct(
 )
 
 
+TLS_VERSIONS = ("1.2", "1.3")
+FILE_PATH = Text("a file path (relative paths are relative to the config file)")
+
+UPSTREAM_TLS = Struct(
+    "upstream_tls",
+    "TLS to the instances: present = every connection to them is TLS (docs/tls.md).",
+    [
+        Field(
+            "sni",
+            Text("a server name", pattern=HOSTNAME_PATTERN, lower=True),
+            "Server name sent in the handshake and checked against the certificate."
+            " Default: the instance's host when it is a name; for an IP instance no SNI is"
+            " sent and the certificate must carry that IP.",
+        ),
+        Field(
+            "ca",
+            FILE_PATH,
+            "CA bundle (PEM) the instances' certificates must chain to."
+            " Default: the system trust store.",
+        ),
+        Field(
+            "verify",
+            Bool(),
+            "Verify the instances' certificate chain and name. false is logged at start.",
+            True,
+        ),
+        Field("cert", FILE_PATH, "Client certificate (PEM chain) for mTLS to the instances."),
+        Field(
+            "key",
+            FILE_PATH,
+            "Private key of cert. Secret: redacted when shown.",
+            secret=True,
+        ),
+        Field("min_version", Enum(TLS_VERSIONS), "Lowest TLS version offered.", "1.2"),
+    ],
+    build=UpstreamTLSConfig,
+    together=[("cert", "key")],
+)
+
+
 RETRY_CONDITIONS = ("connect_failure", "reset", "timeout", "5xx", "gateway_error")
 HASH_KEY = Text(
     "header:NAME, cookie:NAME, query:NAME, client_ip or path",
@@ -269,9 +314,9 @@ RETRY = Struct(
             "budget_percent",
             Int(0, 100),
             "Retry budget: each request to the upstream earns this share of a retry, and each"
-            " retry or hedge spends one; earnings expire after budget_ttl. Over any budget_ttl"
-            " window, retries <= budget_percent% of requests + min_retries_per_second x"
-            " budget_ttl, so a correlated burst is retried and a retry storm is not.",
+            " retry or hedge spends one; earnings expire after budget_ttl. Over time, retries"
+            " stay within budget_percent% of requests plus min_retries_per_second, so a"
+            " correlated burst is retried and a retry storm is not.",
             20,
         ),
         Field(
@@ -582,6 +627,7 @@ UPSTREAM = _UpstreamStruct(
             "Rate limits every route to this upstream must also pass; their buckets are shared"
             " by those routes (key: route means one bucket for the whole upstream).",
         ),
+        Field("tls", UPSTREAM_TLS, "TLS to the instances (off unless given)."),
     ],
     build=_upstream,
     checks=[_instances_or_discovery, _hash_key_needed],
@@ -634,6 +680,12 @@ MATCH = Struct(
             MapOf(QUERY_NAME, QUERY_VALUE, pairs=True),
             "Query parameters that must be present with exactly these values.",
             {},
+        ),
+        Field(
+            "sni",
+            HOST_MATCH,
+            "TLS server name the client sent (exact or '*.example.com'); a request on a"
+            " plaintext connection, or without SNI, never matches.",
         ),
     ],
     build=MatchConfig,
@@ -1054,6 +1106,9 @@ def _root(**values: Any) -> dict[str, Any]:
         values["admin_read_without_token"] = admin.read_without_token
         values["admin_registry"] = admin.registry
     values["rate_limit"] = values["rate_limit"] or ()
+    listeners = values["listen"]
+    values["listeners"] = listeners
+    values["listen"] = listeners[0].address
     return values
 
 
@@ -1338,11 +1393,158 @@ PATHS = Struct(
     build=PathsConfig,
 )
 
+# --- listeners ---------------------------------------------------------------------------------
+
+CERTIFICATE = Struct(
+    "certificate",
+    "A certificate and its key; SNI picks it by the names in its subjectAltName.",
+    [
+        Field("cert", FILE_PATH, "PEM certificate, followed by its intermediates.", REQUIRED),
+        Field(
+            "key", FILE_PATH, "PEM private key. Secret: redacted when shown.", REQUIRED, secret=True
+        ),
+    ],
+    build=CertificateConfig,
+)
+
+CLIENT_AUTH = Struct(
+    "client_auth",
+    "Client certificates (mTLS): verified against ca.",
+    [
+        Field("ca", FILE_PATH, "CA bundle (PEM) client certificates must chain to.", REQUIRED),
+        Field(
+            "mode",
+            Enum(("optional", "require")),
+            "optional: a client may present a certificate (verified if it does); require:"
+            " the handshake fails without a valid one.",
+            "optional",
+        ),
+    ],
+    build=ClientAuthConfig,
+)
+
+ALPN_PROTOCOL = Enum(("http/1.1",))
+
+
+def _listener_tls(**values: Any) -> ListenerTLSConfig:
+    values["certificates"] = tuple(values["certificates"])
+    values["alpn"] = tuple(values["alpn"])
+    return ListenerTLSConfig(**values)
+
+
+def _default_certificate_listed(values: dict[str, Any]) -> list[tuple[str, str]]:
+    default = values["default_certificate"]
+    if default is not None and default not in [c.cert for c in values["certificates"]]:
+        return [("default_certificate", f"{default!r} is not the cert of any certificates entry")]
+    return []
+
+
+LISTENER_TLS = Struct(
+    "listener_tls",
+    "Terminate TLS on this listener (docs/tls.md).",
+    [
+        Field(
+            "certificates",
+            ListOf(CERTIFICATE, min_items=1),
+            "Certificates; SNI picks the one whose subjectAltName covers the name (exact"
+            " names before wildcards, then list order).",
+            REQUIRED,
+        ),
+        Field(
+            "default_certificate",
+            FILE_PATH,
+            "cert of the entry used without SNI or when no name matches (default: the first).",
+        ),
+        Field("min_version", Enum(TLS_VERSIONS), "Lowest TLS version accepted.", "1.2"),
+        Field(
+            "alpn",
+            ListOf(ALPN_PROTOCOL, min_items=1, unique=True),
+            "ALPN protocols offered, in preference order.",
+            ["http/1.1"],
+        ),
+        Field(
+            "handshake_timeout",
+            DURATION,
+            "A handshake not done within this time is aborted.",
+            "10s",
+        ),
+        Field("client_auth", CLIENT_AUTH, "Client certificates (off unless given)."),
+        Field(
+            "forward_client_cert",
+            Bool(),
+            "Send the verified client certificate upstream in x-forwarded-client-cert"
+            " (Hash, Subject, URI, DNS). Incoming copies are always dropped unless the peer"
+            " is a trusted proxy.",
+            False,
+        ),
+        Field(
+            "session_tickets",
+            Bool(),
+            "Session tickets (resumption without a full handshake; the keys live in each"
+            " process and survive certificate reloads). false: every connection does a full"
+            " handshake.",
+            True,
+        ),
+    ],
+    build=_listener_tls,
+    checks=[_default_certificate_listed],
+)
+
+REDIRECT_TARGET = Text(
+    "an https:// URL prefix such as https://{host}:8443",
+    pattern=r"https://[^\s/?#]+",
+)
+
+LISTENER = Struct(
+    "listener",
+    "A listening address, plaintext or TLS.",
+    [
+        Field("address", LISTEN_ADDRESS, "host:port to listen on.", REQUIRED),
+        Field("name", NAME, "Name in metrics and the access log (default: the address)."),
+        Field("tls", LISTENER_TLS, "TLS settings; absent = plaintext."),
+        Field(
+            "redirect_to",
+            REDIRECT_TARGET,
+            "Plaintext listeners only: answer every request with 308 to this URL prefix plus"
+            " the request target; {host} is the request's host name without its port.",
+        ),
+    ],
+    build=lambda address, name, tls, redirect_to: ListenerConfig(
+        address, name or str(address), tls, redirect_to
+    ),
+    checks=[
+        lambda values: (
+            [("redirect_to", "only meaningful on a plaintext listener")]
+            if values["tls"] is not None and values["redirect_to"] is not None
+            else []
+        )
+    ],
+)
+
+LISTENER_ITEM = Union(
+    Mapped(LISTEN_ADDRESS, lambda a: ListenerConfig(a, str(a))),
+    LISTENER,
+    expected=f"an address ({ADDRESS_HINT}) or a mapping {{address, name, tls, redirect_to}}",
+)
+
+LISTEN = Union(
+    Mapped(LISTEN_ADDRESS, lambda a: (ListenerConfig(a, str(a)),)),
+    Mapped(ListOf(LISTENER_ITEM, min_items=1), tuple),
+    expected=f"an address ({ADDRESS_HINT}) or a list of listeners",
+)
+
+
 ROOT = Struct(
     None,
     "Gateway configuration (routes, upstreams, listeners, limits).",
     [
-        Field("listen", LISTEN_ADDRESS, "Address for client traffic.", "0.0.0.0:8080"),
+        Field(
+            "listen",
+            LISTEN,
+            "Address for client traffic, or a list of listeners (plaintext addresses or"
+            " {address, name, tls, redirect_to}); changes need a restart, except TLS settings.",
+            "0.0.0.0:8080",
+        ),
         Field(
             "admin",
             ADMIN,

@@ -134,8 +134,8 @@ class _Walker:
                     merged.update(self._mapping(source, path))
                 finally:
                     self._active.discard(id(source))
-            for key, value in merged.items():
-                result.setdefault(key, value)
+            for merged_key, value in merged.items():
+                result.setdefault(merged_key, value)
         explicit: set[str] = set()
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from typing import Any
 
@@ -37,6 +36,7 @@ from gateway.discovery.base import (
     Sink,
     WatchTasks,
 )
+from gateway.discovery.http import client_ssl_context
 from gateway.discovery.registry import RegistrationRequest, StoreUnavailable, default_id
 
 __all__ = ["ConsulBackend", "ConsulStore", "next_index", "parse_health"]
@@ -112,17 +112,6 @@ def parse_health(data: Any, query: ServiceQuery) -> tuple[DiscoveredInstance, ..
     return tuple(out)
 
 
-def _ssl_context(config: DiscoveryConfig) -> ssl.SSLContext | bool | None:
-    if config.address is None or not config.address.startswith("https"):
-        return None
-    if not config.tls_verify:
-        return False
-    context = ssl.create_default_context(cafile=config.ca_file)
-    if config.cert_file and config.key_file:
-        context.load_cert_chain(config.cert_file, config.key_file)
-    return context
-
-
 class _Client:
     """An aiohttp session bound to one Consul agent."""
 
@@ -135,7 +124,7 @@ class _Client:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             headers = {"X-Consul-Token": self.config.token} if self.config.token else {}
-            connector = aiohttp.TCPConnector(ssl=_ssl_context(self.config), limit=0)
+            connector = aiohttp.TCPConnector(ssl=client_ssl_context(self.config), limit=0)
             self._session = aiohttp.ClientSession(headers=headers, connector=connector)
         return self._session
 

@@ -145,8 +145,8 @@ class DnsBackend(Backend):
             raise DiscoveryError(str(exc)) from None
         if target is not None:
             host, port = target
-            addresses, ttl = await self._addresses(host)
-            return tuple(DiscoveredInstance(a, port) for a in addresses), ttl
+            host_addresses, host_ttl = await self._addresses(host)
+            return tuple(DiscoveredInstance(a, port) for a in host_addresses), host_ttl
         answer, additional = await self._records(service, "SRV")
         srv = [r for r in answer if hasattr(r.data, "priority")]
         ttls = [r.ttl for r in srv]

@@ -45,7 +45,7 @@ from gateway.discovery.base import (
     Sink,
     WatchTasks,
 )
-from gateway.discovery.consul import _ssl_context
+from gateway.discovery.http import client_ssl_context
 
 __all__ = ["EtcdBackend", "parse_value", "prefix_range_end"]
 
@@ -153,7 +153,7 @@ class EtcdBackend(Backend):
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=_ssl_context(self.config), limit=0)
+            connector = aiohttp.TCPConnector(ssl=client_ssl_context(self.config), limit=0)
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 

@@ -35,7 +35,7 @@ from gateway.discovery.base import (
     ServiceQuery,
     Sink,
 )
-from gateway.discovery.consul import _ssl_context
+from gateway.discovery.http import client_ssl_context
 
 __all__ = ["FULL_EVERY", "EurekaBackend", "parse_application", "parse_delta"]
 
@@ -136,7 +136,7 @@ class EurekaBackend(Backend):
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=_ssl_context(self.config), limit=0)
+            connector = aiohttp.TCPConnector(ssl=client_ssl_context(self.config), limit=0)
             self._session = aiohttp.ClientSession(headers=HEADERS, connector=connector)
         return self._session
 

@@ -379,7 +379,10 @@ class KubernetesBackend(Backend):
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self._access().ssl, limit=0)
+            ssl_context = self._access().ssl
+            connector = aiohttp.TCPConnector(
+                ssl=True if ssl_context is None else ssl_context, limit=0
+            )
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 

@@ -100,6 +100,11 @@ def _embedded_config() -> DiscoveryConfig:
     return DiscoveryConfig(name=EMBEDDED_REGISTRY, type="registry")
 
 
+# How long after start an upstream's discovered service may stay without any instance before
+# the gateway warns that it probably does not exist.
+MISSING_SERVICE_GRACE = 30.0
+
+
 class DiscoveryManager:
     def __init__(
         self,
@@ -107,8 +112,11 @@ class DiscoveryManager:
         on_change: Callable[[], None] | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        missing_grace: float = MISSING_SERVICE_GRACE,
     ) -> None:
         self.on_change = on_change
+        self.missing_grace = missing_grace
+        self._missing_check: asyncio.TimerHandle | None = None
         self.clock = clock
         self.config = config
         self.backends: dict[str, Backend] = {}
@@ -199,6 +207,11 @@ class DiscoveryManager:
                 log.exception("discovery backend %s failed to start", name)
                 self.failure(name, None, exc)
         self._check_first_answers()
+        if self._missing_check is not None:
+            self._missing_check.cancel()
+        self._missing_check = asyncio.get_running_loop().call_later(
+            self.missing_grace, self.warn_missing_services
+        )
         if initial_wait > 0:
             try:
                 await asyncio.wait_for(self._first_answers.wait(), initial_wait)
@@ -206,7 +219,31 @@ class DiscoveryManager:
                 waiting = [f"{n}: {q}" for (n, q), s in self._all_states() if s.instances is None]
                 log.warning("discovery: no answer yet for %s", ", ".join(waiting))
 
+    def warn_missing_services(self) -> list[str]:
+        """Log (and return) one warning per discovery-backed upstream whose service has had no
+        instance since start: almost always a misspelt service name or the wrong backend, which
+        otherwise only shows as every request getting 503."""
+        self._missing_check = None
+        warnings = []
+        for name, upstream in self.config.upstreams.items():
+            found = self._upstream_state(upstream)
+            if found is None or found[1].instances:
+                continue
+            backend, state = found
+            why = f" (last error: {state.last_error})" if state.last_error else ""
+            message = (
+                f"discovery {backend}: upstream {name!r}: service {upstream.service!r} has no"
+                f" instance {self.missing_grace:g}s after start{why}; every request to it gets"
+                " 503. Check the service name and the backend."
+            )
+            log.warning("%s", message)
+            warnings.append(message)
+        return warnings
+
     async def stop(self) -> None:
+        if self._missing_check is not None:
+            self._missing_check.cancel()
+            self._missing_check = None
         for backend in self.backends.values():
             try:
                 await backend.stop()

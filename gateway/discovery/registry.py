@@ -43,7 +43,7 @@ from gateway.discovery.base import Backend, DiscoveredInstance, ServiceQuery, Si
 from gateway.discovery.journal import JournalState, record_line, snapshot_document
 
 if TYPE_CHECKING:
-    from gateway.discovery.manager import DiscoveryManager
+    from gateway.config.model import GatewayConfig
 
 __all__ = [
     "BadRequest",
@@ -748,7 +748,20 @@ class StoreUnavailable(Exception):
     """The store's backend (Consul) failed; the API answers 502."""
 
 
-MANAGER_KEY: web.AppKey[DiscoveryManager] = web.AppKey("discovery_manager")
+class RegistrationDirectory(Protocol):
+    """What the registration API needs of the discovery manager (``DiscoveryManager``
+    implements it; typed here so that this module does not depend on the manager, which
+    depends on it)."""
+
+    @property
+    def config(self) -> GatewayConfig: ...
+
+    def registration_store(self, name: str | None = None) -> RegistrationStore: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+MANAGER_KEY: web.AppKey[RegistrationDirectory] = web.AppKey("discovery_manager")
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -867,7 +880,7 @@ async def _admin_discovery(request: web.Request) -> web.Response:
     return _json(request.app[MANAGER_KEY].status())
 
 
-def add_discovery_routes(app: web.Application, manager: DiscoveryManager) -> None:
+def add_discovery_routes(app: web.Application, manager: RegistrationDirectory) -> None:
     """Mount the registration API and ``/admin/discovery`` on the admin app."""
     app[MANAGER_KEY] = manager
     app.router.add_post("/register", _register)

@@ -20,9 +20,11 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -66,6 +68,8 @@ class ActiveHealthChecker:
         initially_healthy: bool = True,
         host_header: str | None = None,
         rng: random.Random | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError("interval and timeout must be positive")
@@ -83,6 +87,9 @@ class ActiveHealthChecker:
         self.on_transition = on_transition
         self.initially_healthy = initially_healthy
         self.host_header = host_header
+        # upstreams.NAME.tls: probes speak TLS with the data plane's context and SNI.
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
         self.transitions = 0  # total, for gateway_upstream_health_transitions_total
         self._rng = rng if rng is not None else random.Random()
         self._targets: list[Hashable] = list(dict.fromkeys(targets))
@@ -166,7 +173,8 @@ class ActiveHealthChecker:
         return max(0.0, self.interval + self._rng.uniform(-self.jitter, self.jitter))
 
     async def _run(self, target: Hashable) -> None:
-        url = f"http://{target_address(target)}{self.path}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        url = f"{scheme}://{target_address(target)}{self.path}"
         await asyncio.sleep(self._rng.random() * min(self.jitter, self.interval))
         while self._running and target in self._states:
             ok, status, error = await self.probe(url)
@@ -178,12 +186,18 @@ class ActiveHealthChecker:
         session = self._session
         assert session is not None
         headers = {"Host": self.host_header} if self.host_header else None
+        tls: dict[str, Any] = {}
+        if self.ssl_context is not None:
+            tls["ssl"] = self.ssl_context
+            if self.server_hostname:
+                tls["server_hostname"] = self.server_hostname
         try:
             async with session.get(
                 url,
                 headers=headers,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
+                **tls,
             ) as response:
                 status = response.status
                 return status in self.expected_statuses, status, None

@@ -17,7 +17,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from gateway.config.model import HealthConfig
 from gateway.health.active import ActiveHealthChecker
-from gateway.snapshot import Snapshot
+from gateway.snapshot import Snapshot, Upstream
+from gateway.tls.upstream import upstream_tls
 
 log = logging.getLogger("gateway.health")
 
@@ -25,7 +26,8 @@ log = logging.getLogger("gateway.health")
 class HealthManager:
     def __init__(self, current: Callable[[], Snapshot]) -> None:
         self._current = current
-        self._checkers: dict[str, tuple[HealthConfig, ActiveHealthChecker]] = {}
+        # upstream -> ((health settings, TLS key), checker): either change makes a new checker.
+        self._checkers: dict[str, tuple[tuple[HealthConfig, object], ActiveHealthChecker]] = {}
         # (upstream, to_state) -> transitions since start; kept across checker replacements.
         self.transition_counts: dict[tuple[str, str], int] = {}
 
@@ -36,8 +38,8 @@ class HealthManager:
             if upstream.config.health is not None
         }
         for name in list(self._checkers):
-            health, checker = self._checkers[name]
-            if name not in wanted or wanted[name].config.health != health:
+            settings, checker = self._checkers[name]
+            if name not in wanted or self._settings(snapshot, wanted[name]) != settings:
                 del self._checkers[name]
                 await checker.stop()
         for name, upstream in wanted.items():
@@ -48,6 +50,7 @@ class HealthManager:
                 continue
             health = upstream.config.health
             assert health is not None
+            tls = upstream_tls(upstream.config, snapshot.config)
             checker = ActiveHealthChecker(
                 addresses,
                 path=health.path,
@@ -58,9 +61,17 @@ class HealthManager:
                 expected_statuses=health.expected_statuses,
                 jitter=health.jitter,
                 on_transition=self._transition_handler(name),
+                ssl_context=tls.context,
+                server_hostname=tls.sni,
             )
-            self._checkers[name] = (health, checker)
+            self._checkers[name] = ((health, tls.key), checker)
             await checker.start()
+
+    @staticmethod
+    def _settings(snapshot: Snapshot, upstream: Upstream) -> tuple[HealthConfig, object]:
+        health = upstream.config.health
+        assert health is not None
+        return (health, upstream_tls(upstream.config, snapshot.config).key)
 
     def _transition_handler(self, upstream_name: str) -> Callable[[Hashable, bool], None]:
         def on_transition(target: Hashable, healthy: bool) -> None:

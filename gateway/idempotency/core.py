@@ -172,6 +172,7 @@ def replay_response(
 
 _TITLES = {
     400: (b"Bad Request", "Invalid or missing Idempotency-Key"),
+    413: (b"Content Too Large", "Keyed request body too large"),
     409: (b"Conflict", "A request with this Idempotency-Key is being processed"),
     422: (b"Unprocessable Content", "Idempotency-Key reused with a different request"),
     503: (b"Service Unavailable", "The idempotency store is unavailable"),

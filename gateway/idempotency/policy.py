@@ -20,7 +20,7 @@ import asyncio
 import os
 import time
 from collections.abc import Container
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.idempotency.core import (
     CLAIMED,
@@ -44,9 +44,77 @@ from gateway.idempotency.stores import ClaimResult, IdempotencyStore
 from gateway.ratelimit.keys import compile_key
 
 if TYPE_CHECKING:
+    import hashlib
+
     from gateway.config.model import IdempotencyConfig
     from gateway.metrics import GatewayMetrics
-    from gateway.proxy.listener import ClientConnection, Exchange
+
+
+# What the recorder needs of the listener's exchange and connection. Protocols rather than the
+# listener's classes: the data plane calls into this package, never the other way round.
+class Exchange(Protocol):
+    idem_checked: bool
+    recorder: Recorder | None
+    max_body: int
+
+    @property
+    def idem_keys(self) -> list[bytes] | None: ...
+    @property
+    def body_hash(self) -> hashlib._Hash | None: ...
+    @property
+    def method(self) -> bytes: ...
+    @property
+    def method_name(self) -> str: ...
+    @property
+    def upgrade(self) -> bytes | None: ...
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]: ...
+    @property
+    def content_length(self) -> bytes | None: ...
+    @property
+    def body_bytes(self) -> int: ...
+    @property
+    def pending_bytes(self) -> int: ...
+    @property
+    def request_complete(self) -> bool: ...
+    @property
+    def response_complete(self) -> bool: ...
+    @property
+    def keep_alive(self) -> bool: ...
+    @property
+    def is_head(self) -> bool: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def error_code(self) -> str: ...
+
+
+class _Server(Protocol):
+    @property
+    def metrics(self) -> GatewayMetrics: ...
+    @property
+    def draining(self) -> bool: ...
+
+
+class ClientConnection(Protocol):
+    @property
+    def server(self) -> _Server: ...
+    @property
+    def peer_ip(self) -> str: ...
+    @property
+    def peer_trusted(self) -> bool: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def active(self) -> object: ...
+    def resume_forward(self, resume: tuple[Any, ...]) -> None: ...
+    def request_id_of(self, ex: Any) -> bytes: ...
+    def respond_bytes(
+        self, ex: Any, status: int, data: bytes, keep_alive: bool, code: str
+    ) -> None: ...
+
 
 # Recorder states.
 _HELD = 0  # waiting for the request body (the fingerprint needs it)
@@ -124,11 +192,7 @@ class RouteIdempotency:
         if ex.body_bytes > limit or declared > limit:
             # Keyed bodies are buffered whole before the claim: bounded.
             metrics.idempotency(self.route, "rejected")
-            from gateway.proxy.listener import RequestRejected
-
-            conn._respond_error(
-                ex, RequestRejected(413, "body_too_large", "keyed request body exceeds the limit")
-            )
+            _answer(conn, ex, (413, "a keyed request body may not exceed max_request_bytes"))
             return False
         recorder = Recorder(self, conn, ex, scope_key(self.prefix, self.route, principal, key))
         recorder.resume = resume
@@ -248,20 +312,20 @@ class Recorder:
             if policy.config.on_store_error == "deny":
                 _answer(conn, ex, (503, "the idempotency store did not answer"))
             else:
-                conn._forward(*self.resume)  # allow: forwarded without the replay guarantee
+                conn.resume_forward(self.resume)  # allow: forwarded without the replay guarantee
             return
         outcome, stored_fp, record = result
         action = decide(outcome, stored_fp, self.fingerprint, policy.config.in_flight)
         if action == PROCEED:
             self.state = _RECORDING
-            conn._forward(*self.resume)
+            conn.resume_forward(self.resume)
             return
         if action == WAIT:
             loop = asyncio.get_running_loop()
             now = loop.time()
             if not self.wait_until:
                 bound = policy.config.lock_timeout
-                route_timeout = ex.route.timeout if ex.route is not None else None
+                route_timeout = self.resume[2].timeout  # the Route being forwarded to
                 if route_timeout:
                     bound = min(bound, route_timeout)
                 self.wait_until = now + bound

@@ -35,7 +35,16 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 # Set by the gateway from the connection itself; incoming copies are dropped unless the peer is a
 # trusted proxy (then they are extended).
 FORWARDING_HEADERS: frozenset[bytes] = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-request-id"}
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+        b"x-request-id",
+        # The verified client certificate (Envoy's format): a client must never be able to
+        # claim one, so it is dropped unless the peer is a trusted proxy (then extended).
+        b"x-forwarded-client-cert",
+    }
 )
 
 _REQUEST_DROP = HOP_BY_HOP | FORWARDING_HEADERS | {b"host"}
@@ -126,8 +135,14 @@ def build_request_head(
     request_id: bytes,
     framing: bytes,
     upgrade: bytes | None,
+    proto: bytes = b"http",
+    client_cert: bytes | None = None,
 ) -> bytes:
     """The request line and headers sent upstream (always HTTP/1.1).
+
+    ``proto`` is the scheme the client used (b"https" on a TLS listener), for
+    X-Forwarded-Proto and Forwarded ``proto=``; ``client_cert`` the x-forwarded-client-cert
+    element of the connection's verified client certificate, if it is forwarded.
 
     ``host`` is the Host sent upstream; ``client_host`` the one the client sent, when a rewrite
     changed it (X-Forwarded-Host and Forwarded ``host=`` carry the original, RFC 7239 §5.3).
@@ -142,19 +157,21 @@ def build_request_head(
             if name in _REQUEST_DROP or name in conn_tokens:
                 continue
             out += (name, b": ", value, b"\r\n")
-        out.append(_trusted_forwarding_block(headers, client_ip, host))
+        out.append(_trusted_forwarding_block(headers, client_ip, host, proto, client_cert))
     else:
         for name, value in headers:
             if name in _REQUEST_DROP or name in conn_tokens:
                 continue
             out += (name, b": ", value, b"\r\n")
-        block = _FORWARDING_CACHE.get((client_ip, host))
+        block = _FORWARDING_CACHE.get((client_ip, host, proto))
         if block is None:
-            block = _forwarding_block([], [], b"http", host, client_ip, host)
+            block = _forwarding_block([], [], proto, host, client_ip, host, proto)
             if len(_FORWARDING_CACHE) >= 4096:  # bounded: Host values are client-chosen
                 _FORWARDING_CACHE.clear()
-            _FORWARDING_CACHE[(client_ip, host)] = block
+            _FORWARDING_CACHE[(client_ip, host, proto)] = block
         out.append(block)
+        if client_cert is not None:
+            out += (b"x-forwarded-client-cert: ", client_cert, b"\r\n")
     out += (b"x-request-id: ", request_id, b"\r\n")
     if upgrade is not None:
         # RFC 9110 §7.8: Upgrade is hop-by-hop, so the proxy re-requests it on its own hop.
@@ -163,18 +180,23 @@ def build_request_head(
     return b"".join(out)
 
 
-# (client ip, Host) -> the X-Forwarded-*/Forwarded lines for an untrusted peer; the same few
-# pairs repeat for every request of a connection, so they are built once.
-_FORWARDING_CACHE: dict[tuple[str, bytes], bytes] = {}
+# (client ip, Host, proto) -> the X-Forwarded-*/Forwarded lines for an untrusted peer; the
+# same few repeat for every request of a connection, so they are built once.
+_FORWARDING_CACHE: dict[tuple[str, bytes, bytes], bytes] = {}
 
 
 def _trusted_forwarding_block(
-    headers: Sequence[tuple[bytes, bytes]], client_ip: str, host: bytes
+    headers: Sequence[tuple[bytes, bytes]],
+    client_ip: str,
+    host: bytes,
+    proto: bytes = b"http",
+    client_cert: bytes | None = None,
 ) -> bytes:
     """A trusted proxy's X-Forwarded-*/Forwarded values are kept and extended with ours."""
     forwarded_for: list[bytes] = []
     forwarded: list[bytes] = []
-    forwarded_proto = b"http"
+    client_certs: list[bytes] = []
+    forwarded_proto = proto
     forwarded_host = host
     for name, value in headers:
         if name == b"x-forwarded-for":
@@ -185,9 +207,16 @@ def _trusted_forwarding_block(
             forwarded_proto = value
         elif name == b"x-forwarded-host":
             forwarded_host = value
-    return _forwarding_block(
-        forwarded_for, forwarded, forwarded_proto, forwarded_host, client_ip, host
+        elif name == b"x-forwarded-client-cert":
+            client_certs.append(value)
+    block = _forwarding_block(
+        forwarded_for, forwarded, forwarded_proto, forwarded_host, client_ip, host, proto
     )
+    if client_cert is not None:
+        client_certs.append(client_cert)  # Envoy's append_forward: the proxy's, then ours
+    if client_certs:
+        block += b"x-forwarded-client-cert: " + b",".join(client_certs) + b"\r\n"
+    return block
 
 
 def _forwarding_block(
@@ -197,10 +226,14 @@ def _forwarding_block(
     forwarded_host: bytes,
     client_ip: str,
     host: bytes,
+    proto: bytes = b"http",
 ) -> bytes:
     forwarded_for.append(client_ip.encode("ascii"))
-    # RFC 7239 §4: a proxy appends its own element to any (trusted) earlier ones.
-    forwarded.append(b"for=" + forwarded_node(client_ip) + b";proto=http;host=" + _quote(host))
+    # RFC 7239 §4: a proxy appends its own element to any (trusted) earlier ones; proto is the
+    # scheme of our own hop (§5.4).
+    forwarded.append(
+        b"for=" + forwarded_node(client_ip) + b";proto=" + proto + b";host=" + _quote(host)
+    )
     return b"".join(
         [
             b"x-forwarded-for: ",

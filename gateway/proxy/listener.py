@@ -24,7 +24,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 import orjson
@@ -50,12 +50,15 @@ from gateway.resilience.retry import (
     RetryPolicy,
     is_gateway_failure,
 )
+from gateway.tls.accept import ListenerState, client_cert_element, start_tls_listener
 
 if TYPE_CHECKING:
+    from gateway.config.model import GatewayConfig, ListenerConfig
     from gateway.idempotency.policy import Recorder
     from gateway.metrics import GatewayMetrics
     from gateway.routing import Route
     from gateway.snapshot import Instance, Snapshot, Upstream
+    from gateway.tls.contexts import CertEntry
 
 log = logging.getLogger("gateway.proxy")
 
@@ -137,13 +140,17 @@ _REASONS = {
     408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
+    421: b"Misdirected Request",
     431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     501: b"Not Implemented",
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
+    308: b"Permanent Redirect",
 }
+_MISDIRECTED = "the certificate of this connection does not cover the requested host"
+_REDIRECT_HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+")
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
@@ -494,7 +501,11 @@ class ProxyServer:
         self._next_second = 0.0
         self.draining = False
         self._drained = asyncio.Event()
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | None = None  # the first listener's server
+        self.servers: list[asyncio.Server] = []
+        self.listeners: dict[str, ListenerState] = {}
+        self.default_listener = ListenerState("default")
+        self.handshakes: set[Any] = set()  # TLS handshakes under way (gateway.tls.accept)
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # limits.max_connections: this process's count, or the gateway-wide one of workers.
@@ -506,21 +517,74 @@ class ProxyServer:
     def set_snapshot(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+    async def start(
+        self,
+        host: str = "",
+        port: int = 0,
+        *,
+        reuse_port: bool = False,
+        listeners: list[ListenerConfig] | None = None,
+    ) -> None:
+        """Listen on ``host:port`` (plaintext), or on every one of ``listeners`` (plaintext or
+        TLS; their addresses as given, ports already resolved by the caller)."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._server = await loop.create_server(
-            lambda: ClientConnection(self),
-            host,
-            port,
-            reuse_port=reuse_port or None,
-            backlog=4096,
-        )
+        if listeners is None:
+            self._server = await loop.create_server(
+                lambda: ClientConnection(self),
+                host,
+                port,
+                reuse_port=reuse_port or None,
+                backlog=4096,
+            )
+            self.servers.append(self._server)
+        else:
+            config = self.snapshot.config
+            for listener in listeners:
+                state = ListenerState.build(listener, config)
+                self.listeners[listener.name] = state
+                if state.tls is not None:
+                    server = await start_tls_listener(self, state, listener, reuse_port)
+                else:
+
+                    def plain(state: ListenerState = state) -> ClientConnection:
+                        return ClientConnection(self, state)
+
+                    server = await loop.create_server(
+                        plain,
+                        listener.address.host,
+                        listener.address.port,
+                        reuse_port=reuse_port or None,
+                        backlog=4096,
+                    )
+                self.servers.append(server)
+            self._server = self.servers[0]
         self._sweeper = loop.call_later(TICK, self._sweep)
+
+    def apply_tls(self, config: GatewayConfig) -> None:
+        """Reload: new certificates for new handshakes (raises, changing nothing, if one of
+        them does not load)."""
+        updates = []
+        for listener in config.all_listeners:
+            state = self.listeners.get(listener.name)
+            if state is not None:
+                updates.append((state, listener))
+        prepared = [(state, state.prepare(listener, config)) for state, listener in updates]
+        for state, ready in prepared:
+            state.commit(ready)
 
     @property
     def sockets(self) -> list[socket.socket]:
-        return list(self._server.sockets) if self._server is not None else []
+        return [sock for server in self.servers for sock in server.sockets]
+
+    def listener_sockets(self) -> dict[str, list[socket.socket]]:
+        """Sockets by listener name (a plain ``start(host, port)`` has one, "default")."""
+        if not self.listeners:
+            return {"default": self.sockets}
+        return {
+            name: list(server.sockets)
+            for name, server in zip(self.listeners, self.servers, strict=False)
+        }
 
     def refuse(self, transport: asyncio.Transport, reason: str) -> None:
         """Answer a connection over the limit (or arriving while draining) with 503 and close."""
@@ -589,8 +653,8 @@ class ProxyServer:
         are closed at once.
         """
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        for server in self.servers:
+            server.close()
         for conn in list(self.connections):
             if conn.is_idle():
                 conn.close_idle()
@@ -603,9 +667,12 @@ class ProxyServer:
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        for handshake in list(self.handshakes):
+            handshake.abort()
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            await server.wait_closed()
         for conn in list(self.connections):
             conn.abort()
         while self.lingering:
@@ -620,6 +687,7 @@ class ClientConnection(asyncio.Protocol):
         "allowed_methods",
         "body_deadline",
         "chunked_walk",
+        "client_cert",
         "closed",
         "head_deadline",
         "head_limit",
@@ -627,6 +695,7 @@ class ClientConnection(asyncio.Protocol):
         "head_tail",
         "idle_deadline",
         "limits",
+        "listener",
         "method_carry",
         "method_hook",
         "out",
@@ -640,6 +709,8 @@ class ClientConnection(asyncio.Protocol):
         "real_method",
         "send_deadline",
         "server",
+        "sni",
+        "tls_entry",
         "to_dispatch",
         "transport",
         "tunnel",
@@ -650,8 +721,12 @@ class ClientConnection(asyncio.Protocol):
         "writing_paused",
     )
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ProxyServer, listener: ListenerState | None = None) -> None:
         self.server = server
+        self.listener = listener if listener is not None else server.default_listener
+        self.sni = ""  # TLS server name the client sent ("" on plaintext or without SNI)
+        self.tls_entry: CertEntry | None = None  # certificate SNI chose (for 421), if SNI
+        self.client_cert: bytes | None = None  # x-forwarded-client-cert element, if verified
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.parsing: Exchange | None = None
@@ -705,6 +780,17 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else "0.0.0.0"
         self.peer_trusted = self.peer_ip in server.snapshot.trusted_proxies
+        tls = self.listener.tls
+        if tls is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                # TLS facts, once per connection: the server name (routing, 421), and the
+                # verified client certificate to forward.
+                self.sni = getattr(ssl_object, "gateway_sni", None) or ""
+                if self.sni:
+                    self.tls_entry = tls.entry_for(ssl_object)
+                if tls.forward_client_cert:
+                    self.client_cert = client_cert_element(ssl_object)
         # The first request line must arrive as fast as any later request head (slowloris).
         self.idle_deadline = server.clock + limits.header_timeout
 
@@ -1160,7 +1246,7 @@ class ClientConnection(asyncio.Protocol):
             ex.error = RequestRejected(405, "method_not_allowed", "CONNECT is not supported")
         elif ex.url[:1] != b"/" and not _absolute_authority_ok(ex.url):
             # RFC 9112 §3.2.2: the authority of an absolute-form target is the Host.
-            ex.error = RequestRejected(400, "bad_request", "invalid authority in request target")
+            ex.error = RequestRejected(400, "invalid_target", "invalid authority in request target")
         if ex.chunked:
             # llhttp reports trailer fields through on_header too (appending to ex.headers):
             # this list keeps the head's fields and checks, then drops, what is appended later.
@@ -1279,12 +1365,22 @@ class ClientConnection(asyncio.Protocol):
             return
         # RFC 9112 §3.2.2: the authority of an absolute-form target replaces the Host header.
         host = ex.host if authority is None else authority
+        if self.listener.redirect is not None:
+            self._redirect(ex, host, url)
+            return
+        entry = self.tls_entry
+        if entry is not None and host is not None and not entry.covers_host(host):
+            # RFC 9110 §15.5.20: this connection's certificate (chosen by SNI) does not cover
+            # the Host the request names; the client should open a connection for that host.
+            self._respond_error(ex, RequestRejected(421, "misdirected_request", _MISDIRECTED))
+            return
         route = snapshot.routes.match(
             ex.method_name,
             host.decode("latin-1") if host is not None else "",
             path_text,
             query.decode("latin-1") if query else "",
             ex.headers,
+            self.sni,
         )
         if route is None:
             self._respond_error(
@@ -1351,6 +1447,23 @@ class ClientConnection(asyncio.Protocol):
             if not self._admit(ex, limiter, decision):
                 return
         self._forward(ex, snapshot, route, url, host, path, query)
+
+    def _redirect(self, ex: Exchange, host: bytes | None, url: bytes) -> None:
+        """``redirect_to`` on a plaintext listener: 308 to the HTTPS URL (RFC 9110 §15.4.9
+        keeps the method and body)."""
+        template = self.listener.redirect
+        assert template is not None
+        name = (host or b"").decode("latin-1")
+        name = name[: name.rfind("]") + 1] if name.startswith("[") else name.split(":", 1)[0]
+        if not name or not _REDIRECT_HOST.fullmatch(name):
+            self._respond_error(ex, RequestRejected(400, "bad_request", "no Host to redirect to"))
+            return
+        location = template.replace("{host}", name).encode("latin-1") + url
+        self._respond_error(
+            ex,
+            RequestRejected(308, "https_redirect", "use HTTPS"),
+            extra_headers=b"location: " + location + b"\r\n",
+        )
 
     def _admit(self, ex: Exchange, limiter: RouteLimiter, decision: Decision) -> bool:
         """Apply a rate-limit decision: count it, answer a refusal, keep headers to add."""
@@ -1460,12 +1573,17 @@ class ClientConnection(asyncio.Protocol):
             request_id=request_id,
             framing=framing,
             upgrade=ex.upgrade,
+            proto=self.listener.proto,
+            client_cert=self.client_cert,
         )
         if route.timeout:
             ex.deadline = time.monotonic() + route.timeout  # exact: the tick clock may lag
-        self._connect(ex, instance.pool)
+        self._connect(ex, instance.pool)  # type: ignore[arg-type]  # see _connect
 
     def _connect(self, ex: Exchange, pool: InstancePool) -> None:
+        # Callers pass ``instance.pool``, typed as the snapshot's ConnectionPool protocol
+        # (gateway/pools.py): every pool is an InstancePool, built by the factory this package
+        # registers. Their ``type: ignore`` says so for free, where a cast() would be a call.
         conn = pool.acquire()
         if conn is not None:
             self._attach(ex, conn)
@@ -1841,7 +1959,7 @@ class ClientConnection(asyncio.Protocol):
             ex.pending = replay + pending if replay or pending else None
             ex.pending_bytes = sum(len(chunk) for chunk in ex.pending) if ex.pending else 0
             assert ex.instance is not None
-            self._connect(ex, ex.instance.pool)
+            self._connect(ex, ex.instance.pool)  # type: ignore[arg-type]  # see _connect
             return
         if not ex.response_started:
             conn.owner = None
@@ -1938,7 +2056,7 @@ class ClientConnection(asyncio.Protocol):
         assert upstream is not None
         instance = self._pick(ex, upstream, ex.tried)
         if instance is not None:
-            self._connect(ex, instance.pool)
+            self._connect(ex, instance.pool)  # type: ignore[arg-type]  # see _connect
 
     def _pick(
         self, ex: Exchange, upstream: Upstream, exclude: tuple[Instance, ...]
@@ -1984,7 +2102,7 @@ class ClientConnection(asyncio.Protocol):
         metrics.retry(upstream.name, "hedge")
         instance.active_requests += 1
         ex.hedge_instance = instance
-        pool = instance.pool
+        pool: InstancePool = instance.pool  # type: ignore[assignment]  # see _connect
         conn = pool.acquire()
         if conn is not None:
             self._attach_hedge(ex, conn)
@@ -2097,6 +2215,10 @@ class ClientConnection(asyncio.Protocol):
         if request_id is None or not hdr.valid_request_id(request_id):
             request_id = ex.request_id = self.server.request_ids.next()
         return request_id
+
+    def resume_forward(self, resume: tuple[Any, ...]) -> None:
+        """Forward an exchange whose idempotency claim succeeded (arguments of ``_forward``)."""
+        self._forward(*resume)
 
     def respond_bytes(
         self, ex: Exchange, status: int, data: bytes, keep_alive: bool, code: str
@@ -2238,8 +2360,9 @@ class ClientConnection(asyncio.Protocol):
             ex.recorder.finish(ex)  # store the response, or free the key for a retry
         now = time.perf_counter()
         total = now - ex.t_start
+        upstream_time: float | None  # declared apart, so the assignment below narrows it
         if ex.t_upstream:
-            upstream_time: float | None = (ex.t_upstream_done or now) - ex.t_upstream
+            upstream_time = (ex.t_upstream_done or now) - ex.t_upstream
             overhead = total - upstream_time
         else:
             upstream_time = None
@@ -2264,6 +2387,7 @@ class ClientConnection(asyncio.Protocol):
                     "time": iso_time(time.time()),
                     "request_id": (ex.request_id or b"").decode("ascii", "replace"),
                     "client": self.peer_ip,
+                    "listener": self.listener.name,
                     "method": ex.method_name,
                     "path": ex.url.decode("latin-1"),
                     "route": ex.route_name,

@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
+from gateway.pools import set_pool_factory
 from gateway.proxy.headers import parse_response_head
 
 if TYPE_CHECKING:
@@ -376,6 +378,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+class UpstreamTLSError(ConnectionError):
+    """A TLS handshake with an instance failed; the message says why in plain words."""
+
+    def __init__(self, error: ssl.SSLError, server_name: str | None) -> None:
+        detail = getattr(error, "verify_message", None) or getattr(error, "reason", None)
+        detail = str(detail or error).lower().replace("_", " ")
+        super().__init__(f"TLS handshake with {server_name or 'the instance'} failed: {detail}")
+        self.ssl_error = error
+
+
 class InstancePool:
     """Idle keep-alive connections to one instance, most recently used first."""
 
@@ -390,13 +402,26 @@ class InstancePool:
         "metrics",
         "open_count",
         "port",
+        "server_hostname",
+        "ssl_context",
         "upstream",
     )
 
     def __init__(
-        self, host: str, port: int, *, max_idle: int, idle_timeout: float, connect_timeout: float
+        self,
+        host: str,
+        port: int,
+        *,
+        max_idle: int,
+        idle_timeout: float,
+        connect_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self.host = host
+        # upstreams.NAME.tls: connections are TLS, verified against server_hostname (SNI).
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
         self.port = port
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
@@ -459,11 +484,27 @@ class InstancePool:
         self.connecting += 1
 
         async def open_connection() -> None:
+            context = self.ssl_context
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    _, protocol = await loop.create_connection(
-                        lambda: UpstreamConnection(self), self.host, self.port
-                    )
+                    if context is None:
+                        _, protocol = await loop.create_connection(
+                            lambda: UpstreamConnection(self), self.host, self.port
+                        )
+                    else:
+                        # The handshake is part of connecting: its failure is a connect
+                        # failure (retried elsewhere, counted by outlier detection).
+                        _, protocol = await loop.create_connection(
+                            lambda: UpstreamConnection(self),
+                            self.host,
+                            self.port,
+                            ssl=context,
+                            server_hostname=self.server_hostname,
+                            ssl_handshake_timeout=self.connect_timeout,
+                        )
+            except ssl.SSLError as error:
+                self.connecting -= 1
+                on_done(None, UpstreamTLSError(error, self.server_hostname))
             except (OSError, TimeoutError) as error:
                 self.connecting -= 1
                 on_done(None, error)
@@ -475,3 +516,7 @@ class InstancePool:
                 on_done(protocol, None)
 
         return loop.create_task(open_connection())
+
+
+# gateway.snapshot creates pools through this factory (gateway/pools.py) and does not import us.
+set_pool_factory(InstancePool)

@@ -16,15 +16,29 @@ memory per key stays small whatever clients send.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
-__all__ = ["MAX_KEY_BYTES", "KeyExtractor", "compile_key", "forwarded_client_ip", "parse_key_spec"]
+__all__ = [
+    "MAX_KEY_BYTES",
+    "KeyExtractor",
+    "TrustedAddresses",
+    "compile_key",
+    "forwarded_client_ip",
+    "parse_key_spec",
+]
 
 Headers = Sequence[tuple[bytes, bytes]]
 KeyExtractor = Callable[[str, bool, Headers, bytes], "str | bytes | None"]
 
 MAX_KEY_BYTES = 128
 _SEPARATOR = b"\x00"  # cannot occur in a header value (RFC 9110 §5.5) nor in a raw query
+
+
+class TrustedAddresses(Protocol):
+    """The trusted proxies (``gateway.proxy.headers.TrustedProxies``, or any container)."""
+
+    def __contains__(self, ip: str, /) -> bool: ...
 
 
 def _bounded(value: bytes) -> bytes:
@@ -44,7 +58,7 @@ def _strip_port(entry: str) -> str:
 
 
 def forwarded_client_ip(
-    peer_ip: str, headers: Headers, trusted: Container[str], max_hops: int = 32
+    peer_ip: str, headers: Headers, trusted: TrustedAddresses, max_hops: int = 32
 ) -> str:
     """The client address behind a trusted proxy: walk ``X-Forwarded-For`` from the right
     (each proxy appends the address it received from) and take the first hop that is not a
@@ -69,7 +83,7 @@ def forwarded_client_ip(
     return last
 
 
-def _client_ip(trusted: Container[str]) -> KeyExtractor:
+def _client_ip(trusted: TrustedAddresses) -> KeyExtractor:
     def extract(peer_ip: str, peer_trusted: bool, headers: Headers, query: bytes) -> str:
         if not peer_trusted:
             return peer_ip
@@ -119,7 +133,7 @@ def parse_key_spec(spec: str) -> tuple[str, str]:
     return kind, arg.lower() if kind == "header" else arg
 
 
-def _compile_one(spec: str, trusted: Container[str]) -> KeyExtractor:
+def _compile_one(spec: str, trusted: TrustedAddresses) -> KeyExtractor:
     kind, arg = parse_key_spec(spec)
     if kind == "client_ip":
         return _client_ip(trusted)
@@ -130,7 +144,7 @@ def _compile_one(spec: str, trusted: Container[str]) -> KeyExtractor:
     return _query(arg.encode("latin-1"))
 
 
-def compile_key(spec: str | Sequence[str], trusted: Container[str] = ()) -> KeyExtractor:
+def compile_key(spec: str | Sequence[str], trusted: TrustedAddresses = ()) -> KeyExtractor:
     """An extractor for ``spec``; ``trusted`` is the trusted-proxy set (``TrustedProxies``)."""
     if isinstance(spec, str):
         return _compile_one(spec, trusted)

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from gateway.ratelimit import headers as rlh
 from gateway.ratelimit.gcra import SLACK, retry_after_seconds
-from gateway.ratelimit.keys import Headers, KeyExtractor, compile_key
+from gateway.ratelimit.keys import Headers, KeyExtractor, TrustedAddresses, compile_key
 from gateway.ratelimit.local import DEFAULT_MAX_KEYS, BucketStore, LocalStore
 from gateway.ratelimit.redis_store import RedisStore
 
@@ -184,7 +184,7 @@ class Limit:
         spec: LimitSpec,
         route: str,
         index: int,
-        trusted: Container[str],
+        trusted: TrustedAddresses,
         prefix: str,
         fallback_share: float = 1.0,
     ) -> None:
@@ -277,7 +277,7 @@ class RouteLimiter:
         route: str,
         specs: Sequence[LimitSpec],
         *,
-        trusted: Container[str] = (),
+        trusted: TrustedAddresses = (),
         headers: bool = False,
         legacy_headers: bool = False,
         max_in_flight: int = 0,
@@ -311,7 +311,7 @@ class RouteLimiter:
         self.headers = headers
         self.legacy_headers = legacy_headers
         self.max_in_flight = max_in_flight
-        self.in_flight = previous.in_flight if previous is not None else 0
+        self.in_flight: int = previous.in_flight if previous is not None else 0
         self.policy_line = (
             rlh.policy_line([limit.policy for limit in self.limits]) if self.limits else b""
         )
@@ -639,7 +639,7 @@ class BucketStores:
 def build_limiters(
     routes: dict[str, Sequence[LimitSpec]],
     *,
-    trusted: Container[str] = (),
+    trusted: TrustedAddresses = (),
     redis: RedisStore | None = None,
     previous: dict[str, RouteLimiter] | None = None,
     headers: bool = False,

@@ -46,6 +46,7 @@ import termios
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -489,7 +490,7 @@ class RedisStore:
             call = _Call(group, conn, now)
             self.batches += 1
             self.decisions += size
-            conn.send(_evalsha(keys, args), lambda value, call=call: self._answered(call, value))
+            conn.send(_evalsha(keys, args), partial(self._answered, call))
             calls.append(call)
             call.timer = loop.call_at(min(batch.deadline for batch in group), self._expire, call)
 
@@ -684,7 +685,12 @@ class RedisStore:
             loop = self._loop
             assert loop is not None
             pong: asyncio.Future[Any] = loop.create_future()
-            conn.send(encode_command(b"PING"), lambda v: pong.done() or pong.set_result(v))
+
+            def answered(value: Any) -> None:
+                if not pong.done():
+                    pong.set_result(value)
+
+            conn.send(encode_command(b"PING"), answered)
             async with asyncio.timeout(max(0.25, 5 * self.timeout)):
                 value = await pong
             if isinstance(value, ReplyError) or conn.closed:

@@ -3,9 +3,13 @@
 Model (Finagle's ``RetryBudget``): every request an upstream receives deposits
 ``budget_percent / 100`` of a token; every retry (or hedge) withdraws one. Deposits expire after
 ``ttl`` seconds, and a reserve of ``min_retries_per_second * ttl`` tokens lets a quiet upstream
-retry at all. So over any ``ttl`` window:
+retry at all. So when a retry is granted, the retries of the last ``ttl`` seconds (it included)
+satisfy
 
     retries ≤ budget_percent% * requests + min_retries_per_second * ttl
+
+over the requests of the same seconds, and over long periods retries stay within
+``budget_percent``% of the requests plus ``min_retries_per_second`` per second.
 
 - A correlated burst passes: when one instance of three dies with 64 requests in flight, those 64
   retries are paid from what the last ``ttl`` seconds of traffic deposited (at 1,000 requests/s

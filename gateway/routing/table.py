@@ -83,6 +83,21 @@ def normalize_host(host: str) -> str:
     return host.lower()
 
 
+def sni_matches(pattern: str, server_name: str) -> bool:
+    """``pattern`` (exact, or "*.suffix" covering exactly one more label) against a TLS server
+    name; an empty name (plaintext, or no SNI) matches nothing."""
+    if not server_name:
+        return False
+    if pattern.startswith("*."):
+        suffix = pattern[1:]  # ".example.com"
+        return (
+            server_name.endswith(suffix)
+            and "." not in server_name[: -len(suffix)]
+            and (len(server_name) > len(suffix))
+        )
+    return server_name == pattern
+
+
 def _normalize_config_host(host: str | None) -> str | None:
     """The config host in the same form as :func:`normalize_host` output; None for any host."""
     if host is None or host in ("", "*"):
@@ -107,6 +122,7 @@ class Route:
         "_regex",
         "_rewriter",
         "_simple",
+        "_sni",
         "config",
         "host_rewrite",
         "index",
@@ -155,7 +171,8 @@ class Route:
             headers.append((name.lower().encode("latin-1"), raw))
         self._headers: tuple[tuple[bytes, bytes | None], ...] = tuple(headers)
         self._query: tuple[tuple[str, str], ...] = tuple(match.query)
-        self._simple = not self._headers and not self._query
+        self._sni = match.sni  # lower-case exact name or "*.suffix"
+        self._simple = not self._headers and not self._query and self._sni is None
         self._regex: Callable[[str], Any] | None = None
         path = match.path
         if path is not None and path.kind == "regex":
@@ -171,8 +188,12 @@ class Route:
         rewriter = self._rewriter
         return path if rewriter is None else rewriter(path)
 
-    def _extra_ok(self, headers: Headers, query: str) -> bool:
-        """Whether the header and query matchers accept the request (methods checked before)."""
+    def _extra_ok(self, headers: Headers, query: str, sni: str = "") -> bool:
+        """Whether the header, query and SNI matchers accept the request (methods checked
+        before)."""
+        wanted = self._sni
+        if wanted is not None and not sni_matches(wanted, sni):
+            return False
         for name, value in self._headers:
             if value is None:
                 return False
@@ -253,13 +274,15 @@ class _Group:
         self.prefix_lengths: tuple[int, ...] = tuple(sorted({len(p) for p in prefixes}))
         self.regex: tuple[Route, ...] = tuple(regex)
 
-    def match(self, method: str, path: str, query: str, headers: Headers) -> Route | None:
+    def match(
+        self, method: str, path: str, query: str, headers: Headers, sni: str = ""
+    ) -> Route | None:
         candidates = self.exact.get(path)
         if candidates is not None:
             for route in candidates:
                 methods = route._methods
                 if (methods is None or method in methods) and (
-                    route._simple or route._extra_ok(headers, query)
+                    route._simple or route._extra_ok(headers, query, sni)
                 ):
                     return route
         lengths = self.prefix_lengths
@@ -273,7 +296,7 @@ class _Group:
                     for route in candidates:
                         methods = route._methods
                         if (methods is None or method in methods) and (
-                            route._simple or route._extra_ok(headers, query)
+                            route._simple or route._extra_ok(headers, query, sni)
                         ):
                             return route
         for route in self.regex:
@@ -281,7 +304,7 @@ class _Group:
             if (
                 (methods is None or method in methods)
                 and route._regex(path) is not None  # type: ignore[misc]
-                and (route._simple or route._extra_ok(headers, query))
+                and (route._simple or route._extra_ok(headers, query, sni))
             ):
                 return route
         return None
@@ -343,22 +366,23 @@ class RouteTable:
         self._host_chains: dict[str, tuple[_Group, ...]] = {}
 
     def match(
-        self, method: str, host: str, path: str, query: str, headers: Headers
+        self, method: str, host: str, path: str, query: str, headers: Headers, sni: str = ""
     ) -> Route | None:
         """The route for a request, or None (404).
 
         ``host`` is the raw Host header value ("" when absent), ``path`` the raw path without
         the query, ``query`` the raw query without "?", ``headers`` the request fields with
-        lower-cased names.
+        lower-cased names, ``sni`` the TLS server name the client sent ("" on plaintext or
+        without SNI; only ``match.sni`` looks at it).
         """
         if not self._has_hosts:
             group = self._any
-            return group.match(method, path, query, headers) if group is not None else None
+            return group.match(method, path, query, headers, sni) if group is not None else None
         chain = self._host_chains.get(host)
         if chain is None:
             chain = self._host_chain(host)
         for group in chain:
-            route = group.match(method, path, query, headers)
+            route = group.match(method, path, query, headers, sni)
             if route is not None:
                 return route
         return None

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -218,11 +219,18 @@ def gateway(
     return start_gateway(default_config(app_backend, app_backend_2, raw_backend))
 
 
+# Bytes a read_response call read past its response, by socket.
+_LEFTOVER: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def read_response(
     sock: socket.socket, *, head_only: bool = False
 ) -> tuple[int, dict[str, str], bytes]:
-    """Read one HTTP/1.1 response (Content-Length, chunked or close-delimited) from a socket."""
-    buffer = b""
+    """Read one HTTP/1.1 response (Content-Length, chunked or close-delimited) from a socket.
+
+    Bytes read past the response (a pipelined answer that came in the same segment) are kept
+    for the next call on the same socket."""
+    buffer = _LEFTOVER.pop(sock, b"")
     while b"\r\n\r\n" not in buffer:
         data = sock.recv(65536)
         if not data:
@@ -236,6 +244,8 @@ def read_response(
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     if head_only or status in (204, 304) or 100 <= status < 200:
+        if rest:
+            _LEFTOVER[sock] = rest  # the next response (also returned, as before)
         return status, headers, rest
     if "content-length" in headers:
         length = int(headers["content-length"])
@@ -244,6 +254,8 @@ def read_response(
             if not data:
                 raise ConnectionError("connection closed mid-body")
             rest += data
+        if len(rest) > length:
+            _LEFTOVER[sock] = rest[length:]
         return status, headers, rest[:length]
     if headers.get("transfer-encoding") == "chunked":
         body = b""
@@ -258,6 +270,8 @@ def read_response(
                     raise ConnectionError("connection closed mid-chunk")
                 rest += data
             if size == 0:
+                if len(rest) > 2:
+                    _LEFTOVER[sock] = rest[2:]
                 return status, headers, body
             body += rest[:size]
             rest = rest[size + 2 :]

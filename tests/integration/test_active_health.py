@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.backends import AppBackend, RawBackend
 from tests.integration.conftest import GatewayProcess
+from tests.metrics_text import by_label, metric_sum
 
 
 def _sick(buffer: bytes) -> bytes | None:
@@ -59,12 +60,8 @@ def checked_gateway(
 
 
 def _instance_states(gateway: GatewayProcess) -> dict[str, float]:
-    states: dict[str, float] = {}
-    for line in gateway.metrics_text().splitlines():
-        if line.startswith("gateway_upstream_instances{") and 'upstream="checked"' in line:
-            state = line.split('state="', 1)[1].split('"', 1)[0]
-            states[state] = float(line.rsplit(" ", 1)[1])
-    return states
+    text = gateway.metrics_text()
+    return by_label(text, "gateway_upstream_instances", "state", upstream="checked")
 
 
 def test_unhealthy_instance_gets_no_traffic(checked_gateway: GatewayProcess) -> None:
@@ -73,14 +70,13 @@ def test_unhealthy_instance_gets_no_traffic(checked_gateway: GatewayProcess) -> 
         assert time.monotonic() < deadline, _instance_states(checked_gateway)
         time.sleep(0.05)
     assert _instance_states(checked_gateway)["healthy"] == 1.0
-    transitions = [
-        line
-        for line in checked_gateway.metrics_text().splitlines()
-        if line.startswith("gateway_health_transitions_total{")
-        and 'to="unhealthy"' in line
-        and 'upstream="checked"' in line
-    ]
-    assert transitions and float(transitions[0].rsplit(" ", 1)[1]) >= 1
+    transitions = metric_sum(
+        checked_gateway.metrics_text(),
+        "gateway_health_transitions_total",
+        to="unhealthy",
+        upstream="checked",
+    )
+    assert transitions >= 1
     for _ in range(10):
         with urllib.request.urlopen(checked_gateway.base_url + "/echo/health", timeout=5) as r:
             assert r.status == 200

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,6 +23,7 @@ import pytest
 
 from tests.integration.conftest import GatewayProcess
 from tests.integration.failover_backend import BackendProcess, start_backends
+from tests.metrics_text import metric_sum
 
 StartGateway = Callable[[dict[str, Any]], GatewayProcess]
 Spawn = Callable[..., list[BackendProcess]]
@@ -130,21 +130,9 @@ async def poll(
         await asyncio.sleep(interval)
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
 def metric(gateway: GatewayProcess, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
-    total = 0.0
-    for line in gateway.metrics_text().splitlines():
-        match = _SAMPLE.match(line)
-        if match is None or match.group(1) != name:
-            continue
-        found = dict(_LABEL.findall(match.group(2) or ""))
-        if all(found.get(key) == value for key, value in labels.items()):
-            total += float(match.group(3))
-    return total
+    return metric_sum(gateway.metrics_text(), name, **labels)
 
 
 def ejected(gateway: GatewayProcess, upstream: str = "pool") -> float:

@@ -175,6 +175,33 @@ async def test_kill_one_and_freeze_another(
 
 
 @WORKERS
+@pytest.mark.parametrize("failure", ["kill", "freeze"])
+async def test_one_instance_fails(
+    start_gateway: StartGateway, trio: list[BackendProcess], workers: int, failure: str
+) -> None:
+    victim = trio[0]
+    gateway = start_gateway(config(trio, workers))
+    load = Load(gateway.port)
+    try:
+        await load.served_after(300, "traffic before the failure")
+        load.mark(failure)
+        victim.kill() if failure == "kill" else victim.freeze()
+        await load.served_after(600, "traffic after the failure")
+        await poll(lambda: ejected(gateway) >= 1, "the failed instance is ejected")
+        load.mark("ejected")
+        await load.served_after(300, "traffic after the ejection")
+    finally:
+        results = await load.stop()
+        victim.thaw()
+    print("\n" + load.report(f"{failure} one, workers={workers}"))
+    failed = failures(results)
+    assert not failed, f"{len(failed)} of {len(results)} failed: {failed[:5]}"
+    ejected_at = next(at for phase, at in load.marks if phase == "ejected")
+    answered_by = {r.body for r in results if r.at > ejected_at}
+    assert answered_by == {"b", "c"}
+
+
+@WORKERS
 async def test_kill_one_with_64_requests_in_flight_fails_none(
     start_gateway: StartGateway, trio: list[BackendProcess], workers: int
 ) -> None:

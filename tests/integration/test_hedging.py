@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.backends import LoopThread, _cancel_other_tasks
 from tests.integration.conftest import GatewayProcess
+from tests.metrics_text import metric_sum
 
 
 class DelayedServer:
@@ -82,10 +83,7 @@ def hedged(
 
 
 def _retries(gateway: GatewayProcess, reason: str) -> float:
-    for line in gateway.metrics_text().splitlines():
-        if line.startswith("gateway_retries_total{") and f'reason="{reason}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return metric_sum(gateway.metrics_text(), "gateway_retries_total", reason=reason)
 
 
 def test_slow_first_try_is_hedged_and_the_fast_answer_wins(

@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration.backends import AppBackend
 from tests.integration.conftest import GatewayProcess
+from tests.metrics_text import samples
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +113,7 @@ def test_body_size_histograms_and_bucket_override(observed: GatewayProcess) -> N
     assert 'gateway_request_body_bytes_bucket{le="10000.0",route="plain"}' in text
     assert 'gateway_response_body_bytes_count{route="plain"}' in text
     overhead_les = {
-        line.split('le="', 1)[1].split('"', 1)[0]
-        for line in text.splitlines()
-        if line.startswith("gateway_overhead_seconds_bucket{")
+        sample.labels["le"] for sample in samples(text, "gateway_overhead_seconds_bucket")
     }
     assert overhead_les == {"0.0005", "0.005", "0.05", "+Inf"}
 

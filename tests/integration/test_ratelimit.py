@@ -14,6 +14,7 @@ import pytest
 
 from tests.integration.backends import AppBackend
 from tests.integration.conftest import GatewayProcess
+from tests.metrics_text import by_label
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +72,8 @@ def _get(
 
 
 def _decisions(gateway: GatewayProcess, route: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in gateway.metrics_text().splitlines():
-        if line.startswith("gateway_ratelimit_decisions_total{") and f'route="{route}"' in line:
-            result = line.split('result="', 1)[1].split('"', 1)[0]
-            out[result] = float(line.rsplit(" ", 1)[1])
-    return out
+    text = gateway.metrics_text()
+    return by_label(text, "gateway_ratelimit_decisions_total", "result", route=route)
 
 
 def test_burst_then_429_with_ratelimit_headers(limited: GatewayProcess) -> None:

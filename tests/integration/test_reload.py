@@ -28,6 +28,7 @@ import yaml
 
 from tests.integration.backends import AppBackend
 from tests.integration.conftest import ROOT, GatewayProcess, read_response
+from tests.metrics_text import metric_sum
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
@@ -48,16 +49,7 @@ def admin_json(gateway: GatewayProcess, path: str, method: str = "GET") -> tuple
 
 def metric(gateway: GatewayProcess, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for line in gateway.metrics_text().splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        series, _, value = line.rpartition(" ")
-        if series.split("{")[0] != name:
-            continue
-        if all(f'{key}="{val}"' in series for key, val in labels.items()):
-            total += float(value)
-    return total
+    return metric_sum(gateway.metrics_text(), name, **labels)
 
 
 def status_of(gateway: GatewayProcess, path: str) -> int:

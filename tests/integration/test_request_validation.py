@@ -18,6 +18,7 @@ import pytest
 from tests.integration.backends import RawBackend, complete_message_responder
 from tests.integration.conftest import GatewayProcess, read_response, read_until_close
 from tests.integration.test_malformed import assert_rejected, parse_one_response
+from tests.metrics_text import by_label
 
 Start = Callable[[dict[str, Any]], GatewayProcess]
 
@@ -602,12 +603,7 @@ def test_extension_method_behind_another_in_one_write_is_400(
 
 def requests_total(gw: GatewayProcess, route: str) -> dict[str, float]:
     """gateway_requests_total of ``route`` by method label."""
-    counts: dict[str, float] = {}
-    for line in gw.metrics_text().splitlines():
-        if line.startswith("gateway_requests_total{") and f'route="{route}"' in line:
-            method = line.split('method="', 1)[1].split('"', 1)[0]
-            counts[method] = counts.get(method, 0.0) + float(line.rsplit(" ", 1)[1])
-    return counts
+    return by_label(gw.metrics_text(), "gateway_requests_total", "method", route=route)
 
 
 def test_route_matches_extension_method(gw: GatewayProcess, raw: RawBackend) -> None:

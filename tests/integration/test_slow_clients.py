@@ -12,7 +12,6 @@ Real gateway processes, raw sockets, short configured timeouts (docs/slow-client
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -23,19 +22,14 @@ import pytest
 
 from tests.integration.backends import AppBackend
 from tests.integration.conftest import GatewayProcess, is_closed, read_response, read_until_close
+from tests.metrics_text import metric_sum, metric_value
 
 GUARD = 15.0  # upper bound of every poll below; the expected events take about a second
 
 
 def _metric(process: GatewayProcess, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` that carry all of ``labels``."""
-    total = 0.0
-    for line in process.metrics_text().splitlines():
-        if not (line.startswith(name + "{") or line.startswith(name + " ")):
-            continue
-        if all(f'{key}="{value}"' in line for key, value in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_sum(process.metrics_text(), name, **labels)
 
 
 def _poll(condition: Callable[[], bool], what: str, within: float = GUARD) -> None:
@@ -229,7 +223,7 @@ def test_memory_of_slow_readers_comes_back(slow: GatewayProcess) -> None:
     # Generous: within 30% (or 16 MiB) of the baseline once the flood is over.
     bound = max(baseline * 1.3, baseline + 16 * 1024)
     _poll(lambda: slow.rss_kib() <= bound, f"RSS back under {bound / 1024:.0f} MiB")
-    assert re.search(r"^gateway_malloc_trims_total \d", slow.metrics_text(), re.M)
+    assert metric_value(slow.metrics_text(), "gateway_malloc_trims_total") is not None
 
 
 # -- max_connections across workers -----------------------------------------------------------

@@ -6,26 +6,19 @@ import asyncio
 import base64
 import hashlib
 import os
-import re
 
 import aiohttp
 
 from tests.integration.conftest import GatewayProcess
 from tests.integration.test_http_semantics import ResponseReader
+from tests.metrics_text import metric_sum
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
 
 def requests_with_code(metrics: str, route: str, code: str) -> float:
     """Sum of gateway_requests_total samples for ``route`` and ``code``."""
-    total = 0.0
-    for line in metrics.splitlines():
-        if not line.startswith("gateway_requests_total{"):
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-        if labels.get("route") == route and labels.get("code") == code:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_sum(metrics, "gateway_requests_total", route=route, code=code)
 
 
 async def requests_101(gateway: GatewayProcess) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -30,6 +29,7 @@ from aiohttp import web
 
 from tests.integration.backends import LoopThread
 from tests.integration.conftest import ROOT, GatewayProcess, free_port, free_ports, stop_process
+from tests.metrics_text import metric_value
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 
@@ -241,10 +241,8 @@ def expect_outage_keeps_last_set(
     """With the discovery backend down: the last set stays, marked stale, its errors are
     counted, and traffic keeps flowing to the same instances."""
     wait_for(lambda: gw.discovery()["upstreams"]["web"]["stale"], what="stale mark")
-    errors = re.search(
-        rf'^gateway_discovery_errors_total\{{backend="{backend}"\}} (\S+)$', gw.metrics_text(), re.M
-    )
-    assert errors is not None and float(errors.group(1)) > 0
+    errors = metric_value(gw.metrics_text(), "gateway_discovery_errors_total", backend=backend)
+    assert errors is not None and errors > 0
     outage_start = load.count()
     load.wait_more(100)
     assert {n for _, n in load.results[outage_start:]} == survivors

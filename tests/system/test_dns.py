@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 from collections.abc import Callable
@@ -10,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.metrics_text import metric_value
 from tests.system.conftest import (
     DiscoveryGateway,
     Dnsmasq,
@@ -49,10 +49,7 @@ def srv_records(backends: NamedBackends, names: list[str]) -> list[tuple[str, st
 
 
 def metric(gw: DiscoveryGateway, name: str, backend: str) -> float | None:
-    match = re.search(
-        rf'^{name}\{{backend="{backend}"\}} (\S+)$', gw.metrics_text(), flags=re.MULTILINE
-    )
-    return float(match.group(1)) if match else None
+    return metric_value(gw.metrics_text(), name, backend=backend)
 
 
 def test_srv_follow_changes_survive_outage(

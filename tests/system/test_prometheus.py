@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -43,7 +44,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import DEFAULT_BUCKETS
 from tests.integration.backends import AppBackend
-from tests.integration.conftest import GatewayProcess, free_port, stop_process
+from tests.integration.conftest import GatewayProcess, free_port, free_ports, stop_process
+from tests.integration.tls_support import CertFiles
 from tests.unit.test_dashboard import DASHBOARD, PLANNED_METRICS, iter_panels, metric_names
 
 PACKAGE_HINT = (
@@ -251,7 +253,25 @@ def prom_gateway(
             },
         ],
     }
+    # A TLS listener besides the plaintext one, so that the certificate-expiry panel has data.
+    plain_port, tls_port = free_ports(2)
+    certs = CertFiles(tmp_path_factory.mktemp("prom-certs"))
+    cert, key = certs.issue("api", "api.test")
+    config["listen"] = [
+        f"127.0.0.1:{plain_port}",
+        {
+            "address": f"127.0.0.1:{tls_port}",
+            "name": "https",
+            "tls": {"certificates": [{"cert": str(cert), "key": str(key)}]},
+        },
+    ]
     gateway = GatewayProcess(config, tmp_path_factory.mktemp("prom-gateway"))
+    gateway.port = plain_port  # the traffic goes to the plaintext listener
+    # One failed handshake (plain HTTP on the TLS port), for the handshake-error panel.
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        while sock.recv(4096):
+            pass
     yield gateway
     gateway.stop()
 

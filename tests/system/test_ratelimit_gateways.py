@@ -14,6 +14,7 @@ import pytest
 
 from tests.integration.backends import AppBackend
 from tests.integration.conftest import GatewayProcess
+from tests.metrics_text import by_label
 from tests.system.redis_fixture import RedisServer, redis_server
 
 __all__ = ["redis_server"]  # the fixture, re-exported for pytest
@@ -108,12 +109,8 @@ class Load:
 
 
 def _decisions(gateway: GatewayProcess) -> Counter[str]:
-    out: Counter[str] = Counter()
-    for line in gateway.metrics_text().splitlines():
-        if line.startswith("gateway_ratelimit_decisions_total{"):
-            result = line.split('result="', 1)[1].split('"', 1)[0]
-            out[result] += int(float(line.rsplit(" ", 1)[1]))
-    return out
+    counts = by_label(gateway.metrics_text(), "gateway_ratelimit_decisions_total", "result")
+    return Counter({result: int(count) for result, count in counts.items()})
 
 
 def _wait_for(condition: Callable[[], bool], what: str, within: float = 10.0) -> None:

@@ -26,6 +26,7 @@ import pytest
 
 from tests.integration.backends import AppBackend
 from tests.integration.conftest import ROOT, GatewayProcess
+from tests.metrics_text import by_label
 from tests.system.redis_fixture import RedisServer, free_port, redis_server
 
 __all__ = ["redis_server"]  # the fixture, re-exported for pytest
@@ -161,12 +162,9 @@ class DelayProxy:
 
 
 def decisions(gateway: GatewayProcess) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for line in gateway.metrics_text().splitlines():
-        if line.startswith("gateway_ratelimit_decisions_total{"):
-            result = line.split('result="', 1)[1].split('"', 1)[0]
-            out[result] = out.get(result, 0) + int(float(line.rsplit(" ", 1)[1]))
-    return out
+    text = gateway.metrics_text()
+    counts = by_label(text, "gateway_ratelimit_decisions_total", "result")
+    return {result: int(count) for result, count in counts.items()}
 
 
 class Measured:

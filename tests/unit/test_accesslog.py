@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
+
+import pytest
 
 from gateway.accesslog import AccessLog, iso_time
 
@@ -45,10 +48,22 @@ def test_backlog_is_bounded_and_drops_are_counted(tmp_path: Path) -> None:
     log.close()
 
 
-def test_unwritable_path_does_not_raise(tmp_path: Path) -> None:
-    log = AccessLog(str(tmp_path / "missing-dir" / "access.log"))
-    log.record({"n": 1})
-    log.close()
+def test_unwritable_path_is_reported_and_its_lines_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "missing-dir" / "access.log"
+    with caplog.at_level(logging.ERROR, logger="gateway.accesslog"):
+        log = AccessLog(str(path))
+        log.record({"n": 1})  # the data plane never sees the error
+        log.close()
+    assert not log._thread.is_alive()  # the writer consumed its queue and stopped
+    assert log._queued == 0  # the batch was dropped, not left pending
+    assert not path.exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        f"access log {path} cannot be opened: [Errno 2] No such file or directory: "
+        f"'{path}'; lines are dropped"
+    ]
 
 
 def test_iso_time() -> None:

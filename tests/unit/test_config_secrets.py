@@ -212,7 +212,7 @@ def test_every_secret_field_of_the_schema_is_redacted() -> None:
         return []
 
     names = {f.name for f in secret_fields(ROOT, set())}
-    assert names == {"token", "key_file", "token_file"}
+    assert names == {"token", "key_file", "token_file", "key"}  # key: TLS key paths
 
 
 @pytest.mark.parametrize(

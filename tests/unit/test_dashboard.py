@@ -19,6 +19,15 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import GatewayMetrics, make_registry
+from gateway.tls.metrics import CertificateExpiry
+
+
+class _Expiry(CertificateExpiry):
+    """The certificate-expiry collector the admin server registers, with one certificate."""
+
+    def __init__(self) -> None:
+        self.rows = [("https", "api.example.com", 2.0e9)]
+
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "config" / "grafana" / "gateway-dashboard.json"
 
@@ -107,7 +116,10 @@ def exported_metric_names() -> set[str]:
     metrics.retry("u", "reset")
     metrics.upstream_instances("u", {"healthy": 1, "unhealthy": 0, "ejected": 0})
     metrics.ratelimit("r", "allowed")
-    text = generate_latest(make_registry(metrics)).decode()
+    metrics.tls_handshake_error("https", "timeout")
+    registry = make_registry(metrics)
+    registry.register(_Expiry())
+    text = generate_latest(registry).decode()
     names: set[str] = set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

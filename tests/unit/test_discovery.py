@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -294,3 +295,36 @@ async def test_manager_start_waits_for_first_answers_and_reconfigures() -> None:
         assert manager.instances()["a"] == (InstanceConfig("127.0.0.1", 7),)
     finally:
         await manager.stop()
+
+
+async def test_a_service_that_never_appears_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The newcomer's silent surprise: a misspelt service name only showed as 503 on every
+    # request. After the grace period, the gateway says which upstream and service.
+    config = load_config_text(
+        f"""
+state_dir: {tmp_path}
+discovery:
+  reg: {{type: registry}}
+upstreams:
+  found: {{discovery: reg, service: web}}
+  ghost: {{discovery: reg, service: wbe}}
+routes: []
+"""
+    )
+    manager = DiscoveryManager(config, missing_grace=0.05)
+    await manager.start(initial_wait=0)
+    try:
+        manager.update("reg", ServiceQuery("web"), (_inst(8080),))
+        with caplog.at_level(logging.WARNING, logger="gateway.discovery"):
+            deadline = asyncio.get_running_loop().time() + 5.0
+            while "has no instance" not in caplog.text:
+                assert asyncio.get_running_loop().time() < deadline, caplog.text
+                await asyncio.sleep(0.02)
+    finally:
+        await manager.stop()
+    assert "upstream 'ghost': service 'wbe' has no instance" in caplog.text
+    assert "'found'" not in caplog.text
+    again = manager.warn_missing_services()
+    assert len(again) == 1 and "'ghost'" in again[0]

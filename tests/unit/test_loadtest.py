@@ -355,3 +355,20 @@ async def test_bundled_backend_serves_the_benchmark_paths() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_tls_scenarios_configure_gateway_and_nginx_alike(tmp_path: Path) -> None:
+    from gateway.config import load_config_text
+    from loadtest.harness import SCENARIOS
+    from loadtest.servers import gateway_config, gateway_yaml, nginx_proxy_conf
+
+    assert SCENARIOS["tls-newconn"].new_connection and not SCENARIOS["tls-newconn"].tickets
+    assert SCENARIOS["tls-resume"].tickets and SCENARIOS["tls"].tls
+    tls = ("/c/cert.pem", "/c/key.pem", False)
+    config = load_config_text(gateway_yaml(gateway_config(8443, 9901, 9000, tls=tls)))
+    listener = config.all_listeners[0]
+    assert listener.tls is not None and listener.tls.session_tickets is False
+    assert listener.tls.certificates[0].cert == "/c/cert.pem"
+    conf = nginx_proxy_conf(tmp_path, 8443, 9000, tls=tls)
+    assert "listen 127.0.0.1:8443 backlog=4096 ssl;" in conf
+    assert "ssl_certificate /c/cert.pem;" in conf and "ssl_session_tickets off;" in conf
