@@ -252,9 +252,9 @@ def _upstream(out: _Collector, name: str, upstream: UpstreamConfig, used: set[st
             (*base, "outlier", "max_ejection_percent"),
             f"{outlier.max_ejection_percent:g}% can eject more than 100 - panic_threshold"
             f" ({100.0 - panic:g}%) of the instances: ejections alone then put the upstream"
-            f" in panic mode ({panic:g}%), where instances failing only their health check are"
-            f" used again (ejected ones never are). Use at most {100.0 - panic:g}, or lower"
-            " panic_threshold",
+            f" below its panic threshold ({panic:g}%), where instances failing only their health"
+            f" check are used again (ejected ones never are). Use at most {100.0 - panic:g}, or"
+            " lower panic_threshold",
         )
     if upstream.balancer in _IGNORES_WEIGHTS and any(i.weight != 1 for i in upstream.instances):
         index = next(k for k, i in enumerate(upstream.instances) if i.weight != 1)
