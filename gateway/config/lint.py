@@ -225,6 +225,20 @@ def _strip_prefix(out: _Collector, i: int, route: RouteConfig) -> None:
 def _route_timeouts(
     out: _Collector, i: int, route: RouteConfig, upstream: UpstreamConfig | None
 ) -> None:
+    idempotency = route.idempotency
+    # A claim that expires before its request can end frees the key mid-request: a duplicate
+    # then runs again, and the first response is not stored.
+    if (
+        idempotency is not None
+        and route.timeout is not None
+        and idempotency.lock_timeout <= route.timeout
+    ):
+        out.warn(
+            ("routes", i, "idempotency", "lock_timeout"),
+            f"{idempotency.lock_timeout:g}s is not longer than the route timeout"
+            f" ({route.timeout:g}s): a claim can expire while its request is still running,"
+            " and a duplicate is then forwarded again",
+        )
     if route.timeout is None or upstream is None:
         return
     retry = route.retry or upstream.retry

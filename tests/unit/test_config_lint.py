@@ -472,3 +472,22 @@ def test_cli_check_prints_warnings_and_strict_fails_on_them(tmp_path: Path) -> N
     )
     assert strict.returncode == 1
     assert "1 warning(s), failing (--strict)" in strict.stderr
+
+
+def test_idempotency_lock_timeout_not_longer_than_the_route_timeout() -> None:
+    text = """
+upstreams:
+  pay: {instances: [127.0.0.1:9000]}
+routes:
+  - name: pay
+    match: {path: {prefix: /pay}}
+    upstream: pay
+    timeout: 30s
+    idempotency: {lock_timeout: 20s}
+"""
+    warnings = warnings_of(text)
+    (warning,) = [w for w in warnings if w.path == "routes[0].idempotency.lock_timeout"]
+    assert warning.line == 9
+    assert "20s is not longer than the route timeout (30s)" in warning.message
+    longer = text.replace("lock_timeout: 20s", "lock_timeout: 60s")
+    assert not [w for w in warnings_of(longer) if "lock_timeout" in w.path]
