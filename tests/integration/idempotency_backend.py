@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from tests.integration.backends import LoopThread
+from tests.integration.conftest import GatewayProcess
+from tests.metrics_text import metric_sum
 
 
 class CountingBackend:
@@ -136,3 +141,23 @@ def without_per_request_lines(response: bytes) -> bytes:
         if not line.lower().startswith((b"x-request-id:", b"idempotent-replayed:"))
     ]
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def fresh_key() -> bytes:
+    """A new Idempotency-Key value: a quoted Structured Field string (draft section 2.1)."""
+    return b'"' + str(uuid.uuid4()).encode() + b'"'
+
+
+def idempotency_count(gateway: GatewayProcess, result: str) -> float:
+    """gateway_idempotency_total of the ``payments`` route for ``result`` (0 if absent)."""
+    return metric_sum(
+        gateway.metrics_text(), "gateway_idempotency_total", route="payments", result=result
+    )
+
+
+def poll(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)

@@ -4,8 +4,6 @@ processes and a backend that counts what it executed (docs/idempotency.md)."""
 from __future__ import annotations
 
 import threading
-import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,7 +13,10 @@ import pytest
 from tests.integration.conftest import GatewayProcess
 from tests.integration.idempotency_backend import (
     CountingBackend,
+    fresh_key,
     header_of,
+    idempotency_count,
+    poll,
     raw_post,
     status_of,
     without_per_request_lines,
@@ -42,28 +43,8 @@ def _config(backend: CountingBackend, **idempotency: Any) -> dict[str, Any]:
     }
 
 
-def _key() -> bytes:
-    return b'"' + str(uuid.uuid4()).encode() + b'"'
-
-
-def _metric(gateway: GatewayProcess, result: str) -> float:
-    prefix = f'gateway_idempotency_total{{result="{result}",route="payments"}} '
-    for line in gateway.metrics_text().splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix) :])
-    return 0.0
-
-
-def _poll(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-
-
 def _stored(gateway: GatewayProcess, count: float) -> Callable[[], bool]:
-    return lambda: _metric(gateway, "stored") >= count
+    return lambda: idempotency_count(gateway, "stored") >= count
 
 
 def test_replay_shared_across_two_workers(
@@ -72,19 +53,19 @@ def test_replay_shared_across_two_workers(
     """workers: 2 share the SQLite store: duplicates on fresh connections (either worker) are
     replayed byte for byte and never reach the backend."""
     gateway = start_gateway({**_config(backend), "workers": 2})
-    key = _key()
+    key = fresh_key()
     first = raw_post(gateway.port, key=key)
     assert status_of(first) == 201
     assert header_of(first, b"idempotent-replayed") is None
-    _poll(_stored(gateway, 1))  # the record is written after the response went out
+    poll(_stored(gateway, 1))  # the record is written after the response went out
     replays = [raw_post(gateway.port, key=key) for _ in range(20)]
     assert backend.executed == 1
     for replay in replays:
         assert header_of(replay, b"idempotent-replayed") == b"true"
         assert without_per_request_lines(replay) == without_per_request_lines(first)
-    assert _metric(gateway, "replayed") == 20
+    assert idempotency_count(gateway, "replayed") == 20
     # Another client address would be another scope; another key is another request.
-    assert status_of(raw_post(gateway.port, key=_key())) == 201
+    assert status_of(raw_post(gateway.port, key=fresh_key())) == 201
     assert backend.executed == 2
 
 
@@ -92,9 +73,9 @@ def test_mismatch_missing_and_invalid_keys(
     start_gateway: Callable[..., GatewayProcess], backend: CountingBackend
 ) -> None:
     gateway = start_gateway(_config(backend, required=True))
-    key = _key()
+    key = fresh_key()
     assert status_of(raw_post(gateway.port, key=key, body=b'{"amount":1}')) == 201
-    _poll(_stored(gateway, 1))
+    poll(_stored(gateway, 1))
     # draft §2.7: the same key with another payload is 422, a problem document.
     mismatch = raw_post(gateway.port, key=key, body=b'{"amount":2}')
     assert status_of(mismatch) == 422
@@ -110,8 +91,8 @@ def test_mismatch_missing_and_invalid_keys(
         assert status_of(response) == 400, raw
         assert header_of(response, b"content-type") == b"application/problem+json"
     assert backend.executed == 1
-    assert _metric(gateway, "mismatch") == 2
-    assert _metric(gateway, "rejected") == 5
+    assert idempotency_count(gateway, "mismatch") == 2
+    assert idempotency_count(gateway, "rejected") == 5
     # Methods outside `methods` (GET) are never guarded.
     assert status_of(raw_post(gateway.port, key=None, extra=b"")) == 400
 
@@ -120,24 +101,24 @@ def test_ttl_expiry_large_response_and_5xx(
     start_gateway: Callable[..., GatewayProcess], backend: CountingBackend
 ) -> None:
     gateway = start_gateway(_config(backend, ttl="1s", max_response_bytes="1KiB"))
-    key = _key()
+    key = fresh_key()
     assert status_of(raw_post(gateway.port, key=key)) == 201
-    _poll(_stored(gateway, 1))
+    poll(_stored(gateway, 1))
     assert header_of(raw_post(gateway.port, key=key), b"idempotent-replayed") == b"true"
     # After the TTL the key is fresh: the next request executes.
-    _poll(lambda: header_of(raw_post(gateway.port, key=key), b"idempotent-replayed") is None)
+    poll(lambda: header_of(raw_post(gateway.port, key=key), b"idempotent-replayed") is None)
     assert backend.executed == 2
     # A response over max_response_bytes is relayed whole but not stored (metric bypassed).
-    large_key = _key()
+    large_key = fresh_key()
     large = raw_post(gateway.port, path="/pay?size=4096", key=large_key)
     assert status_of(large) == 201 and large.endswith(b"x" * 4096)
-    _poll(lambda: _metric(gateway, "bypassed") >= 1)
+    poll(lambda: idempotency_count(gateway, "bypassed") >= 1)
     assert status_of(raw_post(gateway.port, path="/pay?size=4096", key=large_key)) == 201
     assert backend.executed == 4
     # A 5xx frees the key: the client's retry executes.
-    failing = _key()
+    failing = fresh_key()
     assert status_of(raw_post(gateway.port, path="/pay?status=500", key=failing)) == 500
-    _poll(lambda: _metric(gateway, "released") >= 1)
+    poll(lambda: idempotency_count(gateway, "released") >= 1)
     assert status_of(raw_post(gateway.port, path="/pay?status=500", key=failing)) == 500
     assert backend.executed == 6
 
@@ -159,7 +140,7 @@ def test_concurrent_duplicates_conflict_or_wait(
     config["routes"][0]["match"] = {"path": {"prefix": "/pay"}}
     gateway = start_gateway(config)
     for path, expected in (("/pay?delay_ms=500", {201, 409}), ("/wait?delay_ms=500", {201})):
-        key = _key()
+        key = fresh_key()
         before = backend.executed
         results: list[bytes] = []
         lock = threading.Lock()
@@ -201,12 +182,12 @@ def test_backend_dies_mid_request_releases_the_key(
     config["routes"][0]["retry"] = {"attempts": 1}  # the client retries, not the gateway
     gateway = start_gateway(config)
     backend.die_times = 1
-    key = _key()
+    key = fresh_key()
     assert status_of(raw_post(gateway.port, path="/die", key=key)) == 502
-    _poll(lambda: _metric(gateway, "released") >= 1)
+    poll(lambda: idempotency_count(gateway, "released") >= 1)
     retry = raw_post(gateway.port, path="/die", key=key)
     assert status_of(retry) == 201
-    _poll(_stored(gateway, 1))
+    poll(_stored(gateway, 1))
     again = raw_post(gateway.port, path="/die", key=key)
     assert without_per_request_lines(again) == without_per_request_lines(retry)
     assert backend.executed == 2  # the crash and the one successful retry
@@ -219,11 +200,11 @@ def test_gateway_retry_of_a_keyed_post_stays_within_its_claim(
     retry happens inside the one claim, so the client sees one response, which is stored."""
     gateway = start_gateway(_config(backend))
     backend.die_times = 1
-    key = _key()
+    key = fresh_key()
     first = raw_post(gateway.port, path="/die", key=key)
     assert status_of(first) == 201  # the reset was retried by the gateway
     assert backend.executed == 2
-    _poll(_stored(gateway, 1))
+    poll(_stored(gateway, 1))
     assert without_per_request_lines(raw_post(gateway.port, path="/die", key=key)) == (
         without_per_request_lines(first)
     )
@@ -270,14 +251,14 @@ def test_streamed_bodies_are_fingerprinted_whatever_their_framing(
     chunked in pieces, then with Content-Length, is one request. A keyed body beyond
     max_request_bytes is refused (413) before anything is claimed or forwarded."""
     gateway = start_gateway(_config(backend, max_request_bytes="1KiB"))
-    key = _key()
+    key = fresh_key()
     first = _chunked_post(gateway.port, key, [b'{"amo', b'unt":', b"1}"])
     assert status_of(first) == 201
-    _poll(_stored(gateway, 1))
+    poll(_stored(gateway, 1))
     replay = raw_post(gateway.port, key=key, body=b'{"amount":1}')
     assert header_of(replay, b"idempotent-replayed") == b"true"
     assert status_of(_chunked_post(gateway.port, key, [b'{"amount":2}'])) == 422
-    big = _key()
+    big = fresh_key()
     assert status_of(raw_post(gateway.port, key=big, body=b"x" * 2048)) == 413
     assert status_of(_chunked_post(gateway.port, big, [b"x" * 600, b"y" * 600])) == 413
     assert backend.executed == 1
@@ -288,12 +269,12 @@ def test_principal_header_scopes_keys(
 ) -> None:
     """principal: header:x-api-key: the same key from two API keys is two requests."""
     gateway = start_gateway(_config(backend, principal="header:x-api-key"))
-    key = _key()
+    key = fresh_key()
     alice = raw_post(gateway.port, key=key, extra=b"x-api-key: alice\r\n")
     bob = raw_post(gateway.port, key=key, extra=b"x-api-key: bob\r\n")
     assert status_of(alice) == 201 and status_of(bob) == 201
     assert header_of(alice, b"x-execution") != header_of(bob, b"x-execution")
-    _poll(_stored(gateway, 2))
+    poll(_stored(gateway, 2))
     again = raw_post(gateway.port, key=key, extra=b"x-api-key: alice\r\n")
     assert without_per_request_lines(again) == without_per_request_lines(alice)
     assert backend.executed == 2

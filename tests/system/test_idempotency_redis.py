@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,10 @@ import pytest
 from tests.integration.conftest import GatewayProcess
 from tests.integration.idempotency_backend import (
     CountingBackend,
+    fresh_key,
     header_of,
+    idempotency_count,
+    poll,
     raw_post,
     status_of,
     without_per_request_lines,
@@ -58,26 +60,6 @@ def _start(config: dict[str, Any], tmp_path: Path, count: int) -> list[GatewayPr
     return started
 
 
-def _key() -> bytes:
-    return b'"' + str(uuid.uuid4()).encode() + b'"'
-
-
-def _metric(gateway: GatewayProcess, result: str) -> float:
-    prefix = f'gateway_idempotency_total{{result="{result}",route="payments"}} '
-    for line in gateway.metrics_text().splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix) :])
-    return 0.0
-
-
-def _poll(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-
-
 def test_fifty_concurrent_duplicates_through_two_gateways(
     tmp_path: Path, redis_server: RedisServer, backend: CountingBackend
 ) -> None:
@@ -86,7 +68,7 @@ def test_fifty_concurrent_duplicates_through_two_gateways(
     duplicate, through either gateway, gets a byte-identical replay."""
     gateways = _start(_config(redis_server, backend), tmp_path, 2)
     try:
-        key = _key()
+        key = fresh_key()
         results: list[bytes] = []
         lock = threading.Lock()
         barrier = threading.Barrier(50)
@@ -112,13 +94,13 @@ def test_fifty_concurrent_duplicates_through_two_gateways(
         ]
         assert len(originals) == 1, statuses
         assert set(statuses) <= {201, 409}, statuses
-        _poll(lambda: sum(_metric(g, "stored") for g in gateways) >= 1)
+        poll(lambda: sum(idempotency_count(g, "stored") for g in gateways) >= 1)
         for index in range(20):
             replay = raw_post(gateways[index % 2].port, path="/pay?delay_ms=300", key=key)
             assert header_of(replay, b"idempotent-replayed") == b"true"
             assert without_per_request_lines(replay) == without_per_request_lines(originals[0])
         assert backend.executed == 1
-        assert sum(_metric(g, "conflict") for g in gateways) == statuses[409]
+        assert sum(idempotency_count(g, "conflict") for g in gateways) == statuses[409]
     finally:
         for gateway in gateways:
             gateway.stop()
@@ -133,21 +115,21 @@ def test_mismatch_ttl_and_crash_release(
         # retried once on a new one: RFC 9112 §9.3.1, the key marks the POST idempotent).
         # The backend dies mid-request: 502, key released, the client's retry runs once.
         backend.die_times = 1
-        crash = _key()
+        crash = fresh_key()
         assert status_of(raw_post(gateway.port, path="/die", key=crash)) == 502
-        _poll(lambda: _metric(gateway, "released") >= 1)
+        poll(lambda: idempotency_count(gateway, "released") >= 1)
         retry = raw_post(gateway.port, path="/die", key=crash)
         assert status_of(retry) == 201
-        _poll(lambda: _metric(gateway, "stored") >= 1)
+        poll(lambda: idempotency_count(gateway, "stored") >= 1)
         again = raw_post(gateway.port, path="/die", key=crash)
         assert without_per_request_lines(again) == without_per_request_lines(retry)
         assert backend.executed == 2
-        key = _key()
+        key = fresh_key()
         assert status_of(raw_post(gateway.port, key=key)) == 201
-        _poll(lambda: _metric(gateway, "stored") >= 2)
+        poll(lambda: idempotency_count(gateway, "stored") >= 2)
         assert status_of(raw_post(gateway.port, key=key, body=b'{"amount":9}')) == 422
         # After the TTL (Redis PX expiry) the key is fresh.
-        _poll(lambda: header_of(raw_post(gateway.port, key=key), b"idempotent-replayed") is None)
+        poll(lambda: header_of(raw_post(gateway.port, key=key), b"idempotent-replayed") is None)
         assert backend.executed == 4
     finally:
         gateway.stop()
@@ -166,8 +148,8 @@ def test_redis_down_fallback_without_hanging(
     without the guarantee, deny answers 503; no request waits much past redis.timeout."""
     (gateway,) = _start(_config(redis_server, backend, on_store_error=on_store_error), tmp_path, 1)
     try:
-        assert status_of(raw_post(gateway.port, key=_key())) == 201  # connected and working
-        _poll(lambda: _metric(gateway, "stored") >= 1)
+        assert status_of(raw_post(gateway.port, key=fresh_key())) == 201  # connected and working
+        poll(lambda: idempotency_count(gateway, "stored") >= 1)
         if failure == "stopped":
             redis_server.stop()
         else:
@@ -175,11 +157,11 @@ def test_redis_down_fallback_without_hanging(
         expected = 201 if on_store_error == "allow" else 503
         for _ in range(5):
             started = time.monotonic()
-            response = raw_post(gateway.port, key=_key())
+            response = raw_post(gateway.port, key=fresh_key())
             elapsed = time.monotonic() - started
             assert status_of(response) == expected
             assert elapsed < REDIS_TIMEOUT + 1.0, elapsed  # bounded by the store timeout
-        assert _metric(gateway, "store_error") == 5
+        assert idempotency_count(gateway, "store_error") == 5
         # Requests without a key never touch the store.
         assert status_of(raw_post(gateway.port, key=None)) == 201
     finally:
