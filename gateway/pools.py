@@ -47,6 +47,9 @@ class ConnectionPool(Protocol):
     def sweep(self, now: float) -> None:
         """Close idle connections past their idle timeout (``now``: monotonic seconds)."""
 
+    def close_idle(self) -> None:
+        """Close every idle connection now (the instance was ejected); new ones may follow."""
+
     def close_all(self) -> None:
         """The instance left the config: close idle connections now, busy ones on release."""
 

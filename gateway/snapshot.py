@@ -94,14 +94,6 @@ def set_ejection_listener(listener: EjectionListener | None) -> None:
     _ejection_listener = listener
 
 
-def _close_idle(instance: Instance) -> None:
-    """An ejected instance's idle pooled connections are not handed out again: a frozen instance
-    keeps accepted connections open forever, and a dead one's are all stale."""
-    idle = instance.pool.idle
-    while idle:
-        idle.pop().close()
-
-
 def _same_runtime_settings(old: UpstreamConfig, new: UpstreamConfig) -> bool:
     """Whether an upstream's runtime state (balancer, breaker, budget, latency window) can carry
     over from ``old`` to ``new``: the settings that shape it are unchanged."""
@@ -241,7 +233,9 @@ class Upstream:
             instance.ejected = True
             if instance.update_availability():
                 self.balancer.refresh(now)
-            _close_idle(instance)
+            # Its idle pooled connections are not handed out again: a frozen instance keeps
+            # accepted connections open forever, and a dead one's are all stale.
+            instance.pool.close_idle()
             log.warning(
                 "upstream %s: instance %s ejected after consecutive failures",
                 self.name,
@@ -268,7 +262,9 @@ class Upstream:
             instance.ejected = True
             if instance.update_availability():
                 self.balancer.refresh(now)
-            _close_idle(instance)
+            # Its idle pooled connections are not handed out again: a frozen instance keeps
+            # accepted connections open forever, and a dead one's are all stale.
+            instance.pool.close_idle()
             log.warning(
                 "upstream %s: instance %s ejected by another worker for %.1fs",
                 self.name,

@@ -470,10 +470,14 @@ class InstancePool:
         while idle and idle[0].idle_since < cutoff:
             idle.pop(0).close()
 
-    def close_all(self) -> None:
-        self.closed = True
+    def close_idle(self) -> None:
+        """Close every idle connection now; the pool stays usable for new ones."""
         while self.idle:
             self.idle.pop().close()
+
+    def close_all(self) -> None:
+        self.closed = True
+        self.close_idle()
 
     def connect(
         self,
