@@ -237,24 +237,6 @@ def _checked_host(value: bytes) -> bytes:
     raise RequestRejected(400, "bad_request", "invalid Host header")
 
 
-def _absolute_authority_ok(url: bytes) -> bool:
-    """An absolute-form target's authority is a valid ``uri-host [":" port]``; other forms
-    (``*``, garbage) are left to the dispatcher."""
-    lowered = url[:8].lower()
-    if lowered.startswith(b"http://"):
-        start = 7
-    elif lowered.startswith(b"https://"):
-        start = 8
-    else:
-        return True
-    end = len(url)
-    for delimiter in (b"/", b"?", b"#"):
-        at = url.find(delimiter, start)
-        if 0 <= at < end:
-            end = at
-    return hdr.valid_authority(url[start:end])
-
-
 # Outcomes of _walk_framing below zero (a non-negative outcome is where the walk stopped).
 _CW_DESYNC = -1
 _CW_LINE_TOO_LONG = -2
@@ -1244,9 +1226,6 @@ class ClientConnection(asyncio.Protocol):
             )
         elif method == b"CONNECT":
             ex.error = RequestRejected(405, "method_not_allowed", "CONNECT is not supported")
-        elif ex.url[:1] != b"/" and not _absolute_authority_ok(ex.url):
-            # RFC 9112 §3.2.2: the authority of an absolute-form target is the Host.
-            ex.error = RequestRejected(400, "invalid_target", "invalid authority in request target")
         if ex.chunked:
             # llhttp reports trailer fields through on_header too (appending to ex.headers):
             # this list keeps the head's fields and checks, then drops, what is appended later.

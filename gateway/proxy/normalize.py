@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 
 from gateway.config.model import PathsConfig
+from gateway.proxy.headers import valid_authority
 
 __all__ = [
     "DEFAULT_PATHS",
@@ -52,7 +53,6 @@ class InvalidTarget(ValueError):
 _HASH, _QUERY = 0x23, 0x3F  # int membership in bytes is a memchr (no buffer protocol)
 _INVALID_BYTE = re.compile(rb"[^!-~]").search
 # RFC 3986 §3.2: reg-name or IP-literal, optional port; no userinfo (RFC 9110 §4.2.4).
-_AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]*)?")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 # RFC 3986 §2.3: ALPHA / DIGIT / "-" / "." / "_" / "~"
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -140,7 +140,7 @@ def _absolute_form(target: bytes, policy: PathsConfig) -> tuple[bytes, bytes, by
     authority = rest[:end]
     if b"@" in authority:
         raise InvalidTarget("userinfo is not allowed in a request target (RFC 9110 §4.2.4)")
-    if _AUTHORITY.fullmatch(authority) is None:
+    if not valid_authority(authority):  # the same rule as the Host header's
         raise InvalidTarget("invalid authority in the request target")
     rest = rest[end:]
     query_at = rest.find(b"?")
