@@ -36,6 +36,7 @@ from types import FrameType
 from typing import Any
 
 from loadtest import report
+from loadtest.harness import parse_list
 from loadtest.procstat import PROC
 from loadtest.servers import (
     LARGE_BODY_BYTES,
@@ -783,13 +784,11 @@ def find_tool(name: str) -> str | None:
 
 
 def _names(text: str, known: Sequence[str], what: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in items if t not in known]
-    if unknown or not items:
-        raise argparse.ArgumentTypeError(
-            f"unknown {what}: {', '.join(unknown) or text!r} (known: {', '.join(known)})"
-        )
-    return list(dict.fromkeys(items))
+    """The harness's comma list, but at least one name ("none" measures nothing here)."""
+    items = parse_list(text, known, what)
+    if not items:
+        raise argparse.ArgumentTypeError(f"no {what} in {text!r} (known: {', '.join(known)})")
+    return items
 
 
 def _positive(text: str) -> int:
