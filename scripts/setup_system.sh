@@ -70,6 +70,7 @@ if [ "$mode" != "venv" ]; then
   # Not used by the suite yet; small, and wanted by benchmarks and TLS work.
   have curl || need curl "examples in the README, admin API checks"
   have openssl || need openssl "test certificates"
+  have h2load || need nghttp2-client "HTTP/2 load and h2c checks (h2load, nghttp)"
   have valgrind || need valgrind "callgrind instruction counts of the data-plane benchmark"
   # fetch_consul.py itself needs these to unpack bullseye's consul package.
   have apt-get || need apt "scripts/fetch_consul.py (apt-get download)"
