@@ -27,12 +27,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
-import orjson
 
 from gateway.accesslog import AccessLog, iso_time
 from gateway.proxy import headers as hdr
+from gateway.proxy import responses
 from gateway.proxy.connlimit import LocalConnectionCount, SharedConnectionCount
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
+from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS, RequestRejected
 from gateway.proxy.upstream import (
     UNEXPECTED_SWITCHING_PROTOCOLS,
     InstancePool,
@@ -133,25 +134,6 @@ _SPECIAL_HEADERS = {
     b"idempotency-key": _H_IDEMPOTENCY_KEY,
 }
 
-_REASONS = {
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    421: b"Misdirected Request",
-    431: b"Request Header Fields Too Large",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    501: b"Not Implemented",
-    504: b"Gateway Timeout",
-    505: b"HTTP Version Not Supported",
-    308: b"Permanent Redirect",
-}
-_MISDIRECTED = "the certificate of this connection does not cover the requested host"
-_REDIRECT_HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+")
-
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
     try:
@@ -175,24 +157,6 @@ class _Refused(asyncio.Protocol):
         return False  # close
 
 
-def _refusal_response(request_id: bytes, reason: str) -> bytes:
-    body = orjson.dumps(
-        {
-            "error": reason,
-            "message": "the gateway is at its connection limit"
-            if reason == "max_connections"
-            else "the gateway is shutting down",
-            "status": 503,
-            "request_id": request_id.decode("ascii"),
-        }
-    )
-    return (
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\nretry-after: 1\r\nx-request-id: %s\r\n"
-        b"connection: close\r\n\r\n%s" % (len(body), request_id, body)
-    )
-
-
 def _retry_after(fields: bytes) -> float | None:
     """Seconds from a Retry-After field (RFC 9110 §10.2.3) in a raw header block, if any."""
     lowered = fields.lower()
@@ -201,20 +165,6 @@ def _retry_after(fields: bytes) -> float | None:
         return None
     end = lowered.find(b"\r\n", at)
     return parse_retry_after(fields[at + 12 : end].strip(), time.time())
-
-
-# Rate-limit refusals: metric label and the message of the JSON error body.
-_REFUSAL_RESULTS = {
-    "rate_limited": "limited",
-    "store_unavailable": "store_error",
-    "max_in_flight": "max_in_flight",
-    "missing_key": "missing_key",
-}
-_REFUSAL_MESSAGES = {
-    429: "rate limit exceeded",
-    503: "too many requests in flight, or the rate-limit store is unavailable",
-    400: "the request lacks the value its rate limit is keyed on",
-}
 
 
 # Methods llhttp parses (its HTTP method table): an llhttp error on one of these is not about
@@ -337,17 +287,6 @@ def _reset_walk(ex: Exchange) -> None:
         "cw_body_mark",
     ):
         ex.__dict__.pop(name, None)
-
-
-class RequestRejected(Exception):
-    """Raised inside a parser callback to stop parsing with a specific status."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = b""  # extra header lines of the error response (e.g. Allow)
 
 
 class _HeldMethodParser:
@@ -571,7 +510,7 @@ class ProxyServer:
     def refuse(self, transport: asyncio.Transport, reason: str) -> None:
         """Answer a connection over the limit (or arriving while draining) with 503 and close."""
         self.metrics.connection_refused(reason)
-        transport.write(_refusal_response(self.request_ids.next(), reason))
+        transport.write(responses.refusal_response(self.request_ids.next(), reason))
         lingering = self.lingering
         if len(lingering) >= LINGER_MAX:
             transport.close()
@@ -1351,7 +1290,9 @@ class ClientConnection(asyncio.Protocol):
         if entry is not None and host is not None and not entry.covers_host(host):
             # RFC 9110 §15.5.20: this connection's certificate (chosen by SNI) does not cover
             # the Host the request names; the client should open a connection for that host.
-            self._respond_error(ex, RequestRejected(421, "misdirected_request", _MISDIRECTED))
+            self._respond_error(
+                ex, RequestRejected(421, "misdirected_request", responses.MISDIRECTED)
+            )
             return
         route = snapshot.routes.match(
             ex.method_name,
@@ -1432,12 +1373,10 @@ class ClientConnection(asyncio.Protocol):
         keeps the method and body)."""
         template = self.listener.redirect
         assert template is not None
-        name = (host or b"").decode("latin-1")
-        name = name[: name.rfind("]") + 1] if name.startswith("[") else name.split(":", 1)[0]
-        if not name or not _REDIRECT_HOST.fullmatch(name):
+        location = responses.redirect_location(template, host, url)
+        if location is None:
             self._respond_error(ex, RequestRejected(400, "bad_request", "no Host to redirect to"))
             return
-        location = template.replace("{host}", name).encode("latin-1") + url
         self._respond_error(
             ex,
             RequestRejected(308, "https_redirect", "use HTTPS"),
@@ -1456,7 +1395,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 result = "allowed"
         else:
-            result = _REFUSAL_RESULTS.get(decision.reason, decision.reason)
+            result = REFUSAL_RESULTS.get(decision.reason, decision.reason)
         ex.ratelimit = result
         self.server.metrics.ratelimit(ex.route_name, result)
         if decision.allowed:
@@ -1464,7 +1403,7 @@ class ClientConnection(asyncio.Protocol):
             return True
         self._respond_error(
             ex,
-            RequestRejected(decision.status, decision.reason, _REFUSAL_MESSAGES[decision.status]),
+            RequestRejected(decision.status, decision.reason, REFUSAL_MESSAGES[decision.status]),
             extra_headers=decision.headers,
         )
         return False
@@ -2215,43 +2154,27 @@ class ClientConnection(asyncio.Protocol):
     def _respond_error(
         self, ex: Exchange, error: RequestRejected, extra_headers: bytes = b""
     ) -> None:
-        request_id = ex.request_id
-        if request_id is None or not hdr.valid_request_id(request_id):
-            request_id = ex.request_id = self.server.request_ids.next()
-        body = orjson.dumps(
-            {
-                "error": error.code,
-                "message": error.message,
-                "status": error.status,
-                "request_id": request_id.decode("ascii"),
-            }
-        )
-        # The connection survives only if the request was read whole and framed unambiguously.
-        keep_alive = (
-            ex.keep_alive
-            and ex.request_complete
-            and not self.upgrade_pending
-            and error.status not in (400, 408, 413, 414, 431, 505)
+        request_id = self.request_id_of(ex)
+        status = error.status
+        body = responses.error_body(status, error.code, error.message, request_id)
+        keep_alive = ex.keep_alive = (
+            responses.keeps_alive(status, ex.keep_alive, ex.request_complete, self.upgrade_pending)
             and not self.server.draining
         )
-        ex.keep_alive = keep_alive
-        ex.status = error.status
+        ex.status = status
         ex.error_code = error.code
-        head = [
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nx-request-id: %s\r\n"
-            % (error.status, _REASONS.get(error.status, b"Error"), len(body), request_id)
-        ]
-        if not keep_alive:
-            head.append(b"connection: close\r\n")
-        elif ex.version == "1.0":
-            head.append(b"connection: keep-alive\r\n")
-        if extra_headers:
-            head.append(extra_headers)
         if error.headers:
-            head.append(error.headers)
-        head.append(b"\r\n")
-        self.out.append(b"".join(head))
+            extra_headers += error.headers
+        self.out.append(
+            responses.error_head(
+                status,
+                len(body),
+                request_id,
+                keep_alive=keep_alive,
+                http10=ex.version == "1.0",
+                extra_headers=extra_headers,
+            )
+        )
         if not ex.is_head:
             self.out.append(body)
         ex.response_started = True
