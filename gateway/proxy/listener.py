@@ -34,6 +34,7 @@ from gateway.proxy import responses
 from gateway.proxy.connlimit import LocalConnectionCount, SharedConnectionCount
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
 from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS, RequestRejected
+from gateway.proxy.tunnel import Tunnel
 from gateway.proxy.upstream import (
     UNEXPECTED_SWITCHING_PROTOCOLS,
     InstancePool,
@@ -667,8 +668,8 @@ class ClientConnection(asyncio.Protocol):
         self.idle_deadline = 0.0
         self.body_deadline = 0.0  # next request body bytes due (limits.client_body_timeout)
         self.send_deadline = 0.0  # client must have read by then (limits.send_timeout)
-        self.tunnel: UpstreamConnection | None = None
-        self.tunnel_pending: list[bytes] | None = None
+        self.tunnel: Tunnel | None = None  # after a 101: the transport belongs to it
+        self.tunnel_pending: list[bytes] | None = None  # client bytes after an Upgrade request
         self.upgrade_pending = False
         self.pending_error: RequestRejected | None = None
         self.limits = server.snapshot.config.limits  # a reload applies to new connections
@@ -726,10 +727,6 @@ class ClientConnection(asyncio.Protocol):
         server.metrics.connections_open -= 1
         if server.draining and not server.connections:
             server._drained.set()
-        if self.tunnel is not None:
-            self.tunnel.owner = None
-            self.tunnel.abort()
-            self.tunnel = None
         ex = self.active
         if ex is not None:
             self.active = None
@@ -766,8 +763,6 @@ class ClientConnection(asyncio.Protocol):
             conn = ex.conn
             if conn is not None:
                 conn.pause_reading()
-        if self.tunnel is not None:
-            self.tunnel.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
@@ -779,8 +774,6 @@ class ClientConnection(asyncio.Protocol):
                 if ex.upstream is not None and (ex.request_complete or ex.response_started):
                     ex.read_deadline = self.server.clock + ex.upstream.read_timeout
                 conn.resume_reading()
-        if self.tunnel is not None:
-            self.tunnel.resume_reading()
 
     def pause_client_reading(self) -> None:
         """Upstream's socket buffer is full (large upload): stop reading the client."""
@@ -885,9 +878,6 @@ class ClientConnection(asyncio.Protocol):
 
     # -- client bytes -----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.send(data)
-            return
         if self.upgrade_pending:
             # Bytes after an Upgrade request belong to the new protocol; hold them until the
             # upstream agrees (101) or refuses (then the connection closes).
@@ -1806,23 +1796,36 @@ class ClientConnection(asyncio.Protocol):
 
     def on_upstream_upgrade(self, conn: UpstreamConnection, tail: bytes) -> None:
         ex = self.active
-        if ex is None or ex.conn is not conn or ex.status != 101:
+        transport = self.transport
+        upstream_transport = conn.transport
+        if (
+            ex is None
+            or ex.conn is not conn
+            or ex.status != 101
+            or transport is None
+            or upstream_transport is None
+            or self.closed
+        ):
             conn.owner = None
             conn.abort()
             return
-        # From here on both connections are a byte tunnel (RFC 9110 §7.8).
-        conn.tunnel = True
-        conn.reusable = False
-        self.tunnel = conn
+        # From here on both connections are a byte tunnel (RFC 9110 §7.8), run by tunnel.py.
+        conn.detach_for_tunnel()
         self.upgrade_pending = False
-        if tail:
-            self.out.append(tail)
-        self.flush_to_client()
-        pending = self.tunnel_pending or []
+        self.reading_paused = False  # the tunnel resumes reading
+        out = self.out
+        self.out = []
+        out.append(tail)
+        self.tunnel = Tunnel.open(
+            transport,
+            upstream_transport,
+            client_lost=self.connection_lost,
+            upstream_lost=conn.connection_lost,
+            to_client=out,
+            to_upstream=self.tunnel_pending or (),
+            client_writing_paused=self.writing_paused,
+        )
         self.tunnel_pending = None
-        for chunk in pending:
-            if chunk:
-                conn.send(chunk)
         ex.response_complete = True
         ex.t_upstream_done = time.perf_counter()
         ex.read_deadline = 0.0
@@ -1830,18 +1833,8 @@ class ClientConnection(asyncio.Protocol):
         self._observe(ex, 101)
         self._release_instance(ex)
         self.active = None
-        self._update_reading()
-
-    def tunnel_to_client(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
 
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
-        if self.tunnel is conn:
-            self.tunnel = None
-            if self.transport is not None:
-                self.transport.close()
-            return
         ex = self.active
         if ex is None:
             return

@@ -86,7 +86,6 @@ class UpstreamConnection(asyncio.Protocol):
         "skip_body",
         "skipped",
         "transport",
-        "tunnel",
         "used",
     )
 
@@ -96,7 +95,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.owner: ClientConnection | None = None
         self.reusable = True
-        self.tunnel = False
         self.used = False  # has carried an exchange before: a failure may mean it was stale
         self.body_until_close = False
         self.idle_since = 0.0
@@ -151,9 +149,6 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the upstream broke the exchange protocol. Drop it.
             self.protocol_error(DATA_AFTER_RESPONSE)
             self.close()
-            return
-        if self.tunnel:
-            owner.tunnel_to_client(data)
             return
         if self.collecting:
             self.head_buffer = self.head_buffer + data if self.head_buffer else data
@@ -361,6 +356,14 @@ class UpstreamConnection(asyncio.Protocol):
         pool = self.pool
         if pool.metrics is None:
             pool.bind_metrics(owner)
+
+    def detach_for_tunnel(self) -> None:
+        """After a 101 the transport goes to a Tunnel (gateway/proxy/tunnel.py): this protocol
+        only does its bookkeeping when the connection is lost (the tunnel calls
+        ``connection_lost``)."""
+        self.owner = None
+        self.reusable = False
+        self.paused = False
 
     def send(self, data: bytes) -> None:
         transport = self.transport
