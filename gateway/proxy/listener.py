@@ -734,8 +734,7 @@ class ClientConnection(asyncio.Protocol):
             if conn is not None and not ex.response_complete:
                 # The client went away mid-exchange: the upstream connection is in an unknown
                 # state, so it is closed rather than pooled.
-                conn.owner = None
-                conn.abort()
+                conn.discard()
                 self._release_instance(ex)
             if not ex.response_complete:
                 self._observe(ex, 499)
@@ -1651,7 +1650,6 @@ class ClientConnection(asyncio.Protocol):
             # Successes matter to outlier detection only when they end a failure streak.
             upstream.record_outcome(instance, status < 500, status in GATEWAY_STATUSES)
         ex.status = status
-        conn.reusable = upstream_keep_alive
         keep_alive = ex.keep_alive and not self.server.draining
         if status == 101:
             if ex.upgrade is None or head.upgrade is None:
@@ -1685,10 +1683,7 @@ class ClientConnection(asyncio.Protocol):
             ex.response_frame = FRAME_RAW
             framing = b"content-length: " + content_length + b"\r\n"
         else:
-            if not head.chunked:
-                # Close-delimited (RFC 9112 §6.3 item 8): this connection cannot be reused.
-                conn.body_until_close = True
-                conn.reusable = False
+            # (Close-delimited from the upstream: the UpstreamConnection saw that already.)
             if ex.version == "1.0":
                 ex.response_frame = FRAME_RAW
                 keep_alive = False
@@ -1806,8 +1801,7 @@ class ClientConnection(asyncio.Protocol):
             or upstream_transport is None
             or self.closed
         ):
-            conn.owner = None
-            conn.abort()
+            conn.discard()
             return
         # From here on both connections are a byte tunnel (RFC 9110 §7.8), run by tunnel.py.
         conn.detach_for_tunnel()
@@ -1889,13 +1883,11 @@ class ClientConnection(asyncio.Protocol):
         if ex.conn is not conn:
             return
         if ex.hedge_conn is not None and not ex.response_started:
-            conn.owner = None
-            conn.abort()
+            conn.discard()
             self._promote_hedge(ex, abort_primary=False)
             return
         if not ex.response_started:
-            conn.owner = None
-            conn.abort()
+            conn.discard()
             if self._try_failed(ex, RESET):
                 return
         self._upstream_failure(ex, conn, reason)
@@ -1942,8 +1934,7 @@ class ClientConnection(asyncio.Protocol):
             return False
         metrics.retry(upstream.name, kind if kind != STATUS else str(status))
         if drop is not None:
-            drop.owner = None
-            drop.abort()  # the failed response's body is not wanted: closing beats draining it
+            drop.discard()  # the failed response's body is not wanted: closing beats draining it
         self._release_instance(ex)
         ex.tried += (instance,)
         ex.conn = None
@@ -2041,8 +2032,7 @@ class ClientConnection(asyncio.Protocol):
         """The hedge becomes the exchange's connection; the first try is abandoned."""
         primary = ex.conn
         if abort_primary and primary is not None:
-            primary.owner = None
-            primary.abort()
+            primary.discard()
         if ex.instance is not None:
             ex.instance.active_requests -= 1
         ex.instance = ex.hedge_instance
@@ -2059,8 +2049,7 @@ class ClientConnection(asyncio.Protocol):
         conn = ex.hedge_conn
         if conn is not None:
             ex.hedge_conn = None
-            conn.owner = None
-            conn.abort()
+            conn.discard()
         if ex.hedge_instance is not None:
             ex.hedge_instance.active_requests -= 1
             ex.hedge_instance = None
@@ -2085,8 +2074,7 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _upstream_failure(self, ex: Exchange, conn: UpstreamConnection, reason: str) -> None:
-        conn.owner = None
-        conn.abort()
+        conn.discard()
         self._upstream_error(ex, 502, "upstream_failure", reason)
 
     def _upstream_timeout(self, ex: Exchange, reason: str, *, retryable: bool = True) -> None:
@@ -2095,8 +2083,7 @@ class ClientConnection(asyncio.Protocol):
             return
         conn = ex.conn
         if conn is not None:
-            conn.owner = None
-            conn.abort()
+            conn.discard()
         if retryable and not ex.response_started and self._try_failed(ex, TIMEOUT):
             return
         self._upstream_error(ex, 504, "upstream_timeout", reason)
@@ -2201,8 +2188,7 @@ class ClientConnection(asyncio.Protocol):
             conn = ex.conn
             if conn is not None:
                 # The error is inside a body already streaming upstream: abort that exchange.
-                conn.owner = None
-                conn.abort()
+                conn.discard()
                 ex.conn = None
             self._release_instance(ex)
             if ex.response_started:
