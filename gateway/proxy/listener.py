@@ -31,6 +31,7 @@ import httptools
 from gateway.accesslog import AccessLog, iso_time
 from gateway.proxy import headers as hdr
 from gateway.proxy import responses
+from gateway.proxy.body import PENDING_BODY_LIMIT, REPLAY_LIMIT, RequestBody
 from gateway.proxy.connlimit import LocalConnectionCount, SharedConnectionCount
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
 from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS, RequestRejected
@@ -65,12 +66,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.proxy")
 
 TICK = 0.1  # seconds between timeout sweeps; deadlines are this coarse
-REPLAY_LIMIT = (
-    64 * 1024
-)  # request body kept to replay once on a fresh connection if a pooled one was stale
-PENDING_BODY_LIMIT = (
-    256 * 1024
-)  # body buffered before the upstream is ready; beyond, reading pauses
 
 # Connections refused over limits.max_connections get one small 503 and a half-close, then their
 # bytes are read and dropped for up to LINGER seconds so that closing does not reset the answer
@@ -343,9 +338,7 @@ class Exchange:
     is_head = False
     error: RequestRejected | None = None
     body_bytes = 0
-    pending: list[bytes] | None = None  # framed body bytes waiting for the upstream
-    pending_bytes = 0
-    replay: list[bytes] | None = None  # framed body bytes sent, for a stale-connection retry
+    body: RequestBody | None = None  # pending and replay buffers, from the first body byte
     request_complete = False
     route: Route | None = None
     route_name = "<none>"
@@ -370,8 +363,7 @@ class Exchange:
     attempt = 1
     hash_key: bytes | None = None
     tried: tuple[Instance, ...] = ()  # instances whose try failed: retries avoid them
-    body_sent = False  # a body byte went to some upstream
-    replay_limit = REPLAY_LIMIT
+    replay_limit = REPLAY_LIMIT  # for a RequestBody made after the retry policy is known
     retry_timer: asyncio.TimerHandle | None = None
     counted = False  # upstream-level counters (active requests, breaker) were taken
     idempotent = False  # RFC 9110 §9.2.2 method, or an Idempotency-Key header
@@ -408,6 +400,11 @@ class Exchange:
         # An instance value, not a class default: the hooks read it per response chunk, and a
         # class attribute read through the instance is not specialised (~300 instructions).
         self.recorder: Recorder | None = None
+
+    @property
+    def pending_bytes(self) -> int:
+        body = self.body
+        return body.pending_bytes if body is not None else 0
 
 
 class ProxyServer:
@@ -802,7 +799,8 @@ class ClientConnection(asyncio.Protocol):
         )
         if not want_pause:
             parsing = self.parsing
-            if parsing is not None and parsing.pending_bytes > PENDING_BODY_LIMIT:
+            body = parsing.body if parsing is not None else None
+            if body is not None and body.pending_bytes > PENDING_BODY_LIMIT:
                 want_pause = True
         if want_pause and not self.reading_paused:
             self.reading_paused = True
@@ -935,7 +933,7 @@ class ClientConnection(asyncio.Protocol):
                 self._dispatch(ex)
         else:
             ex = self.active
-            if ex is not None and ex.conn is not None and ex.pending:
+            if ex is not None and ex.conn is not None and ex.body is not None and ex.body.pending:
                 self._send_pending(ex)
 
     def _begin_upgrade(self, data: bytes, offset: int) -> None:
@@ -1216,25 +1214,16 @@ class ClientConnection(asyncio.Protocol):
                 ex.recorder.request_body(ex)
         framed = b"%x\r\n%b\r\n" % (size, body) if ex.chunked else body
         conn = ex.conn
+        request_body = ex.body
+        if request_body is None:
+            request_body = ex.body = RequestBody(ex.replay_limit)
         # Chunked bytes wait for the end of the read: its framing is checked first (see
         # _walk_chunked), and ``data_received`` sends them on.
-        if conn is not None and not ex.pending and not ex.chunked:
+        if conn is not None and not request_body.pending and not ex.chunked:
             conn.send(framed)
-            ex.body_sent = True
-            replay = ex.replay
-            if replay is not None:
-                if ex.body_bytes <= ex.replay_limit:
-                    replay.append(framed)
-                else:
-                    ex.replay = None
-        else:
-            if ex.pending is None:
-                ex.pending = [framed]
-            else:
-                ex.pending.append(framed)
-            ex.pending_bytes += len(framed)
-            if ex.pending_bytes > PENDING_BODY_LIMIT:
-                self._update_reading()
+            request_body.sent_now(framed, ex.body_bytes)
+        elif request_body.hold(framed):
+            self._update_reading()
 
     def on_message_complete(self) -> None:
         ex = self.parsing
@@ -1245,10 +1234,9 @@ class ClientConnection(asyncio.Protocol):
             self._start_read_timer(ex)  # the upstream has all it needs: now it may be slow
         if ex.chunked:
             # Sent with the rest of the read once its framing is checked (data_received).
-            if ex.pending is None:
-                ex.pending = [b"0\r\n\r\n"]
-            else:
-                ex.pending.append(b"0\r\n\r\n")
+            if ex.body is None:
+                ex.body = RequestBody(ex.replay_limit)
+            ex.body.hold(b"0\r\n\r\n")
         if ex.recorder is not None:
             ex.recorder.body_complete()  # a held keyed request is claimed now
         if ex.response_complete:
@@ -1452,8 +1440,9 @@ class ClientConnection(asyncio.Protocol):
         if policy is not None:
             ex.retry = policy
             ex.replay_limit = max(policy.max_body_bytes, REPLAY_LIMIT)
+            if ex.body is not None:
+                ex.body.replay_limit = ex.replay_limit
             ex.retry_method_ok = ex.idempotent or policy.method_retryable(method, False)
-        ex.replay = []
         if ex.upgrade is not None:
             framing = b""
         elif ex.chunked:
@@ -1566,16 +1555,8 @@ class ClientConnection(asyncio.Protocol):
             ex.hedge_timer = asyncio.get_running_loop().call_later(
                 upstream.hedge_delay, self._hedge, ex
             )
-        if ex.pending:
-            pending = ex.pending
-            ex.pending = None
-            ex.pending_bytes = 0
-            ex.body_sent = True
-            if ex.replay is not None:
-                if ex.body_bytes <= ex.replay_limit:
-                    ex.replay.extend(pending)
-                else:
-                    ex.replay = None
+        pending = ex.body.take_pending(ex.body_bytes) if ex.body is not None else None
+        if pending is not None:
             assert conn.transport is not None
             conn.transport.writelines([ex.head, *pending])
             self._update_reading()
@@ -1593,17 +1574,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _send_pending(self, ex: Exchange) -> None:
         conn = ex.conn
-        pending = ex.pending
-        if conn is None or not pending or conn.transport is None:
+        request_body = ex.body
+        if conn is None or request_body is None or conn.transport is None:
             return
-        ex.pending = None
-        ex.pending_bytes = 0
-        ex.body_sent = True
-        if ex.replay is not None:
-            if ex.body_bytes <= ex.replay_limit:
-                ex.replay.extend(pending)
-            else:
-                ex.replay = None
+        pending = request_body.take_pending(ex.body_bytes)
+        if pending is None:
+            return
         conn.transport.writelines(pending)
         self._update_reading()
 
@@ -1777,7 +1753,7 @@ class ClientConnection(asyncio.Protocol):
         # while the connection is still ours, not after it went back to the pool.
         self.flush_to_client()
         self.upstream_write_paused = False
-        if ex.request_complete and not ex.pending:
+        if ex.request_complete and (ex.body is None or not ex.body.pending):
             conn.pool.release(conn)
         else:
             # The upstream answered before the whole request body arrived: that connection is
@@ -1848,7 +1824,7 @@ class ClientConnection(asyncio.Protocol):
             and not ex.stale_retried
             and not ex.response_started
             and ex.status == 0
-            and ex.replay is not None
+            and (ex.body is None or ex.body.replay is not None)
             and ex.idempotent
         ):
             # RFC 9112 §9.3.1: a pooled connection the upstream closed before answering most
@@ -1858,11 +1834,8 @@ class ClientConnection(asyncio.Protocol):
             self.server.metrics.retry(ex.upstream_name, "stale_connection")
             ex.stale_retried = True
             ex.conn = None
-            replay = ex.replay
-            ex.replay = []  # refilled from pending when the fresh connection is attached
-            pending = ex.pending or []
-            ex.pending = replay + pending if replay or pending else None
-            ex.pending_bytes = sum(len(chunk) for chunk in ex.pending) if ex.pending else 0
+            if ex.body is not None:
+                ex.body.rewind()  # sent again when the fresh connection is attached
             assert ex.instance is not None
             self._connect(ex, ex.instance.pool)  # type: ignore[arg-type]  # see _connect
             return
@@ -1913,7 +1886,7 @@ class ClientConnection(asyncio.Protocol):
         policy = ex.retry
         if policy is None or ex.response_started or self.closed:
             return False
-        replayable = ex.replay is not None or not ex.body_sent
+        replayable = ex.body is None or ex.body.replayable
         if not policy.should_retry(ex.attempt, kind, status, False, replayable):
             return False
         if not (ex.retry_method_ok or policy.safe_for_any_method(kind)):
@@ -1942,11 +1915,8 @@ class ClientConnection(asyncio.Protocol):
         ex.interim = False
         ex.read_deadline = 0.0
         ex.attempt += 1
-        replay = ex.replay or []
-        pending = ex.pending or []
-        ex.pending = replay + pending if replay or pending else None
-        ex.pending_bytes = sum(len(chunk) for chunk in ex.pending) if ex.pending else 0
-        ex.replay = [] if ex.replay is not None else None
+        if ex.body is not None:
+            ex.body.rewind()
         ex.retry_timer = asyncio.get_running_loop().call_later(delay, self._retry_now, ex)
         return True
 
