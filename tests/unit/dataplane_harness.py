@@ -529,6 +529,7 @@ class Harness:
         self.upstream_ends: list[UpstreamEnd] = []
         self.connects: list[PendingConnect] = []
         self.connect_policy: dict[str, str] = {}  # address -> ACCEPT / REFUSE / HANG
+        self.default_connect = ACCEPT  # for addresses not in connect_policy
         self._config_yaml = config_yaml
         self._patches = [
             _Patch(time, "monotonic", self.clock.monotonic),
@@ -583,7 +584,7 @@ class Harness:
             pool.connecting += 1
             pending = PendingConnect(harness, pool, on_done)
             harness.connects.append(pending)
-            policy = harness.connect_policy.get(pending.address, ACCEPT)
+            policy = harness.connect_policy.get(pending.address, harness.default_connect)
             if policy == ACCEPT:
                 harness.loop.call_soon(pending.accept)
             elif policy == REFUSE:
