@@ -310,7 +310,7 @@ def parse_responses(data: bytes, head_requests: int = 0) -> list[Response]:
 
 
 def _dechunk(data: bytes, position: int) -> tuple[bytes, int] | None:
-    body = []
+    body: list[bytes] = []
     while True:
         line_end = data.find(b"\r\n", position)
         if line_end < 0:

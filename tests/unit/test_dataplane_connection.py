@@ -290,3 +290,81 @@ def test_body_waiting_for_a_connection_pauses_reading_past_its_limit() -> None:
         assert received[received.index(b"\r\n\r\n") + 4 :] == body
         u.respond(response(204, b""))
         assert c.responses()[0].status == 204
+
+
+# -- framing across the two sides ------------------------------------------------------------
+def test_head_response_body_is_not_read_and_the_next_request_follows() -> None:
+    # RFC 9110 §9.3.2: a response to HEAD ends at its head, whatever Content-Length says.
+    with Harness(config()) as h:
+        c = h.client()
+        c.send(request("HEAD", "/h") + request("GET", "/g"))
+        u = h.upstream()
+        u.respond(response(200, b"", headers=(("Content-Length", "1234"),)))
+        assert u.received().count(b"GET /g HTTP/1.1\r\n") == 1
+        u.respond(response(200, b"get body"))
+        head, get = c.responses(head_requests=1)
+        assert (head.status, head.header(b"content-length"), head.body) == (200, b"1234", b"")
+        assert get.body == b"get body"
+        assert u.pooled
+        assert not c.closed
+
+
+@pytest.mark.parametrize(
+    ("version", "relayed"),
+    [("1.1", True), ("1.0", False)],  # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client
+)
+def test_interim_100_continue_is_relayed_to_http11_clients_only(
+    version: str, relayed: bool
+) -> None:
+    with Harness(config()) as h:
+        c = h.client()
+        headers = (("Content-Length", "4"), ("Expect", "100-continue"))
+        c.send(request("PUT", "/u", version=version, headers=headers))
+        u = h.upstream()
+        u.respond(b"HTTP/1.1 100 Continue\r\n\r\n")
+        assert c.received().startswith(b"HTTP/1.1 100 Continue\r\n\r\n") is relayed
+        c.send(b"data")
+        assert u.received().endswith(b"\r\n\r\ndata")
+        u.respond(response(201, b"made"))
+        statuses = [r.status for r in c.responses()]
+        assert statuses == ([100, 201] if relayed else [201])
+
+
+def test_chunked_request_body_is_forwarded_chunked() -> None:
+    with Harness(config()) as h:
+        c = h.client()
+        c.send(
+            request("POST", "/c", headers=(("Transfer-Encoding", "chunked"),)) + b"5\r\nhello\r\n"
+        )
+        u = h.upstream()
+        assert u.request_headers()[b"transfer-encoding"] == b"chunked"
+        c.send(b"6\r\n world\r\n0\r\n\r\n")
+        body = u.received()[len(u.request_head()) :]
+        assert body == b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        u.respond(response(200, b"ok"))
+        assert [r.status for r in c.responses()] == [200]
+        assert u.pooled
+
+
+@pytest.mark.parametrize(
+    ("upstream_framing", "client_framing"),
+    [
+        ((("Content-Length", "11"),), b"content-length"),
+        ((("Transfer-Encoding", "chunked"),), b"transfer-encoding"),
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_response_framing_is_kept_toward_the_client(
+    upstream_framing: tuple[tuple[str, str], ...], client_framing: bytes
+) -> None:
+    body = b"hello world"
+    wire = b"b\r\nhello world\r\n0\r\n\r\n" if client_framing == b"transfer-encoding" else body
+    with Harness(config()) as h:
+        c = h.client()
+        c.send(request())
+        u = h.upstream()
+        u.respond(response(200, wire, headers=upstream_framing))
+        [answer] = c.responses()
+        assert answer.body == body
+        assert answer.header(client_framing) is not None
+        assert u.pooled

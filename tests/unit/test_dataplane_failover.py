@@ -347,3 +347,39 @@ def test_no_hedge(raw: bytes, answered_before_delay: bool) -> None:
         assert [r.status for r in c.responses()] == [200]
         c.disconnect()
         settle(h)
+
+
+# -- circuit breaker -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("breaker", "hang_connects", "refusal"),
+    [
+        ("max_requests: 1", False, b"max_requests"),
+        ("max_pending: 1", True, b"max_pending"),
+        ("max_connections: 1", True, b"max_connections"),
+    ],
+)
+def test_breaker_refuses_beyond_its_cap_and_gives_slots_back(
+    breaker: str, hang_connects: bool, refusal: bytes
+) -> None:
+    with Harness(config(upstream=f"circuit_breaker: {{{breaker}}}")) as h:
+        if hang_connects:
+            h.default_connect = HANG
+        first = h.client()
+        first.send(request("GET", "/1"))
+        second = h.client()
+        second.send(request("GET", "/2"))
+        [refused] = second.responses()
+        assert refused.status == 503
+        assert refusal in refused.body
+        if hang_connects:
+            h.pending_connects()[0].accept()
+        h.upstream().respond(response(200, b"first"))
+        assert [r.body for r in first.responses()] == [b"first"]
+        third = h.client()
+        third.send(request("GET", "/3"))  # the slot is free again; the pooled connection serves
+        h.upstream().respond(response(200, b"third"))
+        assert [r.body for r in third.responses()] == [b"third"]
+        for c in (first, second, third):
+            if not c.closed:
+                c.disconnect()
+        settle(h)
