@@ -6,10 +6,11 @@ protocols (``ClientConnection``, ``UpstreamConnection``) see no byte of it.
 
 Each end relays what its transport reads to the other transport. Backpressure runs both ways:
 when one transport's write buffer is full (``pause_writing``) the other stops reading until it
-drained. A FIN is passed on as a FIN where the other transport can half-close, so a protocol
-that half-closes works; the tunnel closes both sides once both sent FIN, or as soon as either
-connection is lost. The bookkeeping of the original protocols (open-connection counts, the
-pool's count) still runs: each end calls its original protocol's ``connection_lost`` once.
+drained. A FIN from either side ends the tunnel: the other side is closed after what is
+buffered for it went out (WebSocket and the like close as a whole; a half-open tunnel would
+hold both connections for a peer that may never close). A reset aborts the other side. The
+bookkeeping of the original protocols (open-connection counts, the pool's count) still runs:
+each end calls its original protocol's ``connection_lost`` once.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ Lost = Callable[[Exception | None], None]
 class TunnelEnd(asyncio.Protocol):
     """One side of a tunnel: the protocol of one transport, writing to the peer's."""
 
-    __slots__ = ("eof", "lost", "on_lost", "peer", "peer_paused", "transport")
+    __slots__ = ("lost", "on_lost", "peer", "peer_paused", "transport")
 
     def __init__(self, transport: asyncio.Transport, on_lost: Lost) -> None:
         self.transport = transport
         self.on_lost: Lost | None = on_lost  # the original protocol's connection_lost
         self.peer: TunnelEnd = self  # set by Tunnel.open
-        self.eof = False  # this side sent FIN
         self.lost = False
         self.peer_paused = False  # we paused the peer's reading: our write buffer is full
 
@@ -39,15 +39,7 @@ class TunnelEnd(asyncio.Protocol):
             peer.transport.write(data)
 
     def eof_received(self) -> bool:
-        self.eof = True
-        peer = self.peer
-        if peer.lost:
-            return False
-        if peer.eof or not peer.transport.can_write_eof():
-            peer.transport.close()  # both directions are done (or cannot be half-closed)
-            return False
-        peer.transport.write_eof()
-        return True  # keep our side open: the peer may still send
+        return False  # close this side; connection_lost then closes the peer
 
     def pause_writing(self) -> None:
         # Our transport cannot take more: stop reading what would be written to it.
@@ -68,7 +60,10 @@ class TunnelEnd(asyncio.Protocol):
         self.lost = True
         peer = self.peer
         if not peer.lost:
-            peer.transport.close()  # after what is buffered for it is written
+            if exc is None:
+                peer.transport.close()  # after what is buffered for it is written
+            else:
+                peer.transport.abort()  # a reset is passed on as one
         on_lost = self.on_lost
         self.on_lost = None
         if on_lost is not None:

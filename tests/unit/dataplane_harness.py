@@ -358,11 +358,16 @@ class Client:
 
     def pause_writing(self) -> None:
         """The client stops reading: its socket buffer passes the high-water mark."""
-        self.protocol.pause_writing()
+        # The transport's current protocol: after a 101 that is the tunnel's end, not ours.
+        protocol = self.transport.protocol
+        assert protocol is not None
+        protocol.pause_writing()
         self.harness.run()
 
     def resume_writing(self) -> None:
-        self.protocol.resume_writing()
+        protocol = self.transport.protocol
+        assert protocol is not None
+        protocol.resume_writing()
         self.harness.run()
 
     def received(self) -> bytes:
@@ -436,11 +441,15 @@ class UpstreamEnd:
 
     def pause_writing(self) -> None:
         """The instance stops reading the request: the gateway's buffer toward it is full."""
-        self.conn.pause_writing()
+        protocol = self.transport.protocol  # after a 101: the tunnel's end
+        assert protocol is not None
+        protocol.pause_writing()
         self.harness.run()
 
     def resume_writing(self) -> None:
-        self.conn.resume_writing()
+        protocol = self.transport.protocol
+        assert protocol is not None
+        protocol.resume_writing()
         self.harness.run()
 
     @property

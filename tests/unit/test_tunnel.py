@@ -13,14 +13,12 @@ from gateway.proxy.tunnel import Tunnel
 
 
 class FakeTransport:
-    def __init__(self, *, can_eof: bool = True) -> None:
+    def __init__(self) -> None:
         self.protocol: asyncio.BaseProtocol | None = None
         self.written: list[bytes] = []
         self.reading = False  # as the HTTP side leaves it around an upgrade: paused
-        self.eof_sent = False
         self.closed = False
         self.aborted = False
-        self.can_eof = can_eof
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self.protocol = protocol
@@ -34,12 +32,6 @@ class FakeTransport:
     def resume_reading(self) -> None:
         self.reading = True
 
-    def can_write_eof(self) -> bool:
-        return self.can_eof
-
-    def write_eof(self) -> None:
-        self.eof_sent = True
-
     def close(self) -> None:
         self.closed = True
 
@@ -47,11 +39,9 @@ class FakeTransport:
         self.aborted = True
 
 
-def _open(
-    *, client_paused: bool = False, can_eof: bool = True
-) -> tuple[Tunnel, FakeTransport, FakeTransport, list[str]]:
-    client = FakeTransport(can_eof=can_eof)
-    upstream = FakeTransport(can_eof=can_eof)
+def _open(*, client_paused: bool = False) -> tuple[Tunnel, FakeTransport, FakeTransport, list[str]]:
+    client = FakeTransport()
+    upstream = FakeTransport()
     lost: list[str] = []
     tunnel = Tunnel.open(
         client,  # type: ignore[arg-type]
@@ -104,20 +94,18 @@ def test_a_client_that_could_not_take_more_keeps_the_upstream_paused() -> None:
     assert upstream.reading is True
 
 
-def test_fin_is_passed_on_and_both_close_after_the_second() -> None:
-    tunnel, client, upstream, _ = _open()
-    assert tunnel.client.eof_received() is True  # keep the client's side open for writing
-    assert upstream.eof_sent and not upstream.closed
+def test_fin_from_either_side_closes_the_other_after_its_buffered_bytes() -> None:
+    tunnel, client, _upstream, _ = _open()
     tunnel.upstream.data_received(b"last words")
-    assert client.written[-1] == b"last words"
-    assert tunnel.upstream.eof_received() is False  # both directions done: close
-    assert client.closed
+    assert tunnel.upstream.eof_received() is False  # the transport closes this side
+    tunnel.upstream.connection_lost(None)
+    assert client.closed and not client.aborted and client.written[-1] == b"last words"
 
 
-def test_fin_closes_the_peer_when_it_cannot_half_close() -> None:
-    tunnel, client, _upstream, _ = _open(can_eof=False)  # e.g. TLS
-    assert tunnel.upstream.eof_received() is False
-    assert client.closed and not client.eof_sent
+def test_a_reset_is_passed_on_as_an_abort() -> None:
+    tunnel, _client, upstream, _ = _open()
+    tunnel.client.connection_lost(ConnectionResetError())
+    assert upstream.aborted
 
 
 @pytest.mark.parametrize(("side", "other"), [("client", "upstream"), ("upstream", "client")])
