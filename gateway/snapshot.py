@@ -23,6 +23,7 @@ from gateway.config.model import (
     RetryConfig,
     UpstreamConfig,
 )
+from gateway.filters.api import FilterChain
 from gateway.health.outlier import OutlierDetector
 from gateway.idempotency import RouteIdempotency, idempotency_stores
 from gateway.pools import ConnectionPool, PoolFactory, pool_factory
@@ -329,6 +330,8 @@ class Snapshot:
     limiters: dict[str, RouteLimiter]  # routes with rate limits or max_in_flight
     # Routes with an idempotency section (Idempotency-Key replay store).
     idempotency: dict[str, RouteIdempotency] = field(default_factory=dict)
+    # Routes with filters: one compiled FilterChain per route name (gateway/filters/api.py).
+    filters: dict[str, FilterChain] = field(default_factory=dict)
 
     def pools(self) -> list[ConnectionPool]:
         return [

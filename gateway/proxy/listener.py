@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 
 from gateway.accesslog import AccessLog, iso_time
+from gateway.filters.api import SUSPENDED, FilterChain, LocalReply, RequestInfo
+from gateway.proxy import filtering, responses
 from gateway.proxy import headers as hdr
-from gateway.proxy import responses
 from gateway.proxy.body import PENDING_BODY_LIMIT, REPLAY_LIMIT, RequestBody
 from gateway.proxy.connlimit import LocalConnectionCount, SharedConnectionCount
+from gateway.proxy.filtering import FilterState
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
 from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS, RequestRejected
 from gateway.proxy.tunnel import Tunnel
@@ -400,6 +402,7 @@ class Exchange:
         # An instance value, not a class default: the hooks read it per response chunk, and a
         # class attribute read through the instance is not specialised (~300 instructions).
         self.recorder: Recorder | None = None
+        self.filters: FilterState | None = None  # only on routes with filters
 
     @property
     def pending_bytes(self) -> int:
@@ -1319,6 +1322,136 @@ class ClientConnection(asyncio.Protocol):
                 ex, RequestRejected(413, "body_too_large", "request body exceeds the limit")
             )
             return
+        chains = snapshot.filters
+        if chains:
+            chain = chains.get(route.name)
+            if chain is not None:
+                self._filter_request(ex, chain, snapshot, route, url, host, path, query, path_text)
+                return
+        self._admit(ex, snapshot, route, url, host, path, query)
+
+    # -- filters (gateway/filters/api.py; gateway/proxy/filtering.py) -------------------------
+    def _filter_request(
+        self,
+        ex: Exchange,
+        chain: FilterChain,
+        snapshot: Snapshot,
+        route: Route,
+        url: bytes,
+        host: bytes | None,
+        path: bytes,
+        query: bytes,
+        path_text: str,
+    ) -> None:
+        """The route has filters: run their request-headers phase, then admit (or answer
+        with the filters' LocalReply, or wait for an asynchronous filter to resume)."""
+        # A chunked request's header list drops what is appended after the head (trailers):
+        # the filters get a plain list, and the head fields are what they leave in it.
+        headers = list(ex.headers) if ex.chunked else ex.headers
+        info = RequestInfo(
+            method=ex.method_name,
+            path=path_text,
+            query=query.decode("latin-1"),
+            host=host.decode("latin-1") if host is not None else "",
+            headers=headers,
+            client_ip=self.peer_ip,
+            route=route.name,
+            request_id=self.request_id_of(ex).decode("ascii"),
+            protocol="http/1.0" if ex.version == "1.0" else "http/1.1",
+            tls=self.listener.tls is not None,
+        )
+        state = ex.filters = FilterState(chain, info)
+
+        def resume(reply: LocalReply | None) -> None:
+            # Once, from the event loop; dropped if the client went away meanwhile.
+            if state.decided or self.active is not ex or self.closed:
+                return
+            self._request_filtered(ex, state, reply, snapshot, route, url, host, path, query)
+
+        outcome = chain.on_request_headers(info, resume)
+        if outcome is SUSPENDED:
+            return  # parked like a Redis rate-limit decision: ``resume`` continues
+        reply = outcome if isinstance(outcome, LocalReply) else None
+        self._request_filtered(ex, state, reply, snapshot, route, url, host, path, query)
+
+    def _request_filtered(
+        self,
+        ex: Exchange,
+        state: FilterState,
+        reply: LocalReply | None,
+        snapshot: Snapshot,
+        route: Route,
+        url: bytes,
+        host: bytes | None,
+        path: bytes,
+        query: bytes,
+    ) -> None:
+        if state.decided:
+            return
+        state.decided = True
+        if reply is not None:
+            self._local_reply(ex, reply)
+            return
+        headers = state.request.headers  # what the filters made of them goes upstream
+        ex.headers = HeadFields(headers) if ex.chunked else headers
+        self._admit(ex, snapshot, route, url, host, path, query)
+
+    def _local_reply(self, ex: Exchange, reply: LocalReply) -> None:
+        """A filter answered instead of the upstream."""
+        request_id = self.request_id_of(ex)
+        status = reply.status
+        keep_alive = ex.keep_alive = (
+            responses.keeps_alive(status, ex.keep_alive, ex.request_complete, self.upgrade_pending)
+            and not self.server.draining
+        )
+        ex.status = status
+        ex.error_code = "filter_reply"
+        body = b"" if ex.is_head or status in (204, 304) else reply.body
+        self.out.append(
+            responses.local_reply_head(
+                status,
+                reply.headers,
+                len(reply.body),
+                request_id,
+                keep_alive=keep_alive,
+                http10=ex.version == "1.0",
+            )
+        )
+        if body:
+            self.out.append(body)
+        ex.response_started = True
+        ex.response_complete = True
+        self.flush_to_client()
+        self._finish(ex)
+
+    def _filter_body(self, ex: Exchange, state: FilterState, body: bytes, end: bool) -> bytes:
+        response = state.response
+        assert response is not None
+        return state.chain.on_response_body(response, body, end)
+
+    def _filter_body_end(self, ex: Exchange, state: FilterState) -> None:
+        """The last call of on_response_body: its bytes go out before the end of the body."""
+        tail = self._filter_body(ex, state, b"", True)
+        if tail:
+            ex.bytes_out += len(tail)
+            if ex.recorder is not None:
+                ex.recorder.on_body(tail)
+            if ex.response_frame == FRAME_RAW:
+                self.out.append(tail)
+            elif ex.response_frame == FRAME_CHUNKED:
+                self.out += (b"%x\r\n" % len(tail), tail, b"\r\n")
+
+    # -- admit: rate limits, then on to the upstream --------------------------------------------
+    def _admit(
+        self,
+        ex: Exchange,
+        snapshot: Snapshot,
+        route: Route,
+        url: bytes,
+        host: bytes | None,
+        path: bytes,
+        query: bytes,
+    ) -> None:
         limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
         if limiter is not None:
             if limiter.uses_redis:
@@ -1329,7 +1462,7 @@ class ClientConnection(asyncio.Protocol):
                         if decision.holds_slot:
                             limiter.release()
                         return
-                    if self._admit(ex, limiter, decision):
+                    if self._apply_decision(ex, limiter, decision):
                         self._forward(ex, snapshot, route, url, host, path, query)
 
                 decision = limiter.check(
@@ -1341,7 +1474,7 @@ class ClientConnection(asyncio.Protocol):
                 decision = limiter.check_local(
                     time.monotonic(), self.peer_ip, self.peer_trusted, ex.headers, query
                 )
-            if not self._admit(ex, limiter, decision):
+            if not self._apply_decision(ex, limiter, decision):
                 return
         self._forward(ex, snapshot, route, url, host, path, query)
 
@@ -1360,7 +1493,7 @@ class ClientConnection(asyncio.Protocol):
             extra_headers=b"location: " + location + b"\r\n",
         )
 
-    def _admit(self, ex: Exchange, limiter: RouteLimiter, decision: Decision) -> bool:
+    def _apply_decision(self, ex: Exchange, limiter: RouteLimiter, decision: Decision) -> bool:
         """Apply a rate-limit decision: count it, answer a refusal, keep headers to add."""
         if decision.holds_slot:
             ex.limiter = limiter
@@ -1408,7 +1541,21 @@ class ClientConnection(asyncio.Protocol):
                 and not idempotency.begin(self, ex, (ex, snapshot, route, url, host, path, query))
             ):
                 return  # claimed at the store first (or answered: 4xx, replay)
-        upstream = snapshot.upstreams[route.upstream]
+        filters = ex.filters
+        if filters is not None and filters.request.upstream is not None:
+            # A request-phase filter chose another upstream (traffic splitting).
+            chosen = snapshot.upstreams.get(filters.request.upstream)
+            if chosen is None:
+                self._respond_error(
+                    ex,
+                    RequestRejected(
+                        500, "filter_error", f"no upstream '{filters.request.upstream}'"
+                    ),
+                )
+                return
+            upstream = chosen
+        else:
+            upstream = snapshot.upstreams[route.upstream]
         ex.upstream = upstream
         ex.upstream_name = upstream.name
         breaker = upstream.breaker
@@ -1648,6 +1795,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.upgrade is not None:
             keep_alive = False  # upgrade refused: the bytes that followed were not HTTP
+        filters = ex.filters
+        if filters is not None:
+            # The response-headers phase (the head as a list only here); a removed
+            # content-length re-frames the body below (chunked, or close-delimited for 1.0).
+            status, head = filtering.response_phase(filters, status, head)
+            ex.status = status
         content_length = head.content_length
         if ex.is_head or status == 204 or status == 304:
             ex.response_frame = FRAME_NONE
@@ -1699,6 +1852,11 @@ class ClientConnection(asyncio.Protocol):
         ex = self.active
         if ex is None:
             return
+        filters = ex.filters
+        if filters is not None and filters.body_hook:
+            body = self._filter_body(ex, filters, body, False)
+            if not body:
+                return  # (an empty chunk would end a chunked body)
         frame = ex.response_frame
         ex.bytes_out += len(body)
         if ex.recorder is not None:
@@ -1722,6 +1880,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.status == 101:
             return  # the parser raises HttpParserUpgrade next; on_upstream_upgrade takes over
+        filters = ex.filters
+        if filters is not None and filters.body_hook:
+            self._filter_body_end(ex, filters)
         if ex.response_frame == FRAME_CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self._response_done(ex, conn)
@@ -1731,6 +1892,9 @@ class ClientConnection(asyncio.Protocol):
         ex = self.active
         if ex is None or ex.conn is not conn:
             return
+        filters = ex.filters
+        if filters is not None and filters.body_hook:
+            self._filter_body_end(ex, filters)
         if ex.response_frame == FRAME_CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self._response_done(ex, conn)
@@ -2231,29 +2395,36 @@ class ClientConnection(asyncio.Protocol):
             ex.body_bytes,
             ex.bytes_out,
         )
+        filters = ex.filters
+        if filters is not None and filters.chain.wants_log:
+            filters.chain.on_log(filters.request, status, total)  # never raises (the chain's)
         access_log = server.access_log
         if access_log is not None:
-            access_log.record(
-                {
-                    "time": iso_time(time.time()),
-                    "request_id": (ex.request_id or b"").decode("ascii", "replace"),
-                    "client": self.peer_ip,
-                    "listener": self.listener.name,
-                    "method": ex.method_name,
-                    "path": ex.url.decode("latin-1"),
-                    "route": ex.route_name,
-                    "upstream": ex.upstream_name,
-                    "instance": ex.instance_address,
-                    "status": status,
-                    "bytes_in": ex.body_bytes,
-                    "bytes_out": ex.bytes_out,
-                    "duration": round(total, 6),
-                    "upstream_duration": None if upstream_time is None else round(upstream_time, 6),
-                    "retries": ex.attempt - 1,
-                    "rate_limit": ex.ratelimit or None,
-                    "error": ex.error_code or None,
-                }
-            )
+            entry = {
+                "time": iso_time(time.time()),
+                "request_id": (ex.request_id or b"").decode("ascii", "replace"),
+                "client": self.peer_ip,
+                "listener": self.listener.name,
+                "method": ex.method_name,
+                "path": ex.url.decode("latin-1"),
+                "route": ex.route_name,
+                "upstream": ex.upstream_name,
+                "instance": ex.instance_address,
+                "status": status,
+                "bytes_in": ex.body_bytes,
+                "bytes_out": ex.bytes_out,
+                "duration": round(total, 6),
+                "upstream_duration": None if upstream_time is None else round(upstream_time, 6),
+                "retries": ex.attempt - 1,
+                "rate_limit": ex.ratelimit or None,
+                "error": ex.error_code or None,
+            }
+            if filters is not None and filters.request.vars:
+                found = filters.request.vars
+                for key in ("consumer", "trace_id"):  # what filters may add to the log
+                    if key in found:
+                        entry[key] = found[key]
+            access_log.record(entry)
 
     def _finish(self, ex: Exchange) -> None:
         if self.active is not ex:
