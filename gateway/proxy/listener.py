@@ -373,6 +373,9 @@ class Exchange:
     idem_keys: list[bytes] | None = None
     body_hash: hashlib._Hash | None = None
     idem_checked = False
+    # The route's Recorder, set by RouteIdempotency.begin. Read only where the connection is
+    # ``keyed`` (ClientConnection), so the class default costs requests without a key nothing.
+    recorder: Recorder | None = None
     hedge_conn: UpstreamConnection | None = None  # a second, hedged try in flight
     hedge_instance: Instance | None = None
     hedge_timer: asyncio.TimerHandle | None = None
@@ -399,10 +402,6 @@ class Exchange:
         self.t_start = now
         self.max_body = max_body
         self.headers: list[tuple[bytes, bytes]] = []
-        # An instance value, not a class default: the hooks read it per response chunk, and a
-        # class attribute read through the instance is not specialised (~300 instructions).
-        self.recorder: Recorder | None = None
-        self.filters: FilterState | None = None  # only on routes with filters
 
     @property
     def pending_bytes(self) -> int:
@@ -611,11 +610,13 @@ class ClientConnection(asyncio.Protocol):
         "chunked_walk",
         "client_cert",
         "closed",
+        "filters",
         "head_deadline",
         "head_limit",
         "head_received",
         "head_tail",
         "idle_deadline",
+        "keyed",
         "limits",
         "listener",
         "method_carry",
@@ -684,6 +685,12 @@ class ClientConnection(asyncio.Protocol):
         self.method_hook = self.allowed_methods is not None
         self.head_tail = b""  # last bytes of a read that ended inside a head
         self.chunked_walk: list[Exchange] | None = None  # chunked bodies to walk after a read
+        # The active exchange's filters, on a route with a chain (a slot here rather than a
+        # field of every Exchange: routes without filters then pay one slot read per phase).
+        self.filters: FilterState | None = None
+        # An Idempotency-Key arrived on this connection (or a route requires keys): only then
+        # are the exchanges' idempotency fields read (sticky: pipelined requests may carry one).
+        self.keyed = False
 
     # -- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1111,6 +1118,7 @@ class ClientConnection(asyncio.Protocol):
             elif special == _H_REQUEST_ID:
                 ex.request_id = value
             elif special == _H_IDEMPOTENCY_KEY:
+                self.keyed = True
                 if ex.idem_keys is None:
                     ex.idem_keys = [value]
                     ex.body_hash = hashlib.sha256()  # the fingerprint may cover the body
@@ -1211,7 +1219,7 @@ class ClientConnection(asyncio.Protocol):
         ex.body_bytes += size
         if ex.body_bytes > ex.max_body:
             raise RequestRejected(413, "body_too_large", "request body exceeds the limit")
-        if ex.body_hash is not None:
+        if self.keyed and ex.body_hash is not None:
             ex.body_hash.update(body)
             if ex.recorder is not None:
                 ex.recorder.request_body(ex)
@@ -1240,7 +1248,7 @@ class ClientConnection(asyncio.Protocol):
             if ex.body is None:
                 ex.body = RequestBody(ex.replay_limit)
             ex.body.hold(b"0\r\n\r\n")
-        if ex.recorder is not None:
+        if self.keyed and ex.recorder is not None:
             ex.recorder.body_complete()  # a held keyed request is claimed now
         if ex.response_complete:
             # The response finished before the request body did (early reply).
@@ -1328,7 +1336,11 @@ class ClientConnection(asyncio.Protocol):
             if chain is not None:
                 self._filter_request(ex, chain, snapshot, route, url, host, path, query, path_text)
                 return
-        self._admit(ex, snapshot, route, url, host, path, query)
+        limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
+        if limiter is not None:
+            self._admit(ex, limiter, snapshot, route, url, host, path, query)
+        else:
+            self._forward(ex, snapshot, route, url, host, path, query)
 
     # -- filters (gateway/filters/api.py; gateway/proxy/filtering.py) -------------------------
     def _filter_request(
@@ -1360,7 +1372,7 @@ class ClientConnection(asyncio.Protocol):
             protocol="http/1.0" if ex.version == "1.0" else "http/1.1",
             tls=self.listener.tls is not None,
         )
-        state = ex.filters = FilterState(chain, info)
+        state = self.filters = FilterState(chain, info)
 
         def resume(reply: LocalReply | None) -> None:
             # Once, from the event loop; dropped if the client went away meanwhile.
@@ -1394,7 +1406,11 @@ class ClientConnection(asyncio.Protocol):
             return
         headers = state.request.headers  # what the filters made of them goes upstream
         ex.headers = HeadFields(headers) if ex.chunked else headers
-        self._admit(ex, snapshot, route, url, host, path, query)
+        limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
+        if limiter is not None:
+            self._admit(ex, limiter, snapshot, route, url, host, path, query)
+        else:
+            self._forward(ex, snapshot, route, url, host, path, query)
 
     def _local_reply(self, ex: Exchange, reply: LocalReply) -> None:
         """A filter answered instead of the upstream."""
@@ -1434,17 +1450,18 @@ class ClientConnection(asyncio.Protocol):
         tail = self._filter_body(ex, state, b"", True)
         if tail:
             ex.bytes_out += len(tail)
-            if ex.recorder is not None:
+            if self.keyed and ex.recorder is not None:
                 ex.recorder.on_body(tail)
             if ex.response_frame == FRAME_RAW:
                 self.out.append(tail)
             elif ex.response_frame == FRAME_CHUNKED:
                 self.out += (b"%x\r\n" % len(tail), tail, b"\r\n")
 
-    # -- admit: rate limits, then on to the upstream --------------------------------------------
+    # -- admit: the route's rate limit, then on to the upstream ---------------------------------
     def _admit(
         self,
         ex: Exchange,
+        limiter: RouteLimiter,
         snapshot: Snapshot,
         route: Route,
         url: bytes,
@@ -1452,30 +1469,29 @@ class ClientConnection(asyncio.Protocol):
         path: bytes,
         query: bytes,
     ) -> None:
-        limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
-        if limiter is not None:
-            if limiter.uses_redis:
+        """Only for routes with a limit (rate or max_in_flight): the others go to _forward."""
+        if limiter.uses_redis:
 
-                def decided(decision: Decision) -> None:
-                    # Redis answered (or its timeout fell back) after this callback returned.
-                    if self.active is not ex or self.closed:
-                        if decision.holds_slot:
-                            limiter.release()
-                        return
-                    if self._apply_decision(ex, limiter, decision):
-                        self._forward(ex, snapshot, route, url, host, path, query)
+            def decided(decision: Decision) -> None:
+                # Redis answered (or its timeout fell back) after this callback returned.
+                if self.active is not ex or self.closed:
+                    if decision.holds_slot:
+                        limiter.release()
+                    return
+                if self._apply_decision(ex, limiter, decision):
+                    self._forward(ex, snapshot, route, url, host, path, query)
 
-                decision = limiter.check(
-                    time.monotonic(), self.peer_ip, self.peer_trusted, ex.headers, query, decided
-                )
-                if decision is None:
-                    return  # the decision arrives through ``decided``
-            else:
-                decision = limiter.check_local(
-                    time.monotonic(), self.peer_ip, self.peer_trusted, ex.headers, query
-                )
-            if not self._apply_decision(ex, limiter, decision):
-                return
+            decision = limiter.check(
+                time.monotonic(), self.peer_ip, self.peer_trusted, ex.headers, query, decided
+            )
+            if decision is None:
+                return  # the decision arrives through ``decided``
+        else:
+            decision = limiter.check_local(
+                time.monotonic(), self.peer_ip, self.peer_trusted, ex.headers, query
+            )
+        if not self._apply_decision(ex, limiter, decision):
+            return
         self._forward(ex, snapshot, route, url, host, path, query)
 
     def _redirect(self, ex: Exchange, host: bytes | None, url: bytes) -> None:
@@ -1533,15 +1549,19 @@ class ClientConnection(asyncio.Protocol):
         ``url`` is the origin-form target to send (normalised and rewritten path + query),
         ``path`` the normalised path the route matched.
         """
-        if snapshot.idempotency and not ex.idem_checked:
+        if snapshot.idempotency:
             idempotency = snapshot.idempotency.get(route.name)
+            # Only a keyed connection (an Idempotency-Key seen) or a route requiring keys gets
+            # to begin(); the rest of an idempotency route's requests pay these two tests.
             if (
                 idempotency is not None
-                and (ex.idem_keys is not None or idempotency.required)
-                and not idempotency.begin(self, ex, (ex, snapshot, route, url, host, path, query))
+                and (self.keyed or idempotency.required)
+                and not ex.idem_checked
             ):
-                return  # claimed at the store first (or answered: 4xx, replay)
-        filters = ex.filters
+                self.keyed = True  # begin() may set ex.recorder
+                if not idempotency.begin(self, ex, (ex, snapshot, route, url, host, path, query)):
+                    return  # claimed at the store first (or answered: 4xx, replay)
+        filters = self.filters
         if filters is not None and filters.request.upstream is not None:
             # A request-phase filter chose another upstream (traffic splitting).
             chosen = snapshot.upstreams.get(filters.request.upstream)
@@ -1583,7 +1603,7 @@ class ClientConnection(asyncio.Protocol):
             else upstream.retry
         )
         method = ex.method
-        ex.idempotent = method in IDEMPOTENT_METHODS or ex.idem_keys is not None
+        ex.idempotent = method in IDEMPOTENT_METHODS or (self.keyed and ex.idem_keys is not None)
         if policy is not None:
             ex.retry = policy
             ex.replay_limit = max(policy.max_body_bytes, REPLAY_LIMIT)
@@ -1795,7 +1815,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.upgrade is not None:
             keep_alive = False  # upgrade refused: the bytes that followed were not HTTP
-        filters = ex.filters
+        filters = self.filters
         if filters is not None:
             # The response-headers phase (the head as a list only here); a removed
             # content-length re-frames the body below (chunked, or close-delimited for 1.0).
@@ -1845,21 +1865,21 @@ class ClientConnection(asyncio.Protocol):
             )
         )
         ex.response_started = True
-        if ex.recorder is not None:
+        if self.keyed and ex.recorder is not None:
             ex.recorder.on_head(status, head.reason, head.fields)
 
     def on_response_body(self, body: bytes) -> None:
         ex = self.active
         if ex is None:
             return
-        filters = ex.filters
+        filters = self.filters
         if filters is not None and filters.body_hook:
             body = self._filter_body(ex, filters, body, False)
             if not body:
                 return  # (an empty chunk would end a chunked body)
         frame = ex.response_frame
         ex.bytes_out += len(body)
-        if ex.recorder is not None:
+        if self.keyed and ex.recorder is not None:
             ex.recorder.on_body(body)
         if frame == FRAME_RAW:
             self.out.append(body)
@@ -1880,7 +1900,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.status == 101:
             return  # the parser raises HttpParserUpgrade next; on_upstream_upgrade takes over
-        filters = ex.filters
+        filters = self.filters
         if filters is not None and filters.body_hook:
             self._filter_body_end(ex, filters)
         if ex.response_frame == FRAME_CHUNKED:
@@ -1892,7 +1912,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.active
         if ex is None or ex.conn is not conn:
             return
-        filters = ex.filters
+        filters = self.filters
         if filters is not None and filters.body_hook:
             self._filter_body_end(ex, filters)
         if ex.response_frame == FRAME_CHUNKED:
@@ -2371,7 +2391,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.limiter is not None:
             ex.limiter.release()
             ex.limiter = None
-        if ex.recorder is not None:
+        if self.keyed and ex.recorder is not None:
             ex.recorder.finish(ex)  # store the response, or free the key for a retry
         now = time.perf_counter()
         total = now - ex.t_start
@@ -2395,9 +2415,11 @@ class ClientConnection(asyncio.Protocol):
             ex.body_bytes,
             ex.bytes_out,
         )
-        filters = ex.filters
-        if filters is not None and filters.chain.wants_log:
-            filters.chain.on_log(filters.request, status, total)  # never raises (the chain's)
+        filters = self.filters
+        if filters is not None:
+            self.filters = None
+            if filters.chain.wants_log:
+                filters.chain.on_log(filters.request, status, total)  # never raises (the chain's)
         access_log = server.access_log
         if access_log is not None:
             entry = {
