@@ -1578,9 +1578,7 @@ class ClientConnection(asyncio.Protocol):
             upstream = snapshot.upstreams[route.upstream]
         ex.upstream = upstream
         ex.upstream_name = upstream.name
-        breaker = upstream.breaker
-        if breaker.max_requests and breaker.requests >= breaker.max_requests:
-            breaker.requests_overflow += 1
+        if not upstream.breaker.try_request():  # also the upstream's active-request count
             self.server.metrics.breaker_overflow(upstream.name, "requests")
             self._respond_error(
                 ex,
@@ -1590,7 +1588,6 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         ex.counted = True
-        breaker.requests += 1  # also the upstream's active-request count
         upstream.budget.requests_now += 1  # RetryBudget.record_request, inlined: per request
         if upstream.hash_key is not None:
             ex.hash_key = self._hash_key(ex, upstream, path, query)
@@ -2382,7 +2379,7 @@ class ClientConnection(asyncio.Protocol):
             ex.counted = False
             upstream = ex.upstream
             assert upstream is not None
-            upstream.breaker.requests -= 1
+            upstream.breaker.release_request()
         if ex.retry_timer is not None:
             ex.retry_timer.cancel()
             ex.retry_timer = None

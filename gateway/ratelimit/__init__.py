@@ -13,7 +13,6 @@ from gateway.ratelimit.limiter import (
     Limit,
     LimitSpec,
     RouteLimiter,
-    build_limiters,
     parse_rate,
 )
 from gateway.ratelimit.local import BucketStore, LocalStore
@@ -30,7 +29,6 @@ __all__ = [
     "LocalStore",
     "RedisStore",
     "RouteLimiter",
-    "build_limiters",
     "compile_key",
     "forwarded_client_ip",
     "parse_rate",

@@ -52,7 +52,6 @@ __all__ = [
     "Limit",
     "LimitSpec",
     "RouteLimiter",
-    "build_limiters",
     "parse_rate",
 ]
 
@@ -634,31 +633,3 @@ class BucketStores:
                 store = kept if isinstance(kept, LocalStore) else LocalStore(limit.max_keys)
             self.tables[bucket_id] = store
         return store
-
-
-def build_limiters(
-    routes: dict[str, Sequence[LimitSpec]],
-    *,
-    trusted: TrustedAddresses = (),
-    redis: RedisStore | None = None,
-    previous: dict[str, RouteLimiter] | None = None,
-    headers: bool = False,
-    legacy_headers: bool = False,
-    max_in_flight: dict[str, int] | None = None,
-) -> dict[str, RouteLimiter]:
-    """Convenience for the snapshot builder: one RouteLimiter per route that has limits."""
-    out: dict[str, RouteLimiter] = {}
-    in_flight = max_in_flight or {}
-    for route in set(routes) | set(in_flight):
-        specs = routes.get(route, ())
-        out[route] = RouteLimiter(
-            route,
-            specs,
-            trusted=trusted,
-            headers=headers,
-            legacy_headers=legacy_headers,
-            max_in_flight=in_flight.get(route, 0),
-            redis=redis,
-            previous=(previous or {}).get(route),
-        )
-    return out

@@ -7,7 +7,7 @@ Safety rules (issue 5; RFC 9110 §9.2.2 idempotent methods; RFC 9110 §10.2.3 Re
   *connect failure* is retryable for every method, since no byte reached the upstream.
 - Never after any byte of the response went to the client (a second response is impossible).
 - Only when the request body can be sent again: kept whole (≤ ``max_body_bytes``) or not one
-  byte of it sent yet. ``body_replayable`` computes that.
+  byte of it sent yet (``gateway.proxy.body.RequestBody.replayable``).
 - ``attempts`` counts every try, the first included: ``attempts: 2`` is one retry.
 
 Retry conditions (``on``):
@@ -54,11 +54,6 @@ def is_gateway_failure(failure_kind: str, status: int = 0) -> bool:
     if failure_kind == STATUS:
         return status in GATEWAY_STATUSES
     return failure_kind in (CONNECT_FAILURE, RESET, TIMEOUT)
-
-
-def body_replayable(body_kept_whole: bool, body_bytes_sent: int) -> bool:
-    """A request body can be sent again if the gateway kept all of it, or sent none of it."""
-    return body_kept_whole or body_bytes_sent == 0
 
 
 class RetryPolicy:
@@ -144,10 +139,6 @@ class RetryPolicy:
         """A connect failure sent nothing: retrying it cannot duplicate any request."""
         return failure_kind == CONNECT_FAILURE
 
-    def retryable_status(self, status: int) -> bool:
-        """Whether a response with ``status`` should be retried (before it reaches the client)."""
-        return status in self.retry_statuses
-
     def should_retry(
         self,
         attempt: int,
@@ -165,10 +156,6 @@ class RetryPolicy:
             return status in self.retry_statuses
         return failure_kind in self.retry_kinds
 
-    def body_fits(self, body_bytes: int) -> bool:
-        """Whether a request body of this size is kept for replay."""
-        return body_bytes <= self.max_body_bytes
-
     def retry_delay(
         self, retry: int, rng: random.Random, retry_after: float | None = None
     ) -> float | None:
@@ -182,13 +169,3 @@ class RetryPolicy:
         if retry_after > self.retry_after_cap:
             return None
         return max(delay, retry_after)
-
-    def try_deadline(self, now: float, overall_deadline: float = 0.0) -> float:
-        """Deadline of one try: ``per_try_timeout`` from now, never past the route's deadline
-        (``overall_deadline``, 0 = none). 0.0 means no deadline."""
-        if self.per_try_timeout:
-            deadline = now + self.per_try_timeout
-            if overall_deadline and overall_deadline < deadline:
-                return overall_deadline
-            return deadline
-        return overall_deadline

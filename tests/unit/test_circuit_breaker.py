@@ -9,7 +9,6 @@ from gateway.resilience import CircuitBreaker
 KINDS = [
     ("requests", "try_request", "release_request"),
     ("pending", "try_pending", "release_pending"),
-    ("connections", "try_connection", "release_connection"),
 ]
 
 
@@ -17,13 +16,11 @@ KINDS = [
 def test_cap_overflow_and_release(kind: str, take: str, give: str) -> None:
     breaker = CircuitBreaker(max_connections=2, max_pending=2, max_requests=2)
     assert getattr(breaker, take)() and getattr(breaker, take)()
-    assert breaker.open
     assert not getattr(breaker, take)()
     assert not getattr(breaker, take)()
-    assert breaker.overflow[kind] == 2
-    assert sum(breaker.overflow.values()) == 2  # other kinds untouched
+    assert getattr(breaker, f"{kind}_overflow") == 2
+    assert breaker.requests_overflow + breaker.pending_overflow == 2  # other kind untouched
     getattr(breaker, give)()
-    assert not breaker.open
     assert getattr(breaker, take)()
     for _ in range(5):
         getattr(breaker, give)()
@@ -33,13 +30,12 @@ def test_cap_overflow_and_release(kind: str, take: str, give: str) -> None:
 def test_zero_means_unlimited() -> None:
     breaker = CircuitBreaker(max_connections=0, max_pending=0, max_requests=0)
     assert all(breaker.try_request() for _ in range(10_000))
-    assert not breaker.open and breaker.requests_overflow == 0
+    assert breaker.requests_overflow == 0
 
 
 def test_kinds_are_independent() -> None:
     breaker = CircuitBreaker(max_connections=1, max_pending=1, max_requests=1)
     assert breaker.try_request()
     assert breaker.try_pending()
-    assert breaker.try_connection()
     assert not breaker.try_request()
-    assert breaker.overflow == {"connections": 0, "pending": 0, "requests": 1}
+    assert (breaker.requests_overflow, breaker.pending_overflow) == (1, 0)

@@ -22,7 +22,6 @@ from gateway.resilience import (
     parse_retry_after,
 )
 from gateway.resilience.backoff import parse_http_date
-from gateway.resilience.retry import body_replayable
 
 
 # -- methods -----------------------------------------------------------------------------------
@@ -99,14 +98,6 @@ def test_should_retry_limits() -> None:
     assert not RetryPolicy(attempts=1).enabled
 
 
-def test_body_replay_rules() -> None:
-    policy = RetryPolicy(max_body_bytes=10)
-    assert policy.body_fits(10) and not policy.body_fits(11)
-    assert body_replayable(True, 5000)
-    assert body_replayable(False, 0)
-    assert not body_replayable(False, 1)
-
-
 def test_bad_policies() -> None:
     with pytest.raises(ValueError):
         RetryPolicy(attempts=0)
@@ -129,13 +120,6 @@ def test_bad_policies() -> None:
 )
 def test_is_gateway_failure(kind: str, status: int, gateway: bool) -> None:
     assert is_gateway_failure(kind, status) is gateway
-
-
-def test_try_deadline() -> None:
-    assert RetryPolicy(per_try_timeout=2.0).try_deadline(10.0) == 12.0
-    assert RetryPolicy(per_try_timeout=2.0).try_deadline(10.0, 11.0) == 11.0
-    assert RetryPolicy(per_try_timeout=None).try_deadline(10.0, 15.0) == 15.0
-    assert RetryPolicy().try_deadline(10.0) == 0.0
 
 
 # -- backoff ----------------------------------------------------------------------------------
