@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import hashlib
 import logging
-import re
 import socket
 import time
 from collections import deque
@@ -34,7 +33,47 @@ from gateway.proxy import filtering, responses
 from gateway.proxy import headers as hdr
 from gateway.proxy.body import PENDING_BODY_LIMIT, REPLAY_LIMIT, RequestBody
 from gateway.proxy.connlimit import LocalConnectionCount, SharedConnectionCount
+from gateway.proxy.exchange import (
+    CW_DONE,
+    CW_START,
+    FRAME_CHUNKED,
+    FRAME_NONE,
+    FRAME_RAW,
+    Exchange,
+)
 from gateway.proxy.filtering import FilterState
+from gateway.proxy.h1 import (
+    CW_DESYNC,
+    CW_EXTENSIONS_TOO_LONG,
+    CW_LINE_TOO_LONG,
+    CW_MAX_CANDIDATES,
+    CW_TRAILER_TOO_LARGE,
+    H_CONNECTION,
+    H_CONTENT_LENGTH,
+    H_HOST,
+    H_IDEMPOTENCY_KEY,
+    H_REQUEST_ID,
+    H_TRANSFER_ENCODING,
+    H_UPGRADE,
+    HELD_METHOD_PARSER,
+    KNOWN_METHODS,
+    LLHTTP_METHODS,
+    MAX_METHOD_BYTES,
+    MAX_PREFIX_BYTES,
+    METHOD_HELD,
+    SPECIAL_HEADERS,
+    STAND_IN_METHOD,
+    UNDERSCORE,
+    UNDERSCORE_ACTIONS,
+    UNDERSCORE_ALLOW,
+    UNDERSCORE_REJECT,
+    UNKNOWN_METHOD_ERRORS,
+    VALID_HOSTS,
+    HeadFields,
+    checked_host,
+    reset_walk,
+    walk_framing,
+)
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
 from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS, RequestRejected
 from gateway.proxy.tunnel import Tunnel
@@ -52,14 +91,12 @@ from gateway.resilience.retry import (
     RESET,
     STATUS,
     TIMEOUT,
-    RetryPolicy,
     is_gateway_failure,
 )
 from gateway.tls.accept import ListenerState, client_cert_element, start_tls_listener
 
 if TYPE_CHECKING:
     from gateway.config.model import GatewayConfig, ListenerConfig
-    from gateway.idempotency.policy import Recorder
     from gateway.metrics import GatewayMetrics
     from gateway.routing import Route
     from gateway.snapshot import Instance, Snapshot, Upstream
@@ -77,60 +114,6 @@ LINGER_MAX = 1024
 # Give freed heap memory back to the OS (glibc malloc_trim) once this many connections closed
 # and the open count fell to half its recent peak: after a flood of slow clients, not under churn.
 TRIM_AFTER_CLOSED = 100
-
-KNOWN_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
-)
-# An extension method (RFC 9110 §9.1) llhttp does not know is fed to it as this one, which it
-# parses the same way (request framing does not depend on the method), and restored afterwards.
-_STAND_IN_METHOD = b"GET"
-MAX_METHOD_BYTES = 64  # a longer method token is refused (400)
-_MAX_PREFIX_BYTES = 1024  # request-line bytes kept across reads for a method llhttp refuses
-# llhttp's errors for a method it does not know: at the method, or (RTSP names) at the version.
-_UNKNOWN_METHOD_ERRORS = (
-    "Invalid method encountered",
-    "Expected space after method",
-    "Invalid method for HTTP/x.x request",
-)
-# Headers of the underscore option, as ints for a cheap compare per header.
-_UNDERSCORE_ALLOW = 0
-_UNDERSCORE_DROP = 1
-_UNDERSCORE_REJECT = 2
-_UNDERSCORE_ACTIONS = {"allow": _UNDERSCORE_ALLOW, "drop": _UNDERSCORE_DROP, "reject": 2}
-# An int: ``b"_" in name`` costs ~0.2 µs more, as bytes.__contains__ first tries its argument
-# as an integer and raises (and clears) a TypeError for a bytes one.
-_UNDERSCORE = ord("_")
-
-# Where the chunked-body walker is (see ``ClientConnection._walk_chunked``).
-_CW_START = -1  # the head ended in this read; where the body starts is still to be found
-_CW_LINE = 0  # in a chunk-size line
-_CW_DATA = 1  # in chunk data
-_CW_DATA_CRLF = 2  # in the CRLF after chunk data
-_CW_TRAILER = 3  # in the trailer section
-_CW_DONE = 4
-_CW_MAX_CANDIDATES = 8  # head ends tried when a chunked head ended mid-read (pipelining)
-
-# Response body framing toward the client.
-FRAME_NONE = 0  # no body (HEAD, 1xx, 204, 304)
-FRAME_RAW = 1  # bytes as they come: Content-Length known, or close-delimited toward the client
-FRAME_CHUNKED = 2  # re-encoded as chunked
-
-_H_HOST = 1
-_H_CONTENT_LENGTH = 2
-_H_TRANSFER_ENCODING = 3
-_H_CONNECTION = 4
-_H_UPGRADE = 5
-_H_REQUEST_ID = 6
-_H_IDEMPOTENCY_KEY = 7
-_SPECIAL_HEADERS = {
-    b"host": _H_HOST,
-    b"content-length": _H_CONTENT_LENGTH,
-    b"transfer-encoding": _H_TRANSFER_ENCODING,
-    b"connection": _H_CONNECTION,
-    b"upgrade": _H_UPGRADE,
-    b"x-request-id": _H_REQUEST_ID,
-    b"idempotency-key": _H_IDEMPOTENCY_KEY,
-}
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
@@ -163,250 +146,6 @@ def _retry_after(fields: bytes) -> float | None:
         return None
     end = lowered.find(b"\r\n", at)
     return parse_retry_after(fields[at + 12 : end].strip(), time.time())
-
-
-# Methods llhttp parses (its HTTP method table): an llhttp error on one of these is not about
-# an unknown method, so no stand-in is tried.
-_LLHTTP_METHODS = frozenset(
-    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH"
-    b" SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY"
-    b" SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY PRI".split()
-)
-_VALID_HOSTS = hdr.VALID_AUTHORITY_CACHE  # membership first: the same few Hosts repeat
-
-
-def _checked_host(value: bytes) -> bytes:
-    """A Host value not seen valid before: valid (maybe without its trailing OWS), or 400."""
-    if hdr.valid_authority(value):
-        return value
-    stripped = value.strip(b" \t")  # RFC 9110 §5.5: OWS around a value is not part of it
-    if stripped != value and hdr.valid_authority(stripped):
-        return stripped
-    raise RequestRejected(400, "bad_request", "invalid Host header")
-
-
-# Outcomes of _walk_framing below zero (a non-negative outcome is where the walk stopped).
-_CW_DESYNC = -1
-_CW_LINE_TOO_LONG = -2
-_CW_EXTENSIONS_TOO_LONG = -3
-_CW_TRAILER_TOO_LARGE = -4
-_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]+")
-
-
-def _walk_framing(
-    ex: Exchange, data: bytes, position: int, max_line: int, max_extensions: int, max_trailer: int
-) -> int:
-    """Walk the chunked framing of ``ex`` in ``data`` from ``position`` (state kept on ``ex``).
-
-    Returns where the walk stopped (``len(data)``, or the end of the message), or a negative
-    outcome. Checked against llhttp: the data bytes skipped must be those it delivered, and the
-    walk must end the message exactly when llhttp did.
-    """
-    size = len(data)
-    state = _CW_LINE if ex.cw_state == _CW_START else ex.cw_state
-    line = ex.cw_line
-    skipped = 0
-    while position < size:
-        if state == _CW_DATA:
-            take = min(ex.cw_left, size - position)
-            position += take
-            skipped += take
-            ex.cw_left -= take
-            if ex.cw_left == 0:
-                state = _CW_DATA_CRLF
-                ex.cw_crlf = 2
-        elif state == _CW_DATA_CRLF:
-            take = min(ex.cw_crlf, size - position)
-            position += take
-            ex.cw_crlf -= take
-            if ex.cw_crlf == 0:
-                state = _CW_LINE
-        elif state == _CW_LINE:
-            newline = data.find(b"\n", position)
-            if newline < 0:
-                if len(ex.cw_prefix) < 20:
-                    ex.cw_prefix += data[position : position + 20]
-                line += size - position
-                if line > max_line:
-                    return _CW_LINE_TOO_LONG
-                position = size
-                break
-            end = newline + 1
-            line += end - position
-            if line > max_line:
-                return _CW_LINE_TOO_LONG
-            start = data[position : min(end, position + 20)]
-            if ex.cw_prefix:
-                start = ex.cw_prefix + start
-                ex.cw_prefix = b""
-            digits = _CHUNK_SIZE_RE.match(start)
-            if digits is None:
-                return _CW_DESYNC
-            ex.cw_extensions += line - len(digits.group()) - 2
-            if ex.cw_extensions > max_extensions:
-                return _CW_EXTENSIONS_TOO_LONG
-            line = 0
-            position = end
-            ex.cw_left = int(digits.group(), 16)
-            state = _CW_DATA if ex.cw_left else _CW_TRAILER
-        else:  # _CW_TRAILER: field lines up to an empty line
-            newline = data.find(b"\n", position)
-            end = size if newline < 0 else newline + 1
-            line += end - position
-            ex.cw_trailer += end - position
-            if ex.cw_trailer > max_trailer:
-                return _CW_TRAILER_TOO_LARGE
-            position = end
-            if newline >= 0:
-                if line == 2:
-                    state = _CW_DONE
-                    line = 0
-                    break
-                line = 0
-    ex.cw_state = state
-    ex.cw_line = line
-    delivered = ex.body_bytes - ex.cw_body_mark
-    ex.cw_body_mark = ex.body_bytes
-    if skipped != delivered or (state == _CW_DONE) != ex.request_complete:
-        return _CW_DESYNC
-    return position
-
-
-def _reset_walk(ex: Exchange) -> None:
-    """Back to the start, after a walk from a wrong candidate position."""
-    for name in (
-        "cw_state",
-        "cw_line",
-        "cw_prefix",
-        "cw_left",
-        "cw_crlf",
-        "cw_extensions",
-        "cw_trailer",
-        "cw_body_mark",
-    ):
-        ex.__dict__.pop(name, None)
-
-
-class _HeldMethodParser:
-    """Stands in for the parser while a method token is incomplete and held back: the next read
-    is refused with ``_METHOD_HELD``, and the error path feeds the held bytes and the new ones
-    to a fresh parser."""
-
-    def feed_data(self, data: bytes) -> None:
-        raise _METHOD_HELD
-
-
-_METHOD_HELD = httptools.HttpParserError("method token held for more bytes")
-_HELD_METHOD_PARSER = _HeldMethodParser()
-
-
-class HeadFields(list[tuple[bytes, bytes]]):
-    """The head fields of a chunked request, once the head is complete. What on_header appends
-    after that is a trailer field: never merged into the head nor forwarded (the gateway drops
-    request trailers), and RFC 9110 §6.5.1 fields are refused as they arrive, before the read
-    they came in can dispatch anything. (A subclass only for chunked requests: a second list
-    attribute on every Exchange cost ~0.15 µs per request in instance-dict growth.)"""
-
-    def append(self, item: tuple[bytes, bytes]) -> None:
-        name = item[0]
-        if hdr.forbidden_trailer(name):
-            raise RequestRejected(
-                400, "bad_request", f"{name.decode('latin-1')} is not allowed in trailers"
-            )
-
-
-class Exchange:
-    """One request/response pair and everything the proxy tracks about it.
-
-    Defaults live on the class and only the fields a request touches get an instance value:
-    creating one per request then costs a few stores instead of forty.
-    """
-
-    url = b""
-    header_bytes = 0
-    host: bytes | None = None
-    host_count = 0
-    content_length: bytes | None = None
-    cl_count = 0
-    chunked = False
-    te_count = 0
-    conn_tokens: frozenset[bytes] = frozenset()
-    upgrade: bytes | None = None
-    request_id: bytes | None = None
-    method = b""
-    method_name = ""
-    version = "1.1"
-    keep_alive = True
-    is_head = False
-    error: RequestRejected | None = None
-    body_bytes = 0
-    body: RequestBody | None = None  # pending and replay buffers, from the first body byte
-    request_complete = False
-    route: Route | None = None
-    route_name = "<none>"
-    upstream: Upstream | None = None
-    upstream_name = "<none>"
-    instance: Instance | None = None
-    conn: UpstreamConnection | None = None
-    head = b""
-    status = 0
-    interim = False
-    response_started = False
-    response_complete = False
-    response_frame = FRAME_NONE
-    stale_retried = False
-    deadline = 0.0
-    read_deadline = 0.0
-    t_upstream = 0.0
-    t_upstream_done = 0.0
-    # Retries (RFC 9110 §9.2.2 decides which methods may be repeated).
-    retry: RetryPolicy | None = None
-    retry_method_ok = False
-    attempt = 1
-    hash_key: bytes | None = None
-    tried: tuple[Instance, ...] = ()  # instances whose try failed: retries avoid them
-    replay_limit = REPLAY_LIMIT  # for a RequestBody made after the retry policy is known
-    retry_timer: asyncio.TimerHandle | None = None
-    counted = False  # upstream-level counters (active requests, breaker) were taken
-    idempotent = False  # RFC 9110 §9.2.2 method, or an Idempotency-Key header
-    # Idempotency-Key (gateway/idempotency): field values, body digest, the route's recorder.
-    idem_keys: list[bytes] | None = None
-    body_hash: hashlib._Hash | None = None
-    idem_checked = False
-    # The route's Recorder, set by RouteIdempotency.begin. Read only where the connection is
-    # ``keyed`` (ClientConnection), so the class default costs requests without a key nothing.
-    recorder: Recorder | None = None
-    hedge_conn: UpstreamConnection | None = None  # a second, hedged try in flight
-    hedge_instance: Instance | None = None
-    hedge_timer: asyncio.TimerHandle | None = None
-    hedged = False
-    limiter: RouteLimiter | None = None  # holds a max_in_flight slot to give back
-    ratelimit = ""  # the rate-limit decision, for the access log
-    ratelimit_headers = b""  # RateLimit header lines for the admitted response
-    bytes_out = 0  # response body bytes relayed to the client
-    instance_address = ""
-    error_code = ""  # why the gateway answered itself (no_route, upstream_timeout, ...)
-    method_prefix = b""  # the bytes of this read when it ended inside the method (split token)
-    # Chunked body walker (framing bytes are measured: llhttp reports no extensions).
-    cw_state = _CW_START
-    cw_line = 0  # bytes of the current chunk-size or trailer line so far
-    cw_prefix = b""  # the start of a chunk-size line that spans reads (its hex size)
-    cw_left = 0  # data bytes left in the current chunk
-    cw_crlf = 0  # bytes left of the CRLF after chunk data
-    cw_extensions = 0  # chunk-extension bytes so far
-    cw_trailer = 0  # trailer section bytes so far
-    cw_body_mark = 0  # body_bytes when the last read was walked
-    cw_tail = b""  # the last bytes of the read before the one that ended the head
-
-    def __init__(self, now: float, max_body: int) -> None:
-        self.t_start = now
-        self.max_body = max_body
-        self.headers: list[tuple[bytes, bytes]] = []
-
-    @property
-    def pending_bytes(self) -> int:
-        body = self.body
-        return body.pending_bytes if body is not None else 0
 
 
 class ProxyServer:
@@ -676,11 +415,11 @@ class ClientConnection(asyncio.Protocol):
         self.limits = server.snapshot.config.limits  # a reload applies to new connections
         self.head_received = 0  # raw bytes seen while a request head is incomplete
         self.head_limit = self.limits.max_header_bytes + self.limits.max_uri_bytes
-        self.underscores = _UNDERSCORE_ACTIONS[self.limits.headers_with_underscores]
+        self.underscores = UNDERSCORE_ACTIONS[self.limits.headers_with_underscores]
         allowed = self.limits.allowed_methods
         self.allowed_methods = frozenset(allowed) if allowed is not None else None
         self.method_carry: bytes | None = None  # a method token not complete yet (not fed)
-        self.real_method: bytes | None = None  # the extension method fed as _STAND_IN_METHOD
+        self.real_method: bytes | None = None  # the extension method fed as STAND_IN_METHOD
         # on_headers_complete has method work: a real_method to restore, or allowed_methods.
         self.method_hook = self.allowed_methods is not None
         self.head_tail = b""  # last bytes of a read that ended inside a head
@@ -915,7 +654,7 @@ class ClientConnection(asyncio.Protocol):
                     parsing.method_prefix = data
                 elif parsing.method_prefix:
                     prefix = parsing.method_prefix + data
-                    parsing.method_prefix = prefix if len(prefix) <= _MAX_PREFIX_BYTES else b""
+                    parsing.method_prefix = prefix if len(prefix) <= MAX_PREFIX_BYTES else b""
             # The last 3 bytes of the head so far: its blank line may straddle the next read.
             if len(data) >= 3:
                 self.head_tail = data[-3:]
@@ -966,10 +705,10 @@ class ClientConnection(asyncio.Protocol):
         """
         candidate: bytes | None = None
         parsing = self.parsing
-        if error is _METHOD_HELD:
+        if error is METHOD_HELD:
             candidate = self.method_carry + data  # type: ignore[operator]
             self.method_carry = None
-        elif error.args and error.args[0] in _UNKNOWN_METHOD_ERRORS and parsing is not None:
+        elif error.args and error.args[0] in UNKNOWN_METHOD_ERRORS and parsing is not None:
             if self.head_received < 0:
                 candidate = data  # the refused message began in this read
             elif parsing.method_prefix:
@@ -978,7 +717,7 @@ class ClientConnection(asyncio.Protocol):
             space = candidate.find(b" ", 0, MAX_METHOD_BYTES + 1)
             token = candidate[:space] if space > 0 else candidate
             if (
-                token not in _LLHTTP_METHODS
+                token not in LLHTTP_METHODS
                 and len(token) <= MAX_METHOD_BYTES
                 and hdr.valid_token(token)
             ):
@@ -988,12 +727,12 @@ class ClientConnection(asyncio.Protocol):
                     # Wait for the rest of the token: the next read goes to a stand-in parser
                     # that refuses it, which brings it back here (no check per read).
                     self.method_carry = candidate
-                    self.parser = _HELD_METHOD_PARSER  # type: ignore[assignment]
+                    self.parser = HELD_METHOD_PARSER  # type: ignore[assignment]
                     return None
                 self.parser = httptools.HttpRequestParser(self)
                 self.real_method = token
                 self.method_hook = True
-                fed = _STAND_IN_METHOD + candidate[space:]
+                fed = STAND_IN_METHOD + candidate[space:]
                 try:
                     self.parser.feed_data(fed)
                 except httptools.HttpParserUpgrade as upgrade:
@@ -1023,43 +762,43 @@ class ClientConnection(asyncio.Protocol):
         max_trailer = limits.max_header_bytes
         position = 0
         for ex in list(walk):
-            if ex.cw_state == _CW_START:
+            if ex.cw_state == CW_START:
                 # The head ended in this read: the body starts after its blank line. If the
                 # head began here behind other requests, the first blank line may be theirs;
                 # candidates are tried until one walks in agreement with llhttp.
                 tail = ex.cw_tail
                 buffer = tail + data if tail else data
                 search = position  # (with a tail, position is 0: the head began earlier)
-                outcome = _CW_DESYNC
-                for _ in range(_CW_MAX_CANDIDATES):
+                outcome = CW_DESYNC
+                for _ in range(CW_MAX_CANDIDATES):
                     found = buffer.find(b"\r\n\r\n", search)
                     if found < 0:
                         break
-                    outcome = _walk_framing(
+                    outcome = walk_framing(
                         ex, data, found + 4 - len(tail), max_line, max_extensions, max_trailer
                     )
-                    if outcome != _CW_DESYNC:
+                    if outcome != CW_DESYNC:
                         break
-                    _reset_walk(ex)
+                    reset_walk(ex)
                     search = found + 1
             else:
-                outcome = _walk_framing(ex, data, position, max_line, max_extensions, max_trailer)
+                outcome = walk_framing(ex, data, position, max_line, max_extensions, max_trailer)
             if outcome < 0:
                 self._reject_walked(ex, outcome)
                 return False
             position = outcome
-            if ex.cw_state == _CW_DONE:
+            if ex.cw_state == CW_DONE:
                 walk.remove(ex)
         if not walk:
             self.chunked_walk = None
         return True
 
     def _reject_walked(self, ex: Exchange, outcome: int) -> None:
-        if outcome == _CW_LINE_TOO_LONG:
+        if outcome == CW_LINE_TOO_LONG:
             rejected = RequestRejected(400, "bad_request", "chunk-size line too long")
-        elif outcome == _CW_EXTENSIONS_TOO_LONG:
+        elif outcome == CW_EXTENSIONS_TOO_LONG:
             rejected = RequestRejected(400, "bad_request", "chunk extensions too long")
-        elif outcome == _CW_TRAILER_TOO_LARGE:
+        elif outcome == CW_TRAILER_TOO_LARGE:
             rejected = RequestRejected(431, "headers_too_large", "trailer section too large")
         else:
             rejected = RequestRejected(400, "bad_request", "chunked framing not understood")
@@ -1090,34 +829,34 @@ class ClientConnection(asyncio.Protocol):
         ex.header_bytes += len(name) + len(value) + 4
         if ex.header_bytes > self.limits.max_header_bytes:
             raise RequestRejected(431, "headers_too_large", "request header fields too large")
-        if _UNDERSCORE in name:
+        if UNDERSCORE in name:
             # Backends that read "_" as "-" would see another field (a smuggling vector).
             action = self.underscores
-            if action == _UNDERSCORE_REJECT:
+            if action == UNDERSCORE_REJECT:
                 raise RequestRejected(400, "bad_request", "header field name with '_'")
-            if action == _UNDERSCORE_ALLOW and not hdr.underscore_lookalike(name):
+            if action == UNDERSCORE_ALLOW and not hdr.underscore_lookalike(name):
                 ex.headers.append((name, value))
             return
-        special = _SPECIAL_HEADERS.get(name)
+        special = SPECIAL_HEADERS.get(name)
         if special is not None:
-            if special == _H_HOST:
-                if value not in _VALID_HOSTS:
-                    value = _checked_host(value)  # RFC 9112 §3.2: an invalid Host gets 400
+            if special == H_HOST:
+                if value not in VALID_HOSTS:
+                    value = checked_host(value)  # RFC 9112 §3.2: an invalid Host gets 400
                 ex.host = value
                 ex.host_count += 1
-            elif special == _H_CONTENT_LENGTH:
+            elif special == H_CONTENT_LENGTH:
                 ex.content_length = value
                 ex.cl_count += 1
-            elif special == _H_TRANSFER_ENCODING:
+            elif special == H_TRANSFER_ENCODING:
                 ex.chunked = True
                 ex.te_count += 1
-            elif special == _H_CONNECTION:
+            elif special == H_CONNECTION:
                 ex.conn_tokens = ex.conn_tokens | hdr.connection_tokens(value)
-            elif special == _H_UPGRADE:
+            elif special == H_UPGRADE:
                 ex.upgrade = value
-            elif special == _H_REQUEST_ID:
+            elif special == H_REQUEST_ID:
                 ex.request_id = value
-            elif special == _H_IDEMPOTENCY_KEY:
+            elif special == H_IDEMPOTENCY_KEY:
                 self.keyed = True
                 if ex.idem_keys is None:
                     ex.idem_keys = [value]
@@ -1191,7 +930,7 @@ class ClientConnection(asyncio.Protocol):
         (errors found later in on_headers_complete take precedence)."""
         real = self.real_method
         if real is not None:
-            method = real  # an extension method llhttp parsed as _STAND_IN_METHOD
+            method = real  # an extension method llhttp parsed as STAND_IN_METHOD
             self.real_method = None
             self.method_hook = self.allowed_methods is not None
         allowed = self.allowed_methods
