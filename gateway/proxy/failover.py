@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
+from gateway.proxy.downstream import Server
 from gateway.proxy.responses import RequestRejected
 from gateway.resilience.backoff import parse_retry_after
 from gateway.resilience.retry import (
@@ -26,15 +27,9 @@ from gateway.resilience.retry import (
 )
 
 if TYPE_CHECKING:
-    from gateway.metrics import GatewayMetrics
     from gateway.proxy.exchange import Exchange
     from gateway.proxy.upstream import InstancePool, UpstreamConnection
     from gateway.snapshot import Instance, Upstream
-
-
-class _Server(Protocol):
-    @property
-    def metrics(self) -> GatewayMetrics: ...
 
 
 def _retry_after(fields: bytes) -> float | None:
@@ -57,7 +52,7 @@ class Failover:
         active: Exchange | None
         closed: bool
         peer_ip: str
-        server: _Server
+        server: Server
 
         def _connect(self, ex: Exchange, pool: InstancePool) -> None: ...
         def _respond_error(

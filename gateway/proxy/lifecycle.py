@@ -1,0 +1,574 @@
+"""The request phases of the lifecycle, as a mixin of ``ClientConnection``.
+
+route (``_dispatch``) → filter request (``_filter_request``, only for routes with a chain) →
+admit (``_admit``, only for routes with a limiter) → select peer (``_forward``) → …, and the
+end of every exchange (``_observe``: metrics, the filters' on_log, the access log). The
+gateway-made answers (``_respond_error``, ``_local_reply``, ``respond_bytes``) are built by
+``responses.py``. What the phases use of the HTTP/1.1 connection is declared under
+``TYPE_CHECKING`` below (docs/architecture.md, "The downstream seam").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from gateway.accesslog import iso_time
+from gateway.filters.api import SUSPENDED, FilterChain, LocalReply, RequestInfo
+from gateway.proxy import headers as hdr
+from gateway.proxy import responses
+from gateway.proxy.body import REPLAY_LIMIT
+from gateway.proxy.downstream import Server
+from gateway.proxy.exchange import Exchange
+from gateway.proxy.filtering import FilterState
+from gateway.proxy.h1 import KNOWN_METHODS, HeadFields
+from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
+from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS, RequestRejected
+from gateway.ratelimit import Decision, RouteLimiter
+from gateway.resilience.retry import IDEMPOTENT_METHODS
+
+if TYPE_CHECKING:
+    from gateway.proxy.tunnel import Tunnel
+    from gateway.proxy.upstream import InstancePool
+    from gateway.routing import Route
+    from gateway.snapshot import Instance, Snapshot, Upstream
+    from gateway.tls.accept import ListenerState
+    from gateway.tls.contexts import CertEntry
+
+
+class RequestPhases:
+    """Route, filter request, admit, select peer; and the end of an exchange."""
+
+    if not TYPE_CHECKING:
+        __slots__ = ()  # ClientConnection has the slots (hidden from mypy: it checks them)
+    else:
+        server: Server
+        listener: ListenerState
+        transport: asyncio.Transport | None
+        active: Exchange | None
+        parsing: Exchange | None
+        queue: deque[Exchange] | None
+        out: list[bytes]
+        peer_ip: str
+        peer_trusted: bool
+        sni: str
+        tls_entry: CertEntry | None
+        client_cert: bytes | None
+        closed: bool
+        reading_paused: bool
+        writing_paused: bool
+        upstream_write_paused: bool
+        upgrade_pending: bool
+        tunnel: Tunnel | None
+        tunnel_pending: list[bytes] | None
+        filters: FilterState | None
+        keyed: bool
+
+        def flush_to_client(self) -> None: ...
+        def abort(self) -> None: ...
+        def connection_lost(self, exc: Exception | None) -> None: ...
+        def _update_reading(self) -> None: ...
+        def _finish(self, ex: Exchange) -> None: ...
+        def _connect(self, ex: Exchange, pool: InstancePool) -> None: ...
+        def _pick(
+            self, ex: Exchange, upstream: Upstream, exclude: tuple[Instance, ...]
+        ) -> Instance | None: ...
+        def _hash_key(
+            self, ex: Exchange, upstream: Upstream, path: bytes, query: bytes
+        ) -> bytes | None: ...
+        def _cancel_hedge(self, ex: Exchange) -> None: ...
+
+    def _dispatch(self, ex: Exchange) -> None:
+        if ex.error is not None:
+            self._respond_error(ex, ex.error)
+            return
+        snapshot = self.server.snapshot
+        # One normalisation before routing (gateway/proxy/normalize.py): the route table, the
+        # rewrite and the upstream all see the same path; the query goes on untouched.
+        try:
+            url, path, path_text, query, authority = parse_target(
+                ex.url, ex.method, snapshot.config.paths
+            )
+        except InvalidTarget as exc:
+            self._respond_error(ex, RequestRejected(400, "invalid_target", str(exc)))
+            return
+        # RFC 9112 §3.2.2: the authority of an absolute-form target replaces the Host header.
+        host = ex.host if authority is None else authority
+        if self.listener.redirect is not None:
+            self._redirect(ex, host, url)
+            return
+        entry = self.tls_entry
+        if entry is not None and host is not None and not entry.covers_host(host):
+            # RFC 9110 §15.5.20: this connection's certificate (chosen by SNI) does not cover
+            # the Host the request names; the client should open a connection for that host.
+            self._respond_error(
+                ex, RequestRejected(421, "misdirected_request", responses.MISDIRECTED)
+            )
+            return
+        route = snapshot.routes.match(
+            ex.method_name,
+            host.decode("latin-1") if host is not None else "",
+            path_text,
+            query.decode("latin-1") if query else "",
+            ex.headers,
+            self.sni,
+        )
+        if route is None:
+            self._respond_error(
+                ex, RequestRejected(404, "no_route", "no route matches the request")
+            )
+            return
+        ex.route = route
+        ex.route_name = route.name
+        if route.rewrites_path:
+            # Rewrites run on the normalised path; their result must stay a normal origin-form
+            # path too (a strip_prefix can cut a segment: "/api../x" minus "/api").
+            try:
+                new_path = normalize_rewritten(
+                    route.rewrite_path(path_text).encode("latin-1"), snapshot.config.paths
+                )
+            except InvalidTarget as exc:
+                self._respond_error(ex, RequestRejected(400, "invalid_target", str(exc)))
+                return
+            url = new_path + (b"?" + query if query else b"")
+        if route.max_body_bytes is not None:
+            ex.max_body = route.max_body_bytes
+        if ex.content_length is not None:
+            try:
+                declared = int(ex.content_length)
+            except ValueError:
+                declared = -1
+            if declared < 0:
+                self._respond_error(
+                    ex, RequestRejected(400, "bad_request", "invalid Content-Length")
+                )
+                return
+            if declared > ex.max_body:
+                self._respond_error(
+                    ex, RequestRejected(413, "body_too_large", "request body exceeds the limit")
+                )
+                return
+        elif ex.body_bytes > ex.max_body:
+            self._respond_error(
+                ex, RequestRejected(413, "body_too_large", "request body exceeds the limit")
+            )
+            return
+        chains = snapshot.filters
+        if chains:
+            chain = chains.get(route.name)
+            if chain is not None:
+                self._filter_request(ex, chain, snapshot, route, url, host, path, query, path_text)
+                return
+        limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
+        if limiter is not None:
+            self._admit(ex, limiter, snapshot, route, url, host, path, query)
+        else:
+            self._forward(ex, snapshot, route, url, host, path, query)
+
+    def _filter_request(
+        self,
+        ex: Exchange,
+        chain: FilterChain,
+        snapshot: Snapshot,
+        route: Route,
+        url: bytes,
+        host: bytes | None,
+        path: bytes,
+        query: bytes,
+        path_text: str,
+    ) -> None:
+        """The route has filters: run their request-headers phase, then admit (or answer
+        with the filters' LocalReply, or wait for an asynchronous filter to resume)."""
+        # A chunked request's header list drops what is appended after the head (trailers):
+        # the filters get a plain list, and the head fields are what they leave in it.
+        headers = list(ex.headers) if ex.chunked else ex.headers
+        info = RequestInfo(
+            method=ex.method_name,
+            path=path_text,
+            query=query.decode("latin-1"),
+            host=host.decode("latin-1") if host is not None else "",
+            headers=headers,
+            client_ip=self.peer_ip,
+            route=route.name,
+            request_id=self.request_id_of(ex).decode("ascii"),
+            protocol="http/1.0" if ex.version == "1.0" else "http/1.1",
+            tls=self.listener.tls is not None,
+        )
+        state = self.filters = FilterState(chain, info)
+
+        def resume(reply: LocalReply | None) -> None:
+            # Once, from the event loop; dropped if the client went away meanwhile.
+            if state.decided or self.active is not ex or self.closed:
+                return
+            self._request_filtered(ex, state, reply, snapshot, route, url, host, path, query)
+
+        outcome = chain.on_request_headers(info, resume)
+        if outcome is SUSPENDED:
+            return  # parked like a Redis rate-limit decision: ``resume`` continues
+        reply = outcome if isinstance(outcome, LocalReply) else None
+        self._request_filtered(ex, state, reply, snapshot, route, url, host, path, query)
+
+    def _request_filtered(
+        self,
+        ex: Exchange,
+        state: FilterState,
+        reply: LocalReply | None,
+        snapshot: Snapshot,
+        route: Route,
+        url: bytes,
+        host: bytes | None,
+        path: bytes,
+        query: bytes,
+    ) -> None:
+        if state.decided:
+            return
+        state.decided = True
+        if reply is not None:
+            self._local_reply(ex, reply)
+            return
+        headers = state.request.headers  # what the filters made of them goes upstream
+        ex.headers = HeadFields(headers) if ex.chunked else headers
+        limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
+        if limiter is not None:
+            self._admit(ex, limiter, snapshot, route, url, host, path, query)
+        else:
+            self._forward(ex, snapshot, route, url, host, path, query)
+
+    def _local_reply(self, ex: Exchange, reply: LocalReply) -> None:
+        """A filter answered instead of the upstream."""
+        request_id = self.request_id_of(ex)
+        status = reply.status
+        keep_alive = ex.keep_alive = (
+            responses.keeps_alive(status, ex.keep_alive, ex.request_complete, self.upgrade_pending)
+            and not self.server.draining
+        )
+        ex.status = status
+        ex.error_code = "filter_reply"
+        body = b"" if ex.is_head or status in (204, 304) else reply.body
+        self.out.append(
+            responses.local_reply_head(
+                status,
+                reply.headers,
+                len(reply.body),
+                request_id,
+                keep_alive=keep_alive,
+                http10=ex.version == "1.0",
+            )
+        )
+        if body:
+            self.out.append(body)
+        ex.response_started = True
+        ex.response_complete = True
+        self.flush_to_client()
+        self._finish(ex)
+
+    def _admit(
+        self,
+        ex: Exchange,
+        limiter: RouteLimiter,
+        snapshot: Snapshot,
+        route: Route,
+        url: bytes,
+        host: bytes | None,
+        path: bytes,
+        query: bytes,
+    ) -> None:
+        """Only for routes with a limit (rate or max_in_flight): the others go to _forward."""
+        if limiter.uses_redis:
+
+            def decided(decision: Decision) -> None:
+                # Redis answered (or its timeout fell back) after this callback returned.
+                if self.active is not ex or self.closed:
+                    if decision.holds_slot:
+                        limiter.release()
+                    return
+                if self._apply_decision(ex, limiter, decision):
+                    self._forward(ex, snapshot, route, url, host, path, query)
+
+            decision = limiter.check(
+                time.monotonic(), self.peer_ip, self.peer_trusted, ex.headers, query, decided
+            )
+            if decision is None:
+                return  # the decision arrives through ``decided``
+        else:
+            decision = limiter.check_local(
+                time.monotonic(), self.peer_ip, self.peer_trusted, ex.headers, query
+            )
+        if not self._apply_decision(ex, limiter, decision):
+            return
+        self._forward(ex, snapshot, route, url, host, path, query)
+
+    def _redirect(self, ex: Exchange, host: bytes | None, url: bytes) -> None:
+        """``redirect_to`` on a plaintext listener: 308 to the HTTPS URL (RFC 9110 §15.4.9
+        keeps the method and body)."""
+        template = self.listener.redirect
+        assert template is not None
+        location = responses.redirect_location(template, host, url)
+        if location is None:
+            self._respond_error(ex, RequestRejected(400, "bad_request", "no Host to redirect to"))
+            return
+        self._respond_error(
+            ex,
+            RequestRejected(308, "https_redirect", "use HTTPS"),
+            extra_headers=b"location: " + location + b"\r\n",
+        )
+
+    def _apply_decision(self, ex: Exchange, limiter: RouteLimiter, decision: Decision) -> bool:
+        """Apply a rate-limit decision: count it, answer a refusal, keep headers to add."""
+        if decision.holds_slot:
+            ex.limiter = limiter
+        if decision.allowed:
+            if decision.dry_run:
+                result = "dry_run"
+            elif decision.store_error:
+                result = "store_error"
+            else:
+                result = "allowed"
+        else:
+            result = REFUSAL_RESULTS.get(decision.reason, decision.reason)
+        ex.ratelimit = result
+        self.server.metrics.ratelimit(ex.route_name, result)
+        if decision.allowed:
+            ex.ratelimit_headers = decision.headers
+            return True
+        self._respond_error(
+            ex,
+            RequestRejected(decision.status, decision.reason, REFUSAL_MESSAGES[decision.status]),
+            extra_headers=decision.headers,
+        )
+        return False
+
+    def _forward(
+        self,
+        ex: Exchange,
+        snapshot: Snapshot,
+        route: Route,
+        url: bytes,
+        host: bytes | None,
+        path: bytes,
+        query: bytes,
+    ) -> None:
+        """Pick an instance of the route's upstream and send the request there.
+
+        ``url`` is the origin-form target to send (normalised and rewritten path + query),
+        ``path`` the normalised path the route matched.
+        """
+        if snapshot.idempotency:
+            idempotency = snapshot.idempotency.get(route.name)
+            # Only a keyed connection (an Idempotency-Key seen) or a route requiring keys gets
+            # to begin(); the rest of an idempotency route's requests pay these two tests.
+            if (
+                idempotency is not None
+                and (self.keyed or idempotency.required)
+                and not ex.idem_checked
+            ):
+                self.keyed = True  # begin() may set ex.recorder
+                if not idempotency.begin(self, ex, (ex, snapshot, route, url, host, path, query)):
+                    return  # claimed at the store first (or answered: 4xx, replay)
+        filters = self.filters
+        if filters is not None and filters.request.upstream is not None:
+            # A request-phase filter chose another upstream (traffic splitting).
+            chosen = snapshot.upstreams.get(filters.request.upstream)
+            if chosen is None:
+                self._respond_error(
+                    ex,
+                    RequestRejected(
+                        500, "filter_error", f"no upstream '{filters.request.upstream}'"
+                    ),
+                )
+                return
+            upstream = chosen
+        else:
+            upstream = snapshot.upstreams[route.upstream]
+        ex.upstream = upstream
+        ex.upstream_name = upstream.name
+        if not upstream.breaker.try_request():  # also the upstream's active-request count
+            self.server.metrics.breaker_overflow(upstream.name, "requests")
+            self._respond_error(
+                ex,
+                RequestRejected(
+                    503, "circuit_open", f"upstream '{upstream.name}' is at max_requests"
+                ),
+            )
+            return
+        ex.counted = True
+        upstream.budget.requests_now += 1  # RetryBudget.record_request, inlined: per request
+        if upstream.hash_key is not None:
+            ex.hash_key = self._hash_key(ex, upstream, path, query)
+        instance = self._pick(ex, upstream, ())
+        if instance is None:
+            return
+        policy = (
+            snapshot.route_retry.get(route.name, upstream.retry)
+            if snapshot.route_retry
+            else upstream.retry
+        )
+        method = ex.method
+        ex.idempotent = method in IDEMPOTENT_METHODS or (self.keyed and ex.idem_keys is not None)
+        if policy is not None:
+            ex.retry = policy
+            ex.replay_limit = max(policy.max_body_bytes, REPLAY_LIMIT)
+            if ex.body is not None:
+                ex.body.replay_limit = ex.replay_limit
+            ex.retry_method_ok = ex.idempotent or policy.method_retryable(method, False)
+        if ex.upgrade is not None:
+            framing = b""
+        elif ex.chunked:
+            framing = b"transfer-encoding: chunked\r\n"
+        elif ex.content_length is not None:
+            framing = b"content-length: %d\r\n" % int(ex.content_length)
+        else:
+            framing = b""
+        request_id = ex.request_id
+        if request_id is None or not hdr.valid_request_id(request_id):
+            request_id = ex.request_id = self.server.request_ids.next()
+        host_out = route.host_rewrite.encode("latin-1") if route.host_rewrite else host
+        if host_out is None:
+            host_out = instance.address.encode("ascii")
+        ex.head = hdr.build_request_head(
+            ex.method,
+            url,
+            ex.headers,
+            host=host_out,
+            client_host=host if host_out is not host else None,
+            conn_tokens=ex.conn_tokens,
+            client_ip=self.peer_ip,
+            peer_trusted=self.peer_trusted,
+            request_id=request_id,
+            framing=framing,
+            upgrade=ex.upgrade,
+            proto=self.listener.proto,
+            client_cert=self.client_cert,
+        )
+        if route.timeout:
+            ex.deadline = time.monotonic() + route.timeout  # exact: the tick clock may lag
+        self._connect(ex, instance.pool)  # type: ignore[arg-type]  # see _connect
+
+    def request_id_of(self, ex: Exchange) -> bytes:
+        request_id = ex.request_id
+        if request_id is None or not hdr.valid_request_id(request_id):
+            request_id = ex.request_id = self.server.request_ids.next()
+        return request_id
+
+    def resume_forward(self, resume: tuple[Any, ...]) -> None:
+        """Forward an exchange whose idempotency claim succeeded (arguments of ``_forward``)."""
+        self._forward(*resume)
+
+    def respond_bytes(
+        self, ex: Exchange, status: int, data: bytes, keep_alive: bool, code: str
+    ) -> None:
+        """Answer with a whole response built elsewhere (an idempotency replay or problem)."""
+        ex.status = status
+        ex.error_code = code
+        ex.keep_alive = keep_alive
+        self.out.append(data)
+        ex.response_started = True
+        ex.response_complete = True
+        self.flush_to_client()
+        self._finish(ex)
+
+    def _respond_error(
+        self, ex: Exchange, error: RequestRejected, extra_headers: bytes = b""
+    ) -> None:
+        request_id = self.request_id_of(ex)
+        status = error.status
+        body = responses.error_body(status, error.code, error.message, request_id)
+        keep_alive = ex.keep_alive = (
+            responses.keeps_alive(status, ex.keep_alive, ex.request_complete, self.upgrade_pending)
+            and not self.server.draining
+        )
+        ex.status = status
+        ex.error_code = error.code
+        if error.headers:
+            extra_headers += error.headers
+        self.out.append(
+            responses.error_head(
+                status,
+                len(body),
+                request_id,
+                keep_alive=keep_alive,
+                http10=ex.version == "1.0",
+                extra_headers=extra_headers,
+            )
+        )
+        if not ex.is_head:
+            self.out.append(body)
+        ex.response_started = True
+        ex.response_complete = True
+        self.flush_to_client()
+        self._finish(ex)
+
+    def _observe(self, ex: Exchange, status: int) -> None:
+        """The exchange is over (answered, failed or abandoned): count it and give back the
+        upstream-level slots it held."""
+        if ex.counted:
+            ex.counted = False
+            upstream = ex.upstream
+            assert upstream is not None
+            upstream.breaker.release_request()
+        if ex.retry_timer is not None:
+            ex.retry_timer.cancel()
+            ex.retry_timer = None
+        if ex.hedge_conn is not None or ex.hedge_timer is not None or ex.hedge_instance is not None:
+            self._cancel_hedge(ex)
+        if ex.limiter is not None:
+            ex.limiter.release()
+            ex.limiter = None
+        if self.keyed and ex.recorder is not None:
+            ex.recorder.finish(ex)  # store the response, or free the key for a retry
+        now = time.perf_counter()
+        total = now - ex.t_start
+        upstream_time: float | None  # declared apart, so the assignment below narrows it
+        if ex.t_upstream:
+            upstream_time = (ex.t_upstream_done or now) - ex.t_upstream
+            overhead = total - upstream_time
+        else:
+            upstream_time = None
+            overhead = total
+        method = ex.method_name if ex.method_name in KNOWN_METHODS else "OTHER"
+        server = self.server
+        server.metrics.observe_request(
+            ex.route_name,
+            ex.upstream_name,
+            method,
+            status,
+            total,
+            upstream_time,
+            overhead,
+            ex.body_bytes,
+            ex.bytes_out,
+        )
+        filters = self.filters
+        if filters is not None:
+            self.filters = None
+            if filters.chain.wants_log:
+                filters.chain.on_log(filters.request, status, total)  # never raises (the chain's)
+        access_log = server.access_log
+        if access_log is not None:
+            entry = {
+                "time": iso_time(time.time()),
+                "request_id": (ex.request_id or b"").decode("ascii", "replace"),
+                "client": self.peer_ip,
+                "listener": self.listener.name,
+                "method": ex.method_name,
+                "path": ex.url.decode("latin-1"),
+                "route": ex.route_name,
+                "upstream": ex.upstream_name,
+                "instance": ex.instance_address,
+                "status": status,
+                "bytes_in": ex.body_bytes,
+                "bytes_out": ex.bytes_out,
+                "duration": round(total, 6),
+                "upstream_duration": None if upstream_time is None else round(upstream_time, 6),
+                "retries": ex.attempt - 1,
+                "rate_limit": ex.ratelimit or None,
+                "error": ex.error_code or None,
+            }
+            if filters is not None and filters.request.vars:
+                found = filters.request.vars
+                for key in ("consumer", "trace_id"):  # what filters may add to the log
+                    if key in found:
+                        entry[key] = found[key]
+            access_log.record(entry)
