@@ -125,6 +125,9 @@ class UpstreamConfig:
     # Limits every route to this upstream must also pass; their buckets are shared by the routes.
     rate_limit: tuple[RateLimitConfig, ...] = ()
     tls: UpstreamTLSConfig | None = None  # TLS to the instances, off unless given
+    # Protocol to the instances: http1, h2c (HTTP/2 with prior knowledge), h2 (TLS + ALPN).
+    # Validated and stored; the data plane speaks HTTP/1.1 upstream for now (docs/http2.md).
+    protocol: Literal["http1", "h2c", "h2"] = "http1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,11 +358,29 @@ class ListenerTLSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Http2Config:
+    """``listen[].http2``: serve HTTP/2 (h2 by ALPN on TLS, h2c with prior knowledge on
+    plaintext); see docs/http2.md. The caps bound what one connection may make us do."""
+
+    enabled: bool = False
+    max_concurrent_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS; more: REFUSED_STREAM
+    initial_window: int = 1024 * 1024  # SETTINGS_INITIAL_WINDOW_SIZE per stream (bytes)
+    connection_window: int = 4 * 1024 * 1024  # connection-level receive window (bytes)
+    max_frame_size: int = 16384  # SETTINGS_MAX_FRAME_SIZE we accept
+    max_header_list_size: int = 64 * 1024  # SETTINGS_MAX_HEADER_LIST_SIZE (decoded bytes)
+    max_header_block: int = 128 * 1024  # encoded HEADERS+CONTINUATION bytes (CVE-2024-27316)
+    max_resets_per_second: int = 100  # RST_STREAM cap (CVE-2023-44487): then GOAWAY
+    max_pings_per_second: int = 20
+    max_settings_per_second: int = 20
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     address: Address
     name: str  # for metrics and the access log; default: the address as written
     tls: ListenerTLSConfig | None = None
     redirect_to: str | None = None  # plaintext only: "https://{host}:8443" style redirect
+    http2: Http2Config = field(default_factory=Http2Config)
 
     @property
     def socket_key(self) -> tuple[str, int, bool]:

@@ -23,6 +23,7 @@ from gateway.config.model import (
     DiscoveryConfig,
     HealthConfig,
     HedgeConfig,
+    Http2Config,
     IdempotencyConfig,
     InstanceConfig,
     LimitsConfig,
@@ -538,6 +539,12 @@ def _hash_key_needed(values: dict[str, Any]) -> list[tuple[str, str]]:
     return []
 
 
+def _h2_needs_tls(values: dict[str, Any]) -> list[tuple[str, str]]:
+    if values["protocol"] == "h2" and values["tls"] is None:
+        return [("protocol", "h2 is HTTP/2 over TLS: set tls (or use h2c for plaintext)")]
+    return []
+
+
 def _upstream(**values: Any) -> UpstreamConfig:
     # The name is the mapping key; MapOf(key_field="name") fills it in.
     values["instances"] = values["instances"] or ()
@@ -628,9 +635,17 @@ UPSTREAM = _UpstreamStruct(
             " by those routes (key: route means one bucket for the whole upstream).",
         ),
         Field("tls", UPSTREAM_TLS, "TLS to the instances (off unless given)."),
+        Field(
+            "protocol",
+            Enum(("http1", "h2c", "h2")),
+            "Protocol to the instances: http1, h2c (HTTP/2 with prior knowledge) or h2 (TLS"
+            " with ALPN; needs tls). Stored for now: requests go upstream over HTTP/1.1 until"
+            " the multiplexed HTTP/2 pools land (docs/http2.md).",
+            "http1",
+        ),
     ],
     build=_upstream,
-    checks=[_instances_or_discovery, _hash_key_needed],
+    checks=[_instances_or_discovery, _hash_key_needed, _h2_needs_tls],
 )
 
 # --- routes -----------------------------------------------------------------------------------
@@ -1310,7 +1325,6 @@ LIMITS = Struct(
             "High-water mark of each client connection's write buffer: above it the upstream"
             " is no longer read until the buffer is down to a quarter of it.",
             "16KiB",
-
         ),
         Field(
             "headers_with_underscores",
@@ -1423,7 +1437,7 @@ CLIENT_AUTH = Struct(
     build=ClientAuthConfig,
 )
 
-ALPN_PROTOCOL = Enum(("http/1.1",))
+ALPN_PROTOCOL = Enum(("h2", "http/1.1"))
 
 
 def _listener_tls(**values: Any) -> ListenerTLSConfig:
@@ -1459,7 +1473,8 @@ LISTENER_TLS = Struct(
         Field(
             "alpn",
             ListOf(ALPN_PROTOCOL, min_items=1, unique=True),
-            "ALPN protocols offered, in preference order.",
+            "ALPN protocols offered, in preference order. With http2.enabled, h2 is offered"
+            " first even if not listed here.",
             ["http/1.1"],
         ),
         Field(
@@ -1490,10 +1505,93 @@ LISTENER_TLS = Struct(
     checks=[_default_certificate_listed],
 )
 
+# RFC 9113 §6.5.2: SETTINGS_MAX_FRAME_SIZE lies between 2^14 and 2^24-1; §6.9.1: windows
+# are at most 2^31-1.
+_MAX_WINDOW = 2**31 - 1
+
+HTTP2 = Struct(
+    "http2",
+    "HTTP/2 on this listener: h2 by ALPN on TLS, h2c with prior knowledge on plaintext"
+    " (docs/http2.md). Every stream goes through routing, limits and the access log like an"
+    " HTTP/1.1 request; the caps below bound what one connection may make the gateway do.",
+    [
+        Field("enabled", Bool(), "Accept HTTP/2 connections on this listener.", False),
+        Field(
+            "max_concurrent_streams",
+            Int(1, 10_000),
+            "SETTINGS_MAX_CONCURRENT_STREAMS: streams a client may have open at once; one more"
+            " is refused with RST_STREAM REFUSED_STREAM.",
+            100,
+        ),
+        Field(
+            "initial_window",
+            Size(65535, _MAX_WINDOW),
+            "SETTINGS_INITIAL_WINDOW_SIZE: request body bytes a client may send per stream"
+            " before the gateway acknowledges them (it does so as the upstream takes them).",
+            "1MiB",
+        ),
+        Field(
+            "connection_window",
+            Size(65535, _MAX_WINDOW),
+            "Receive window of the whole connection (all streams' unacknowledged body bytes).",
+            "4MiB",
+        ),
+        Field(
+            "max_frame_size",
+            Size(16384, 2**24 - 1),
+            "SETTINGS_MAX_FRAME_SIZE: largest frame payload a client may send.",
+            16384,
+        ),
+        Field(
+            "max_header_list_size",
+            Size(1024, 16 * 1024 * 1024),
+            "SETTINGS_MAX_HEADER_LIST_SIZE: decoded header list bytes (RFC 9113 §6.5.2 way:"
+            " name + value + 32 per field); larger requests get 431, and a header block that"
+            " decodes to far more (an HPACK bomb) ends the connection with COMPRESSION_ERROR.",
+            "64KiB",
+        ),
+        Field(
+            "max_header_block",
+            Size(1024, 16 * 1024 * 1024),
+            "Encoded bytes of one header block (HEADERS plus its CONTINUATION frames) before"
+            " END_HEADERS; beyond it the connection ends (CVE-2024-27316, CONTINUATION flood).",
+            "128KiB",
+        ),
+        Field(
+            "max_resets_per_second",
+            Int(1),
+            "Streams a client may reset (RST_STREAM) per second on one connection; beyond it"
+            " GOAWAY ENHANCE_YOUR_CALM and close (CVE-2023-44487, rapid reset).",
+            100,
+        ),
+        Field(
+            "max_pings_per_second",
+            Int(1),
+            "PING frames per second per connection; beyond it GOAWAY ENHANCE_YOUR_CALM.",
+            20,
+        ),
+        Field(
+            "max_settings_per_second",
+            Int(1),
+            "SETTINGS frames per second per connection; beyond it GOAWAY ENHANCE_YOUR_CALM.",
+            20,
+        ),
+    ],
+    build=Http2Config,
+)
+
 REDIRECT_TARGET = Text(
     "an https:// URL prefix such as https://{host}:8443",
     pattern=r"https://[^\s/?#]+",
 )
+
+
+def _alpn_h2_needs_http2(values: dict[str, Any]) -> list[tuple[str, str]]:
+    tls, http2 = values["tls"], values["http2"]
+    if tls is not None and "h2" in tls.alpn and not http2.enabled:
+        return [("tls", "alpn lists h2 but http2.enabled is false")]
+    return []
+
 
 LISTENER = Struct(
     "listener",
@@ -1508,16 +1606,18 @@ LISTENER = Struct(
             "Plaintext listeners only: answer every request with 308 to this URL prefix plus"
             " the request target; {host} is the request's host name without its port.",
         ),
+        Field("http2", HTTP2, "HTTP/2 (off unless enabled).", {}),
     ],
-    build=lambda address, name, tls, redirect_to: ListenerConfig(
-        address, name or str(address), tls, redirect_to
+    build=lambda address, name, tls, redirect_to, http2: ListenerConfig(
+        address, name or str(address), tls, redirect_to, http2
     ),
     checks=[
         lambda values: (
             [("redirect_to", "only meaningful on a plaintext listener")]
             if values["tls"] is not None and values["redirect_to"] is not None
             else []
-        )
+        ),
+        _alpn_h2_needs_http2,
     ],
 )
 
