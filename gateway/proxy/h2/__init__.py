@@ -10,16 +10,15 @@ HTTP/2 connection actually arrives.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from gateway.proxy.listener import ClientConnection, ProxyServer
-    from gateway.tls.accept import ListenerState
+# (ClientConnection, ProxyServer and ListenerState are typed Any here: this module is imported
+# by gateway.proxy.listener, and must not import it back, even for type checking.)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4, the client connection preface
 
 
-def take_over_h2c(client: ClientConnection, data: bytes) -> bool:
+def take_over_h2c(client: Any, data: bytes) -> bool:
     """The first bytes of a plaintext connection on an http2 listener: when they start with the
     connection preface, an HTTP/2 protocol replaces the ``ClientConnection`` (keeping its slot
     in the connection count) and gets the bytes. False: leave the connection to HTTP/1.1.
@@ -42,7 +41,7 @@ def take_over_h2c(client: ClientConnection, data: bytes) -> bool:
     return True
 
 
-def start_h2(server: ProxyServer, listener: ListenerState, transport: asyncio.Transport) -> None:
+def start_h2(server: Any, listener: Any, transport: asyncio.Transport) -> None:
     """A TLS connection that negotiated ALPN ``h2``."""
     from gateway.proxy.h2.server import H2ServerConnection
 

@@ -26,17 +26,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
 
-from gateway.proxy.h2.headers import MalformedRequest, request_head, response_fields
+from gateway.proxy.h2.headers import (
+    MalformedRequest,
+    count_error,
+    request_head,
+    response_fields,
+)
 
 if TYPE_CHECKING:
-    from gateway.proxy.h2.server import H2ServerConnection
-    from gateway.proxy.listener import ClientConnection
+    import h2.connection
+
+    from gateway.config.model import Http2Config
+    from gateway.proxy.listener import ClientConnection, ProxyServer
+    from gateway.tls.accept import ListenerState
+
+
+class StreamOwner(Protocol):
+    """What a bridge needs of its HTTP/2 connection (``server.StreamOwner``)."""
+
+    conn: h2.connection.H2Connection
+    settings: Http2Config
+    server: ProxyServer
+    listener: ListenerState
+    transport: asyncio.Transport | None
+    write_paused: bool
+
+    def flush(self) -> None: ...
+
+    def stream_done(self, stream_id: int) -> None: ...
 
 _LOCAL_REASONS = {431: b"request header fields too large"}
 
@@ -137,7 +160,7 @@ class StreamBridge:
         "use_chunked",
     )
 
-    def __init__(self, h2conn: H2ServerConnection, stream_id: int) -> None:
+    def __init__(self, h2conn: StreamOwner, stream_id: int) -> None:
         self.h2conn = h2conn
         self.stream_id = stream_id
         self.client: ClientConnection | None = None
@@ -163,7 +186,6 @@ class StreamBridge:
 
     # -- request side -------------------------------------------------------------------------
     def start(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
-        from gateway.proxy.h2.server import count_error
         from gateway.proxy.listener import ClientConnection
 
         h2conn = self.h2conn

@@ -26,6 +26,16 @@ _DIGITS = re.compile(rb"[0-9]{1,18}\Z").match
 _SCHEMES = frozenset({b"http", b"https"})
 
 
+# Connection and stream errors by reason, per process. Not exported yet: gateway/metrics.py is
+# being reworked by its owner; the follow-up is gateway_http2_errors_total{reason}
+# (docs/http2.md).
+ERRORS: dict[str, int] = {}
+
+
+def count_error(reason: str) -> None:
+    ERRORS[reason] = ERRORS.get(reason, 0) + 1
+
+
 class MalformedRequest(Exception):
     """A request header section RFC 9113 calls malformed (stream error PROTOCOL_ERROR)."""
 

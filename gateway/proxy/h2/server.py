@@ -43,6 +43,10 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, SettingsFrame
 
 from gateway.proxy.h2.bridge import StreamBridge
+from gateway.proxy.h2.headers import count_error
+
+LINGER = 2.0  # seconds a connection closed after an error keeps reading (and dropping) bytes
+LINGER_MAX = 1024
 
 if TYPE_CHECKING:
     from gateway.config.model import Http2Config
@@ -58,15 +62,6 @@ _DEFAULT_WINDOW = 65535
 # request gets 431 on its stream; beyond it the block is a bomb and the connection ends.
 HPACK_BOMB_FACTOR = 4
 _INTERNAL_MAX_STREAMS = 2**31 - 1  # h2 does not refuse streams: we do (REFUSED_STREAM)
-
-# Connection and stream errors by reason, per process. Not exported yet: gateway/metrics.py is
-# being reworked; the follow-up is gateway_http2_errors_total{reason} (docs/http2.md).
-ERRORS: dict[str, int] = {}
-
-
-def count_error(reason: str) -> None:
-    ERRORS[reason] = ERRORS.get(reason, 0) + 1
-
 
 _H2_CONFIG = h2.config.H2Configuration(
     client_side=False,
@@ -117,7 +112,7 @@ class _CappedFrameBuffer(h2.frame_buffer.FrameBuffer):
                 if self.block_bytes > self.max_block:
                     msg = "header block over max_header_block before END_HEADERS"
                     raise h2.exceptions.DenialOfServiceError(msg)
-        return cast("Frame | None", super()._update_header_buffer(f))
+        return super()._update_header_buffer(f)
 
 
 class H2ServerConnection(asyncio.Protocol):
@@ -237,7 +232,7 @@ class H2ServerConnection(asyncio.Protocol):
         server = self.server
         if self.counted:
             self.counted = False
-            server.connections.discard(self)  # type: ignore[arg-type]
+            server.connections.discard(self)
             server.connection_count.close()
             server.closed_since_trim += 1
             server.metrics.connections_open -= 1
@@ -335,6 +330,9 @@ class H2ServerConnection(asyncio.Protocol):
             # it: nothing was processed). §6.8: streams after our GOAWAY are not processed.
             conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             count_error("refused_stream")
+            # Streams we refuse cost work too: they count toward the rapid-reset cap.
+            if self.resets.exceeded(self.server.clock):
+                self.calm_down("rapid_reset")
             return
         self.last_stream_id = stream_id
         self.idle_deadline = 0.0
@@ -383,11 +381,34 @@ class H2ServerConnection(asyncio.Protocol):
         self.close_now()
 
     def close_now(self) -> None:
-        streams, self.streams = self.streams, {}
-        for bridge in streams.values():
-            bridge.client_gone()
-        if self.transport is not None:
-            self.transport.close()
+        """End the connection after an error. Where the transport can half-close, it lingers:
+        closing with unread client bytes would send a TCP RST, and the client would lose the
+        GOAWAY telling it why (the gateway's refusals do the same)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if not transport.can_write_eof() or transport.is_closing():
+            self.connection_lost(None)
+            transport.close()
+            return
+        self.connection_lost(None)
+        server = self.server
+        transport.set_protocol(_Discard())
+        transport.write_eof()
+        if len(server.lingering) >= LINGER_MAX:
+            transport.close()
+            return
+        server.lingering.append((server.clock + LINGER, transport))
+
+
+class _Discard(asyncio.Protocol):
+    """What is left of a connection closed after an error: its bytes go nowhere."""
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False
 
 
 def _error_name(error: h2.exceptions.ProtocolError) -> str:
