@@ -68,6 +68,9 @@ class Scenario:
     tls: bool = False  # the proxy terminates TLS (gateway and nginx only)
     tickets: bool = True  # TLS session tickets on the proxy
     http2: bool = False  # h2 by ALPN (needs tls), load from h2load with 100 streams/connection
+    # Client connections, overriding --connections (h2: 2 x 100 streams = 200 requests in
+    # flight, each needing an HTTP/1.1 upstream connection of its own).
+    connections: int | None = None
 
     def method_path(self) -> str:
         return f"{'POST' if self.post else 'GET'} {self.path}"
@@ -111,6 +114,7 @@ SCENARIOS: dict[str, Scenario] = {
             "small GET over TLS h2 (ALPN), 100 concurrent streams per connection (h2load)",
             tls=True,
             http2=True,
+            connections=2,
         ),
     )
 }
@@ -491,7 +495,7 @@ class Harness:
             argv = h2load_command(
                 url,
                 duration_s=duration_s,
-                connections=self.args.connections,
+                connections=scenario.connections or self.args.connections,
                 threads=self.args.threads,
                 cpu=self.load_cpu,
             )

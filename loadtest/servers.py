@@ -165,7 +165,7 @@ def nginx_proxy_conf(
         + zone
         + f"""    upstream bench {{
         server 127.0.0.1:{backend_port};
-        keepalive 64;
+        keepalive {256 if http2 else 64};
         keepalive_requests 100000000;
     }}
     proxy_http_version 1.1;
@@ -262,11 +262,17 @@ def gateway_config(
         ]
         if http2:
             listen[0]["http2"] = {"enabled": True, "max_concurrent_streams": 128}
+    idle = 256 if http2 else 64  # as nginx's upstream keepalive: 200 requests are in flight
     return {
         "listen": listen,
         "admin": f"127.0.0.1:{admin_port}",
         "workers": workers,
-        "upstreams": {"bench": {"instances": [f"127.0.0.1:{backend_port}"]}},
+        "upstreams": {
+            "bench": {
+                "instances": [f"127.0.0.1:{backend_port}"],
+                **({"max_idle_connections": idle} if idle != 64 else {}),
+            }
+        },
         "routes": routes,
     }
 

@@ -59,7 +59,10 @@ class StreamOwner(Protocol):
 
     def flush(self) -> None: ...
 
+    def schedule_flush(self) -> None: ...
+
     def stream_done(self, stream_id: int) -> None: ...
+
 
 _LOCAL_REASONS = {431: b"request header fields too large"}
 
@@ -265,7 +268,7 @@ class StreamBridge:
             self._ack(flow_length)
         if not pending:
             self.pending_in = None
-        self.h2conn.flush()
+        self.h2conn.schedule_flush()
 
     def _ack(self, flow_length: int) -> None:
         if flow_length:
@@ -283,7 +286,7 @@ class StreamBridge:
         except httptools.HttpParserError:
             self._reset(ErrorCodes.INTERNAL_ERROR)
             return
-        self.h2conn.flush()
+        self.h2conn.schedule_flush()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.resp_fields.append((name, value))
@@ -398,7 +401,7 @@ class StreamBridge:
                 # RFC 9113 §8.1: a response complete before the request was: stop the body.
                 self._rst(ErrorCodes.NO_ERROR)
             self.h2conn.stream_done(self.stream_id)
-            self.h2conn.flush()
+            self.h2conn.schedule_flush()
 
     # -- ends ----------------------------------------------------------------------------------
     def exchange_closed(self, *, abort: bool) -> None:
@@ -441,7 +444,7 @@ class StreamBridge:
         if self.transport is not None and not self.transport.closing:
             self.transport.closing = True
             asyncio.get_running_loop().call_soon(self._release)
-        self.h2conn.flush()
+        self.h2conn.schedule_flush()
 
     def _local_response(self, status: int) -> None:
         """A response made here, before any ClientConnection (not in metrics or the log)."""

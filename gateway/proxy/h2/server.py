@@ -115,6 +115,21 @@ class _CappedFrameBuffer(h2.frame_buffer.FrameBuffer):
         return super()._update_header_buffer(f)
 
 
+class _Connection(h2.connection.H2Connection):
+    """h2's connection, without its per-stream O(open streams) count: h2 walks every stream
+    it holds on each new one (to refuse streams over its limit, which we do ourselves). Closed
+    streams are still purged from ``streams``, once their number doubled."""
+
+    purge_at = 256
+
+    @property
+    def open_inbound_streams(self) -> int:
+        if len(self.streams) >= self.purge_at:
+            self._open_streams(1)  # (drops closed streams)
+            self.purge_at = max(256, 2 * len(self.streams))
+        return 0  # never over h2's internal limit: H2ServerConnection enforces the real one
+
+
 class H2ServerConnection(asyncio.Protocol):
     """One client's HTTP/2 connection; each stream is driven by a ``StreamBridge``."""
 
@@ -127,6 +142,7 @@ class H2ServerConnection(asyncio.Protocol):
         self.closed = False
         self.counted = False  # holds a slot of server.connection_count
         self.write_paused = False
+        self.flush_pending = False
         self.goaway_sent = False
         self.last_stream_id = 0  # highest stream id handed to the data plane
         self.limits = server.snapshot.config.limits
@@ -135,7 +151,8 @@ class H2ServerConnection(asyncio.Protocol):
         self.pings = RateCap(settings.max_pings_per_second)
         self.settings_frames = RateCap(settings.max_settings_per_second)
         self.peer_ip = ""
-        conn = self.conn = h2.connection.H2Connection(_H2_CONFIG)
+        conn: h2.connection.H2Connection = _Connection(_H2_CONFIG)
+        self.conn = conn
         # h2's limits (looser: see the module docstring); the SETTINGS frame we send carries
         # the configured ones.
         conn.local_settings = h2.settings.Settings(
@@ -158,6 +175,7 @@ class H2ServerConnection(asyncio.Protocol):
         return not self.streams
 
     def close_idle(self) -> None:
+        self.flush()  # (the last stream's frames may still wait for a scheduled flush)
         self.send_goaway()
         if self.transport is not None:
             self.transport.close()
@@ -342,9 +360,18 @@ class H2ServerConnection(asyncio.Protocol):
 
     # -- frames out ---------------------------------------------------------------------------
     def flush(self) -> None:
+        self.flush_pending = False
         out = self.conn.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
+
+    def schedule_flush(self) -> None:
+        """Frames made outside ``data_received`` (responses arriving from upstreams) are
+        written once per event-loop iteration: one write for all the streams that answered in
+        it, instead of one per stream."""
+        if not self.flush_pending:
+            self.flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def window_opened_all(self) -> None:
         for bridge in list(self.streams.values()):
