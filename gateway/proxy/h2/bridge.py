@@ -373,6 +373,14 @@ class StreamBridge:
             self._end_if_sent()
         self.update_producer()
 
+    def check_idle(self) -> None:
+        """(Each sweep.) A response answered without closing the exchange (an idempotency
+        replay keeps the connection alive regardless of ``connection: close``): close it now,
+        so that the stream ends."""
+        client = self.client
+        if self.response_ended and not self.closing and client is not None and client.is_idle():
+            client.close_idle()
+
     def update_producer(self) -> None:
         """Pause the upstream while this stream's data waits for a window, or while the
         connection's socket buffer is full."""

@@ -189,6 +189,8 @@ class H2ServerConnection(asyncio.Protocol):
             return
         if self.server.draining and not self.goaway_sent:
             self.send_goaway()
+        for bridge in list(self.streams.values()):
+            bridge.check_idle()
         if not self.streams and (
             self.goaway_sent or (self.idle_deadline and now > self.idle_deadline)
         ):
