@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hpack import NeverIndexedHeaderTuple
 
 from gateway.proxy.h2.headers import MalformedRequest, request_head, response_fields
 
@@ -138,3 +139,11 @@ def test_response_fields_drop_connection_specific_and_named_ones() -> None:
         (b"content-type", b"text/plain"),
         (b"set-cookie", b"a=1"),
     ]
+
+
+def test_request_id_is_kept_out_of_the_hpack_table() -> None:
+    """RFC 7541 §6.2.3: a value new in every response is sent as a never-indexed literal."""
+    fields = response_fields(200, [(b"X-Request-ID", b"abc-1"), (b"Server", b"nginx")])
+    assert fields == [(b":status", b"200"), (b"x-request-id", b"abc-1"), (b"server", b"nginx")]
+    assert isinstance(fields[1], NeverIndexedHeaderTuple)
+    assert not isinstance(fields[2], NeverIndexedHeaderTuple)
