@@ -686,10 +686,13 @@ class RouteLimiter:
             return
         call = _LeaseCall(redis, limit, lease, now, want, back)
         args = [-1, limit.interval_us, limit.span_us, want, back]
+        lease.refilling = True  # before submit: a store may answer at once
+        lease.back = 0
         if redis.submit([lease.rkey], args, call.done):
-            lease.refilling = True
-            lease.back = 0
             redis.lease_calls += 1
+        else:
+            lease.refilling = False
+            lease.back = back
 
     def _admit(
         self,
