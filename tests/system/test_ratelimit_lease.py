@@ -165,6 +165,12 @@ async def test_redis_going_away_mid_lease(
     assert all(d.status == 429 for d in fallback if not d.allowed)
 
 
+async def stored_tat(client: aioredis.Redis, key: bytes) -> int:
+    value = await client.get(key)
+    assert value is not None, f"no bucket at {key!r}"
+    return int(value)
+
+
 async def test_expired_lease_tokens_go_back_to_redis(
     redis_server: RedisServer, stores: list[RedisStore]
 ) -> None:
@@ -185,11 +191,11 @@ async def test_expired_lease_tokens_go_back_to_redis(
     client = aioredis.Redis.from_url(redis_server.url)
     try:
         key = b"gwtest:api:limit0:"
-        tat_before = int(await client.get(key))
+        tat_before = await stored_tat(client, key)
         await asyncio.sleep(0.25)  # past the ttl, with no requests
         limiter.expire(time.monotonic())
         await wait_until(lambda: store.lease_returned == held)
-        tat_after = int(await client.get(key))
+        tat_after = await stored_tat(client, key)
         # One interval (60,000 µs) back per returned token.
         assert tat_after == tat_before - held * 60_000, (tat_before, tat_after, held)
     finally:
