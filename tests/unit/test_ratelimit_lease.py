@@ -367,3 +367,66 @@ def test_expired_tokens_are_given_back_to_redis() -> None:
     # An expired lease's token is never used: the next request goes to Redis.
     decision, at_once = decide(limiter, store, clock.now)
     assert decision.allowed and not at_once
+
+
+# -- configuration --------------------------------------------------------------------------------
+LEASE_CONFIG = """\
+redis: {url: "redis://127.0.0.1:6379/0", fallback_share: 0.5, lease_horizon: 50ms, lease_ttl: 2s}
+workers: 2
+upstreams:
+  app: {instances: ["127.0.0.1:9001"]}
+routes:
+  - name: leased
+    upstream: app
+    match: {path: {prefix: /a}}
+    rate_limit: {rate: 100/s, burst: 400, store: redis}
+  - name: per-request
+    upstream: app
+    match: {path: {prefix: /b}}
+    rate_limit: {rate: 100/s, burst: 400, store: redis, lease: false}
+"""
+
+
+def test_config_leases_redis_limits_by_default_and_lease_false_turns_it_off() -> None:
+    from gateway.config import load_config_text
+    from gateway.snapshot import _REDIS_STORES, build_snapshot
+
+    before = set(_REDIS_STORES)
+    snapshot = build_snapshot(load_config_text(LEASE_CONFIG, "t.yaml"))
+    try:
+        table = snapshot.limiters["leased"].limits[0].leases
+        assert table is not None
+        # 400 * 5% * fallback_share 0.5 / 2 workers = 5 tokens per lease holder.
+        assert table.policy.max_tokens == 5
+        assert (table.policy.horizon, table.policy.ttl) == (0.05, 2.0)
+        assert snapshot.limiters["per-request"].limits[0].leases is None
+    finally:
+        for config in set(_REDIS_STORES) - before:  # never connected: nothing to close
+            del _REDIS_STORES[config]
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("lease: maybe", "t.yaml:13: routes[1].rate_limit.lease: expected true or false"),
+        ("lease: 1", "t.yaml:13: routes[1].rate_limit.lease: expected true or false"),
+    ],
+)
+def test_bad_lease_values_name_file_line_and_key(line: str, error: str) -> None:
+    from gateway.config import ConfigInvalid, load_config_text
+
+    text = LEASE_CONFIG.replace("store: redis, lease: false", f"store: redis, {line}")
+    with pytest.raises(ConfigInvalid) as info:
+        load_config_text(text, "t.yaml")
+    messages = [str(e) for e in info.value.errors]
+    assert any(m.startswith(error) for m in messages), messages
+
+
+def test_bad_lease_durations_are_refused() -> None:
+    from gateway.config import ConfigInvalid, load_config_text
+
+    text = LEASE_CONFIG.replace("lease_ttl: 2s", "lease_ttl: soon")
+    with pytest.raises(ConfigInvalid) as info:
+        load_config_text(text, "t.yaml")
+    messages = [str(e) for e in info.value.errors]
+    assert any(m.startswith("t.yaml:1: ") and "redis.lease_ttl" in m for m in messages), messages
