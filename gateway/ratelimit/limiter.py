@@ -20,6 +20,12 @@ taken one by one and given back (``refund``) if a later one denies; Redis limits
 are decided all-or-nothing inside one script call. Limits are evaluated in config order, local
 ones before the Redis round trip (a request refused locally costs no round trip).
 
+A ``store: redis`` limit with ``lease`` (the config's default) decides from a **lease**: tokens
+of the key's Redis bucket this process took ahead in one script entry (``gateway.ratelimit.
+lease``: sizing, expiry, the error bound). A request that finds a token, or finds Redis's last
+refusal still in force, is decided at once; one that finds the lease empty takes the Redis path
+above (its own decision in the next script call) while a refill is sent behind it.
+
 A limit belongs to an **owner**: its route (the default), ``upstream:NAME`` for a limit declared
 on an upstream, or ``global``. The snapshot builder composes a route's own limits with those of
 its upstream and the global ones into the route's ``RouteLimiter``; limits with the same owner,

@@ -27,6 +27,11 @@ after replaying into Redis the requests the fallback admitted meanwhile (``owe``
 Errors are logged at most once per ``log_interval`` (with the count of suppressed ones) and
 counted in the store's counters; ``latency()`` gives percentiles of recent round trips.
 
+Token leases (``gateway.ratelimit.lease``) travel in the same calls: an entry whose ARGV starts
+with ``-1`` takes (and gives back) tokens of one key and answers ``{granted, x_us}``; the
+limiter sends them through ``submit`` like decisions. ``lease_table`` keeps each limit's leases
+here, one table per process for every route and snapshot that uses the limit.
+
 The Lua script evaluates each decision's keys all-or-nothing: a request passes only if every
 limit of the decision passes, and then every key is advanced; otherwise none is. Time is Redis
 server time (``TIME``) in integer microseconds, so gateways with skewed clocks agree. Keys expire

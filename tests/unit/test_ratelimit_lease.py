@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
+from gateway.config import ConfigInvalid, load_config_text
 from gateway.ratelimit import Decision, LimitSpec, RedisStore, RouteLimiter
 from gateway.ratelimit.lease import SWEEP_INTERVAL, Lease, LeasePolicy, LeaseTable
+from gateway.snapshot import _REDIS_STORES, build_snapshot
 
 
 # -- sizing ------------------------------------------------------------------------------------
@@ -388,9 +390,6 @@ routes:
 
 
 def test_config_leases_redis_limits_by_default_and_lease_false_turns_it_off() -> None:
-    from gateway.config import load_config_text
-    from gateway.snapshot import _REDIS_STORES, build_snapshot
-
     before = set(_REDIS_STORES)
     snapshot = build_snapshot(load_config_text(LEASE_CONFIG, "t.yaml"))
     try:
@@ -413,8 +412,6 @@ def test_config_leases_redis_limits_by_default_and_lease_false_turns_it_off() ->
     ],
 )
 def test_bad_lease_values_name_file_line_and_key(line: str, error: str) -> None:
-    from gateway.config import ConfigInvalid, load_config_text
-
     text = LEASE_CONFIG.replace("store: redis, lease: false", f"store: redis, {line}")
     with pytest.raises(ConfigInvalid) as info:
         load_config_text(text, "t.yaml")
@@ -423,8 +420,6 @@ def test_bad_lease_values_name_file_line_and_key(line: str, error: str) -> None:
 
 
 def test_bad_lease_durations_are_refused() -> None:
-    from gateway.config import ConfigInvalid, load_config_text
-
     text = LEASE_CONFIG.replace("lease_ttl: 2s", "lease_ttl: soon")
     with pytest.raises(ConfigInvalid) as info:
         load_config_text(text, "t.yaml")
