@@ -32,9 +32,15 @@ def backend() -> Iterator[AppBackend]:
 
 
 def start_gateways(
-    tmp_path: Path, redis: RedisServer, backend: AppBackend, count: int, limit: dict[str, Any]
+    tmp_path: Path,
+    redis: RedisServer,
+    backend: AppBackend,
+    count: int,
+    limit: dict[str, Any],
+    workers: int = 1,
 ) -> list[GatewayProcess]:
     config: dict[str, Any] = {
+        "workers": workers,
         # Generous: a healthy Redis on loopback must never time out, even on a busy machine.
         "redis": {"url": redis.url, "timeout": "500ms", "fallback_share": 1 / count},
         "upstreams": {"app": {"instances": [f"127.0.0.1:{backend.port}"]}},
@@ -60,18 +66,23 @@ def start_gateways(
 
 
 @pytest.mark.parametrize(
-    ("rate", "burst"),
+    ("rate", "burst", "workers"),
     [
-        (200, 400),  # 5% of the burst over two gateways: leases of up to 10 tokens
-        (50, 25),  # the two-gateway test's limit: leases of one token
+        (200, 400, 1),  # 5% of the burst over two gateways: leases of up to 10 tokens
+        (200, 400, 2),  # four lease holders: up to 5 tokens each
+        (50, 25, 1),  # the two-gateway test's limit: leases of one token
     ],
 )
 def test_two_gateways_share_a_leased_limit_within_five_percent(
-    tmp_path: Path, redis_server: RedisServer, backend: AppBackend, rate: int, burst: int
+    tmp_path: Path,
+    redis_server: RedisServer,
+    backend: AppBackend,
+    rate: int,
+    burst: int,
+    workers: int,
 ) -> None:
-    gateways = start_gateways(
-        tmp_path, redis_server, backend, 2, {"rate": f"{rate}/s", "burst": burst}
-    )
+    limit = {"rate": f"{rate}/s", "burst": burst}
+    gateways = start_gateways(tmp_path, redis_server, backend, 2, limit, workers)
     try:
         load = Load(gateways)
         load.start()
