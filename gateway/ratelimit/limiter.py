@@ -416,11 +416,12 @@ class RouteLimiter:
             key = _MISSING
         x = limit.local.take(key, now, limit.interval, limit.span_cmp)
         if x <= limit.span_cmp:
-            self.allowed += 1
             if not self.headers:
+                self.allowed += 1
                 return ALLOW
             if self._single_head is None:
-                return self._admit([limit], [x], None, False)
+                return self._admit([limit], [x], None, False)  # counts it
+            self.allowed += 1
             # Pre-rendered up to r=; only two integers are formatted per request.
             left = int((limit.span_cmp - x) / limit.interval)
             reset = int(x - SLACK) + 1  # ceil for x > 0
@@ -456,11 +457,11 @@ class RouteLimiter:
                         lease.used += 1
                         if tokens <= lease.low_water and not lease.refilling:
                             self._lease_call(single, lease, now, True)
-                        self.allowed += 1
                         if not self.headers:
+                            self.allowed += 1
                             return ALLOW
                         x = lease.x(now, single.interval)
-                        return self._admit(self.limits, [x], None, False)
+                        return self._admit(self.limits, [x], None, False)  # counts it
                     if not tokens and now < lease.denied_until:
                         lease.used += 1
                         return self._deny(single, single.span + lease.denied_until - now)

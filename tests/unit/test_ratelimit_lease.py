@@ -425,3 +425,23 @@ def test_bad_lease_durations_are_refused() -> None:
         load_config_text(text, "t.yaml")
     messages = [str(e) for e in info.value.errors]
     assert any(m.startswith("t.yaml:1: ") and "redis.lease_ttl" in m for m in messages), messages
+
+
+@pytest.mark.parametrize(("headers", "legacy"), [(False, False), (True, False), (True, True)])
+def test_each_admission_is_counted_once(headers: bool, legacy: bool) -> None:
+    clock = Clock()
+    store = FakeRedis(clock)
+    spec = LimitSpec(100_000, 1.0, 100_000, key="route", store="redis", lease=True)
+    limiter = RouteLimiter("api", [spec], redis=store, headers=headers, legacy_headers=legacy)
+    local = RouteLimiter(
+        "local", [LimitSpec(100_000, 1.0, 100_000)], headers=headers, legacy_headers=legacy
+    )
+    synchronous = 0
+    for _ in range(300):
+        clock.now += 0.001
+        synchronous += decide(limiter, store, clock.now)[1]
+        store.flush()
+        assert local.check_local(clock.now, "192.0.2.1", False, [], b"").allowed
+    assert synchronous > 250  # most of them from the lease: the fast path is what is counted
+    assert limiter.stats()["allowed"] == 300
+    assert local.stats()["allowed"] == 300
