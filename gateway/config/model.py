@@ -178,6 +178,7 @@ class RateLimitConfig:
     on_store_error: Literal["allow", "local", "deny"] = "local"
     name: str | None = None
     max_keys: int = 100_000
+    lease: bool = True  # store: redis: decide from leased tokens (docs/ratelimit.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +188,8 @@ class RedisConfig:
     prefix: str = "gateway"
     max_connections: int = 16  # script calls in flight on the pipelined connection
     fallback_share: float = 1.0  # of rate and burst, for the on_store_error: local bucket
+    lease_horizon: float = 0.1  # seconds of a worker's recent rate of a key per lease
+    lease_ttl: float = 1.0  # seconds a leased token stays usable
 
 
 @dataclass(frozen=True, slots=True)

@@ -501,6 +501,15 @@ RATE_LIMIT = Struct(
         Field(
             "max_keys", Int(1), "Bound on local buckets (least recently used go first).", 100_000
         ),
+        Field(
+            "lease",
+            Bool(),
+            "store: redis only. Take tokens from Redis in leases sized to ~redis.lease_horizon of"
+            " this worker's rate (all gateways' leases together at most 5% of the burst when"
+            " redis.fallback_share is 1/N) and decide locally until they run out; false: one"
+            " script call per request (docs/ratelimit.md).",
+            True,
+        ),
     ],
     build=lambda rate, **values: RateLimitConfig(count=rate[0], period=rate[1], **values),
 )
@@ -1200,6 +1209,21 @@ REDIS = Struct(
             "that all of them falling back at once admit at most the limit. Every request "
             "Redis admits is also debited from the fallback bucket (see docs/ratelimit.md).",
             1.0,
+        ),
+        Field(
+            "lease_horizon",
+            DURATION,
+            "Leased limits (rate_limit.lease): a worker's lease of a key holds about this long of"
+            " its recent rate of that key (at most its share of the burst), refilled when half is"
+            " used.",
+            "100ms",
+        ),
+        Field(
+            "lease_ttl",
+            DURATION,
+            "Leased tokens not used within this are given back to Redis; keys seen less often"
+            " than twice per lease_ttl are decided one request at a time.",
+            "1s",
         ),
     ],
     build=RedisConfig,
