@@ -197,6 +197,9 @@ class JwtFilter(Filter):
             return self._challenge(401, "invalid_token", "bad signature")
         except pyjwt.InvalidTokenError:
             return self._challenge(401, "invalid_token", "invalid token")
+        except (TypeError, ValueError, pyjwt.InvalidKeyError):
+            # The kid names a key of another type than the alg (an RSA alg on an EC key).
+            return self._challenge(401, "invalid_token", "the key does not fit the algorithm")
         if self.scopes:
             granted = _granted_scopes(claims)
             if not all(scope in granted for scope in self.scopes):
