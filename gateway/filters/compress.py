@@ -64,16 +64,28 @@ class _Brotli:
 
 
 class _Zstd:
-    __slots__ = ("_z",)
+    """A stream on a pooled ZstdCompressor: making one costs ~35 µs (its context), a stream
+    on an existing one ~1 µs. A compressor serves one stream at a time; it goes back to the
+    pool when its stream ends (a response cut short just drops it)."""
 
-    def __init__(self, level: int) -> None:
-        self._z = zstandard.ZstdCompressor(level=level).compressobj()
+    __slots__ = ("_compressor", "_pool", "_z")
+
+    def __init__(self, pool: list[zstandard.ZstdCompressor], level: int) -> None:
+        self._pool = pool
+        self._compressor = pool.pop() if pool else zstandard.ZstdCompressor(level=level)
+        self._z = self._compressor.compressobj()
 
     def compress(self, chunk: bytes) -> bytes:
         return self._z.compress(chunk)
 
     def finish(self) -> bytes:
-        return self._z.flush()
+        out = self._z.flush()
+        if len(self._pool) < _POOL_SIZE:
+            self._pool.append(self._compressor)
+        return out
+
+
+_POOL_SIZE = 64
 
 
 _Q = re.compile(r"^q=([0-9](?:\.[0-9]{0,3})?)$", re.IGNORECASE)
@@ -139,6 +151,7 @@ class CompressFilter(Filter):
         self.brotli_quality = int(options.get("brotli_quality", 4))
         self.zstd_level = int(options.get("zstd_level", 3))
         self._type_cache: dict[str, bool] = {}
+        self._zstd_pool: list[zstandard.ZstdCompressor] = []
 
     def compressible_type(self, media_type: str) -> bool:
         known = self._type_cache.get(media_type)
@@ -155,7 +168,7 @@ class CompressFilter(Filter):
             return _Gzip(self.gzip_level)
         if coding == "br":
             return _Brotli(self.brotli_quality)
-        return _Zstd(self.zstd_level)
+        return _Zstd(self._zstd_pool, self.zstd_level)
 
     def on_response_headers(self, response: ResponseInfo) -> None:
         status = response.status

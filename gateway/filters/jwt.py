@@ -18,6 +18,7 @@ unverifiable token -> 401 ``invalid_token``; missing scopes -> 403 ``insufficien
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -34,6 +35,7 @@ __all__ = ["JwtFilter", "parse_jwks"]
 
 log = logging.getLogger("gateway.filters.jwt")
 
+_CACHE_ENTRIES = 4096  # verified tokens remembered per filter (16-byte digests as keys)
 _UNSAFE_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5B\x5D-\x7E]")  # RFC 6750 §3 error_description
 
 
@@ -121,6 +123,8 @@ class JwtFilter(Filter):
         self.last_attempt = -float("inf")
         self.fetches = 0  # attempts, for tests and /admin
         self._refresh_task: asyncio.Task[None] | None = None
+        # digest of a verified token -> (claims, valid until, valid from), unix time
+        self._verified: dict[bytes, tuple[dict[str, Any], float, float]] = {}
 
     # --- request hook ---------------------------------------------------------------------
 
@@ -138,6 +142,15 @@ class JwtFilter(Filter):
         token_bytes = token_bytes.strip()
         if not token_bytes or b" " in token_bytes:
             return self._challenge(400, "invalid_request", "malformed Authorization header")
+        cache_key = hashlib.blake2b(token_bytes, digest_size=16).digest()
+        cached = self._verified.get(cache_key)
+        if cached is not None:
+            claims, not_after, not_before = cached
+            now = time.time()
+            if now <= not_after and now >= not_before:
+                self._accept(request, claims)
+                return None
+            del self._verified[cache_key]  # expired (or not yet valid): the full check says so
         token = token_bytes.decode("latin-1")
         try:
             header = pyjwt.get_unverified_header(token)
@@ -209,7 +222,23 @@ class JwtFilter(Filter):
                     "the token lacks a required scope",
                     " ".join(self.scopes),
                 )
-        request.vars["jwt_claims"] = claims
+        self._remember(token, claims)
+        self._accept(request, claims)
+        return None
+
+    def _remember(self, token: str, claims: dict[str, Any]) -> None:
+        """Cache a verified token until its exp (plus leeway): the signature check is most of
+        the cost, and clients send the same token many times."""
+        if len(self._verified) >= _CACHE_ENTRIES:
+            self._verified.pop(next(iter(self._verified)))  # the oldest entry
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        not_after = float(exp) + self.leeway if isinstance(exp, int | float) else float("inf")
+        not_before = float(nbf) - self.leeway if isinstance(nbf, int | float) else -float("inf")
+        key = hashlib.blake2b(token.encode("latin-1"), digest_size=16).digest()
+        self._verified[key] = (claims, not_after, not_before)
+
+    def _accept(self, request: RequestInfo, claims: dict[str, Any]) -> None:
+        request.vars["jwt_claims"] = dict(claims)  # a copy: the cached one is shared
         headers = request.headers
         if self.claims_to_headers or not self.forward_token:
             drop = {header for _, header in self.claims_to_headers}
@@ -222,7 +251,6 @@ class JwtFilter(Filter):
                     continue
                 text = " ".join(map(str, value)) if isinstance(value, list) else str(value)
                 headers.append((header, re.sub(r"[\r\n\x00]", " ", text).encode("utf-8")))
-        return None
 
     def _challenge(
         self,

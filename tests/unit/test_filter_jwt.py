@@ -334,3 +334,17 @@ def test_jwks_alias_takes_a_url_or_a_file(tmp_path: Path, jwks_file: Path) -> No
     assert by_file.url is None and "rsa-1" in by_file.keys
     by_url = filter_from_yaml("jwt: {jwks: 'https://issuer.example/.well-known/jwks.json'}")
     assert by_url.url == "https://issuer.example/.well-known/jwks.json"  # type: ignore[attr-defined]
+
+
+def test_a_cached_token_is_refused_once_it_expires(tmp_path: Path, jwks_file: Path) -> None:
+    item = jwt_filter(tmp_path, BASE.replace("leeway: 5s", "leeway: 0s") + "}")
+    short_lived = token(exp=int(time.time()) + 1)
+    assert item.on_request_headers(request(headers=bearer(short_lived))) is None
+    assert len(item._verified) == 1  # the second request is served from the cache
+    assert item.on_request_headers(request(headers=bearer(short_lived))) is None
+    deadline = time.monotonic() + 5
+    while (result := item.on_request_headers(request(headers=bearer(short_lived)))) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert b"the token expired" in reply_of(result).body
+    assert not item._verified
