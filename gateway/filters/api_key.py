@@ -103,9 +103,9 @@ class ApiKeyFilter(Filter):
                 key = value
                 break
         if key is None and self.query is not None and request.query:
-            for name, value in parse_qsl(request.query, keep_blank_values=True):
-                if name == self.query:
-                    key = value.encode("utf-8")
+            for param, param_value in parse_qsl(request.query, keep_blank_values=True):
+                if param == self.query:
+                    key = param_value.encode("utf-8")
                     break
         if not key:
             return _unauthorized(self.realm, b"an API key is required\n")

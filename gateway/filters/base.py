@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 from gateway.filters.api import Headers, LocalReply, RequestInfo, ResponseInfo
 
@@ -74,7 +74,7 @@ class Filter:
 
     # Label of this filter in gateway_filter_errors_total and log lines (built-ins: their
     # config name; python filters: the class path).
-    name: ClassVar[str] = "python"
+    name: str = "python"
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})

@@ -57,10 +57,12 @@ class _Brotli:
         self._b = brotli.Compressor(quality=quality)
 
     def compress(self, chunk: bytes) -> bytes:
-        return self._b.process(chunk)
+        out: bytes = self._b.process(chunk)
+        return out
 
     def finish(self) -> bytes:
-        return self._b.finish()
+        out: bytes = self._b.finish()
+        return out
 
 
 class _Zstd:

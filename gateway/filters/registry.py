@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from gateway.filters.base import Filter, overridden_hooks
 from gateway.filters.chain import Chain
@@ -65,10 +65,11 @@ def load_filter_class(target: str, path: str | None = None) -> type[Filter]:
 def build_filters(specs: tuple[FilterConfig, ...]) -> list[Filter]:
     out: list[Filter] = []
     for spec in specs:
-        instance = spec.cls.from_config(spec.options)
+        cls = cast(type[Filter], spec.cls)
+        instance = cls.from_config(spec.options)
         if spec.kind == "python":
             # Instance attribute: the class's ``name`` stays as its author wrote it.
-            instance.name = spec.label  # type: ignore[misc]
+            instance.name = spec.label
         out.append(instance)
     return out
 

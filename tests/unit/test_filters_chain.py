@@ -34,7 +34,7 @@ class Recorder(Filter):
     def __init__(self, tag: str) -> None:
         super().__init__()
         self.tag = tag
-        self.name = tag  # type: ignore[misc]
+        self.name = tag
 
     def on_request_headers(self, request: RequestInfo) -> None:
         request.vars.setdefault("seen", []).append(f"req:{self.tag}")
