@@ -529,6 +529,10 @@ BUILTIN_FILTERS: dict[str, str] = {
     "jwt": "gateway.filters.jwt:JwtFilter",
     "ip_filter": "gateway.filters.ip_filter:IpFilter",
     "compress": "gateway.filters.compress:CompressFilter",
+    "forward_auth": "gateway.filters.forward_auth:ForwardAuthFilter",
+    "traffic_split": "gateway.filters.traffic_split:TrafficSplitFilter",
+    "mirror": "gateway.filters.mirror:MirrorFilter",
+    "tracing": "gateway.filters.tracing:TracingFilter",
 }
 # Options naming files: relative paths are relative to the config file.
 _FILTER_FILE_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -734,6 +738,9 @@ JWT_ALGORITHMS = (
     "EdDSA",
 )
 JWT_URL = Text("an http:// or https:// URL", pattern=r"https?://[^\s/?#]+(/[^\s#]*)?")
+HTTP_BASE_URL = Text(
+    "an http:// or https:// URL without query", pattern=r"https?://[^\s/?#]+(/[^\s?#]*)?"
+)
 
 
 def _jwt_checks(values: dict[str, Any]) -> list[tuple[str, str]]:
@@ -876,6 +883,117 @@ COMPRESS_FILTER = Struct(
     build=dict,
 )
 
+FORWARD_AUTH_FILTER = Struct(
+    "filter_forward_auth",
+    "forward_auth: a subrequest to an auth service decides (2xx: go on; else its answer goes"
+    " back to the client).",
+    [
+        Field("url", JWT_URL, "The auth service's URL.", REQUIRED),
+        Field("method", METHOD, "Method of the subrequest.", "GET"),
+        Field(
+            "request_headers",
+            ListOf(HEADER_NAME, unique=True),
+            "Request headers sent to the auth service (X-Forwarded-Method/-Proto/-Host/-Uri/-For"
+            " always are).",
+            ["authorization", "cookie"],
+        ),
+        Field(
+            "response_headers",
+            ListOf(HEADER_NAME, unique=True),
+            "Headers of a 2xx answer copied onto the request (replacing the client's).",
+            [],
+        ),
+        Field("timeout", DURATION, "Time allowed for the auth service's answer.", "1s"),
+        Field(
+            "on_error",
+            Enum(("deny", "allow")),
+            "When the auth service fails or times out: 503 (deny) or let the request go on.",
+            "deny",
+        ),
+        Field(
+            "cache_ttl",
+            DURATION,
+            "Remember a 2xx answer for this long, by the values of request_headers (absent: no"
+            " cache).",
+        ),
+    ],
+    build=dict,
+)
+
+STICKY_KEY = Text(
+    "header:NAME or cookie:NAME", pattern=r"(header|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+)
+
+
+def _some_weight(values: dict[str, Any]) -> list[tuple[str, str]]:
+    if not any(weight for _, weight in values["upstreams"]):
+        return [("upstreams", "at least one weight must be above 0")]
+    return []
+
+
+TRAFFIC_SPLIT_FILTER = Struct(
+    "filter_traffic_split",
+    "traffic_split: each request goes to one of these upstreams, by weight.",
+    [
+        Field(
+            "upstreams",
+            MapOf(NAME, Int(0, 10_000), pairs=True),
+            "Upstream name -> relative weight (e.g. {stable: 95, canary: 5}).",
+            REQUIRED,
+        ),
+        Field(
+            "sticky",
+            STICKY_KEY,
+            "Hash this header or cookie instead of drawing at random: the same value, the same"
+            " upstream (while the weights stay).",
+        ),
+    ],
+    build=dict,
+    checks=[_some_weight],
+)
+
+MIRROR_FILTER = Struct(
+    "filter_mirror",
+    "mirror: a copy of sampled requests goes to another service after the exchange, fire and"
+    " forget (its answer is dropped; it never slows or fails the request).",
+    [
+        Field(
+            "url",
+            HTTP_BASE_URL,
+            "Base URL of the mirror (the request's path is appended).",
+            REQUIRED,
+        ),
+        Field("sample", Number(0, 1), "Share of requests mirrored.", 1.0),
+        Field(
+            "max_body_bytes",
+            Size(0, 16 * 1024 * 1024),
+            "Bodies up to this size are mirrored; requests with larger ones are not.",
+            "64KiB",
+        ),
+        Field("timeout", DURATION, "Time allowed for one mirrored request.", "2s"),
+        Field(
+            "max_in_flight", Int(1), "Mirrored requests outstanding at once; beyond, dropped.", 64
+        ),
+    ],
+    build=dict,
+)
+
+TRACING_FILTER = Struct(
+    "filter_tracing",
+    "tracing: W3C traceparent/tracestate propagated or started, the trace id in the access log.",
+    [
+        Field("sample_rate", Number(0, 1), "Share of new traces sampled.", 1.0),
+        Field(
+            "respect_parent",
+            Bool(),
+            "Keep the caller's sampled flag on a valid traceparent (false: sample_rate decides).",
+            True,
+        ),
+        Field("response_header", HEADER_NAME, "Also send the trace id back in this header."),
+    ],
+    build=dict,
+)
+
 PYTHON_FILTER = Struct(
     "filter_python",
     "python: a Filter subclass of your own, imported at load (docs/filters.md).",
@@ -903,6 +1021,10 @@ FILTER_KINDS: dict[str, Struct] = {
     "jwt": JWT_FILTER,
     "ip_filter": IP_FILTER,
     "compress": COMPRESS_FILTER,
+    "forward_auth": FORWARD_AUTH_FILTER,
+    "traffic_split": TRAFFIC_SPLIT_FILTER,
+    "mirror": MIRROR_FILTER,
+    "tracing": TRACING_FILTER,
     "python": PYTHON_FILTER,
 }
 

@@ -26,7 +26,19 @@ def test_examples_load_and_match_the_json_schema(path: Path) -> None:
 def test_every_builtin_filter_is_in_the_json_schema() -> None:
     entry = json_schema()["$defs"]["filter"]
     kinds = {next(iter(option["required"])) for option in entry["oneOf"]}
-    assert kinds == {"headers", "cors", "api_key", "jwt", "ip_filter", "compress", "python"}
+    assert kinds == {
+        "headers",
+        "cors",
+        "api_key",
+        "jwt",
+        "ip_filter",
+        "compress",
+        "forward_auth",
+        "traffic_split",
+        "mirror",
+        "tracing",
+        "python",
+    }
     assert not VALIDATOR.is_valid({"filters": [{"gzip": {}}]})
     assert not VALIDATOR.is_valid({"filters": [{"cors": {"allow_origins": ["*"], "bogus": 1}}]})
     assert VALIDATOR.is_valid({"filters": [{"cors": {"allow_origins": ["*"]}}]})
