@@ -174,6 +174,27 @@ def main() -> None:
                 False,
             ),
         ]
+        entries += [
+            ("tracing: {sample_rate: 0.1}", "tracing (new trace)", [], False),
+            (
+                "tracing: {}",
+                "tracing (continued traceparent)",
+                [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+                False,
+            ),
+            (
+                "traffic_split: {upstreams: {bench: 95, canary: 5}}",
+                "traffic_split (random)",
+                [],
+                False,
+            ),
+            (
+                "traffic_split: {upstreams: {bench: 95, canary: 5}, sticky: 'header:x-user'}",
+                "traffic_split (sticky header)",
+                [(b"x-user", b"user-12345")],
+                False,
+            ),
+        ]
         for alg, (kid, key) in keys.items():
             entries.append(
                 (
@@ -201,7 +222,11 @@ def main() -> None:
             ("two empty filters", Chain("bench", [EmptyFilter(), EmptyFilter()]), [], False),
         ]
         for text, label, extra, body in entries:
-            config.write_text(f"filters:\n  - {text}\n")
+            config.write_text(
+                "upstreams:\n  bench: {instances: [127.0.0.1:9]}\n"
+                "  canary: {instances: [127.0.0.1:9]}\n"
+                f"filters:\n  - {text}\n"
+            )
             items = build_filters(load_config(config, require_routes=False).filters)
             cases.append((label or text, Chain("bench", items), extra, body))
 

@@ -92,3 +92,17 @@ def test_a_filter_without_options() -> None:
     config = load_config_text("filters:\n  - compress:\n")
     assert config.filters[0].kind == "compress"
     assert config.filters[0].options["min_bytes"] == 1024
+
+
+def test_upstreams_reached_through_traffic_split_are_not_unused() -> None:
+    from gateway.config.lint import lint_text
+
+    text = (
+        "upstreams:\n  a: {instances: [127.0.0.1:1]}\n  b: {instances: [127.0.0.1:2]}\n"
+        "  c: {instances: [127.0.0.1:3]}\n"
+        "routes:\n  - name: r\n    upstream: a\n"
+        "    filters: [{traffic_split: {upstreams: {a: 9, b: 1}}}]\n"
+    )
+    warnings = lint_text(text, load_config_text(text))
+    unused = [w.message for w in warnings if "not used" in w.message]
+    assert unused == ["upstream 'c' is not used by any route"]
