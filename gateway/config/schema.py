@@ -1097,6 +1097,11 @@ class FilterItem(Type):
                 ctx.error(options_path, str(problem))
         if problems:
             return INVALID
+        try:  # built once here too, so that a constructor's complaint is a load error
+            cls.from_config(checked).close()
+        except Exception as exc:
+            ctx.error(options_path, f"cannot build the filter: {type(exc).__name__}: {exc}")
+            return INVALID
         line = ctx.positions.line_of(where, key=True)
         return FilterConfig(
             kind, cls, checked, label, f"{ctx.source}:{line}" if line else ctx.source

@@ -168,7 +168,12 @@ class Chain:
         awaitable = result.awaitable if isinstance(result, Pending) else result
         if not inspect_awaitable(awaitable):
             return self._failed(name, "on_request_headers", f"returned {result!r}")
-        task = asyncio.get_running_loop().create_task(
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the event loop: nothing could ever resume it
+            _discard(awaitable)
+            return self._failed(name, "on_request_headers", "suspended outside an event loop")
+        task = loop.create_task(
             self._continue(index, awaitable, request, resume)  # type: ignore[arg-type]
         )
         self._tasks.add(task)
@@ -274,6 +279,12 @@ class Chain:
                 log.exception("route %s: filter %s failed in %s", self.route, name, hook)
             else:
                 log.error("route %s: filter %s %s in %s", self.route, name, why, hook)
+
+
+def _discard(awaitable: object) -> None:
+    close = getattr(awaitable, "close", None)  # a coroutine never awaited: no warning
+    if callable(close):
+        close()
 
 
 def inspect_awaitable(value: object) -> bool:

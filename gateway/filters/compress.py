@@ -28,8 +28,6 @@ from gateway.filters.base import Filter, ResponseInfo
 
 __all__ = ["CompressFilter", "choose_encoding"]
 
-_STATE = "_compress"  # request.vars key of the response's compressor
-
 
 class _Compressor(Protocol):
     def compress(self, chunk: bytes) -> bytes: ...
@@ -154,6 +152,9 @@ class CompressFilter(Filter):
         self.zstd_level = int(options.get("zstd_level", 3))
         self._type_cache: dict[str, bool] = {}
         self._zstd_pool: list[zstandard.ZstdCompressor] = []
+        # request.vars key of a response's compressor: one per filter, so that a second
+        # compress filter in a chain (global and route) never reads the first one's.
+        self._state = f"_compress.{id(self)}"
 
     def compressible_type(self, media_type: str) -> bool:
         known = self._type_cache.get(media_type)
@@ -214,14 +215,14 @@ class CompressFilter(Filter):
         headers.append((b"content-encoding", coding.encode("ascii")))
         if etag is not None:
             headers.append((b"etag", etag if etag.startswith(b"W/") else b"W/" + etag))
-        request.vars[_STATE] = self._compressor(coding)
+        request.vars[self._state] = self._compressor(coding)
 
     def on_response_body(self, response: ResponseInfo, chunk: bytes, end: bool) -> bytes:
-        compressor: _Compressor | None = response.request.vars.get(_STATE)
+        compressor: _Compressor | None = response.request.vars.get(self._state)
         if compressor is None:
             return chunk
         out = compressor.compress(chunk) if chunk else b""
         if end:
-            del response.request.vars[_STATE]
+            del response.request.vars[self._state]
             out += compressor.finish()
         return out

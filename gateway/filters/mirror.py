@@ -24,7 +24,6 @@ __all__ = ["MirrorFilter"]
 
 log = logging.getLogger("gateway.filters.mirror")
 
-_STATE = "_mirror"
 # Not copied: hop-by-hop fields (RFC 9110 §7.6.1) and framing, which the mirror request sets.
 _SKIPPED = frozenset(
     {
@@ -64,6 +63,7 @@ class MirrorFilter(Filter):
         self.timeout = float(options.get("timeout", 2.0))
         self.max_in_flight = int(options.get("max_in_flight", 64))
         self._random = random.Random()
+        self._state = f"_mirror.{id(self)}"  # request.vars key of a request's copy
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self.sent = 0
@@ -78,10 +78,10 @@ class MirrorFilter(Filter):
             if n not in _SKIPPED
         ]
         target = request.path + ("?" + request.query if request.query else "")
-        request.vars[_STATE] = _Copy(request.method, target, headers)
+        request.vars[self._state] = _Copy(request.method, target, headers)
 
     def on_request_body(self, request: RequestInfo, chunk: bytes, end: bool) -> bytes:
-        copy: _Copy | None = request.vars.get(_STATE)
+        copy: _Copy | None = request.vars.get(self._state)
         if copy is not None and not copy.too_large and chunk:
             if sum(map(len, copy.body)) + len(chunk) > self.max_body:
                 copy.too_large = True
@@ -91,7 +91,7 @@ class MirrorFilter(Filter):
         return chunk
 
     def on_log(self, request: RequestInfo, status: int, duration_s: float) -> None:
-        copy: _Copy | None = request.vars.pop(_STATE, None)
+        copy: _Copy | None = request.vars.pop(self._state, None)
         if copy is None:
             return
         if copy.too_large or len(self._tasks) >= self.max_in_flight:

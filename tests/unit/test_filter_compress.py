@@ -167,3 +167,21 @@ def test_vary_is_merged_not_duplicated() -> None:
 def test_content_type_patterns(content_type: bytes, compressed: bool) -> None:
     headers, _ = _run("gzip", [(b"content-type", content_type)], [b"a" * 500, b""])
     assert (header(headers, b"content-encoding") is not None) == compressed
+
+
+def test_two_compress_filters_in_one_chain_compress_once() -> None:
+    chain = Chain(
+        "r",
+        [
+            filter_from_yaml("compress: {min_bytes: 0}"),
+            filter_from_yaml("compress: {min_bytes: 0}"),
+        ],
+    )
+    req = request(headers=[(b"accept-encoding", b"gzip")])
+    resp = response(req, 200, [(b"content-type", b"text/plain")])
+    chain.on_response_headers(resp)
+    out = chain.on_response_body(resp, b"hello " * 100, False) + chain.on_response_body(
+        resp, b"", True
+    )
+    assert [v for n, v in resp.headers if n == b"content-encoding"] == [b"gzip"]
+    assert zlib.decompress(out, 31) == b"hello " * 100

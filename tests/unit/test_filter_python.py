@@ -108,3 +108,15 @@ class Crashing(Filter):
     @classmethod
     def validate_config(cls, options: object) -> list[str]:
         return [str(1 / 0)]
+
+
+class FailsToBuild(Filter):
+    def __init__(self, options: object) -> None:
+        raise KeyError("needs a 'header' option")
+
+
+def test_a_constructor_error_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigInvalid) as info:
+        _load(tmp_path, "      class: 'tests.unit.test_filter_python:FailsToBuild'\n")
+    (error,) = info.value.errors
+    assert error.line == 3 and "cannot build the filter: KeyError" in error.message

@@ -367,3 +367,8 @@ def test_filter_error_metric_is_exported_merged_and_rendered() -> None:
     (family,) = [f for f in total.families() if f.name == "gateway_filter_errors"]
     samples = {(s.labels["route"], s.labels["filter"]): s.value for s in family.samples}
     assert samples == {("r", "jwt"): 2, ("r", "cors"): 1}
+
+
+def test_suspending_outside_an_event_loop_is_a_500_not_an_exception() -> None:
+    reply = Chain("r", [SlowAuth(True)]).on_request_headers(request(), lambda _: None)
+    assert isinstance(reply, LocalReply) and reply.status == 500
