@@ -56,33 +56,43 @@ class TracingFilter(Filter):
             self.on_response_headers = Filter.on_response_headers.__get__(self)  # type: ignore[method-assign]
 
     def on_request_headers(self, request: RequestInfo) -> None:
-        parents = [v for n, v in request.headers if n == b"traceparent"]
-        parsed = parse_traceparent(parents[0].strip()) if len(parents) == 1 else None
+        headers = request.headers
+        parent: bytes | None = None
+        parents = 0
+        state = False
+        for name, value in headers:
+            if name == b"traceparent":
+                parent = value
+                parents += 1
+            elif name == b"tracestate":
+                state = True
+        parsed = parse_traceparent(parent.strip()) if parents == 1 and parent else None
         bits = self._random.getrandbits
         span_id = b"%016x" % (bits(64) or 1)
+        vars_ = request.vars
         if parsed is not None:
             trace_id, parent_id, flags = parsed
             sampled = bool(flags & 1) if self.respect_parent else self._sample()
-            request.vars["parent_span_id"] = parent_id.decode("ascii")
-            keep_state = True
+            vars_["parent_span_id"] = parent_id.decode("ascii")
         else:
             trace_id = b"%032x" % (bits(128) or 1)
             sampled = self._sample()
-            keep_state = False
-        drop = (b"traceparent",) if keep_state else (b"traceparent", b"tracestate")
-        headers = request.headers
-        headers[:] = [
-            item
-            for item in headers
-            if item[0] not in drop
-            and not (item[0] == b"tracestate" and len(item[1]) > _MAX_TRACESTATE)
-        ]
+        if parents or state:
+            # Without a valid traceparent, tracestate goes too (§3.3.1); an oversized one
+            # always does (§3.3.1.1 lets a vendor drop what is beyond 512 characters).
+            keep_state = parsed is not None
+            headers[:] = [
+                item
+                for item in headers
+                if item[0] != b"traceparent"
+                and (item[0] != b"tracestate" or (keep_state and len(item[1]) <= _MAX_TRACESTATE))
+            ]
         headers.append(
             (b"traceparent", b"00-" + trace_id + b"-" + span_id + (b"-01" if sampled else b"-00"))
         )
-        request.vars["trace_id"] = trace_id.decode("ascii")
-        request.vars["span_id"] = span_id.decode("ascii")
-        request.vars["sampled"] = sampled
+        vars_["trace_id"] = trace_id.decode("ascii")
+        vars_["span_id"] = span_id.decode("ascii")
+        vars_["sampled"] = sampled
 
     def _sample(self) -> bool:
         rate = self.sample_rate

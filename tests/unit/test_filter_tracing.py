@@ -108,3 +108,11 @@ def test_trace_id_in_a_response_header() -> None:
     chain.on_response_headers(resp)
     assert (b"x-trace-id", TRACE) in resp.headers
     assert not Chain("r", [filter_from_yaml("tracing: {}")]).wants_response_headers
+
+
+def test_an_oversized_tracestate_is_dropped() -> None:
+    # §3.3.1.1: vendors must propagate at least 512 characters; beyond may be dropped.
+    _, headers = _traced([(b"traceparent", VALID), (b"tracestate", b"a=" + b"x" * 600)])
+    assert not any(n == b"tracestate" for n, _ in headers)
+    _, headers = _traced([(b"traceparent", VALID), (b"tracestate", b"a=" + b"x" * 500)])
+    assert any(n == b"tracestate" for n, _ in headers)
