@@ -1107,6 +1107,15 @@ class FilterItem(Type):
             kind, cls, checked, label, f"{ctx.source}:{line}" if line else ctx.source
         )
 
+    def redact(self, value: Any) -> Any:
+        # The kind's Struct knows which options are secret (jwt.secret).
+        if isinstance(value, dict) and len(value) == 1:
+            kind, options = next(iter(value.items()))
+            struct = self.kinds.get(kind) if isinstance(kind, str) else None
+            if struct is not None:
+                return {kind: struct.redact(options)}
+        return super().redact(value)
+
     def json(self, gen: JsonGen) -> dict[str, Any]:
         return {
             "oneOf": [

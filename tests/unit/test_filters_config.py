@@ -106,3 +106,21 @@ def test_upstreams_reached_through_traffic_split_are_not_unused() -> None:
     warnings = lint_text(text, load_config_text(text))
     unused = [w.message for w in warnings if "not used" in w.message]
     assert unused == ["upstream 'c' is not used by any route"]
+
+
+def test_filter_secrets_are_redacted_when_the_config_is_shown() -> None:
+    from gateway.config import redact_config
+
+    text = (
+        "upstreams:\n  u:\n    instances: [127.0.0.1:1]\n"
+        "    filters: [{jwt: {secret: hunter2-hunter2, algorithms: [HS256]}}]\n"
+        "filters:\n  - jwt: {secret: 'top-secret-value', algorithms: [HS256]}\n"
+        "routes:\n  - name: r\n    upstream: u\n"
+        "    filters: [{jwt: {secret: route-secret, algorithms: [HS256]}}]\n"
+    )
+    config = load_config_text(text)
+    shown = repr(redact_config(config))
+    for secret in ("top-secret-value", "hunter2-hunter2", "route-secret"):
+        assert secret not in shown
+        assert secret in config.secrets  # and scrubbed from log lines
+    assert redact_config(config)["filters"][0]["jwt"]["algorithms"] == ["HS256"]
