@@ -46,19 +46,23 @@ def _getter(name: str) -> Getter:
 def _text(value: object) -> bytes:
     if value is None:
         return b""
-    if isinstance(value, bytes):
+    if isinstance(value, str):
+        raw = value.encode("utf-8")
+    elif isinstance(value, bytes):
         raw = value
     elif isinstance(value, list | tuple):
         raw = " ".join(str(v) for v in value).encode("utf-8")
     else:
         raw = str(value).encode("utf-8")
-    return _UNSAFE.sub(b" ", raw)
+    if b"\r" in raw or b"\n" in raw or b"\x00" in raw:
+        raw = _UNSAFE.sub(b" ", raw)
+    return raw
 
 
 class Template:
     """A compiled header value: literal bytes and variable getters."""
 
-    __slots__ = ("constant", "parts")
+    __slots__ = ("constant", "getter", "parts")
 
     def __init__(self, parts: list[bytes | Getter]) -> None:
         self.parts = parts
@@ -67,10 +71,15 @@ class Template:
             if all(isinstance(p, bytes) for p in parts)
             else None
         )
+        # The common shape, one variable and nothing else, skips the join.
+        only = parts[0] if len(parts) == 1 else None
+        self.getter: Getter | None = None if isinstance(only, bytes) else only
 
     def render(self, request: RequestInfo) -> bytes:
         if self.constant is not None:
             return self.constant
+        if self.getter is not None:
+            return _text(self.getter(request))
         return b"".join(p if isinstance(p, bytes) else _text(p(request)) for p in self.parts)
 
 
@@ -113,9 +122,12 @@ class _Ops:
         return bool(self.remove or self.set or self.add)
 
     def apply(self, headers: list[tuple[bytes, bytes]], request: RequestInfo) -> None:
-        if self.set_names:
-            drop = self.set_names
-            headers[:] = [item for item in headers if item[0] not in drop]
+        drop = self.set_names
+        if drop:
+            for name, _ in headers:
+                if name in drop:  # rebuild only when a field to replace or remove is there
+                    headers[:] = [item for item in headers if item[0] not in drop]
+                    break
         for name, template in self.set:
             headers.append((name, template.render(request)))
         for name, template in self.add:
