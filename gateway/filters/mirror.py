@@ -2,7 +2,8 @@
 
 The copy is sent after the exchange (from ``on_log``), so it never delays or fails the real
 request; its answer is read and dropped. A request body is copied up to ``max_body_bytes``;
-a larger request is not mirrored at all (a cut body would be a different request). At most
+a larger request, or one whose body was not seen to its end, is not mirrored at all (a cut
+body would be a different request). At most
 ``max_in_flight`` copies are outstanding per filter; beyond, copies are dropped.
 """
 
@@ -42,14 +43,19 @@ _SKIPPED = frozenset(
 
 
 class _Copy:
-    __slots__ = ("body", "headers", "method", "target", "too_large")
+    __slots__ = ("body", "complete", "headers", "method", "target", "too_large")
 
-    def __init__(self, method: str, target: str, headers: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, method: str, target: str, headers: list[tuple[str, str]], has_body: bool
+    ) -> None:
         self.method = method
         self.target = target
         self.headers = headers
         self.body: list[bytes] = []
         self.too_large = False
+        # A request with a body is mirrored only once its last chunk was seen: a copy with
+        # a missing or partial body would be another request.
+        self.complete = not has_body
 
 
 class MirrorFilter(Filter):
@@ -78,23 +84,32 @@ class MirrorFilter(Filter):
             if n not in _SKIPPED
         ]
         target = request.path + ("?" + request.query if request.query else "")
-        request.vars[self._state] = _Copy(request.method, target, headers)
+        has_body = False
+        for name, value in request.headers:
+            if name == b"transfer-encoding" or (
+                name == b"content-length" and value.strip() != b"0"
+            ):
+                has_body = True
+        request.vars[self._state] = _Copy(request.method, target, headers, has_body)
 
     def on_request_body(self, request: RequestInfo, chunk: bytes, end: bool) -> bytes:
         copy: _Copy | None = request.vars.get(self._state)
-        if copy is not None and not copy.too_large and chunk:
-            if sum(map(len, copy.body)) + len(chunk) > self.max_body:
-                copy.too_large = True
-                copy.body.clear()
-            else:
-                copy.body.append(chunk)
+        if copy is not None:
+            if not copy.too_large and chunk:
+                if sum(map(len, copy.body)) + len(chunk) > self.max_body:
+                    copy.too_large = True
+                    copy.body.clear()
+                else:
+                    copy.body.append(chunk)
+            if end:
+                copy.complete = True
         return chunk
 
     def on_log(self, request: RequestInfo, status: int, duration_s: float) -> None:
         copy: _Copy | None = request.vars.pop(self._state, None)
         if copy is None:
             return
-        if copy.too_large or len(self._tasks) >= self.max_in_flight:
+        if copy.too_large or not copy.complete or len(self._tasks) >= self.max_in_flight:
             self.dropped += 1
             return
         task = asyncio.get_running_loop().create_task(self._send(copy))

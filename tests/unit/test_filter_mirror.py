@@ -66,7 +66,12 @@ async def test_copies_with_body_after_the_exchange(target: MirrorTarget) -> None
         [b"hello ", b"world"],
         path="/orders",
         query="x=1",
-        headers=[(b"content-type", b"text/plain"), (b"connection", b"keep-alive"), (b"x-a", b"1")],
+        headers=[
+            (b"content-type", b"text/plain"),
+            (b"content-length", b"11"),
+            (b"connection", b"keep-alive"),
+            (b"x-a", b"1"),
+        ],
     )
     await _wait_for(lambda: target.seen)
     method, path, headers, body = target.seen[0]
@@ -77,7 +82,7 @@ async def test_copies_with_body_after_the_exchange(target: MirrorTarget) -> None
 async def test_bodies_over_the_bound_are_not_mirrored(target: MirrorTarget) -> None:
     item = filter_from_yaml(f"mirror: {{url: '{target.url}', max_body_bytes: 10}}")
     chain = Chain("r", [item])
-    _exchange(chain, "POST", [b"0123456789", b"x"])
+    _exchange(chain, "POST", [b"0123456789", b"x"], headers=[(b"content-length", b"11")])
     _exchange(chain, "GET", [])
     await _wait_for(lambda: target.seen)
     assert [m for m, *_ in target.seen] == ["GET"] and item.dropped == 1  # type: ignore[attr-defined]
@@ -97,3 +102,14 @@ async def test_a_dead_mirror_is_only_counted() -> None:
     chain = Chain("r", [item])
     _exchange(chain, "GET", [])
     await _wait_for(lambda: item.dropped == 1)  # type: ignore[attr-defined]
+
+
+async def test_a_body_that_never_arrived_is_not_mirrored(target: MirrorTarget) -> None:
+    item = filter_from_yaml(f"mirror: {{url: '{target.url}'}}")
+    chain = Chain("r", [item])
+    # The data plane ended the exchange before the body's last chunk (client gone, or body
+    # hooks not called): mirroring it bodiless would send another request.
+    _exchange(chain, "POST", [], headers=[(b"transfer-encoding", b"chunked")])
+    _exchange(chain, "GET", [])
+    await _wait_for(lambda: target.seen)
+    assert [m for m, *_ in target.seen] == ["GET"] and item.dropped == 1  # type: ignore[attr-defined]
