@@ -25,6 +25,8 @@ from gateway.config.model import (
     UpstreamConfig,
 )
 from gateway.filters.api import FilterChain
+from gateway.filters.chain import Chain
+from gateway.filters.registry import compile_filters
 from gateway.health.outlier import OutlierDetector
 from gateway.idempotency import RouteIdempotency, idempotency_stores
 from gateway.pools import ConnectionPool, PoolFactory, pool_factory
@@ -331,7 +333,7 @@ class Snapshot:
     limiters: dict[str, RouteLimiter]  # routes with rate limits or max_in_flight
     # Routes with an idempotency section (Idempotency-Key replay store).
     idempotency: dict[str, RouteIdempotency] = field(default_factory=dict)
-    # Routes with filters: one compiled FilterChain per route name (gateway/filters/api.py).
+    # Routes with filters (gateway.filters): their compiled chains, keyed by route name.
     filters: dict[str, FilterChain] = field(default_factory=dict)
 
     def pools(self) -> list[ConnectionPool]:
@@ -427,6 +429,19 @@ def build_snapshot(
             for route in config.routes
             if route.retry is not None
         },
+        filters=_filters(config, previous),
+    )
+
+
+def _filters(config: GatewayConfig, previous: Snapshot | None) -> dict[str, FilterChain]:
+    # Same config object (a discovery update): the same chains, caches and all.
+    if previous is None:
+        return dict(compile_filters(config))
+    old = previous.filters
+    if previous.config is config:
+        return old
+    return dict(
+        compile_filters(config, {k: v for k, v in old.items() if isinstance(v, Chain)}, None)
     )
 
 

@@ -99,6 +99,19 @@ class CircuitBreakerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FilterConfig:
+    """One entry of a ``filters:`` list (gateway.filters): the filter's kind, the class that
+    implements it (imported at config load) and its validated options (for ``python``: the
+    ``config`` mapping handed to the class)."""
+
+    kind: str  # "jwt", "cors", ..., "python"
+    cls: type = field(compare=False)  # a gateway.filters.base.Filter subclass
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+    label: str = ""  # name in gateway_filter_errors_total and log lines
+    where: str = ""  # file:line of the entry, for log lines
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     instances: tuple[InstanceConfig, ...]
@@ -125,6 +138,8 @@ class UpstreamConfig:
     # Limits every route to this upstream must also pass; their buckets are shared by the routes.
     rate_limit: tuple[RateLimitConfig, ...] = ()
     tls: UpstreamTLSConfig | None = None  # TLS to the instances, off unless given
+    # Filters of every route to this upstream, run after the route's own (gateway.filters).
+    filters: tuple[FilterConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +240,7 @@ class RouteConfig:
     rate_limit_legacy_headers: bool = False  # X-RateLimit-Limit/Remaining/Reset as well
     max_in_flight: int = 0  # concurrent requests of this route (0: no cap) -> 503
     idempotency: IdempotencyConfig | None = None  # Idempotency-Key replay store
+    filters: tuple[FilterConfig, ...] = ()  # after the global ones, before the upstream's
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +424,7 @@ class GatewayConfig:
     # process that validated the config (gateway.tls.certs) and handed to the workers.
     tls_files: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
     tls_warnings: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    filters: tuple[FilterConfig, ...] = ()  # run first on every route (gateway.filters)
 
     @property
     def all_listeners(self) -> tuple[ListenerConfig, ...]:
