@@ -99,6 +99,19 @@ class CircuitBreakerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FilterConfig:
+    """One entry of a ``filters:`` list (gateway.filters): the filter's kind, the class that
+    implements it (imported at config load) and its validated options (for ``python``: the
+    ``config`` mapping handed to the class)."""
+
+    kind: str  # "jwt", "cors", ..., "python"
+    cls: type = field(compare=False)  # a gateway.filters.base.Filter subclass
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+    label: str = ""  # name in gateway_filter_errors_total and log lines
+    where: str = ""  # file:line of the entry, for log lines
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     instances: tuple[InstanceConfig, ...]
@@ -128,6 +141,8 @@ class UpstreamConfig:
     # Protocol to the instances: http1, h2c (HTTP/2 with prior knowledge), h2 (TLS + ALPN).
     # Validated and stored; the data plane speaks HTTP/1.1 upstream for now (docs/http2.md).
     protocol: Literal["http1", "h2c", "h2"] = "http1"
+    # Filters of every route to this upstream, run after the route's own (gateway.filters).
+    filters: tuple[FilterConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +196,7 @@ class RateLimitConfig:
     on_store_error: Literal["allow", "local", "deny"] = "local"
     name: str | None = None
     max_keys: int = 100_000
+    lease: bool = True  # store: redis: decide from leased tokens (docs/ratelimit.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +206,8 @@ class RedisConfig:
     prefix: str = "gateway"
     max_connections: int = 16  # script calls in flight on the pipelined connection
     fallback_share: float = 1.0  # of rate and burst, for the on_store_error: local bucket
+    lease_horizon: float = 0.1  # seconds of a worker's recent rate of a key per lease
+    lease_ttl: float = 1.0  # seconds a leased token stays usable
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +243,7 @@ class RouteConfig:
     rate_limit_legacy_headers: bool = False  # X-RateLimit-Limit/Remaining/Reset as well
     max_in_flight: int = 0  # concurrent requests of this route (0: no cap) -> 503
     idempotency: IdempotencyConfig | None = None  # Idempotency-Key replay store
+    filters: tuple[FilterConfig, ...] = ()  # after the global ones, before the upstream's
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,6 +445,7 @@ class GatewayConfig:
     # process that validated the config (gateway.tls.certs) and handed to the workers.
     tls_files: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
     tls_warnings: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    filters: tuple[FilterConfig, ...] = ()  # run first on every route (gateway.filters)
 
     @property
     def all_listeners(self) -> tuple[ListenerConfig, ...]:

@@ -273,7 +273,7 @@ class Recorder:
         """A held request's body grows: it is buffered until complete, within the limit (the
         listener's pending buffer pauses reading beyond its own bound, which would stall)."""
         if self.state == _HELD and ex.pending_bytes > self.policy.config.max_request_bytes * 2:
-            from gateway.proxy.listener import RequestRejected
+            from gateway.proxy.responses import RequestRejected
 
             raise RequestRejected(413, "body_too_large", "keyed request body exceeds the limit")
 

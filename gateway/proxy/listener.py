@@ -27,13 +27,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
-import orjson
 
 from gateway.accesslog import AccessLog, iso_time
+from gateway.filters.api import SUSPENDED, FilterChain, LocalReply, RequestInfo
+from gateway.proxy import filtering, responses
 from gateway.proxy import headers as hdr
+from gateway.proxy.body import PENDING_BODY_LIMIT, REPLAY_LIMIT, RequestBody
 from gateway.proxy.connlimit import LocalConnectionCount, SharedConnectionCount
+from gateway.proxy.filtering import FilterState
 from gateway.proxy.h2 import take_over_h2c
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
+from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS, RequestRejected
+from gateway.proxy.tunnel import Tunnel
 from gateway.proxy.upstream import (
     UNEXPECTED_SWITCHING_PROTOCOLS,
     InstancePool,
@@ -64,12 +69,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.proxy")
 
 TICK = 0.1  # seconds between timeout sweeps; deadlines are this coarse
-REPLAY_LIMIT = (
-    64 * 1024
-)  # request body kept to replay once on a fresh connection if a pooled one was stale
-PENDING_BODY_LIMIT = (
-    256 * 1024
-)  # body buffered before the upstream is ready; beyond, reading pauses
 
 # Connections refused over limits.max_connections get one small 503 and a half-close, then their
 # bytes are read and dropped for up to LINGER seconds so that closing does not reset the answer
@@ -134,25 +133,6 @@ _SPECIAL_HEADERS = {
     b"idempotency-key": _H_IDEMPOTENCY_KEY,
 }
 
-_REASONS = {
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    421: b"Misdirected Request",
-    431: b"Request Header Fields Too Large",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    501: b"Not Implemented",
-    504: b"Gateway Timeout",
-    505: b"HTTP Version Not Supported",
-    308: b"Permanent Redirect",
-}
-_MISDIRECTED = "the certificate of this connection does not cover the requested host"
-_REDIRECT_HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+")
-
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
     try:
@@ -176,24 +156,6 @@ class _Refused(asyncio.Protocol):
         return False  # close
 
 
-def _refusal_response(request_id: bytes, reason: str) -> bytes:
-    body = orjson.dumps(
-        {
-            "error": reason,
-            "message": "the gateway is at its connection limit"
-            if reason == "max_connections"
-            else "the gateway is shutting down",
-            "status": 503,
-            "request_id": request_id.decode("ascii"),
-        }
-    )
-    return (
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\nretry-after: 1\r\nx-request-id: %s\r\n"
-        b"connection: close\r\n\r\n%s" % (len(body), request_id, body)
-    )
-
-
 def _retry_after(fields: bytes) -> float | None:
     """Seconds from a Retry-After field (RFC 9110 §10.2.3) in a raw header block, if any."""
     lowered = fields.lower()
@@ -202,20 +164,6 @@ def _retry_after(fields: bytes) -> float | None:
         return None
     end = lowered.find(b"\r\n", at)
     return parse_retry_after(fields[at + 12 : end].strip(), time.time())
-
-
-# Rate-limit refusals: metric label and the message of the JSON error body.
-_REFUSAL_RESULTS = {
-    "rate_limited": "limited",
-    "store_unavailable": "store_error",
-    "max_in_flight": "max_in_flight",
-    "missing_key": "missing_key",
-}
-_REFUSAL_MESSAGES = {
-    429: "rate limit exceeded",
-    503: "too many requests in flight, or the rate-limit store is unavailable",
-    400: "the request lacks the value its rate limit is keyed on",
-}
 
 
 # Methods llhttp parses (its HTTP method table): an llhttp error on one of these is not about
@@ -340,17 +288,6 @@ def _reset_walk(ex: Exchange) -> None:
         ex.__dict__.pop(name, None)
 
 
-class RequestRejected(Exception):
-    """Raised inside a parser callback to stop parsing with a specific status."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = b""  # extra header lines of the error response (e.g. Allow)
-
-
 class _HeldMethodParser:
     """Stands in for the parser while a method token is incomplete and held back: the next read
     is refused with ``_METHOD_HELD``, and the error path feeds the held bytes and the new ones
@@ -404,9 +341,7 @@ class Exchange:
     is_head = False
     error: RequestRejected | None = None
     body_bytes = 0
-    pending: list[bytes] | None = None  # framed body bytes waiting for the upstream
-    pending_bytes = 0
-    replay: list[bytes] | None = None  # framed body bytes sent, for a stale-connection retry
+    body: RequestBody | None = None  # pending and replay buffers, from the first body byte
     request_complete = False
     route: Route | None = None
     route_name = "<none>"
@@ -431,8 +366,7 @@ class Exchange:
     attempt = 1
     hash_key: bytes | None = None
     tried: tuple[Instance, ...] = ()  # instances whose try failed: retries avoid them
-    body_sent = False  # a body byte went to some upstream
-    replay_limit = REPLAY_LIMIT
+    replay_limit = REPLAY_LIMIT  # for a RequestBody made after the retry policy is known
     retry_timer: asyncio.TimerHandle | None = None
     counted = False  # upstream-level counters (active requests, breaker) were taken
     idempotent = False  # RFC 9110 §9.2.2 method, or an Idempotency-Key header
@@ -469,6 +403,12 @@ class Exchange:
         # An instance value, not a class default: the hooks read it per response chunk, and a
         # class attribute read through the instance is not specialised (~300 instructions).
         self.recorder: Recorder | None = None
+        self.filters: FilterState | None = None  # only on routes with filters
+
+    @property
+    def pending_bytes(self) -> int:
+        body = self.body
+        return body.pending_bytes if body is not None else 0
 
 
 class ProxyServer:
@@ -572,7 +512,7 @@ class ProxyServer:
     def refuse(self, transport: asyncio.Transport, reason: str) -> None:
         """Answer a connection over the limit (or arriving while draining) with 503 and close."""
         self.metrics.connection_refused(reason)
-        transport.write(_refusal_response(self.request_ids.next(), reason))
+        transport.write(responses.refusal_response(self.request_ids.next(), reason))
         lingering = self.lingering
         if len(lingering) >= LINGER_MAX:
             transport.close()
@@ -730,8 +670,8 @@ class ClientConnection(asyncio.Protocol):
         self.idle_deadline = 0.0
         self.body_deadline = 0.0  # next request body bytes due (limits.client_body_timeout)
         self.send_deadline = 0.0  # client must have read by then (limits.send_timeout)
-        self.tunnel: UpstreamConnection | None = None
-        self.tunnel_pending: list[bytes] | None = None
+        self.tunnel: Tunnel | None = None  # after a 101: the transport belongs to it
+        self.tunnel_pending: list[bytes] | None = None  # client bytes after an Upgrade request
         self.upgrade_pending = False
         self.pending_error: RequestRejected | None = None
         self.limits = server.snapshot.config.limits  # a reload applies to new connections
@@ -791,10 +731,6 @@ class ClientConnection(asyncio.Protocol):
         server.metrics.connections_open -= 1
         if server.draining and not server.connections:
             server._drained.set()
-        if self.tunnel is not None:
-            self.tunnel.owner = None
-            self.tunnel.abort()
-            self.tunnel = None
         ex = self.active
         if ex is not None:
             self.active = None
@@ -802,8 +738,7 @@ class ClientConnection(asyncio.Protocol):
             if conn is not None and not ex.response_complete:
                 # The client went away mid-exchange: the upstream connection is in an unknown
                 # state, so it is closed rather than pooled.
-                conn.owner = None
-                conn.abort()
+                conn.discard()
                 self._release_instance(ex)
             if not ex.response_complete:
                 self._observe(ex, 499)
@@ -831,8 +766,6 @@ class ClientConnection(asyncio.Protocol):
             conn = ex.conn
             if conn is not None:
                 conn.pause_reading()
-        if self.tunnel is not None:
-            self.tunnel.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
@@ -844,8 +777,6 @@ class ClientConnection(asyncio.Protocol):
                 if ex.upstream is not None and (ex.request_complete or ex.response_started):
                     ex.read_deadline = self.server.clock + ex.upstream.read_timeout
                 conn.resume_reading()
-        if self.tunnel is not None:
-            self.tunnel.resume_reading()
 
     def pause_client_reading(self) -> None:
         """Upstream's socket buffer is full (large upload): stop reading the client."""
@@ -875,7 +806,8 @@ class ClientConnection(asyncio.Protocol):
         )
         if not want_pause:
             parsing = self.parsing
-            if parsing is not None and parsing.pending_bytes > PENDING_BODY_LIMIT:
+            body = parsing.body if parsing is not None else None
+            if body is not None and body.pending_bytes > PENDING_BODY_LIMIT:
                 want_pause = True
         if want_pause and not self.reading_paused:
             self.reading_paused = True
@@ -954,9 +886,6 @@ class ClientConnection(asyncio.Protocol):
             self.h2_sniff = False
             if take_over_h2c(self, data):
                 return
-        if self.tunnel is not None:
-            self.tunnel.send(data)
-            return
         if self.upgrade_pending:
             # Bytes after an Upgrade request belong to the new protocol; hold them until the
             # upstream agrees (101) or refuses (then the connection closes).
@@ -1015,7 +944,7 @@ class ClientConnection(asyncio.Protocol):
                 self._dispatch(ex)
         else:
             ex = self.active
-            if ex is not None and ex.conn is not None and ex.pending:
+            if ex is not None and ex.conn is not None and ex.body is not None and ex.body.pending:
                 self._send_pending(ex)
 
     def _begin_upgrade(self, data: bytes, offset: int) -> None:
@@ -1296,25 +1225,16 @@ class ClientConnection(asyncio.Protocol):
                 ex.recorder.request_body(ex)
         framed = b"%x\r\n%b\r\n" % (size, body) if ex.chunked else body
         conn = ex.conn
+        request_body = ex.body
+        if request_body is None:
+            request_body = ex.body = RequestBody(ex.replay_limit)
         # Chunked bytes wait for the end of the read: its framing is checked first (see
         # _walk_chunked), and ``data_received`` sends them on.
-        if conn is not None and not ex.pending and not ex.chunked:
+        if conn is not None and not request_body.pending and not ex.chunked:
             conn.send(framed)
-            ex.body_sent = True
-            replay = ex.replay
-            if replay is not None:
-                if ex.body_bytes <= ex.replay_limit:
-                    replay.append(framed)
-                else:
-                    ex.replay = None
-        else:
-            if ex.pending is None:
-                ex.pending = [framed]
-            else:
-                ex.pending.append(framed)
-            ex.pending_bytes += len(framed)
-            if ex.pending_bytes > PENDING_BODY_LIMIT:
-                self._update_reading()
+            request_body.sent_now(framed, ex.body_bytes)
+        elif request_body.hold(framed):
+            self._update_reading()
 
     def on_message_complete(self) -> None:
         ex = self.parsing
@@ -1325,10 +1245,9 @@ class ClientConnection(asyncio.Protocol):
             self._start_read_timer(ex)  # the upstream has all it needs: now it may be slow
         if ex.chunked:
             # Sent with the rest of the read once its framing is checked (data_received).
-            if ex.pending is None:
-                ex.pending = [b"0\r\n\r\n"]
-            else:
-                ex.pending.append(b"0\r\n\r\n")
+            if ex.body is None:
+                ex.body = RequestBody(ex.replay_limit)
+            ex.body.hold(b"0\r\n\r\n")
         if ex.recorder is not None:
             ex.recorder.body_complete()  # a held keyed request is claimed now
         if ex.response_complete:
@@ -1359,7 +1278,9 @@ class ClientConnection(asyncio.Protocol):
         if entry is not None and host is not None and not entry.covers_host(host):
             # RFC 9110 §15.5.20: this connection's certificate (chosen by SNI) does not cover
             # the Host the request names; the client should open a connection for that host.
-            self._respond_error(ex, RequestRejected(421, "misdirected_request", _MISDIRECTED))
+            self._respond_error(
+                ex, RequestRejected(421, "misdirected_request", responses.MISDIRECTED)
+            )
             return
         route = snapshot.routes.match(
             ex.method_name,
@@ -1409,6 +1330,136 @@ class ClientConnection(asyncio.Protocol):
                 ex, RequestRejected(413, "body_too_large", "request body exceeds the limit")
             )
             return
+        chains = snapshot.filters
+        if chains:
+            chain = chains.get(route.name)
+            if chain is not None:
+                self._filter_request(ex, chain, snapshot, route, url, host, path, query, path_text)
+                return
+        self._admit(ex, snapshot, route, url, host, path, query)
+
+    # -- filters (gateway/filters/api.py; gateway/proxy/filtering.py) -------------------------
+    def _filter_request(
+        self,
+        ex: Exchange,
+        chain: FilterChain,
+        snapshot: Snapshot,
+        route: Route,
+        url: bytes,
+        host: bytes | None,
+        path: bytes,
+        query: bytes,
+        path_text: str,
+    ) -> None:
+        """The route has filters: run their request-headers phase, then admit (or answer
+        with the filters' LocalReply, or wait for an asynchronous filter to resume)."""
+        # A chunked request's header list drops what is appended after the head (trailers):
+        # the filters get a plain list, and the head fields are what they leave in it.
+        headers = list(ex.headers) if ex.chunked else ex.headers
+        info = RequestInfo(
+            method=ex.method_name,
+            path=path_text,
+            query=query.decode("latin-1"),
+            host=host.decode("latin-1") if host is not None else "",
+            headers=headers,
+            client_ip=self.peer_ip,
+            route=route.name,
+            request_id=self.request_id_of(ex).decode("ascii"),
+            protocol="http/1.0" if ex.version == "1.0" else "http/1.1",
+            tls=self.listener.tls is not None,
+        )
+        state = ex.filters = FilterState(chain, info)
+
+        def resume(reply: LocalReply | None) -> None:
+            # Once, from the event loop; dropped if the client went away meanwhile.
+            if state.decided or self.active is not ex or self.closed:
+                return
+            self._request_filtered(ex, state, reply, snapshot, route, url, host, path, query)
+
+        outcome = chain.on_request_headers(info, resume)
+        if outcome is SUSPENDED:
+            return  # parked like a Redis rate-limit decision: ``resume`` continues
+        reply = outcome if isinstance(outcome, LocalReply) else None
+        self._request_filtered(ex, state, reply, snapshot, route, url, host, path, query)
+
+    def _request_filtered(
+        self,
+        ex: Exchange,
+        state: FilterState,
+        reply: LocalReply | None,
+        snapshot: Snapshot,
+        route: Route,
+        url: bytes,
+        host: bytes | None,
+        path: bytes,
+        query: bytes,
+    ) -> None:
+        if state.decided:
+            return
+        state.decided = True
+        if reply is not None:
+            self._local_reply(ex, reply)
+            return
+        headers = state.request.headers  # what the filters made of them goes upstream
+        ex.headers = HeadFields(headers) if ex.chunked else headers
+        self._admit(ex, snapshot, route, url, host, path, query)
+
+    def _local_reply(self, ex: Exchange, reply: LocalReply) -> None:
+        """A filter answered instead of the upstream."""
+        request_id = self.request_id_of(ex)
+        status = reply.status
+        keep_alive = ex.keep_alive = (
+            responses.keeps_alive(status, ex.keep_alive, ex.request_complete, self.upgrade_pending)
+            and not self.server.draining
+        )
+        ex.status = status
+        ex.error_code = "filter_reply"
+        body = b"" if ex.is_head or status in (204, 304) else reply.body
+        self.out.append(
+            responses.local_reply_head(
+                status,
+                reply.headers,
+                len(reply.body),
+                request_id,
+                keep_alive=keep_alive,
+                http10=ex.version == "1.0",
+            )
+        )
+        if body:
+            self.out.append(body)
+        ex.response_started = True
+        ex.response_complete = True
+        self.flush_to_client()
+        self._finish(ex)
+
+    def _filter_body(self, ex: Exchange, state: FilterState, body: bytes, end: bool) -> bytes:
+        response = state.response
+        assert response is not None
+        return state.chain.on_response_body(response, body, end)
+
+    def _filter_body_end(self, ex: Exchange, state: FilterState) -> None:
+        """The last call of on_response_body: its bytes go out before the end of the body."""
+        tail = self._filter_body(ex, state, b"", True)
+        if tail:
+            ex.bytes_out += len(tail)
+            if ex.recorder is not None:
+                ex.recorder.on_body(tail)
+            if ex.response_frame == FRAME_RAW:
+                self.out.append(tail)
+            elif ex.response_frame == FRAME_CHUNKED:
+                self.out += (b"%x\r\n" % len(tail), tail, b"\r\n")
+
+    # -- admit: rate limits, then on to the upstream --------------------------------------------
+    def _admit(
+        self,
+        ex: Exchange,
+        snapshot: Snapshot,
+        route: Route,
+        url: bytes,
+        host: bytes | None,
+        path: bytes,
+        query: bytes,
+    ) -> None:
         limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
         if limiter is not None:
             if limiter.uses_redis:
@@ -1419,7 +1470,7 @@ class ClientConnection(asyncio.Protocol):
                         if decision.holds_slot:
                             limiter.release()
                         return
-                    if self._admit(ex, limiter, decision):
+                    if self._apply_decision(ex, limiter, decision):
                         self._forward(ex, snapshot, route, url, host, path, query)
 
                 decision = limiter.check(
@@ -1431,7 +1482,7 @@ class ClientConnection(asyncio.Protocol):
                 decision = limiter.check_local(
                     time.monotonic(), self.peer_ip, self.peer_trusted, ex.headers, query
                 )
-            if not self._admit(ex, limiter, decision):
+            if not self._apply_decision(ex, limiter, decision):
                 return
         self._forward(ex, snapshot, route, url, host, path, query)
 
@@ -1440,19 +1491,17 @@ class ClientConnection(asyncio.Protocol):
         keeps the method and body)."""
         template = self.listener.redirect
         assert template is not None
-        name = (host or b"").decode("latin-1")
-        name = name[: name.rfind("]") + 1] if name.startswith("[") else name.split(":", 1)[0]
-        if not name or not _REDIRECT_HOST.fullmatch(name):
+        location = responses.redirect_location(template, host, url)
+        if location is None:
             self._respond_error(ex, RequestRejected(400, "bad_request", "no Host to redirect to"))
             return
-        location = template.replace("{host}", name).encode("latin-1") + url
         self._respond_error(
             ex,
             RequestRejected(308, "https_redirect", "use HTTPS"),
             extra_headers=b"location: " + location + b"\r\n",
         )
 
-    def _admit(self, ex: Exchange, limiter: RouteLimiter, decision: Decision) -> bool:
+    def _apply_decision(self, ex: Exchange, limiter: RouteLimiter, decision: Decision) -> bool:
         """Apply a rate-limit decision: count it, answer a refusal, keep headers to add."""
         if decision.holds_slot:
             ex.limiter = limiter
@@ -1464,7 +1513,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 result = "allowed"
         else:
-            result = _REFUSAL_RESULTS.get(decision.reason, decision.reason)
+            result = REFUSAL_RESULTS.get(decision.reason, decision.reason)
         ex.ratelimit = result
         self.server.metrics.ratelimit(ex.route_name, result)
         if decision.allowed:
@@ -1472,7 +1521,7 @@ class ClientConnection(asyncio.Protocol):
             return True
         self._respond_error(
             ex,
-            RequestRejected(decision.status, decision.reason, _REFUSAL_MESSAGES[decision.status]),
+            RequestRejected(decision.status, decision.reason, REFUSAL_MESSAGES[decision.status]),
             extra_headers=decision.headers,
         )
         return False
@@ -1500,7 +1549,21 @@ class ClientConnection(asyncio.Protocol):
                 and not idempotency.begin(self, ex, (ex, snapshot, route, url, host, path, query))
             ):
                 return  # claimed at the store first (or answered: 4xx, replay)
-        upstream = snapshot.upstreams[route.upstream]
+        filters = ex.filters
+        if filters is not None and filters.request.upstream is not None:
+            # A request-phase filter chose another upstream (traffic splitting).
+            chosen = snapshot.upstreams.get(filters.request.upstream)
+            if chosen is None:
+                self._respond_error(
+                    ex,
+                    RequestRejected(
+                        500, "filter_error", f"no upstream '{filters.request.upstream}'"
+                    ),
+                )
+                return
+            upstream = chosen
+        else:
+            upstream = snapshot.upstreams[route.upstream]
         ex.upstream = upstream
         ex.upstream_name = upstream.name
         breaker = upstream.breaker
@@ -1532,8 +1595,9 @@ class ClientConnection(asyncio.Protocol):
         if policy is not None:
             ex.retry = policy
             ex.replay_limit = max(policy.max_body_bytes, REPLAY_LIMIT)
+            if ex.body is not None:
+                ex.body.replay_limit = ex.replay_limit
             ex.retry_method_ok = ex.idempotent or policy.method_retryable(method, False)
-        ex.replay = []
         if ex.upgrade is not None:
             framing = b""
         elif ex.chunked:
@@ -1646,16 +1710,8 @@ class ClientConnection(asyncio.Protocol):
             ex.hedge_timer = asyncio.get_running_loop().call_later(
                 upstream.hedge_delay, self._hedge, ex
             )
-        if ex.pending:
-            pending = ex.pending
-            ex.pending = None
-            ex.pending_bytes = 0
-            ex.body_sent = True
-            if ex.replay is not None:
-                if ex.body_bytes <= ex.replay_limit:
-                    ex.replay.extend(pending)
-                else:
-                    ex.replay = None
+        pending = ex.body.take_pending(ex.body_bytes) if ex.body is not None else None
+        if pending is not None:
             assert conn.transport is not None
             conn.transport.writelines([ex.head, *pending])
             self._update_reading()
@@ -1673,17 +1729,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _send_pending(self, ex: Exchange) -> None:
         conn = ex.conn
-        pending = ex.pending
-        if conn is None or not pending or conn.transport is None:
+        request_body = ex.body
+        if conn is None or request_body is None or conn.transport is None:
             return
-        ex.pending = None
-        ex.pending_bytes = 0
-        ex.body_sent = True
-        if ex.replay is not None:
-            if ex.body_bytes <= ex.replay_limit:
-                ex.replay.extend(pending)
-            else:
-                ex.replay = None
+        pending = request_body.take_pending(ex.body_bytes)
+        if pending is None:
+            return
         conn.transport.writelines(pending)
         self._update_reading()
 
@@ -1730,7 +1781,6 @@ class ClientConnection(asyncio.Protocol):
             # Successes matter to outlier detection only when they end a failure streak.
             upstream.record_outcome(instance, status < 500, status in GATEWAY_STATUSES)
         ex.status = status
-        conn.reusable = upstream_keep_alive
         keep_alive = ex.keep_alive and not self.server.draining
         if status == 101:
             if ex.upgrade is None or head.upgrade is None:
@@ -1753,6 +1803,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.upgrade is not None:
             keep_alive = False  # upgrade refused: the bytes that followed were not HTTP
+        filters = ex.filters
+        if filters is not None:
+            # The response-headers phase (the head as a list only here); a removed
+            # content-length re-frames the body below (chunked, or close-delimited for 1.0).
+            status, head = filtering.response_phase(filters, status, head)
+            ex.status = status
         content_length = head.content_length
         if ex.is_head or status == 204 or status == 304:
             ex.response_frame = FRAME_NONE
@@ -1764,10 +1820,7 @@ class ClientConnection(asyncio.Protocol):
             ex.response_frame = FRAME_RAW
             framing = b"content-length: " + content_length + b"\r\n"
         else:
-            if not head.chunked:
-                # Close-delimited (RFC 9112 §6.3 item 8): this connection cannot be reused.
-                conn.body_until_close = True
-                conn.reusable = False
+            # (Close-delimited from the upstream: the UpstreamConnection saw that already.)
             if ex.version == "1.0":
                 ex.response_frame = FRAME_RAW
                 keep_alive = False
@@ -1807,6 +1860,11 @@ class ClientConnection(asyncio.Protocol):
         ex = self.active
         if ex is None:
             return
+        filters = ex.filters
+        if filters is not None and filters.body_hook:
+            body = self._filter_body(ex, filters, body, False)
+            if not body:
+                return  # (an empty chunk would end a chunked body)
         frame = ex.response_frame
         ex.bytes_out += len(body)
         if ex.recorder is not None:
@@ -1830,6 +1888,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.status == 101:
             return  # the parser raises HttpParserUpgrade next; on_upstream_upgrade takes over
+        filters = ex.filters
+        if filters is not None and filters.body_hook:
+            self._filter_body_end(ex, filters)
         if ex.response_frame == FRAME_CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self._response_done(ex, conn)
@@ -1839,6 +1900,9 @@ class ClientConnection(asyncio.Protocol):
         ex = self.active
         if ex is None or ex.conn is not conn:
             return
+        filters = ex.filters
+        if filters is not None and filters.body_hook:
+            self._filter_body_end(ex, filters)
         if ex.response_frame == FRAME_CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self._response_done(ex, conn)
@@ -1861,7 +1925,7 @@ class ClientConnection(asyncio.Protocol):
         # while the connection is still ours, not after it went back to the pool.
         self.flush_to_client()
         self.upstream_write_paused = False
-        if ex.request_complete and not ex.pending:
+        if ex.request_complete and (ex.body is None or not ex.body.pending):
             conn.pool.release(conn)
         else:
             # The upstream answered before the whole request body arrived: that connection is
@@ -1875,23 +1939,35 @@ class ClientConnection(asyncio.Protocol):
 
     def on_upstream_upgrade(self, conn: UpstreamConnection, tail: bytes) -> None:
         ex = self.active
-        if ex is None or ex.conn is not conn or ex.status != 101:
-            conn.owner = None
-            conn.abort()
+        transport = self.transport
+        upstream_transport = conn.transport
+        if (
+            ex is None
+            or ex.conn is not conn
+            or ex.status != 101
+            or transport is None
+            or upstream_transport is None
+            or self.closed
+        ):
+            conn.discard()
             return
-        # From here on both connections are a byte tunnel (RFC 9110 §7.8).
-        conn.tunnel = True
-        conn.reusable = False
-        self.tunnel = conn
+        # From here on both connections are a byte tunnel (RFC 9110 §7.8), run by tunnel.py.
+        conn.detach_for_tunnel()
         self.upgrade_pending = False
-        if tail:
-            self.out.append(tail)
-        self.flush_to_client()
-        pending = self.tunnel_pending or []
+        self.reading_paused = False  # the tunnel resumes reading
+        out = self.out
+        self.out = []
+        out.append(tail)
+        self.tunnel = Tunnel.open(
+            transport,
+            upstream_transport,
+            client_lost=self.connection_lost,
+            upstream_lost=conn.connection_lost,
+            to_client=out,
+            to_upstream=self.tunnel_pending or (),
+            client_writing_paused=self.writing_paused,
+        )
         self.tunnel_pending = None
-        for chunk in pending:
-            if chunk:
-                conn.send(chunk)
         ex.response_complete = True
         ex.t_upstream_done = time.perf_counter()
         ex.read_deadline = 0.0
@@ -1899,18 +1975,8 @@ class ClientConnection(asyncio.Protocol):
         self._observe(ex, 101)
         self._release_instance(ex)
         self.active = None
-        self._update_reading()
-
-    def tunnel_to_client(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
 
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
-        if self.tunnel is conn:
-            self.tunnel = None
-            if self.transport is not None:
-                self.transport.close()
-            return
         ex = self.active
         if ex is None:
             return
@@ -1930,7 +1996,7 @@ class ClientConnection(asyncio.Protocol):
             and not ex.stale_retried
             and not ex.response_started
             and ex.status == 0
-            and ex.replay is not None
+            and (ex.body is None or ex.body.replay is not None)
             and ex.idempotent
         ):
             # RFC 9112 §9.3.1: a pooled connection the upstream closed before answering most
@@ -1940,11 +2006,8 @@ class ClientConnection(asyncio.Protocol):
             self.server.metrics.retry(ex.upstream_name, "stale_connection")
             ex.stale_retried = True
             ex.conn = None
-            replay = ex.replay
-            ex.replay = []  # refilled from pending when the fresh connection is attached
-            pending = ex.pending or []
-            ex.pending = replay + pending if replay or pending else None
-            ex.pending_bytes = sum(len(chunk) for chunk in ex.pending) if ex.pending else 0
+            if ex.body is not None:
+                ex.body.rewind()  # sent again when the fresh connection is attached
             assert ex.instance is not None
             self._connect(ex, ex.instance.pool)  # type: ignore[arg-type]  # see _connect
             return
@@ -1965,13 +2028,11 @@ class ClientConnection(asyncio.Protocol):
         if ex.conn is not conn:
             return
         if ex.hedge_conn is not None and not ex.response_started:
-            conn.owner = None
-            conn.abort()
+            conn.discard()
             self._promote_hedge(ex, abort_primary=False)
             return
         if not ex.response_started:
-            conn.owner = None
-            conn.abort()
+            conn.discard()
             if self._try_failed(ex, RESET):
                 return
         self._upstream_failure(ex, conn, reason)
@@ -1997,7 +2058,7 @@ class ClientConnection(asyncio.Protocol):
         policy = ex.retry
         if policy is None or ex.response_started or self.closed:
             return False
-        replayable = ex.replay is not None or not ex.body_sent
+        replayable = ex.body is None or ex.body.replayable
         if not policy.should_retry(ex.attempt, kind, status, False, replayable):
             return False
         if not (ex.retry_method_ok or policy.safe_for_any_method(kind)):
@@ -2018,8 +2079,7 @@ class ClientConnection(asyncio.Protocol):
             return False
         metrics.retry(upstream.name, kind if kind != STATUS else str(status))
         if drop is not None:
-            drop.owner = None
-            drop.abort()  # the failed response's body is not wanted: closing beats draining it
+            drop.discard()  # the failed response's body is not wanted: closing beats draining it
         self._release_instance(ex)
         ex.tried += (instance,)
         ex.conn = None
@@ -2027,11 +2087,8 @@ class ClientConnection(asyncio.Protocol):
         ex.interim = False
         ex.read_deadline = 0.0
         ex.attempt += 1
-        replay = ex.replay or []
-        pending = ex.pending or []
-        ex.pending = replay + pending if replay or pending else None
-        ex.pending_bytes = sum(len(chunk) for chunk in ex.pending) if ex.pending else 0
-        ex.replay = [] if ex.replay is not None else None
+        if ex.body is not None:
+            ex.body.rewind()
         ex.retry_timer = asyncio.get_running_loop().call_later(delay, self._retry_now, ex)
         return True
 
@@ -2117,8 +2174,7 @@ class ClientConnection(asyncio.Protocol):
         """The hedge becomes the exchange's connection; the first try is abandoned."""
         primary = ex.conn
         if abort_primary and primary is not None:
-            primary.owner = None
-            primary.abort()
+            primary.discard()
         if ex.instance is not None:
             ex.instance.active_requests -= 1
         ex.instance = ex.hedge_instance
@@ -2135,8 +2191,7 @@ class ClientConnection(asyncio.Protocol):
         conn = ex.hedge_conn
         if conn is not None:
             ex.hedge_conn = None
-            conn.owner = None
-            conn.abort()
+            conn.discard()
         if ex.hedge_instance is not None:
             ex.hedge_instance.active_requests -= 1
             ex.hedge_instance = None
@@ -2161,8 +2216,7 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _upstream_failure(self, ex: Exchange, conn: UpstreamConnection, reason: str) -> None:
-        conn.owner = None
-        conn.abort()
+        conn.discard()
         self._upstream_error(ex, 502, "upstream_failure", reason)
 
     def _upstream_timeout(self, ex: Exchange, reason: str, *, retryable: bool = True) -> None:
@@ -2171,8 +2225,7 @@ class ClientConnection(asyncio.Protocol):
             return
         conn = ex.conn
         if conn is not None:
-            conn.owner = None
-            conn.abort()
+            conn.discard()
         if retryable and not ex.response_started and self._try_failed(ex, TIMEOUT):
             return
         self._upstream_error(ex, 504, "upstream_timeout", reason)
@@ -2223,43 +2276,27 @@ class ClientConnection(asyncio.Protocol):
     def _respond_error(
         self, ex: Exchange, error: RequestRejected, extra_headers: bytes = b""
     ) -> None:
-        request_id = ex.request_id
-        if request_id is None or not hdr.valid_request_id(request_id):
-            request_id = ex.request_id = self.server.request_ids.next()
-        body = orjson.dumps(
-            {
-                "error": error.code,
-                "message": error.message,
-                "status": error.status,
-                "request_id": request_id.decode("ascii"),
-            }
-        )
-        # The connection survives only if the request was read whole and framed unambiguously.
-        keep_alive = (
-            ex.keep_alive
-            and ex.request_complete
-            and not self.upgrade_pending
-            and error.status not in (400, 408, 413, 414, 431, 505)
+        request_id = self.request_id_of(ex)
+        status = error.status
+        body = responses.error_body(status, error.code, error.message, request_id)
+        keep_alive = ex.keep_alive = (
+            responses.keeps_alive(status, ex.keep_alive, ex.request_complete, self.upgrade_pending)
             and not self.server.draining
         )
-        ex.keep_alive = keep_alive
-        ex.status = error.status
+        ex.status = status
         ex.error_code = error.code
-        head = [
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nx-request-id: %s\r\n"
-            % (error.status, _REASONS.get(error.status, b"Error"), len(body), request_id)
-        ]
-        if not keep_alive:
-            head.append(b"connection: close\r\n")
-        elif ex.version == "1.0":
-            head.append(b"connection: keep-alive\r\n")
-        if extra_headers:
-            head.append(extra_headers)
         if error.headers:
-            head.append(error.headers)
-        head.append(b"\r\n")
-        self.out.append(b"".join(head))
+            extra_headers += error.headers
+        self.out.append(
+            responses.error_head(
+                status,
+                len(body),
+                request_id,
+                keep_alive=keep_alive,
+                http10=ex.version == "1.0",
+                extra_headers=extra_headers,
+            )
+        )
         if not ex.is_head:
             self.out.append(body)
         ex.response_started = True
@@ -2293,8 +2330,7 @@ class ClientConnection(asyncio.Protocol):
             conn = ex.conn
             if conn is not None:
                 # The error is inside a body already streaming upstream: abort that exchange.
-                conn.owner = None
-                conn.abort()
+                conn.discard()
                 ex.conn = None
             self._release_instance(ex)
             if ex.response_started:
@@ -2367,29 +2403,36 @@ class ClientConnection(asyncio.Protocol):
             ex.body_bytes,
             ex.bytes_out,
         )
+        filters = ex.filters
+        if filters is not None and filters.chain.wants_log:
+            filters.chain.on_log(filters.request, status, total)  # never raises (the chain's)
         access_log = server.access_log
         if access_log is not None:
-            access_log.record(
-                {
-                    "time": iso_time(time.time()),
-                    "request_id": (ex.request_id or b"").decode("ascii", "replace"),
-                    "client": self.peer_ip,
-                    "listener": self.listener.name,
-                    "method": ex.method_name,
-                    "path": ex.url.decode("latin-1"),
-                    "route": ex.route_name,
-                    "upstream": ex.upstream_name,
-                    "instance": ex.instance_address,
-                    "status": status,
-                    "bytes_in": ex.body_bytes,
-                    "bytes_out": ex.bytes_out,
-                    "duration": round(total, 6),
-                    "upstream_duration": None if upstream_time is None else round(upstream_time, 6),
-                    "retries": ex.attempt - 1,
-                    "rate_limit": ex.ratelimit or None,
-                    "error": ex.error_code or None,
-                }
-            )
+            entry = {
+                "time": iso_time(time.time()),
+                "request_id": (ex.request_id or b"").decode("ascii", "replace"),
+                "client": self.peer_ip,
+                "listener": self.listener.name,
+                "method": ex.method_name,
+                "path": ex.url.decode("latin-1"),
+                "route": ex.route_name,
+                "upstream": ex.upstream_name,
+                "instance": ex.instance_address,
+                "status": status,
+                "bytes_in": ex.body_bytes,
+                "bytes_out": ex.bytes_out,
+                "duration": round(total, 6),
+                "upstream_duration": None if upstream_time is None else round(upstream_time, 6),
+                "retries": ex.attempt - 1,
+                "rate_limit": ex.ratelimit or None,
+                "error": ex.error_code or None,
+            }
+            if filters is not None and filters.request.vars:
+                found = filters.request.vars
+                for key in ("consumer", "trace_id"):  # what filters may add to the log
+                    if key in found:
+                        entry[key] = found[key]
+            access_log.record(entry)
 
     def _finish(self, ex: Exchange) -> None:
         if self.active is not ex:

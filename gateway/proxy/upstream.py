@@ -57,6 +57,31 @@ PROTOCOL_ERROR_REASONS = (
 )
 
 
+# The state of an UpstreamConnection (ints: compared on every read). Transitions happen only in
+# UpstreamConnection's methods and its pool's (acquire/release), never in the client side:
+#
+#   CONNECTING ─connection_made─▶ IDLE ─begin_exchange─▶ WAITING_HEAD ─final head─▶ READING_BODY
+#   READING_BODY ─message complete─▶ COMPLETE ─pool.release─▶ IDLE (or CLOSED)
+#   WAITING_HEAD ─final head of a HEAD request─▶ COMPLETE;  ─101─▶ (detach_for_tunnel) TUNNELED
+#   any ─close/abort/fail/connection_lost─▶ CLOSED
+CONNECTING = 0  # the TCP (and TLS) handshake is under way
+IDLE = 1  # in its pool, lent to nobody: any byte or EOF means the upstream broke the protocol
+WAITING_HEAD = 2  # lent to an exchange; response head bytes are gathered (1xx heads included)
+READING_BODY = 3  # the final head was handed over; the body is relayed
+COMPLETE = 4  # the final response is complete; handed over after this read; nothing may follow
+TUNNELED = 5  # after a 101 the transport belongs to a Tunnel (gateway/proxy/tunnel.py)
+CLOSED = 6
+STATE_NAMES = (
+    "CONNECTING",
+    "IDLE",
+    "WAITING_HEAD",
+    "READING_BODY",
+    "COMPLETE",
+    "TUNNELED",
+    "CLOSED",
+)
+
+
 class LeftoverData(Exception):
     """Raised in a parser callback: a message began after the final response was complete."""
 
@@ -67,8 +92,6 @@ class UpstreamConnection(asyncio.Protocol):
         "body_until_close",
         "chunked",
         "chunks",
-        "collecting",
-        "finished",
         "framing_body_mark",
         "framing_chunk_mark",
         "framing_raw",
@@ -85,8 +108,8 @@ class UpstreamConnection(asyncio.Protocol):
         "reusable",
         "skip_body",
         "skipped",
+        "state",
         "transport",
-        "tunnel",
         "used",
     )
 
@@ -95,19 +118,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.owner: ClientConnection | None = None
-        self.reusable = True
-        self.tunnel = False
+        self.state = CONNECTING
+        self.reusable = True  # the upstream allows another request on this connection
         self.used = False  # has carried an exchange before: a failure may mean it was stale
         self.body_until_close = False
         self.idle_since = 0.0
-        self.collecting = False  # response head bytes are being gathered
         self.head_buffer = b""
         self.head_start = 0
         self.paused = False  # reading paused because the client cannot take more
         self.skip_body = False  # the request was HEAD: the response has no body whatever it says
         self.skipped = False
         self.interim = False  # the head being parsed is a 1xx: its message is not the response
-        self.finished = False  # the final response is complete; nothing may follow it
         # Chunked body accounting (see MAX_CHUNK_FRAMING_BYTES); only kept while ``chunked``.
         self.chunked = False
         self.body_seen = 0
@@ -126,9 +147,11 @@ class UpstreamConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pool.open_count += 1
+        self.state = IDLE
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.open_count -= 1
+        self.state = CLOSED
         self.reusable = False
         self.pool.forget(self)
         owner = self.owner
@@ -152,10 +175,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.protocol_error(DATA_AFTER_RESPONSE)
             self.close()
             return
-        if self.tunnel:
-            owner.tunnel_to_client(data)
-            return
-        if self.collecting:
+        state = self.state
+        if state == WAITING_HEAD:
             self.head_buffer = self.head_buffer + data if self.head_buffer else data
         elif self.chunked:
             self.framing_raw += len(data)
@@ -165,11 +186,10 @@ class UpstreamConnection(asyncio.Protocol):
             offset = upgrade.args[0]
             owner.on_upstream_upgrade(self, data[offset:])
         except httptools.HttpParserError as error:
-            if self.finished:
+            if self.state == COMPLETE:
                 # RFC 9112 §9.3: the response was complete and more bytes followed in the same
                 # read (another response, a 1xx, anything). The client gets its response; the
                 # connection is closed, so no other exchange can read those bytes.
-                self.finished = False
                 self.reusable = False
                 self.protocol_error(DATA_AFTER_RESPONSE)
                 if self.owner is owner:
@@ -182,9 +202,9 @@ class UpstreamConnection(asyncio.Protocol):
                     f"invalid response from upstream: {error}",
                 )
         else:
-            if self.finished:
+            state = self.state
+            if state == COMPLETE:
                 # The usual end of an exchange; _complete inlined (one call less per response).
-                self.finished = False
                 if self.chunked:
                     if self._framing_exceeded():
                         self.fail(owner, CHUNK_FRAMING, "upstream chunk framing exceeds its limits")
@@ -197,7 +217,7 @@ class UpstreamConnection(asyncio.Protocol):
                     owner.on_response_message_complete(self)
                 return  # the completion flushed
             elif (
-                self.collecting
+                state == WAITING_HEAD
                 and len(self.head_buffer) - self.head_start > MAX_RESPONSE_HEAD_BYTES
             ):
                 # Still no end of head after this many bytes: refuse rather than buffer more.
@@ -253,7 +273,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The upstream broke the protocol mid-exchange: count it, close, tell the client side
         (which answers 502, or aborts the client connection if the response already started)."""
         self.reusable = False
-        self.finished = False
+        self.state = CLOSED
         self.chunked = False
         self.protocol_error(reason)
         if self.owner is owner:
@@ -278,7 +298,7 @@ class UpstreamConnection(asyncio.Protocol):
     # No on_header/on_status: the head is read from the raw bytes (see parse_response_head),
     # which costs one regex pass instead of a Python call per header.
     def on_message_begin(self) -> None:
-        if self.finished:
+        if self.state == COMPLETE:
             raise LeftoverData  # a message after the final response: nobody asked for it
 
     def on_headers_complete(self) -> None:
@@ -294,14 +314,16 @@ class UpstreamConnection(asyncio.Protocol):
             raise ValueError("response head is not CRLF-delimited")
         head = parse_response_head(buffer[start : end + 2])
         if status >= 200:
-            self.collecting = False
             self.head_buffer = b""
+            keep_alive = self.reusable = parser.should_keep_alive()
             if self.skip_body:
                 # A response to HEAD ends at its head (RFC 9110 §9.3.2): any byte after it in
                 # this read is not part of it.
                 self.skipped = True
-                owner.on_response_head(self, status, head, parser.should_keep_alive())
-                self.finished = True
+                self.state = READING_BODY
+                owner.on_response_head(self, status, head, keep_alive)
+                if self.state == READING_BODY:  # (not dropped by a retry)
+                    self.state = COMPLETE
                 if len(buffer) > end + 4 and self.owner is owner:
                     raise LeftoverData
                 return
@@ -311,9 +333,16 @@ class UpstreamConnection(asyncio.Protocol):
                 self.framing_raw = len(buffer) - end - 4  # this read's bytes after the head
                 self.framing_raw_mark = self.framing_body_mark = self.framing_chunk_mark = 0
                 self.framing_run = 0
-        elif status == 101:
-            self.collecting = False
+            elif head.content_length is None and status != 204 and status != 304:
+                # Close-delimited (RFC 9112 §6.3 item 8): this connection cannot be reused.
+                self.body_until_close = True
+                self.reusable = False
+            self.state = READING_BODY
+            owner.on_response_head(self, status, head, keep_alive)
+            return
+        if status == 101:
             self.head_buffer = b""
+            self.state = READING_BODY  # no body: the parser stops at the upgrade
             self.interim = True  # its "message" ends where the tunnel begins
         else:
             self.interim = True
@@ -339,7 +368,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             # Handed over after feed_data returns: bytes after it in this read must be seen
             # first (on_message_begin), or they would be parsed for the next exchange.
-            self.finished = True
+            self.state = COMPLETE
 
     # -- used by the client side ------------------------------------------------------------
     def pause_reading(self) -> None:
@@ -355,12 +384,27 @@ class UpstreamConnection(asyncio.Protocol):
     def begin_exchange(self, owner: ClientConnection, head_only: bool) -> None:
         self.owner = owner
         self.skip_body = head_only
-        self.collecting = True
+        self.state = WAITING_HEAD
         self.head_buffer = b""
         self.head_start = 0
         pool = self.pool
         if pool.metrics is None:
             pool.bind_metrics(owner)
+
+    def detach_for_tunnel(self) -> None:
+        """After a 101 the transport goes to a Tunnel (gateway/proxy/tunnel.py): this protocol
+        only does its bookkeeping when the connection is lost (the tunnel calls
+        ``connection_lost``)."""
+        self.owner = None
+        self.reusable = False
+        self.paused = False
+        self.state = TUNNELED
+
+    def discard(self) -> None:
+        """The exchange gives this connection up mid-message (a failure, a retry, a lost
+        client): it is in an unknown state, so it is aborted, and its events go nowhere."""
+        self.owner = None
+        self.abort()
 
     def send(self, data: bytes) -> None:
         transport = self.transport
@@ -369,11 +413,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.reusable = False
+        self.state = CLOSED
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         self.reusable = False
+        self.state = CLOSED
         if self.transport is not None:
             self.transport.abort()
 
@@ -454,6 +500,7 @@ class InstancePool:
         if self.closed or not conn.reusable or len(self.idle) >= self.max_idle:
             conn.close()
             return
+        conn.state = IDLE
         conn.used = True
         conn.resume_reading()  # an idle connection must see the upstream's EOF
         conn.idle_since = time.monotonic()

@@ -1,0 +1,349 @@
+"""The filter seam (gateway/filters/api.py, gateway/proxy/filtering.py), sans-IO: small test
+chains on a route, driven through the data plane with the fake transports of the harness."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from gateway.filters.api import (
+    SUSPENDED,
+    FilterChain,
+    LocalReply,
+    RequestInfo,
+    ResponseInfo,
+    Resume,
+)
+from tests.unit.dataplane_harness import NOTHING_IN_FLIGHT, Harness, config, request, response
+
+TWO_UPSTREAMS = (
+    "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n"
+    "upstreams:\n"
+    "  app: {instances: [10.0.0.1:80]}\n"
+    "  canary: {instances: [10.0.0.2:80]}\n"
+    "routes:\n"
+    "  - {name: main, match: {path: {prefix: /}}, upstream: app}\n"
+)
+
+
+class TestChain:
+    """A chain whose hooks do what the test sets; it records every call."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self,
+        *,
+        outcome: Any = None,
+        on_request: Any = None,
+        on_response: Any = None,
+        on_body: Any = None,
+        route: str = "main",
+    ) -> None:
+        self.route = route
+        self.wants_request_body = False
+        self.wants_response_headers = on_response is not None
+        self.wants_response_body = on_body is not None
+        self.wants_log = True
+        self.outcome = outcome
+        self.on_request = on_request
+        self.on_response = on_response
+        self.on_body = on_body
+        self.calls: list[str] = []
+        self.resume: Resume | None = None
+        self.requests: list[RequestInfo] = []
+        self.logged: list[int] = []
+        self.chunks: list[tuple[bytes, bool]] = []
+
+    def on_request_headers(self, request: RequestInfo, resume: Resume) -> Any:
+        self.calls.append("request_headers")
+        self.requests.append(request)
+        self.resume = resume
+        if self.on_request is not None:
+            self.on_request(request)
+        return self.outcome
+
+    def on_request_body(self, request: RequestInfo, chunk: bytes, end: bool) -> bytes:
+        return chunk
+
+    def on_response_headers(self, response: ResponseInfo) -> None:
+        self.calls.append("response_headers")
+        self.on_response(response)
+
+    def on_response_body(self, response: ResponseInfo, chunk: bytes, end: bool) -> bytes:
+        self.chunks.append((chunk, end))
+        result: bytes = self.on_body(chunk, end)
+        return result
+
+    def on_log(self, request: RequestInfo, status: int, duration_s: float) -> None:
+        self.logged.append(status)
+
+
+def install(h: Harness, chain: TestChain, route: str = "main") -> None:
+    chains: dict[str, FilterChain] = {route: chain}
+    h.snapshot = dataclasses.replace(h.snapshot, filters=chains)
+    h.server.set_snapshot(h.snapshot)
+
+
+def test_a_route_without_a_chain_never_builds_request_info() -> None:
+    with Harness(config()) as h:
+        chain = TestChain()
+        install(h, chain, route="another-route")
+        c = h.client()
+        c.send(request())
+        h.upstream().respond(response(200, b"plain"))
+        [answer] = c.responses()
+        assert (answer.status, answer.body) == (200, b"plain")
+        assert chain.calls == [] and chain.logged == []
+
+
+def test_request_info_describes_the_request() -> None:
+    with Harness(config()) as h:
+        chain = TestChain()
+        install(h, chain)
+        c = h.client()
+        c.send(request("GET", "/a/./b?x=1", headers=(("X-Request-Id", "abc-123"),)))
+        h.upstream().respond(response())
+        [info] = chain.requests
+        assert (info.method, info.path, info.query, info.host) == ("GET", "/a/b", "x=1", "gw.test")
+        assert (info.route, info.request_id, info.protocol, info.tls) == (
+            "main",
+            "abc-123",
+            "http/1.1",
+            False,
+        )
+        assert info.client_ip == c.transport.peer[0]
+        assert chain.logged == [200]
+
+
+# (name, method, reply, expected status, expected body, connection kept)
+LOCAL_REPLIES = [
+    (
+        "401 with a body",
+        "GET",
+        LocalReply(401, [(b"www-authenticate", b"Bearer")], b"no"),
+        401,
+        b"no",
+        True,
+    ),
+    (
+        "204 preflight",
+        "OPTIONS",
+        LocalReply(204, [(b"access-control-allow-origin", b"*")]),
+        204,
+        b"",
+        True,
+    ),
+    ("403 to HEAD has no body", "HEAD", LocalReply(403, [], b"forbidden"), 403, b"", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "reply", "status", "body", "kept"),
+    [case[1:] for case in LOCAL_REPLIES],
+    ids=[case[0] for case in LOCAL_REPLIES],
+)
+def test_a_local_reply_answers_without_the_upstream(
+    method: str, reply: LocalReply, status: int, body: bytes, kept: bool
+) -> None:
+    with Harness(config()) as h:
+        chain = TestChain(outcome=reply)
+        install(h, chain)
+        c = h.client()
+        c.send(request(method, "/x"))
+        [answer] = c.responses(head_requests=1 if method == "HEAD" else 0)
+        assert (answer.status, answer.body) == (status, body)
+        for name, value in reply.headers:
+            assert answer.header(name) == value
+        assert answer.header(b"x-request-id")
+        assert h.connects == []
+        assert c.closed is not kept
+        assert chain.logged == [status]
+        h.run()
+        assert h.in_flight() == dict(NOTHING_IN_FLIGHT, client_connections=1)
+
+
+def test_a_suspended_request_goes_on_when_resumed() -> None:
+    with Harness(config()) as h:
+        chain = TestChain(outcome=SUSPENDED)
+        install(h, chain)
+        c = h.client()
+        c.send(request("POST", "/pay", body=b"amount=1"))
+        assert h.connects == [] and c.responses() == []
+        assert chain.resume is not None
+        chain.resume(None)
+        h.run()
+        u = h.upstream()
+        assert u.received().endswith(b"\r\n\r\namount=1")
+        u.respond(response(200, b"paid"))
+        [answer] = c.responses()
+        assert (answer.status, answer.body) == (200, b"paid")
+        chain.resume(None)  # a second resume changes nothing
+        h.run()
+        assert len(h.connects) == 1 and len(c.responses()) == 1
+
+
+def test_a_suspended_request_can_be_answered_on_resume() -> None:
+    with Harness(config()) as h:
+        chain = TestChain(outcome=SUSPENDED)
+        install(h, chain)
+        c = h.client()
+        c.send(request())
+        assert chain.resume is not None
+        chain.resume(LocalReply(429, [(b"retry-after", b"1")], b"slow down"))
+        [answer] = c.responses()
+        assert (answer.status, answer.body, answer.header(b"retry-after")) == (
+            429,
+            b"slow down",
+            b"1",
+        )
+        assert h.connects == []
+
+
+def test_a_resume_after_the_client_went_away_is_dropped() -> None:
+    with Harness(config()) as h:
+        chain = TestChain(outcome=SUSPENDED)
+        install(h, chain)
+        c = h.client()
+        c.send(request())
+        c.disconnect()
+        assert chain.resume is not None
+        chain.resume(None)
+        h.run()
+        assert h.connects == []
+        assert h.in_flight() == NOTHING_IN_FLIGHT
+
+
+def test_request_header_changes_reach_the_upstream() -> None:
+    def edit(info: RequestInfo) -> None:
+        info.headers[:] = [(n, v) for n, v in info.headers if n != b"x-secret"]
+        info.headers.append((b"x-consumer", b"alice"))
+        info.vars["consumer"] = "alice"
+
+    for framing in ((), (("Transfer-Encoding", "chunked"),)):
+        with Harness(config()) as h:
+            install(h, TestChain(on_request=edit))
+            c = h.client()
+            body = b"3\r\nabc\r\n0\r\n\r\n" if framing else b""
+            c.send(request("POST", "/", headers=(("X-Secret", "s"), *framing), body=body))
+            u = h.upstream()
+            fields = u.request_headers()
+            assert fields[b"x-consumer"] == b"alice" and b"x-secret" not in fields
+            if framing:
+                assert u.received().endswith(b"3\r\nabc\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize(("target", "address"), [("canary", "10.0.0.2:80"), (None, "10.0.0.1:80")])
+def test_request_info_upstream_overrides_the_routes(target: str | None, address: str) -> None:
+    def split(info: RequestInfo) -> None:
+        info.upstream = target
+
+    with Harness(TWO_UPSTREAMS) as h:
+        install(h, TestChain(on_request=split))
+        c = h.client()
+        c.send(request())
+        u = h.upstream()
+        assert u.address == address
+        u.respond(response())
+        assert c.responses()[0].status == 200
+
+
+def test_an_unknown_upstream_from_a_filter_is_a_500() -> None:
+    def split(info: RequestInfo) -> None:
+        info.upstream = "nowhere"
+
+    with Harness(config()) as h:
+        install(h, TestChain(on_request=split))
+        c = h.client()
+        c.send(request())
+        [answer] = c.responses()
+        assert answer.status == 500 and h.connects == []
+
+
+def test_response_headers_can_change_status_and_fields() -> None:
+    def edit(info: ResponseInfo) -> None:
+        info.status = 203
+        info.headers = [(n, v) for n, v in info.headers if n != b"server"]
+        info.headers.append((b"x-filtered", b"yes"))
+
+    with Harness(config()) as h:
+        chain = TestChain(on_response=edit)
+        install(h, chain)
+        c = h.client()
+        c.send(request())
+        h.upstream().respond(response(200, b"body", headers=(("Server", "app"),)))
+        [answer] = c.responses()
+        assert (answer.status, answer.body) == (203, b"body")
+        assert answer.header(b"x-filtered") == b"yes" and answer.header(b"server") is None
+        assert answer.header(b"content-length") == b"4"
+        assert chain.logged == [203]
+
+
+# RFC 9112 §6.1/§6.3: without Content-Length an HTTP/1.1 body is chunked, an HTTP/1.0 one ends
+# with the connection.
+@pytest.mark.parametrize(
+    ("version", "transfer_encoding", "connection"),
+    [("1.1", b"chunked", None), ("1.0", None, b"close")],
+)
+def test_a_removed_content_length_reframes_the_body(
+    version: str, transfer_encoding: bytes | None, connection: bytes | None
+) -> None:
+    def drop_length(info: ResponseInfo) -> None:
+        info.headers = [(n, v) for n, v in info.headers if n != b"content-length"]
+
+    with Harness(config()) as h:
+        install(h, TestChain(on_response=drop_length, on_body=lambda chunk, end: chunk.upper()))
+        c = h.client()
+        c.send(request(version=version))
+        u = h.upstream()
+        u.respond(response(200, b"hello"))
+        [answer] = c.responses()
+        assert answer.body == b"HELLO"
+        assert answer.header(b"content-length") is None
+        assert answer.header(b"transfer-encoding") == transfer_encoding
+        if connection is not None:
+            assert c.closed
+        else:
+            assert not c.closed and u.pooled
+
+
+def test_response_body_hook_sees_every_chunk_and_the_end() -> None:
+    def drop_length(info: ResponseInfo) -> None:
+        info.headers = [(n, v) for n, v in info.headers if n != b"content-length"]
+
+    with Harness(config()) as h:
+        chain = TestChain(
+            on_response=drop_length,
+            on_body=lambda chunk, end: b"<end>" if end else chunk[:2],
+        )
+        install(h, chain)
+        c = h.client()
+        c.send(request())
+        u = h.upstream()
+        u.respond(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n")
+        u.respond(b"4\r\nefgh\r\n0\r\n\r\n")
+        [answer] = c.responses()
+        assert answer.body == b"abef<end>"
+        assert chain.chunks == [(b"abcd", False), (b"efgh", False), (b"", True)]
+        assert u.pooled
+
+
+def test_an_empty_chunk_from_the_body_hook_does_not_end_the_body() -> None:
+    def drop_length(info: ResponseInfo) -> None:
+        info.headers = [(n, v) for n, v in info.headers if n != b"content-length"]
+
+    with Harness(config()) as h:
+        install(
+            h,
+            TestChain(
+                on_response=drop_length,
+                on_body=lambda chunk, end: b"all" if end else b"",
+            ),
+        )
+        c = h.client()
+        c.send(request())
+        h.upstream().respond(response(200, b"swallowed"))
+        [answer] = c.responses()
+        assert answer.body == b"all"
