@@ -32,6 +32,7 @@ import orjson
 from gateway.accesslog import AccessLog, iso_time
 from gateway.proxy import headers as hdr
 from gateway.proxy.connlimit import LocalConnectionCount, SharedConnectionCount
+from gateway.proxy.h2 import take_over_h2c
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
 from gateway.proxy.upstream import (
     UNEXPECTED_SWITCHING_PROTOCOLS,
@@ -671,6 +672,7 @@ class ClientConnection(asyncio.Protocol):
         "chunked_walk",
         "client_cert",
         "closed",
+        "h2_sniff",
         "head_deadline",
         "head_limit",
         "head_received",
@@ -744,6 +746,8 @@ class ClientConnection(asyncio.Protocol):
         self.method_hook = self.allowed_methods is not None
         self.head_tail = b""  # last bytes of a read that ended inside a head
         self.chunked_walk: list[Exchange] | None = None  # chunked bodies to walk after a read
+        # HTTP/2 hook: look for the h2c preface in the first bytes (gateway/proxy/h2).
+        self.h2_sniff = self.listener.http2 is not None and self.listener.tls is None
 
     # -- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -946,6 +950,10 @@ class ClientConnection(asyncio.Protocol):
 
     # -- client bytes -----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self.h2_sniff:  # HTTP/2 hook: h2c with prior knowledge (gateway/proxy/h2)
+            self.h2_sniff = False
+            if take_over_h2c(self, data):
+                return
         if self.tunnel is not None:
             self.tunnel.send(data)
             return
