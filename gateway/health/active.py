@@ -31,7 +31,6 @@ from typing import Any
 import aiohttp
 
 from gateway.config.validate import parse_address
-from gateway.health.grpc_check import probe_grpc
 
 logger = logging.getLogger("gateway.health")
 
@@ -223,6 +222,9 @@ class ActiveHealthChecker:
 
     async def probe_grpc(self, address: str) -> tuple[bool, int | None, str | None]:
         """One ``grpc.health.v1.Health/Check`` call to ``address``."""
+        # Imported here: h2 is loaded only by processes that run a grpc check.
+        from gateway.health.grpc_check import probe_grpc
+
         parsed = parse_address(address)
         return await probe_grpc(
             parsed.host,

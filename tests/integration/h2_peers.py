@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hyperframe.frame import GoAwayFrame
@@ -231,6 +232,9 @@ class RawH2Server(asyncio.Protocol):
         self.conn.local_settings.max_concurrent_streams = max_concurrent_streams
         self.transport: asyncio.Transport | None = None
         self.requests: list[int] = []
+        self.bodies: dict[int, bytearray] = {}
+        self.trailers: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.ended: list[int] = []
         registry.append(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -245,13 +249,22 @@ class RawH2Server(asyncio.Protocol):
                 self.requests.append(event.stream_id)
                 self.on_request(self, event.stream_id, list(event.headers))
             elif isinstance(event, h2.events.DataReceived):
+                self.bodies.setdefault(event.stream_id, bytearray()).extend(event.data or b"")
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.TrailersReceived):
+                self.trailers[event.stream_id] = list(event.headers)
+            elif isinstance(event, h2.events.StreamEnded):
+                self.ended.append(event.stream_id)
         self.flush()
 
     def respond(self, stream_id: int, body: bytes, status: bytes = b"200") -> None:
         self.conn.send_headers(stream_id, [(b":status", status)], end_stream=not body)
         if body:
             self.conn.send_data(stream_id, body, end_stream=True)
+        self.flush()
+
+    def refuse(self, stream_id: int) -> None:
+        self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
         self.flush()
 
     def goaway(self, last_stream_id: int, error_code: int = 0) -> None:

@@ -365,6 +365,117 @@ async def test_local_reset_stops_the_stream_and_reports_nothing(grpc_server: Grp
     pool.close_all()
 
 
+POST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"t"), (b":path", b"/p")]
+
+
+async def raw_server(on_request: object, servers: list[RawH2Server]) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: RawH2Server(on_request, servers),  # type: ignore[arg-type]
+        "127.0.0.1",
+        0,
+    )
+
+
+async def test_refused_stream_is_never_processed() -> None:
+    servers: list[RawH2Server] = []
+
+    def on_request(server: RawH2Server, stream_id: int, headers: object) -> None:
+        # RFC 9113 §8.7: REFUSED_STREAM means no application processing happened.
+        if stream_id == 1:
+            server.refuse(stream_id)
+        else:
+            server.respond(stream_id, b"ok")
+
+    listener = await raw_server(on_request, servers)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        pool = make_pool(port)
+        refused, served = Recorder(), Recorder()
+        refused.stream = pool.open_stream(POST, True, refused)
+        await asyncio.wait_for(refused.done, 10)
+        served.stream = pool.open_stream(POST, True, served)
+        await asyncio.wait_for(served.done, 10)
+        assert refused.reset == (REFUSED_STREAM, True) and not refused.ended
+        assert served.ended and bytes(served.body) == b"ok"
+        assert pool.connections_opened == 1  # a refused stream leaves the connection usable
+        pool.close_all()
+    finally:
+        listener.close()
+
+
+async def test_request_body_and_trailers_reach_the_server() -> None:
+    servers: list[RawH2Server] = []
+    listener = await raw_server(lambda server, sid, headers: None, servers)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        pool = make_pool(port)
+        call = Recorder()
+        stream = pool.open_stream(POST, False, call)
+        call.stream = stream
+        # Sent while the connection is still being opened: held, then sent in order.
+        stream.send_data(b"part one, ")
+        stream.send_data(b"part two")
+        stream.send_trailers([(b"grpc-status", b"0"), (b"x-sum", b"18")])
+        stream.send_data(b"ignored: the request already ended")
+        await poll(lambda: bool(servers) and 1 in servers[0].ended, what="the request's end")
+        server = servers[0]
+        assert bytes(server.bodies[1]) == b"part one, part two"
+        assert server.trailers[1] == [(b"grpc-status", b"0"), (b"x-sum", b"18")]
+        server.respond(1, b"thanks")
+        await asyncio.wait_for(call.done, 10)
+        assert bytes(call.body) == b"thanks" and call.paused == call.resumed == 1
+        pool.close_all()
+    finally:
+        listener.close()
+
+
+async def test_a_waiting_stream_that_is_reset_is_never_sent() -> None:
+    server = GrpcServer(max_concurrent_streams=1)
+    try:
+        pool = make_pool(server.port, max_connections=1)
+        first = unary(pool, server.authority, "Wait", b"first")
+        second = unary(pool, server.authority, "Unary", b"second")
+        await poll(lambda: pool.active_streams == 1 and len(pool.pending) == 1)
+        assert second.stream is not None
+        second.stream.reset()
+        assert not pool.pending
+        server.state.gate.set()
+        await asyncio.wait_for(first.done, 10)
+        assert grpc_messages(bytes(first.body)) == [b"first"]
+        assert server.state.calls == 0  # "second" (a Unary call) never reached the server
+        assert not second.done.done()
+        pool.close_all()
+    finally:
+        server.stop(None)
+
+
+async def test_pool_limits_waiting_streams_and_refuses_after_close(
+    grpc_server: GrpcServer,
+) -> None:
+    from gateway.proxy.h2.client import PoolUnavailable
+
+    pool = make_pool(grpc_server.port, max_pending=2)
+    calls = [unary(pool, grpc_server.authority, "Unary", b"%d" % i) for i in range(3)]
+    await asyncio.wait_for(calls[2].done, 10)
+    assert isinstance(calls[2].connect_error, PoolUnavailable)
+    assert "2 streams waiting" in str(calls[2].connect_error)
+    await asyncio.wait_for(asyncio.gather(calls[0].done, calls[1].done), 10)
+    assert [grpc_messages(bytes(c.body)) for c in calls[:2]] == [[b"0"], [b"1"]]
+    # close_all: idle connections close now; new streams are refused.
+    busy = unary(pool, grpc_server.authority, "Wait", b"busy")
+    await poll(lambda: pool.active_streams == 1)
+    pool.close_all()
+    late = unary(pool, grpc_server.authority, "Unary", b"late")
+    await asyncio.wait_for(late.done, 10)
+    assert isinstance(late.connect_error, PoolUnavailable)
+    # ... while the busy stream finishes on its connection, which closes after it.
+    grpc_server.state.gate.set()
+    await asyncio.wait_for(busy.done, 10)
+    assert grpc_messages(bytes(busy.body)) == [b"busy"]
+    await poll(lambda: pool.open_count == 0, what="the busy connection to close")
+
+
 # -- h2 over TLS (ALPN) ---------------------------------------------------------------------
 
 
@@ -389,6 +500,37 @@ async def test_h2_over_tls_negotiated_by_alpn(tmp_path: Path) -> None:
         conn = pool.connections[0]
         assert conn.transport is not None
         assert conn.transport.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+        pool.close_all()
+    finally:
+        server.stop(None)
+
+
+async def test_upstream_tls_context_with_h2_alpn_from_config(tmp_path: Path) -> None:
+    from gateway.config import load_config_text
+    from gateway.tls.upstream import H2_ALPN, upstream_tls
+
+    certs = CertFiles(tmp_path)
+    cert, key = certs.issue("server", "users.internal")
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    server = GrpcServer(credentials=credentials)
+    try:
+        config = load_config_text(
+            "upstreams:\n"
+            f"  users: {{instances: [127.0.0.1:{server.port}], protocol: h2,"
+            f" tls: {{ca: {certs.ca_path}, sni: users.internal}}}}\n"
+            "routes: []\n",
+            str(tmp_path / "gateway.yaml"),
+        )
+        upstream = config.upstreams["users"]
+        tls = upstream_tls(upstream, config, alpn=H2_ALPN)
+        http1 = upstream_tls(upstream, config)
+        assert tls.key != http1.key and tls.context is not http1.context
+        pool = make_pool(
+            server.port, ssl_context=tls.context, server_hostname=tls.server_hostname("127.0.0.1")
+        )
+        call = unary(pool, "users.internal", "Unary", b"configured")
+        await asyncio.wait_for(call.done, 10)
+        assert grpc_messages(bytes(call.body)) == [b"configured"]
         pool.close_all()
     finally:
         server.stop(None)

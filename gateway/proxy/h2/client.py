@@ -468,6 +468,15 @@ class H2ClientConnection(asyncio.Protocol):
         """Send what the windows allow of the stream's held-back body, then its end."""
         if self.closed or stream.reset_done or stream.local_closed:
             return
+        try:
+            self._push(stream)
+        except h2.exceptions.StreamClosedError:
+            # The server reset it in the read being handled; its StreamReset event follows.
+            stream.outbox = None
+        if flush:
+            self.flush()
+
+    def _push(self, stream: H2Stream) -> None:
         h2conn = self.h2
         stream_id = stream.stream_id
         outbox = stream.outbox
@@ -509,8 +518,6 @@ class H2ClientConnection(asyncio.Protocol):
                 stream.listener.on_send_resumed()
         if stream.local_closed and stream.remote_closed:
             self._discard(stream)
-        if flush:
-            self.flush()
 
     def reset_stream(self, stream: H2Stream, error_code: int) -> None:
         self._discard(stream)
