@@ -257,7 +257,8 @@ class ActiveHealthChecker:
         state.healthy = not state.healthy
         state.transitions += 1
         self.transitions += 1
-        reason = f"status {status}" if status is not None else (error or "failure")
+        # The error says more than the status when both exist (a grpc check answers 200).
+        reason = error or (f"status {status}" if status is not None else "failure")
         logger.warning(
             "health check: %s is now %s (%s)",
             target_address(target),

@@ -557,3 +557,24 @@ async def test_tls_server_without_h2_alpn_is_a_clear_connect_error(tmp_path: Pat
         assert "did not choose h2 by ALPN" in str(call.connect_error)
     finally:
         server.close()
+
+
+def test_the_client_runs_on_uvloop() -> None:
+    # The gateway's workers run uvloop, whose transports are not asyncio.Transport subclasses.
+    import uvloop
+
+    server = GrpcServer()
+
+    async def scenario() -> tuple[list[bytes], int]:
+        pool = make_pool(server.port, stream_window=64 * 1024)
+        small = unary(pool, server.authority, "Unary", b"on uvloop")
+        big = unary(pool, server.authority, "StreamOut", struct.pack(">II", 20, 64 * 1024))
+        await asyncio.wait_for(asyncio.gather(small.done, big.done), 10)
+        pool.close_all()
+        return grpc_messages(bytes(small.body)), len(grpc_messages(bytes(big.body)))
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            assert runner.run(scenario()) == ([b"on uvloop"], 20)
+    finally:
+        server.stop(None)

@@ -39,7 +39,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, cast
 
 import h2.config
 import h2.connection
@@ -253,8 +253,8 @@ class H2ClientConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's is not an asyncio.Transport subclass: no isinstance).
+        self.transport = transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
