@@ -235,6 +235,7 @@ class RawH2Server(asyncio.Protocol):
         self.bodies: dict[int, bytearray] = {}
         self.trailers: dict[int, list[tuple[bytes, bytes]]] = {}
         self.ended: list[int] = []
+        self.pings = 0
         registry.append(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -255,6 +256,8 @@ class RawH2Server(asyncio.Protocol):
                 self.trailers[event.stream_id] = list(event.headers)
             elif isinstance(event, h2.events.StreamEnded):
                 self.ended.append(event.stream_id)
+            elif isinstance(event, h2.events.PingReceived):
+                self.pings += 1
         self.flush()
 
     def respond(self, stream_id: int, body: bytes, status: bytes = b"200") -> None:

@@ -250,6 +250,11 @@ class H2ClientConnection(asyncio.Protocol):
         self.goaway_last_stream_id: int | None = None
         self.connect_error: BaseException | None = None
         self.settings_timer: asyncio.TimerHandle | None = None
+        # PING keepalive (pool.ping_interval): a connection silent for a whole interval gets a
+        # PING; one still unanswered, and silent, an interval later is dead and closed.
+        self.keepalive_timer: asyncio.TimerHandle | None = None
+        self.read_since_tick = False
+        self.ping_outstanding = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -302,6 +307,9 @@ class H2ClientConnection(asyncio.Protocol):
         if self.settings_timer is not None:
             self.settings_timer.cancel()
             self.settings_timer = None
+        if self.keepalive_timer is not None:
+            self.keepalive_timer.cancel()
+            self.keepalive_timer = None
         self.draining = True
         streams = list(self.streams.values())
         self.streams.clear()
@@ -324,6 +332,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        self.read_since_tick = True
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError:
@@ -362,6 +371,8 @@ class H2ClientConnection(asyncio.Protocol):
                 self._on_settings()
             elif kind is h2.events.ConnectionTerminated:
                 self._on_goaway(event.last_stream_id)  # type: ignore[attr-defined]
+            elif kind is h2.events.PingAckReceived:
+                self.ping_outstanding = False
         self.flush()
         if not self.streams and self.ready and not self.closed:
             self.pool.connection_idle(self)
@@ -414,6 +425,10 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _on_settings(self) -> None:
         self.max_streams = self.h2.remote_settings.max_concurrent_streams
+        if not self.ready and self.pool.ping_interval:
+            self.keepalive_timer = self.pool.loop.call_later(
+                self.pool.ping_interval, self._keepalive
+            )
         self.ready = True
         if self.settings_timer is not None:
             self.settings_timer.cancel()
@@ -424,6 +439,24 @@ class H2ClientConnection(asyncio.Protocol):
                 self.push(stream)
         if not self.draining:
             self.pool.connection_ready(self)
+
+    def _keepalive(self) -> None:
+        self.keepalive_timer = None
+        if self.closed:
+            return
+        if not self.read_since_tick:
+            if self.ping_outstanding:
+                # Nothing heard for two intervals, not even the PING ACK: the peer (or the path
+                # to it) is gone. Its streams fail now instead of at their timeouts.
+                self.close(goaway=False)
+                return
+            self.h2.ping(b"keepaliv")
+            self.ping_outstanding = True
+            self.flush()
+        self.read_since_tick = False
+        interval = self.pool.ping_interval
+        assert interval is not None
+        self.keepalive_timer = self.pool.loop.call_later(interval, self._keepalive)
 
     def _on_goaway(self, last_stream_id: int) -> None:
         self.draining = True
@@ -580,6 +613,7 @@ class H2InstancePool:
         stream_window: int = 1 << 20,
         connection_window: int = 16 << 20,
         max_header_list_size: int = 64 << 10,
+        ping_interval: float | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.host = host
@@ -595,6 +629,7 @@ class H2InstancePool:
         self.stream_window = stream_window
         self.connection_window = connection_window
         self.max_header_list_size = max_header_list_size
+        self.ping_interval = ping_interval  # seconds; None: no keepalive PINGs
         self._loop = loop
         self.connections: list[H2ClientConnection] = []  # open, taking new streams when ready
         self.draining: list[H2ClientConnection] = []  # GOAWAY'd, finishing their streams
