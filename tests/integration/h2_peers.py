@@ -58,6 +58,7 @@ class EchoState:
 
     barrier: threading.Barrier | None = None
     gate: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)  # a Wait call started
     calls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -74,6 +75,7 @@ def _echo_handlers(state: EchoState) -> grpc.GenericRpcHandler:
         return request
 
     def wait(request: bytes, context: Any) -> bytes:
+        state.entered.set()
         state.gate.wait(timeout=10)
         return request
 
@@ -90,6 +92,10 @@ def _echo_handlers(state: EchoState) -> grpc.GenericRpcHandler:
             digest.update(message)
         return struct.pack(">Q", total) + digest.digest()
 
+    def chat(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        for message in requests:  # one reply per message, as soon as it arrives
+            yield b"re: " + message
+
     def fail(request: bytes, context: Any) -> bytes:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not today: 100% sure")
 
@@ -101,6 +107,7 @@ def _echo_handlers(state: EchoState) -> grpc.GenericRpcHandler:
             "Wait": grpc.unary_unary_rpc_method_handler(wait),
             "StreamOut": grpc.unary_stream_rpc_method_handler(stream_out),
             "DigestIn": grpc.stream_unary_rpc_method_handler(digest_in),
+            "Chat": grpc.stream_stream_rpc_method_handler(chat),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
         },
     )

@@ -193,8 +193,9 @@ async def test_grpcio_graceful_stop_lets_the_call_in_flight_finish() -> None:
     server = GrpcServer()
     pool = make_pool(server.port)
     call = unary(pool, server.authority, "Wait", b"in flight")
-    await poll(lambda: pool.active_streams == 1 and pool.connections_opened == 1)
-    await poll(lambda: server.state.gate is not None)
+    # The handler must be running: grpcio cancels calls it has not started when it stops.
+    await poll(server.state.entered.is_set, what="the call to reach its handler")
+    assert pool.active_streams == 1 and pool.connections_opened == 1
     stopped = server.stop(grace=10)
     # grpcio drains with GOAWAY (and a PING) before the call ends; the call must survive it.
     await poll(lambda: pool.draining != [], what="the GOAWAY to arrive")
@@ -263,6 +264,26 @@ async def test_large_request_is_paused_by_flow_control_and_arrives_whole(
     assert listener.resumed >= 1 and stream.pending_bytes == 0
     [reply] = grpc_messages(bytes(listener.body))
     assert reply == struct.pack(">Q", total) + digest.digest()
+    pool.close_all()
+
+
+async def test_bidirectional_stream_interleaves_requests_and_replies(
+    grpc_server: GrpcServer,
+) -> None:
+    pool = make_pool(grpc_server.port)
+    chat = Recorder()
+    stream = pool.open_stream(grpc_request_headers(grpc_server.authority, "Chat"), False, chat)
+    chat.stream = stream
+    for turn in range(5):
+        stream.send_data(grpc_frame(b"turn %d" % turn))
+        # Each reply arrives while the request stream is still open: full duplex.
+        replies = turn + 1
+        await poll(lambda n=replies: len(grpc_messages(bytes(chat.body))) == n, what="a reply")
+        assert not chat.ended
+    stream.send_data(b"", end=True)
+    await asyncio.wait_for(chat.done, 10)
+    assert grpc_messages(bytes(chat.body)) == [b"re: turn %d" % t for t in range(5)]
+    assert chat.trailers is not None and (b"grpc-status", b"0") in chat.trailers
     pool.close_all()
 
 
