@@ -48,6 +48,8 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
+from gateway.pools import PoolFactory
+
 # on_reset's error_code when the connection ended under the stream (no HTTP/2 code applies).
 CONNECTION_LOST = -1
 REFUSED_STREAM = int(ErrorCodes.REFUSED_STREAM)
@@ -842,3 +844,9 @@ class H2InstancePool:
         for stream in waiting:
             stream.reset_done = True
             stream.listener.on_connect_error(error)
+
+
+# The snapshot builds pools through gateway.pools' factory protocol: mypy checks here that this
+# pool fits it (constructor and ConnectionPool surface), for the data plane to register it for
+# upstreams.NAME.protocol h2c/h2.
+H2_POOL_FACTORY: PoolFactory = H2InstancePool
