@@ -81,6 +81,8 @@ class HealthConfig:
     unhealthy_threshold: int = 3
     expected_statuses: tuple[int, ...] = (200,)
     jitter: float = 0.1  # fraction of the interval
+    type: Literal["http", "grpc"] = "http"  # grpc: grpc.health.v1.Health/Check over HTTP/2
+    service: str = ""  # grpc: the service asked about ("": the server as a whole)
 
 
 @dataclass(frozen=True, slots=True)

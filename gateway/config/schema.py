@@ -397,11 +397,38 @@ OUTLIER = Struct(
     ],
 )
 
+
+def _health(**values: Any) -> HealthConfig:
+    values["service"] = values["service"] or ""
+    return HealthConfig(**values)
+
+
+def _grpc_health_options(values: dict[str, Any]) -> list[tuple[str, str]]:
+    if values["service"] is not None and values["type"] != "grpc":
+        return [("service", "only meaningful with type: grpc")]
+    return []
+
+
 HEALTH = Struct(
     "health",
-    "Active health checks: an HTTP GET to each instance every interval (with jitter).",
+    "Active health checks: a probe of each instance every interval (with jitter): an HTTP GET"
+    " (type http), or a grpc.health.v1.Health/Check call over HTTP/2 (type grpc).",
     [
-        Field("path", URL_PATH, "Path probed on each instance.", "/healthz"),
+        Field(
+            "type",
+            Enum(("http", "grpc")),
+            "http: GET path, passing on expected_statuses. grpc: grpc.health.v1.Health/Check"
+            " for service over HTTP/2 (h2c, or h2 by ALPN when the upstream has tls), passing"
+            " on SERVING; path and expected_statuses do not apply.",
+            "http",
+        ),
+        Field(
+            "service",
+            Text("a gRPC service name", min_length=0),
+            "type grpc: the service asked about, e.g. 'pkg.Service' (default: the empty name,"
+            " the server as a whole).",
+        ),
+        Field("path", URL_PATH, "Path probed on each instance (type http).", "/healthz"),
         Field("interval", DURATION, "Time between probes of one instance.", "5s"),
         Field("timeout", DURATION, "A probe slower than this fails.", "1s"),
         Field("healthy_threshold", Int(1), "Passes in a row to become healthy.", 2),
@@ -409,11 +436,12 @@ HEALTH = Struct(
         Field(
             "expected_statuses",
             ListOf(STATUS_CODE, min_items=1, unique=True),
-            "Statuses that count as a pass.",
+            "Statuses that count as a pass (type http).",
             [200],
         ),
     ],
-    build=HealthConfig,
+    build=_health,
+    checks=[_grpc_health_options],
 )
 
 
