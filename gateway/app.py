@@ -39,6 +39,7 @@ from gateway.config import (
 from gateway.config.model import GatewayConfig, InstanceConfig
 from gateway.config.secrets import SCRUBBER
 from gateway.discovery import DiscoveryManager, add_discovery_routes
+from gateway.filters.chain import count_filter_errors
 from gateway.health.manager import HealthManager
 from gateway.metrics import GatewayMetrics, make_registry
 from gateway.proxy.listener import ProxyServer
@@ -221,6 +222,7 @@ class LocalPlane:
     def __init__(self, config: GatewayConfig) -> None:
         self.metrics = GatewayMetrics(bucket_overrides=dict(config.metrics.buckets))
         self.metrics.declare((route.name, route.upstream) for route in config.routes)
+        count_filter_errors(self.metrics.filter_error)
         self.registry = make_registry(self.metrics)
         self.server: ProxyServer | None = None
 

@@ -172,6 +172,7 @@ class GatewayMetrics:
         # (upstream, reason) -> upstream connections closed for breaking HTTP/1.1 framing
         # (reasons: gateway.proxy.upstream.PROTOCOL_ERROR_REASONS, a fixed set).
         self.upstream_protocol_errors: dict[tuple[str, str], int] = {}
+        self.filter_errors: dict[tuple[str, str], int] = {}  # (route, filter) -> exceptions
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -476,6 +477,7 @@ class GatewayMetrics:
             timeouts,
             handshake_errors,
             trims,
+            self._filter_errors_family(),
         ]
 
     # -- multi-process aggregation ---------------------------------------------------------
@@ -510,6 +512,7 @@ class GatewayMetrics:
                 for (listener, reason), n in list(self.tls_handshake_errors.items())
             ],
             "malloc_trims": self.malloc_trims,
+            "filter_errors": [[r, f, n] for (r, f), n in list(self.filter_errors.items())],
         }
 
     def merge_state(self, state: dict[str, Any]) -> None:
@@ -580,6 +583,29 @@ class GatewayMetrics:
         # Instance states are the supervisor's view (one per gateway), not summed per worker.
         for upstream, states in state.get("instance_states", {}).items():
             self.instance_states[upstream] = dict(states)
+        self._merge_filter_errors(state)
+
+    # -- filters (gateway.filters) --------------------------------------------------------
+
+    def filter_error(self, route: str, name: str) -> None:
+        """A filter raised (counted by gateway.filters.chain through count_filter_errors)."""
+        key = (route, name)
+        self.filter_errors[key] = self.filter_errors.get(key, 0) + 1
+
+    def _filter_errors_family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "gateway_filter_errors_total",
+            "Exceptions raised by filters, by route and filter (request phase: answered 500;"
+            " response phase: the response went on unchanged).",
+            labels=["route", "filter"],
+        )
+        for (route, name), count in list(self.filter_errors.items()):
+            family.add_metric([route, name], count)
+        return family
+
+    def _merge_filter_errors(self, state: dict[str, Any]) -> None:
+        for route, name, count in state.get("filter_errors", ()):
+            self.filter_errors[(route, name)] = self.filter_errors.get((route, name), 0) + count
 
 
 class _GatewayCollector:
@@ -604,6 +630,7 @@ class _GatewayCollector:
         ("gateway_client_timeouts", "counter"),
         ("gateway_tls_handshake_errors", "counter"),
         ("gateway_malloc_trims", "counter"),
+        ("gateway_filter_errors", "counter"),
     )
 
     def __init__(self, metrics: GatewayMetrics) -> None:

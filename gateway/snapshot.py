@@ -8,6 +8,7 @@ reload does not drop warm upstream connections.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -24,6 +25,8 @@ from gateway.config.model import (
     UpstreamConfig,
 )
 from gateway.filters.api import FilterChain
+from gateway.filters.chain import Chain
+from gateway.filters.registry import compile_filters
 from gateway.health.outlier import OutlierDetector
 from gateway.idempotency import RouteIdempotency, idempotency_stores
 from gateway.pools import ConnectionPool, PoolFactory, pool_factory
@@ -330,7 +333,7 @@ class Snapshot:
     limiters: dict[str, RouteLimiter]  # routes with rate limits or max_in_flight
     # Routes with an idempotency section (Idempotency-Key replay store).
     idempotency: dict[str, RouteIdempotency] = field(default_factory=dict)
-    # Routes with filters: one compiled FilterChain per route name (gateway/filters/api.py).
+    # Routes with filters (gateway.filters): their compiled chains, keyed by route name.
     filters: dict[str, FilterChain] = field(default_factory=dict)
 
     def pools(self) -> list[ConnectionPool]:
@@ -426,6 +429,19 @@ def build_snapshot(
             for route in config.routes
             if route.retry is not None
         },
+        filters=_filters(config, previous),
+    )
+
+
+def _filters(config: GatewayConfig, previous: Snapshot | None) -> dict[str, FilterChain]:
+    # Same config object (a discovery update): the same chains, caches and all.
+    if previous is None:
+        return dict(compile_filters(config))
+    old = previous.filters
+    if previous.config is config:
+        return old
+    return dict(
+        compile_filters(config, {k: v for k, v in old.items() if isinstance(v, Chain)}, None)
     )
 
 
@@ -487,7 +503,8 @@ def describe_upstreams(snapshot: Snapshot, stale: Collection[str] = ()) -> list[
 _REDIS_STORES: dict[RedisConfig, RedisStore] = {}
 
 
-def redis_store(config: RedisConfig) -> RedisStore:
+def redis_store(config: RedisConfig, workers: int = 1) -> RedisStore:
+    """``workers``: processes of this gateway, each holding its own leases."""
     store = _REDIS_STORES.get(config)
     if store is None:
         store = _REDIS_STORES[config] = RedisStore(
@@ -496,6 +513,9 @@ def redis_store(config: RedisConfig) -> RedisStore:
             prefix=config.prefix,
             max_connections=config.max_connections,
             fallback_share=config.fallback_share,
+            lease_horizon=config.lease_horizon,
+            lease_ttl=config.lease_ttl,
+            lease_holders=workers,
         )
     return store
 
@@ -505,6 +525,13 @@ async def close_redis_stores() -> None:
         _, store = _REDIS_STORES.popitem()
         await store.close()
     await idempotency_stores.close()
+
+
+def _worker_count(workers: int | str) -> int:
+    """Processes of this gateway (``auto``: one per core, as ``gateway.workers`` starts)."""
+    if workers == "auto":
+        return max(1, os.cpu_count() or 1)
+    return int(workers)
 
 
 def _limit_spec(limit: RateLimitConfig, owner: str | None, name: str | None) -> LimitSpec:
@@ -520,6 +547,7 @@ def _limit_spec(limit: RateLimitConfig, owner: str | None, name: str | None) -> 
         name=limit.name or name,
         max_keys=limit.max_keys,
         owner=owner,
+        lease=limit.lease,
     )
 
 
@@ -561,7 +589,11 @@ def _limiters(config: GatewayConfig, previous: Snapshot | None) -> dict[str, Rou
             headers=route.rate_limit_headers,
             legacy_headers=route.rate_limit_legacy_headers,
             max_in_flight=route.max_in_flight,
-            redis=redis_store(config.redis) if uses_redis and config.redis is not None else None,
+            redis=(
+                redis_store(config.redis, _worker_count(config.workers))
+                if uses_redis and config.redis is not None
+                else None
+            ),
             previous=previous.limiters.get(route.name) if previous is not None else None,
             stores=stores,
         )

@@ -593,6 +593,7 @@ async def run_worker(
     """A worker process: the data plane only, fed over the control pipe."""
     from gateway.accesslog import AccessLog
     from gateway.config import ConfigInvalid, format_errors
+    from gateway.filters.chain import count_filter_errors
     from gateway.metrics import GatewayMetrics
     from gateway.proxy.listener import ProxyServer
     from gateway.ratelimit import shared as shared_buckets
@@ -627,6 +628,7 @@ async def run_worker(
     set_ejection_listener(ejected)
     metrics = GatewayMetrics(bucket_overrides=dict(config.metrics.buckets))
     metrics.declare((route.name, route.upstream) for route in config.routes)
+    count_filter_errors(metrics.filter_error)
     server = ProxyServer(_build(config, None, first), metrics)
     if first["connections"]:
         try:

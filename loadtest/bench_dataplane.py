@@ -36,14 +36,14 @@ routes:
 RATE_LIMIT = ", rate_limit: {rate: 100000000/s, key: client_ip}"
 # An Idempotency-Key store on the route; the benchmark's requests carry no key.
 IDEMPOTENCY = ", idempotency: {store: local, methods: [GET, POST]}"
+# One filter on the route (gateway/filters): by default an empty one (its hook returns None).
+EMPTY_FILTER = "python: {class: 'loadtest.bench_filters:EmptyFilter'}"
 # Everything the failover issue adds, switched off: the baseline it is measured against.
 RESILIENCE_OFF = """    retry: {attempts: 1}
     outlier: {enabled: false}
     circuit_breaker: {max_connections: 0, max_pending: 0, max_requests: 0}"""
 
-REQUEST = (
-    b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
-)
+REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 26 Nov 2026 08:00:00 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\n"
@@ -94,12 +94,15 @@ def run(
     metrics: bool = True,
     rate_limit: bool = False,
     idempotency: bool = False,
+    filter_entry: str | None = None,
 ) -> float:
     config = load_config_text(
         CONFIG.format(
             balancer=balancer,
             resilience="" if resilience else RESILIENCE_OFF,
-            route_extra=(RATE_LIMIT if rate_limit else "") + (IDEMPOTENCY if idempotency else ""),
+            route_extra=(RATE_LIMIT if rate_limit else "")
+            + (IDEMPOTENCY if idempotency else "")
+            + (f", filters: [{{{filter_entry}}}]" if filter_entry else ""),
         )
     )
     snapshot = build_snapshot(config)
@@ -152,6 +155,17 @@ def main() -> None:
         action="store_true",
         help="also run with an idempotency store on the route (requests without a key)",
     )
+    parser.add_argument(
+        "--compare-filters",
+        action="store_true",
+        help="also run with one filter on the route (--filter, default an empty filter)",
+    )
+    parser.add_argument(
+        "--filter",
+        default=EMPTY_FILTER,
+        help="the filter entry for --compare-filters, in YAML flow style, e.g."
+        ' "ip_filter: {allow: [127.0.0.0/8]}"',
+    )
     parser.add_argument("--rounds", type=int, default=5, help="runs per variant; the best counts")
     args = parser.parse_args()
 
@@ -167,6 +181,7 @@ def main() -> None:
     no_metrics: list[float] = []
     limited: list[float] = []
     keyless: list[float] = []
+    filtered: list[float] = []
     for _ in range(args.rounds):
         on.append(asyncio.run(measure(True)))
         if args.compare_resilience:
@@ -177,6 +192,12 @@ def main() -> None:
             limited.append(asyncio.run(measure(True, rate_limit=True)))
         if args.compare_idempotency:
             keyless.append(asyncio.run(measure(True, idem=True)))
+        if args.compare_filters:
+
+            async def with_filter() -> float:
+                return run(args.requests, args.balancer, True, filter_entry=args.filter)
+
+            filtered.append(asyncio.run(with_filter()))
     print(
         f"data plane Python cost ({args.balancer}, resilience on): {min(on):.2f} µs/request"
         f" (best of {args.rounds} x {args.requests} requests)"
@@ -190,6 +211,11 @@ def main() -> None:
         print(
             f"data plane Python cost with an idempotency store (no key): {min(keyless):.2f}"
             f" µs/request; idempotency cost {min(keyless) - min(on):+.2f} µs"
+        )
+    if filtered:
+        print(
+            f"data plane Python cost with the filter {args.filter!r}: {min(filtered):.2f}"
+            f" µs/request; filter cost {min(filtered) - min(on):+.2f} µs"
         )
     if no_metrics:
         print(

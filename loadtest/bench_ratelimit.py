@@ -9,7 +9,9 @@ with the same arguments. Each number is the best of several chunks.
 Redis: a real ``redis-server`` (Debian package ``redis-server``) on a free loopback port; ``C``
 decisions are submitted per event-loop iteration (C concurrent requests) for a few seconds.
 Reports process CPU per decision (client side: packing, the script call, callbacks) and the
-latency from ``check`` to the callback (p50/p99), plus round trips (script calls) per decision.
+latency from ``check`` to the callback (p50/p99), plus round trips (script calls) per decision,
+with one script call per decision (``lease: false``) and with token leasing (each of the C keys
+gets one request per wave, so its lease follows the wave rate).
 ``--hogs K`` runs K CPU-burning processes meanwhile (``--hogs 2`` on 2 cores: a loaded machine).
 """
 
@@ -114,9 +116,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _redis_run(url: str, concurrency: int, seconds: float) -> None:
+async def _redis_run(url: str, concurrency: int, seconds: float, lease: bool) -> None:
     store = RedisStore(url, timeout=0.5, prefix="bench")
-    limiter = RouteLimiter("r", [LimitSpec(10_000_000, 1.0, 1_000_000, store="redis")], redis=store)
+    spec = LimitSpec(10_000_000, 1.0, 1_000_000, store="redis", lease=lease)
+    limiter = RouteLimiter("r", [spec], redis=store)
     waits: list[float] = []
     outstanding = 0
     loop = asyncio.get_running_loop()
@@ -161,11 +164,12 @@ async def _redis_run(url: str, concurrency: int, seconds: float) -> None:
     cpu = time.process_time() - cpu0
     batches = store.batches - batches0
     waits.sort()
+    mode = "lease" if lease else "per-request"
     p50 = statistics.median(waits) * 1e6
     p99 = waits[int(len(waits) * 0.99) - 1] * 1e6
     print(
-        f"  C={concurrency:4d}: {count / seconds:8.0f} decisions/s, CPU {cpu / count * 1e6:6.1f} "
-        f"µs/decision, latency p50 {p50:7.0f} µs p99 {p99:7.0f} µs, "
+        f"  {mode:11s} C={concurrency:4d}: {count / seconds:8.0f} decisions/s, "
+        f"CPU {cpu / count * 1e6:6.1f} µs/decision, latency p50 {p50:7.0f} µs p99 {p99:7.0f} µs, "
         f"{count / max(batches, 1):6.1f} decisions per round trip, errors {store.errors}, "
         f"timeouts {store.timeouts}"
     )
@@ -207,8 +211,10 @@ def bench_redis(seconds: float, hogs: int = 0) -> None:
             subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)
         ]
         try:
-            for concurrency in (1, 16, 128):
-                runner(_redis_run(f"redis://127.0.0.1:{port}/0", concurrency, seconds))
+            for lease in (False, True):
+                for concurrency in (1, 16, 128):
+                    url = f"redis://127.0.0.1:{port}/0"
+                    runner(_redis_run(url, concurrency, seconds, lease))
         finally:
             for spinner in spinners:
                 spinner.kill()

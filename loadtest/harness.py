@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any
 
 from loadtest import report
+from loadtest.h2load import h2load_command, parse_h2load_output
 from loadtest.idle import hold_idle_connections, raise_nofile_limit
 from loadtest.procstat import cpu_us_per_request, tree_cpu_ticks, tree_rss_kib
 from loadtest.servers import (
@@ -66,6 +67,10 @@ class Scenario:
     extra_routes: int = 0
     tls: bool = False  # the proxy terminates TLS (gateway and nginx only)
     tickets: bool = True  # TLS session tickets on the proxy
+    http2: bool = False  # h2 by ALPN (needs tls), load from h2load with 100 streams/connection
+    # Client connections, overriding --connections (h2: 2 x 100 streams = 200 requests in
+    # flight, each needing an HTTP/1.1 upstream connection of its own).
+    connections: int | None = None
 
     def method_path(self) -> str:
         return f"{'POST' if self.post else 'GET'} {self.path}"
@@ -102,6 +107,14 @@ SCENARIOS: dict[str, Scenario] = {
             " resumes if it keeps the session: wrk does across reconnects)",
             new_connection=True,
             tls=True,
+        ),
+        Scenario(
+            "h2",
+            "/small",
+            "small GET over TLS h2 (ALPN), 100 concurrent streams per connection (h2load)",
+            tls=True,
+            http2=True,
+            connections=2,
         ),
     )
 }
@@ -401,7 +414,13 @@ class Harness:
             admin = free_port()
             cfg = d / "gateway.yaml"
             document = gateway_config(
-                port, admin, self.backend_port, extra, self.args.workers, tls=tls
+                port,
+                admin,
+                self.backend_port,
+                extra,
+                self.args.workers,
+                tls=tls,
+                http2=scenario.http2,
             )
             cfg.write_text(gateway_yaml(document))
             argv = gateway_argv(self.args.gateway_cmd, sys.executable, cfg)
@@ -420,7 +439,9 @@ class Harness:
         if name == "nginx":
             conf = d / "nginx.conf"
             conf.write_text(
-                nginx_proxy_conf(d, port, self.backend_port, extra, self.nofile, tls=tls)
+                nginx_proxy_conf(
+                    d, port, self.backend_port, extra, self.nofile, tls=tls, http2=scenario.http2
+                )
             )
             argv = [exe, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")]
             routes = extra + 1
@@ -469,16 +490,26 @@ class Harness:
     # ----------------------------------------------------------------- wrk
 
     def run_wrk(self, port: int, scenario: Scenario, duration_s: int) -> str:
-        argv = wrk_command(
-            f"{'https' if scenario.tls else 'http'}://{HOST}:{port}{scenario.path}",
-            duration_s=duration_s,
-            connections=self.args.connections,
-            threads=self.args.threads,
-            script=str(self.post_lua) if scenario.post else None,
-            # wrk reconnects after each response when the server closes (RFC 9112 §9.6).
-            headers=("Connection: close",) if scenario.new_connection else (),
-            cpu=self.load_cpu,
-        )
+        url = f"{'https' if scenario.tls else 'http'}://{HOST}:{port}{scenario.path}"
+        if scenario.http2:
+            argv = h2load_command(
+                url,
+                duration_s=duration_s,
+                connections=scenario.connections or self.args.connections,
+                threads=self.args.threads,
+                cpu=self.load_cpu,
+            )
+        else:
+            argv = wrk_command(
+                url,
+                duration_s=duration_s,
+                connections=self.args.connections,
+                threads=self.args.threads,
+                script=str(self.post_lua) if scenario.post else None,
+                # wrk reconnects after each response when the server closes (RFC 9112 §9.6).
+                headers=("Connection: close",) if scenario.new_connection else (),
+                cpu=self.load_cpu,
+            )
         self.wrk = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -526,7 +557,7 @@ class Harness:
             after = tree_cpu_ticks(roots) if proc is not None else 0
             if proc is not None and not proc.alive():
                 raise RuntimeError(f"{name} died during the run:\n{proc.log_tail()}")
-            result = parse_wrk_output(out)
+            result = parse_h2load_output(out) if scenario.http2 else parse_wrk_output(out)
             row.update(
                 requests=result.requests,
                 duration_s=result.duration_s,
@@ -595,7 +626,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv.remove("--instructions")
         return instructions.main(argv)
     args = build_arg_parser().parse_args(argv)
-    tools = {name: find_tool(name) for name in ("wrk", "taskset", "nginx", "haproxy", "caddy")}
+    tools = {
+        name: find_tool(name) for name in ("wrk", "taskset", "nginx", "haproxy", "caddy", "h2load")
+    }
+    if any(SCENARIOS[name].http2 for name in args.scenarios) and not tools["h2load"]:
+        print(
+            "error: the h2 scenario needs h2load (apt-get install nghttp2-client)",
+            file=sys.stderr,
+        )
+        return 2
     if not tools["wrk"] and args.scenarios:
         print(
             "error: wrk is required for the benchmark (install it with: apt-get install wrk)",

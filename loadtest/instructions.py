@@ -70,6 +70,7 @@ class Scenario:
     body: bytes = b""
     extra_routes: int = 0
     rate_limit: str | None = None  # None, "local" or "redis"
+    lease: bool = True  # redis: token leasing (the config default) or one script call per request
     # The proxies whose configuration can express the scenario; the others are skipped with a note.
     proxies: tuple[str, ...] = PROXIES
 
@@ -116,6 +117,13 @@ SCENARIOS: dict[str, Scenario] = {
             f"a Redis-backed per-client limit that is never hit ({NEVER_HIT_RATE:,}/s)",
             rate_limit="redis",
             proxies=("gateway",),  # nginx, haproxy and caddy have no Redis-backed limit built in
+        ),
+        Scenario(
+            "ratelimit-redis-per-request",
+            "the ratelimit-redis limit with lease: false (one script call per request)",
+            rate_limit="redis",
+            lease=False,
+            proxies=("gateway",),
         ),
     )
 }
@@ -266,7 +274,7 @@ def gateway_document(
             if redis_port is None:
                 raise InstructionsError(f"{scenario.name} needs a Redis port")
             document["redis"] = {"url": f"redis://{HOST}:{redis_port}/0"}
-            limit.update(store="redis", on_store_error="local")
+            limit.update(store="redis", on_store_error="local", lease=scenario.lease)
         for route in document["routes"]:
             route["rate_limit"] = dict(limit)
     return document

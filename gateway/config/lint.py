@@ -81,6 +81,14 @@ def lint_config(
         _strip_prefix(out, i, route)
         _route_timeouts(out, i, route, config.upstreams.get(route.upstream))
     used = {route.upstream for route in config.routes}
+    # traffic_split filters send requests to the upstreams they name, wherever they are.
+    for spec in (
+        *config.filters,
+        *(f for route in config.routes for f in route.filters),
+        *(f for upstream in config.upstreams.values() for f in upstream.filters),
+    ):
+        if spec.kind == "traffic_split":
+            used.update(name for name, _ in spec.options["upstreams"])
     for name, upstream in config.upstreams.items():
         _upstream(out, name, upstream, used)
     _exposure(out, config)

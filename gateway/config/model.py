@@ -81,6 +81,8 @@ class HealthConfig:
     unhealthy_threshold: int = 3
     expected_statuses: tuple[int, ...] = (200,)
     jitter: float = 0.1  # fraction of the interval
+    type: Literal["http", "grpc"] = "http"  # grpc: grpc.health.v1.Health/Check over HTTP/2
+    service: str = ""  # grpc: the service asked about ("": the server as a whole)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,19 @@ class CircuitBreakerConfig:
     max_connections: int = 1024
     max_pending: int = 1024
     max_requests: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FilterConfig:
+    """One entry of a ``filters:`` list (gateway.filters): the filter's kind, the class that
+    implements it (imported at config load) and its validated options (for ``python``: the
+    ``config`` mapping handed to the class)."""
+
+    kind: str  # "jwt", "cors", ..., "python"
+    cls: type = field(compare=False)  # a gateway.filters.base.Filter subclass
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+    label: str = ""  # name in gateway_filter_errors_total and log lines
+    where: str = ""  # file:line of the entry, for log lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +140,11 @@ class UpstreamConfig:
     # Limits every route to this upstream must also pass; their buckets are shared by the routes.
     rate_limit: tuple[RateLimitConfig, ...] = ()
     tls: UpstreamTLSConfig | None = None  # TLS to the instances, off unless given
+    # Protocol to the instances: http1, h2c (HTTP/2 with prior knowledge), h2 (TLS + ALPN).
+    # Validated and stored; the data plane speaks HTTP/1.1 upstream for now (docs/http2.md).
+    protocol: Literal["http1", "h2c", "h2"] = "http1"
+    # Filters of every route to this upstream, run after the route's own (gateway.filters).
+    filters: tuple[FilterConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +198,7 @@ class RateLimitConfig:
     on_store_error: Literal["allow", "local", "deny"] = "local"
     name: str | None = None
     max_keys: int = 100_000
+    lease: bool = True  # store: redis: decide from leased tokens (docs/ratelimit.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +208,8 @@ class RedisConfig:
     prefix: str = "gateway"
     max_connections: int = 16  # script calls in flight on the pipelined connection
     fallback_share: float = 1.0  # of rate and burst, for the on_store_error: local bucket
+    lease_horizon: float = 0.1  # seconds of a worker's recent rate of a key per lease
+    lease_ttl: float = 1.0  # seconds a leased token stays usable
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +245,7 @@ class RouteConfig:
     rate_limit_legacy_headers: bool = False  # X-RateLimit-Limit/Remaining/Reset as well
     max_in_flight: int = 0  # concurrent requests of this route (0: no cap) -> 503
     idempotency: IdempotencyConfig | None = None  # Idempotency-Key replay store
+    filters: tuple[FilterConfig, ...] = ()  # after the global ones, before the upstream's
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,11 +379,29 @@ class ListenerTLSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Http2Config:
+    """``listen[].http2``: serve HTTP/2 (h2 by ALPN on TLS, h2c with prior knowledge on
+    plaintext); see docs/http2.md. The caps bound what one connection may make us do."""
+
+    enabled: bool = False
+    max_concurrent_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS; more: REFUSED_STREAM
+    initial_window: int = 1024 * 1024  # SETTINGS_INITIAL_WINDOW_SIZE per stream (bytes)
+    connection_window: int = 4 * 1024 * 1024  # connection-level receive window (bytes)
+    max_frame_size: int = 16384  # SETTINGS_MAX_FRAME_SIZE we accept
+    max_header_list_size: int = 64 * 1024  # SETTINGS_MAX_HEADER_LIST_SIZE (decoded bytes)
+    max_header_block: int = 128 * 1024  # encoded HEADERS+CONTINUATION bytes (CVE-2024-27316)
+    max_resets_per_second: int = 100  # RST_STREAM cap (CVE-2023-44487): then GOAWAY
+    max_pings_per_second: int = 20
+    max_settings_per_second: int = 20
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     address: Address
     name: str  # for metrics and the access log; default: the address as written
     tls: ListenerTLSConfig | None = None
     redirect_to: str | None = None  # plaintext only: "https://{host}:8443" style redirect
+    http2: Http2Config = field(default_factory=Http2Config)
 
     @property
     def socket_key(self) -> tuple[str, int, bool]:
@@ -405,6 +447,7 @@ class GatewayConfig:
     # process that validated the config (gateway.tls.certs) and handed to the workers.
     tls_files: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
     tls_warnings: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    filters: tuple[FilterConfig, ...] = ()  # run first on every route (gateway.filters)
 
     @property
     def all_listeners(self) -> tuple[ListenerConfig, ...]:

@@ -23,6 +23,7 @@ from gateway.config.model import (
     DiscoveryConfig,
     HealthConfig,
     HedgeConfig,
+    Http2Config,
     IdempotencyConfig,
     InstanceConfig,
     LimitsConfig,
@@ -47,8 +48,10 @@ from gateway.config.validate import (
     ADDRESS_HINT,
     ADDRESS_PATTERN,
     HOSTNAME_PATTERN,
+    INVALID,
     REQUIRED,
     Bool,
+    Context,
     Enum,
     Field,
     Int,
@@ -60,13 +63,16 @@ from gateway.config.validate import (
     Size,
     Struct,
     Text,
+    Type,
     Union,
     check_replacement,
+    describe,
     parse_address,
     parse_cidr,
     parse_positive_duration,
     parse_regex,
 )
+from gateway.config.yamlpos import Path
 
 BALANCERS = (
     "round_robin",
@@ -391,11 +397,38 @@ OUTLIER = Struct(
     ],
 )
 
+
+def _health(**values: Any) -> HealthConfig:
+    values["service"] = values["service"] or ""
+    return HealthConfig(**values)
+
+
+def _grpc_health_options(values: dict[str, Any]) -> list[tuple[str, str]]:
+    if values["service"] is not None and values["type"] != "grpc":
+        return [("service", "only meaningful with type: grpc")]
+    return []
+
+
 HEALTH = Struct(
     "health",
-    "Active health checks: an HTTP GET to each instance every interval (with jitter).",
+    "Active health checks: a probe of each instance every interval (with jitter): an HTTP GET"
+    " (type http), or a grpc.health.v1.Health/Check call over HTTP/2 (type grpc).",
     [
-        Field("path", URL_PATH, "Path probed on each instance.", "/healthz"),
+        Field(
+            "type",
+            Enum(("http", "grpc")),
+            "http: GET path, passing on expected_statuses. grpc: grpc.health.v1.Health/Check"
+            " for service over HTTP/2 (h2c, or h2 by ALPN when the upstream has tls), passing"
+            " on SERVING; path and expected_statuses do not apply.",
+            "http",
+        ),
+        Field(
+            "service",
+            Text("a gRPC service name", min_length=0),
+            "type grpc: the service asked about, e.g. 'pkg.Service' (default: the empty name,"
+            " the server as a whole).",
+        ),
+        Field("path", URL_PATH, "Path probed on each instance (type http).", "/healthz"),
         Field("interval", DURATION, "Time between probes of one instance.", "5s"),
         Field("timeout", DURATION, "A probe slower than this fails.", "1s"),
         Field("healthy_threshold", Int(1), "Passes in a row to become healthy.", 2),
@@ -403,11 +436,12 @@ HEALTH = Struct(
         Field(
             "expected_statuses",
             ListOf(STATUS_CODE, min_items=1, unique=True),
-            "Statuses that count as a pass.",
+            "Statuses that count as a pass (type http).",
             [200],
         ),
     ],
-    build=HealthConfig,
+    build=_health,
+    checks=[_grpc_health_options],
 )
 
 
@@ -501,6 +535,15 @@ RATE_LIMIT = Struct(
         Field(
             "max_keys", Int(1), "Bound on local buckets (least recently used go first).", 100_000
         ),
+        Field(
+            "lease",
+            Bool(),
+            "store: redis only. Take tokens from Redis in leases sized to ~redis.lease_horizon of"
+            " this worker's rate (all gateways' leases together at most 5% of the burst when"
+            " redis.fallback_share is 1/N) and decide locally until they run out; false: one"
+            " script call per request (docs/ratelimit.md).",
+            True,
+        ),
     ],
     build=lambda rate, **values: RateLimitConfig(count=rate[0], period=rate[1], **values),
 )
@@ -509,6 +552,635 @@ RATE_LIMIT = Struct(
 RATE_LIMITS = Union(
     Mapped(RATE_LIMIT, lambda limit: (limit,)),
     ListOf(RATE_LIMIT, min_items=1),
+)
+
+
+# --- filters (gateway.filters) ------------------------------------------------------------------
+# A `filters:` list (top level, per upstream, per route) holds one-key mappings: the filter's
+# kind and its options. Built-in kinds are declared here like every other key; a `python`
+# filter's own options are checked by its class (Filter.validate_config) at load time.
+
+BUILTIN_FILTERS: dict[str, str] = {
+    "headers": "gateway.filters.headers:HeadersFilter",
+    "cors": "gateway.filters.cors:CorsFilter",
+    "api_key": "gateway.filters.api_key:ApiKeyFilter",
+    "jwt": "gateway.filters.jwt:JwtFilter",
+    "ip_filter": "gateway.filters.ip_filter:IpFilter",
+    "compress": "gateway.filters.compress:CompressFilter",
+    "forward_auth": "gateway.filters.forward_auth:ForwardAuthFilter",
+    "traffic_split": "gateway.filters.traffic_split:TrafficSplitFilter",
+    "mirror": "gateway.filters.mirror:MirrorFilter",
+    "tracing": "gateway.filters.tracing:TracingFilter",
+}
+# Options naming files: relative paths are relative to the config file.
+_FILTER_FILE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "api_key": ("keys_file",),
+    "jwt": ("jwks_file",),
+    "python": ("path",),
+}
+
+
+class AnyMapping(Type):
+    """A mapping whose keys the schema does not know (a python filter's own config)."""
+
+    expected = "a mapping"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, dict)
+
+    def check(self, ctx: Context, path: Path, value: Any) -> Any:
+        if not isinstance(value, dict):
+            ctx.error(path, f"expected a mapping, got {describe(value)}")
+            return INVALID
+        return value
+
+    def json(self, gen: JsonGen) -> dict[str, Any]:
+        return {"type": "object", "additionalProperties": True}  # the class checks them
+
+
+def _header_template(text: str) -> str:
+    from gateway.filters.headers import compile_template
+
+    compile_template(text)  # ValueError names the unknown variable
+    return text
+
+
+def _non_negative_duration(text: str) -> float:
+    from gateway.config.durations import parse_duration
+
+    return parse_duration(text)
+
+
+NON_NEGATIVE_DURATION = Text(
+    f"a duration: {DURATION_HINT}", pattern=DURATION_PATTERN, parse=_non_negative_duration
+)
+HEADER_TEMPLATE = Text(
+    "a header value (no CR, LF or NUL); {client_ip}, {request_id}, {route}, {host}, {method},"
+    " {path}, {consumer}, {jwt.CLAIM}, {var.NAME} are replaced, {{ and }} are braces",
+    pattern=r"[^\r\n\x00]*",
+    min_length=0,
+    parse=_header_template,
+)
+HEADER_OPS = Struct(
+    "filter_header_ops",
+    "Header changes, applied in this order: remove, set, add.",
+    [
+        Field(
+            "set",
+            MapOf(HEADER_NAME, HEADER_TEMPLATE, pairs=True),
+            "Fields set (replacing any present) to these values.",
+            {},
+        ),
+        Field(
+            "add",
+            MapOf(HEADER_NAME, HEADER_TEMPLATE, pairs=True),
+            "Fields added (after any present).",
+            {},
+        ),
+        Field("remove", ListOf(HEADER_NAME, unique=True), "Fields removed.", []),
+    ],
+    build=dict,
+)
+HEADERS_FILTER = Struct(
+    "filter_headers",
+    "headers: request and response header changes, with variables in the values.",
+    [
+        Field("request", HEADER_OPS, "Changes to the request sent upstream.", {}),
+        Field("response", HEADER_OPS, "Changes to the response sent to the client.", {}),
+    ],
+    build=dict,
+)
+
+ORIGIN_PATTERN = Text(
+    "an origin such as https://app.example, a pattern such as https://*.example.com, '*' or 'null'",
+    pattern=r"\*|null|[a-z][a-z0-9+.-]*://(\*\.)?[A-Za-z0-9_.-]+(:[0-9]{1,5})?",
+)
+
+
+def _cors_checks(values: dict[str, Any]) -> list[tuple[str, str]]:
+    if values["allow_credentials"] and "*" in values["allow_origins"]:
+        return [
+            (
+                "allow_origins",
+                "'*' with allow_credentials: true would let every site read credentialed"
+                " responses (and the Fetch standard refuses ACAO '*' with credentials): list"
+                " the origins",
+            )
+        ]
+    return []
+
+
+CORS_FILTER = Struct(
+    "filter_cors",
+    "cors: CORS preflights answered at the gateway (Fetch standard), CORS headers on responses.",
+    [
+        Field(
+            "allow_origins",
+            ListOf(ORIGIN_PATTERN, min_items=1, unique=True),
+            "Origins allowed: exact (https://app.example), with a wildcard label"
+            " (https://*.example.com: any subdomain), or '*' (any origin, no credentials).",
+            REQUIRED,
+        ),
+        Field(
+            "allow_methods",
+            ListOf(METHOD, min_items=1, unique=True),
+            "Methods allowed in cross-origin requests.",
+            ["GET", "HEAD", "POST"],
+        ),
+        Field(
+            "allow_headers",
+            ListOf(HEADER_NAME, unique=True),
+            "Request headers allowed beyond the CORS-safelisted ones ('*': any).",
+            [],
+        ),
+        Field(
+            "expose_headers",
+            ListOf(HEADER_NAME, unique=True),
+            "Response headers scripts may read beyond the safelisted ones.",
+            [],
+        ),
+        Field("allow_credentials", Bool(), "Allow cookies and HTTP authentication.", False),
+        Field("max_age", NON_NEGATIVE_DURATION, "How long browsers may cache a preflight.", "10m"),
+    ],
+    build=dict,
+    checks=[_cors_checks],
+)
+
+KEY_HASH = Text(
+    "sha256:<64 hex digits> (the SHA-256 of the key, e.g. `printf %s KEY | sha256sum`)",
+    pattern=r"sha256:[0-9A-Fa-f]{64}",
+    lower=True,
+)
+
+
+def _api_key_source(values: dict[str, Any]) -> list[tuple[str, str]]:
+    if not values["keys"] and values["keys_file"] is None:
+        return [("keys", "give keys or keys_file")]
+    return []
+
+
+API_KEY_FILTER = Struct(
+    "filter_api_key",
+    "api_key: requests must carry a known API key (401 otherwise; 403 when its consumer is not"
+    " allowed here). Keys are stored as SHA-256 hashes.",
+    [
+        Field("header", HEADER_NAME, "Header carrying the key.", "x-api-key"),
+        Field("query", QUERY_NAME, "Query parameter carrying the key (when the header is absent)."),
+        Field(
+            "keys",
+            MapOf(NAME, KEY_HASH),
+            "Consumer name -> sha256:<hex> of its key.",
+            {},
+        ),
+        Field(
+            "keys_file",
+            FILE_PATH,
+            "YAML/JSON file of more consumer -> sha256:<hex> entries (read at load and reload).",
+        ),
+        Field(
+            "allow",
+            ListOf(NAME, min_items=1, unique=True),
+            "Consumers allowed on this route (others: 403). Default: every known consumer.",
+        ),
+        Field(
+            "forward_header",
+            HEADER_NAME,
+            "Header carrying the consumer's name upstream (a client's own copy is replaced).",
+            "x-consumer",
+        ),
+        Field("strip", Bool(), "Remove the key from the request before it goes upstream.", True),
+        Field(
+            "realm",
+            Text("a realm", pattern=r'[^"\\\r\n\x00]+'),
+            "WWW-Authenticate realm.",
+            "gateway",
+        ),
+    ],
+    build=dict,
+    checks=[_api_key_source],
+)
+
+JWT_ALGORITHMS = (
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+JWT_URL = Text("an http:// or https:// URL", pattern=r"https?://[^\s/?#]+(/[^\s#]*)?")
+HTTP_BASE_URL = Text(
+    "an http:// or https:// URL without query", pattern=r"https?://[^\s/?#]+(/[^\s?#]*)?"
+)
+
+
+def _jwt_checks(values: dict[str, Any]) -> list[tuple[str, str]]:
+    sources = [k for k in ("secret", "jwks_file", "jwks_url", "jwks") if values[k] is not None]
+    if not sources:
+        return [("jwks_file", "give one of secret, jwks_file, jwks_url (or jwks)")]
+    if len(sources) > 1:
+        return [(sources[1], f"give one key source, not {' and '.join(sources)}")]
+    hmac = [a for a in values["algorithms"] if a.startswith("HS")]
+    if values["secret"] is not None and len(hmac) != len(values["algorithms"]):
+        return [("algorithms", "a secret verifies HS256/HS384/HS512 only: list only those")]
+    if values["secret"] is None and hmac:
+        return [("algorithms", f"{', '.join(hmac)} need a secret (JWKS keys are not HMAC keys)")]
+    return []
+
+
+JWT_FILTER = Struct(
+    "filter_jwt",
+    "jwt: requests must carry a valid JWT bearer token (RFC 7519, errors per RFC 6750).",
+    [
+        Field(
+            "issuer",
+            Union(Text("an issuer"), ListOf(Text("an issuer"), min_items=1)),
+            "Accepted `iss` value(s); absent: any issuer.",
+        ),
+        Field(
+            "audiences",
+            ListOf(Text("an audience"), min_items=1, unique=True),
+            "The token's `aud` must name one of these; absent: `aud` is not checked.",
+        ),
+        Field(
+            "algorithms",
+            ListOf(Enum(JWT_ALGORITHMS), min_items=1, unique=True),
+            "Signature algorithms accepted (never 'none').",
+            ["RS256", "ES256", "EdDSA"],
+        ),
+        Field(
+            "secret",
+            Text("a secret"),
+            "HMAC key for HS256/HS384/HS512. Secret: may be ${env:NAME} or ${file:PATH}.",
+            secret=True,
+        ),
+        Field("jwks_file", FILE_PATH, "JWKS (RFC 7517) file of the verification keys."),
+        Field(
+            "jwks_url",
+            JWT_URL,
+            "JWKS URL, fetched off the request path, cached for jwks_cache_ttl and refetched on"
+            " an unknown key id (at most once per jwks_min_refresh).",
+        ),
+        Field("jwks", Text("a JWKS URL or file path"), "jwks_url if it is a URL, else jwks_file."),
+        Field("leeway", NON_NEGATIVE_DURATION, "Clock skew allowed for exp, nbf and iat.", "30s"),
+        Field(
+            "required_claims",
+            ListOf(Text("a claim name"), unique=True),
+            "Claims the token must carry (exp is always checked when present).",
+            [],
+        ),
+        Field(
+            "scopes",
+            ListOf(Text("a scope", pattern=r"[\x21\x23-\x5B\x5D-\x7E]+"), unique=True),
+            "Scopes the token must all grant (`scope` string or `scp` list); else 403"
+            " insufficient_scope.",
+            [],
+        ),
+        Field(
+            "claims_to_headers",
+            MapOf(Text("a claim name"), HEADER_NAME, pairs=True),
+            "Claim -> request header sent upstream (client copies are replaced).",
+            {},
+        ),
+        Field("header", HEADER_NAME, "Header carrying `Bearer TOKEN`.", "authorization"),
+        Field("forward_token", Bool(), "Keep the token in the request sent upstream.", True),
+        Field(
+            "realm",
+            Text("a realm", pattern=r'[^"\\\r\n\x00]+'),
+            "WWW-Authenticate realm.",
+            "gateway",
+        ),
+        Field(
+            "jwks_cache_ttl",
+            DURATION,
+            "How long fetched JWKS keys are used before a refetch.",
+            "10m",
+        ),
+        Field("jwks_min_refresh", DURATION, "Shortest time between two JWKS fetches.", "30s"),
+        Field("jwks_timeout", DURATION, "Time allowed for one JWKS fetch.", "5s"),
+    ],
+    build=dict,
+    checks=[_jwt_checks],
+)
+
+
+def _ip_filter_checks(values: dict[str, Any]) -> list[tuple[str, str]]:
+    return [] if values["allow"] or values["deny"] else [("allow", "give allow, deny or both")]
+
+
+IP_FILTER = Struct(
+    "filter_ip_filter",
+    "ip_filter: allow or deny clients by address. The address is the client's as the gateway"
+    " resolves it (behind trusted_proxies: from X-Forwarded-For).",
+    [
+        Field("allow", ListOf(CIDR), "Only these networks are admitted (empty: every one).", []),
+        Field("deny", ListOf(CIDR), "These networks are refused (checked first).", []),
+        Field("status", Int(400, 599), "Status of a refused request.", 403),
+    ],
+    build=dict,
+    checks=[_ip_filter_checks],
+)
+
+COMPRESS_FILTER = Struct(
+    "filter_compress",
+    "compress: response bodies compressed with zstd, br or gzip as the client's"
+    " Accept-Encoding prefers, streamed chunk by chunk.",
+    [
+        Field(
+            "algorithms",
+            ListOf(Enum(("zstd", "br", "gzip")), min_items=1, unique=True),
+            "Encodings offered, in the gateway's preference order (ties in q-value).",
+            ["zstd", "br", "gzip"],
+        ),
+        Field("min_bytes", Size(), "Bodies known to be smaller are sent as they are.", "1KiB"),
+        Field(
+            "content_types",
+            ListOf(Text("a media type such as text/* or application/json"), min_items=1),
+            "Media types compressed (* as a wildcard).",
+            [
+                "text/*",
+                "application/json",
+                "application/*+json",
+                "application/javascript",
+                "application/xml",
+                "application/*+xml",
+                "image/svg+xml",
+            ],
+        ),
+        Field("gzip_level", Int(1, 9), "gzip level.", 6),
+        Field("brotli_quality", Int(0, 11), "Brotli quality.", 4),
+        Field("zstd_level", Int(1, 19), "zstd level.", 3),
+    ],
+    build=dict,
+)
+
+FORWARD_AUTH_FILTER = Struct(
+    "filter_forward_auth",
+    "forward_auth: a subrequest to an auth service decides (2xx: go on; else its answer goes"
+    " back to the client).",
+    [
+        Field("url", JWT_URL, "The auth service's URL.", REQUIRED),
+        Field("method", METHOD, "Method of the subrequest.", "GET"),
+        Field(
+            "request_headers",
+            ListOf(HEADER_NAME, unique=True),
+            "Request headers sent to the auth service (X-Forwarded-Method/-Proto/-Host/-Uri/-For"
+            " always are).",
+            ["authorization", "cookie"],
+        ),
+        Field(
+            "response_headers",
+            ListOf(HEADER_NAME, unique=True),
+            "Headers of a 2xx answer copied onto the request (replacing the client's).",
+            [],
+        ),
+        Field("timeout", DURATION, "Time allowed for the auth service's answer.", "1s"),
+        Field(
+            "on_error",
+            Enum(("deny", "allow")),
+            "When the auth service fails or times out: 503 (deny) or let the request go on.",
+            "deny",
+        ),
+        Field(
+            "cache_ttl",
+            DURATION,
+            "Remember a 2xx answer for this long, by the values of request_headers (absent: no"
+            " cache).",
+        ),
+    ],
+    build=dict,
+)
+
+STICKY_KEY = Text(
+    "header:NAME or cookie:NAME", pattern=r"(header|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+)
+
+
+def _some_weight(values: dict[str, Any]) -> list[tuple[str, str]]:
+    if not any(weight for _, weight in values["upstreams"]):
+        return [("upstreams", "at least one weight must be above 0")]
+    return []
+
+
+TRAFFIC_SPLIT_FILTER = Struct(
+    "filter_traffic_split",
+    "traffic_split: each request goes to one of these upstreams, by weight.",
+    [
+        Field(
+            "upstreams",
+            MapOf(NAME, Int(0, 10_000), pairs=True),
+            "Upstream name -> relative weight (e.g. {stable: 95, canary: 5}).",
+            REQUIRED,
+        ),
+        Field(
+            "sticky",
+            STICKY_KEY,
+            "Hash this header or cookie instead of drawing at random: the same value, the same"
+            " upstream (while the weights stay).",
+        ),
+    ],
+    build=dict,
+    checks=[_some_weight],
+)
+
+MIRROR_FILTER = Struct(
+    "filter_mirror",
+    "mirror: a copy of sampled requests goes to another service after the exchange, fire and"
+    " forget (its answer is dropped; it never slows or fails the request).",
+    [
+        Field(
+            "url",
+            HTTP_BASE_URL,
+            "Base URL of the mirror (the request's path is appended).",
+            REQUIRED,
+        ),
+        Field("sample", Number(0, 1), "Share of requests mirrored.", 1.0),
+        Field(
+            "max_body_bytes",
+            Size(0, 16 * 1024 * 1024),
+            "Bodies up to this size are mirrored; requests with larger ones are not.",
+            "64KiB",
+        ),
+        Field("timeout", DURATION, "Time allowed for one mirrored request.", "2s"),
+        Field(
+            "max_in_flight", Int(1), "Mirrored requests outstanding at once; beyond, dropped.", 64
+        ),
+    ],
+    build=dict,
+)
+
+TRACING_FILTER = Struct(
+    "filter_tracing",
+    "tracing: W3C traceparent/tracestate propagated or started, the trace id in the access log.",
+    [
+        Field("sample_rate", Number(0, 1), "Share of new traces sampled.", 1.0),
+        Field(
+            "respect_parent",
+            Bool(),
+            "Keep the caller's sampled flag on a valid traceparent (false: sample_rate decides).",
+            True,
+        ),
+        Field("response_header", HEADER_NAME, "Also send the trace id back in this header."),
+    ],
+    build=dict,
+)
+
+PYTHON_FILTER = Struct(
+    "filter_python",
+    "python: a Filter subclass of your own, imported at load (docs/filters.md).",
+    [
+        Field(
+            "class",
+            Text("package.module:ClassName", pattern=r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"),
+            "Where the class is.",
+            REQUIRED,
+        ),
+        Field("config", AnyMapping(), "Options passed to the class (checked by it).", {}),
+        Field(
+            "path",
+            FILE_PATH,
+            "Directory put on sys.path first, to import the module from (e.g. a plugins folder).",
+        ),
+    ],
+    build=dict,
+)
+
+FILTER_KINDS: dict[str, Struct] = {
+    "headers": HEADERS_FILTER,
+    "cors": CORS_FILTER,
+    "api_key": API_KEY_FILTER,
+    "jwt": JWT_FILTER,
+    "ip_filter": IP_FILTER,
+    "compress": COMPRESS_FILTER,
+    "forward_auth": FORWARD_AUTH_FILTER,
+    "traffic_split": TRAFFIC_SPLIT_FILTER,
+    "mirror": MIRROR_FILTER,
+    "tracing": TRACING_FILTER,
+    "python": PYTHON_FILTER,
+}
+
+
+class FilterItem(Type):
+    """One `filters:` entry: ``{KIND: {options}}``. Checks the options against the kind's
+    Struct, imports the class and lets it check them (``validate_config``)."""
+
+    ref = "filter"
+
+    def __init__(self, kinds: dict[str, Struct]) -> None:
+        self.kinds = kinds
+        self.expected = "a mapping with one key, the filter: " + ", ".join(kinds)
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, dict)
+
+    def check(self, ctx: Context, path: Path, value: Any) -> Any:
+        from gateway.config.model import FilterConfig
+        from gateway.filters.registry import FilterLoadError, load_filter_class
+
+        if not isinstance(value, dict) or len(value) != 1:
+            shown = f"keys {', '.join(map(str, value))}" if isinstance(value, dict) else None
+            ctx.error(path, f"expected {self.expected}, got {shown or describe(value)}")
+            return INVALID
+        kind, options = next(iter(value.items()))
+        where = (*path, kind)
+        struct = self.kinds.get(kind) if isinstance(kind, str) else None
+        if struct is None:
+            hint = _did_you_mean_filter(str(kind), self.kinds)
+            ctx.error(where, f"unknown filter {kind!r}{hint}", key=True)
+            return INVALID
+        converted = struct.check(ctx, where, {} if options is None else options)
+        if converted is INVALID:
+            return INVALID
+        base = ctx.resolver.base_dir
+        for key in _FILTER_FILE_OPTIONS.get(kind, ()):
+            if converted.get(key) is not None and base is not None:
+                converted[key] = str(base / converted[key])
+        if kind == "jwt" and converted["jwks"] is not None:
+            alias = converted.pop("jwks")
+            is_url = alias.startswith(("http://", "https://"))
+            converted["jwks_url" if is_url else "jwks_file"] = (
+                alias if is_url or base is None else str(base / alias)
+            )
+        else:
+            converted.pop("jwks", None)
+        if kind == "python":
+            target = converted["class"]
+            try:
+                cls = load_filter_class(target, converted["path"])
+            except FilterLoadError as exc:
+                ctx.error((*where, "class"), str(exc))
+                return INVALID
+            options_path: Path = (*where, "config")
+            checked: dict[str, Any] = converted["config"]
+            label = target
+        else:
+            cls = load_filter_class(BUILTIN_FILTERS[kind])
+            options_path, checked, label = where, converted, kind
+        try:
+            problems = list(cls.validate_config(checked))
+        except Exception as exc:  # a user's validate_config must not crash the load
+            problems = [f"validate_config raised {type(exc).__name__}: {exc}"]
+        for problem in problems:
+            key, sep, rest = str(problem).partition(": ")
+            if sep and key in checked:
+                ctx.error((*options_path, key), rest)
+            else:
+                ctx.error(options_path, str(problem))
+        if problems:
+            return INVALID
+        try:  # built once here too, so that a constructor's complaint is a load error
+            cls.from_config(checked).close()
+        except Exception as exc:
+            ctx.error(options_path, f"cannot build the filter: {type(exc).__name__}: {exc}")
+            return INVALID
+        line = ctx.positions.line_of(where, key=True)
+        return FilterConfig(
+            kind, cls, checked, label, f"{ctx.source}:{line}" if line else ctx.source
+        )
+
+    def redact(self, value: Any) -> Any:
+        # The kind's Struct knows which options are secret (jwt.secret).
+        if isinstance(value, dict) and len(value) == 1:
+            kind, options = next(iter(value.items()))
+            struct = self.kinds.get(kind) if isinstance(kind, str) else None
+            if struct is not None:
+                return {kind: struct.redact(options)}
+        return super().redact(value)
+
+    def json(self, gen: JsonGen) -> dict[str, Any]:
+        return {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "properties": {kind: {**gen.render(struct), "description": struct.doc}},
+                    "required": [kind],
+                    "additionalProperties": False,
+                }
+                for kind, struct in self.kinds.items()
+            ],
+            "description": "A filter: a mapping with one key, the filter's name.",
+        }
+
+
+def _did_you_mean_filter(word: str, choices: dict[str, Struct]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(choices)})"
+
+
+FILTERS = ListOf(FilterItem(FILTER_KINDS))
+FILTERS_DOC = (
+    "Filters (docs/filters.md), each a one-key mapping such as {jwt: {...}}. Order on a"
+    " request: global, then the route's, then the upstream's, each in list order; response"
+    " hooks run in the reverse order."
 )
 
 
@@ -535,6 +1207,12 @@ def _hash_key_needed(values: dict[str, Any]) -> list[tuple[str, str]]:
         return [("hash_key", f"required with balancer {values['balancer']}")]
     if values["balancer"] not in HASH_BALANCERS and values["hash_key"] is not None:
         return [("hash_key", "only meaningful with balancer ring_hash or maglev")]
+    return []
+
+
+def _h2_needs_tls(values: dict[str, Any]) -> list[tuple[str, str]]:
+    if values["protocol"] == "h2" and values["tls"] is None:
+        return [("protocol", "h2 is HTTP/2 over TLS: set tls (or use h2c for plaintext)")]
     return []
 
 
@@ -628,9 +1306,18 @@ UPSTREAM = _UpstreamStruct(
             " by those routes (key: route means one bucket for the whole upstream).",
         ),
         Field("tls", UPSTREAM_TLS, "TLS to the instances (off unless given)."),
+        Field(
+            "protocol",
+            Enum(("http1", "h2c", "h2")),
+            "Protocol to the instances: http1, h2c (HTTP/2 with prior knowledge) or h2 (TLS"
+            " with ALPN; needs tls). Stored for now: requests go upstream over HTTP/1.1 until"
+            " the multiplexed HTTP/2 pools land (docs/http2.md).",
+            "http1",
+        ),
+        Field("filters", FILTERS, FILTERS_DOC + " These run on every route to this upstream.", []),
     ],
     build=_upstream,
-    checks=[_instances_or_discovery, _hash_key_needed],
+    checks=[_instances_or_discovery, _hash_key_needed, _h2_needs_tls],
 )
 
 # --- routes -----------------------------------------------------------------------------------
@@ -843,6 +1530,7 @@ ROUTE = Struct(
             0,
         ),
         Field("idempotency", IDEMPOTENCY, "Idempotency-Key replay store for this route."),
+        Field("filters", FILTERS, FILTERS_DOC, []),
     ],
     build=lambda rate_limit, **values: RouteConfig(rate_limit=rate_limit or (), **values),
 )
@@ -1201,6 +1889,21 @@ REDIS = Struct(
             "Redis admits is also debited from the fallback bucket (see docs/ratelimit.md).",
             1.0,
         ),
+        Field(
+            "lease_horizon",
+            DURATION,
+            "Leased limits (rate_limit.lease): a worker's lease of a key holds about this long of"
+            " its recent rate of that key (at most its share of the burst), refilled when half is"
+            " used.",
+            "100ms",
+        ),
+        Field(
+            "lease_ttl",
+            DURATION,
+            "Leased tokens not used within this are given back to Redis; keys seen less often"
+            " than twice per lease_ttl are decided one request at a time.",
+            "1s",
+        ),
     ],
     build=RedisConfig,
 )
@@ -1310,7 +2013,6 @@ LIMITS = Struct(
             "High-water mark of each client connection's write buffer: above it the upstream"
             " is no longer read until the buffer is down to a quarter of it.",
             "16KiB",
-
         ),
         Field(
             "headers_with_underscores",
@@ -1423,7 +2125,7 @@ CLIENT_AUTH = Struct(
     build=ClientAuthConfig,
 )
 
-ALPN_PROTOCOL = Enum(("http/1.1",))
+ALPN_PROTOCOL = Enum(("h2", "http/1.1"))
 
 
 def _listener_tls(**values: Any) -> ListenerTLSConfig:
@@ -1459,7 +2161,8 @@ LISTENER_TLS = Struct(
         Field(
             "alpn",
             ListOf(ALPN_PROTOCOL, min_items=1, unique=True),
-            "ALPN protocols offered, in preference order.",
+            "ALPN protocols offered, in preference order. With http2.enabled, h2 is offered"
+            " first even if not listed here.",
             ["http/1.1"],
         ),
         Field(
@@ -1490,10 +2193,93 @@ LISTENER_TLS = Struct(
     checks=[_default_certificate_listed],
 )
 
+# RFC 9113 §6.5.2: SETTINGS_MAX_FRAME_SIZE lies between 2^14 and 2^24-1; §6.9.1: windows
+# are at most 2^31-1.
+_MAX_WINDOW = 2**31 - 1
+
+HTTP2 = Struct(
+    "http2",
+    "HTTP/2 on this listener: h2 by ALPN on TLS, h2c with prior knowledge on plaintext"
+    " (docs/http2.md). Every stream goes through routing, limits and the access log like an"
+    " HTTP/1.1 request; the caps below bound what one connection may make the gateway do.",
+    [
+        Field("enabled", Bool(), "Accept HTTP/2 connections on this listener.", False),
+        Field(
+            "max_concurrent_streams",
+            Int(1, 10_000),
+            "SETTINGS_MAX_CONCURRENT_STREAMS: streams a client may have open at once; one more"
+            " is refused with RST_STREAM REFUSED_STREAM.",
+            100,
+        ),
+        Field(
+            "initial_window",
+            Size(65535, _MAX_WINDOW),
+            "SETTINGS_INITIAL_WINDOW_SIZE: request body bytes a client may send per stream"
+            " before the gateway acknowledges them (it does so as the upstream takes them).",
+            "1MiB",
+        ),
+        Field(
+            "connection_window",
+            Size(65535, _MAX_WINDOW),
+            "Receive window of the whole connection (all streams' unacknowledged body bytes).",
+            "4MiB",
+        ),
+        Field(
+            "max_frame_size",
+            Size(16384, 2**24 - 1),
+            "SETTINGS_MAX_FRAME_SIZE: largest frame payload a client may send.",
+            16384,
+        ),
+        Field(
+            "max_header_list_size",
+            Size(1024, 16 * 1024 * 1024),
+            "SETTINGS_MAX_HEADER_LIST_SIZE: decoded header list bytes (RFC 9113 §6.5.2 way:"
+            " name + value + 32 per field); larger requests get 431, and a header block that"
+            " decodes to far more (an HPACK bomb) ends the connection with COMPRESSION_ERROR.",
+            "64KiB",
+        ),
+        Field(
+            "max_header_block",
+            Size(1024, 16 * 1024 * 1024),
+            "Encoded bytes of one header block (HEADERS plus its CONTINUATION frames) before"
+            " END_HEADERS; beyond it the connection ends (CVE-2024-27316, CONTINUATION flood).",
+            "128KiB",
+        ),
+        Field(
+            "max_resets_per_second",
+            Int(1),
+            "Streams a client may reset (RST_STREAM) per second on one connection; beyond it"
+            " GOAWAY ENHANCE_YOUR_CALM and close (CVE-2023-44487, rapid reset).",
+            100,
+        ),
+        Field(
+            "max_pings_per_second",
+            Int(1),
+            "PING frames per second per connection; beyond it GOAWAY ENHANCE_YOUR_CALM.",
+            20,
+        ),
+        Field(
+            "max_settings_per_second",
+            Int(1),
+            "SETTINGS frames per second per connection; beyond it GOAWAY ENHANCE_YOUR_CALM.",
+            20,
+        ),
+    ],
+    build=Http2Config,
+)
+
 REDIRECT_TARGET = Text(
     "an https:// URL prefix such as https://{host}:8443",
     pattern=r"https://[^\s/?#]+",
 )
+
+
+def _alpn_h2_needs_http2(values: dict[str, Any]) -> list[tuple[str, str]]:
+    tls, http2 = values["tls"], values["http2"]
+    if tls is not None and "h2" in tls.alpn and not http2.enabled:
+        return [("tls", "alpn lists h2 but http2.enabled is false")]
+    return []
+
 
 LISTENER = Struct(
     "listener",
@@ -1508,16 +2294,18 @@ LISTENER = Struct(
             "Plaintext listeners only: answer every request with 308 to this URL prefix plus"
             " the request target; {host} is the request's host name without its port.",
         ),
+        Field("http2", HTTP2, "HTTP/2 (off unless enabled).", {}),
     ],
-    build=lambda address, name, tls, redirect_to: ListenerConfig(
-        address, name or str(address), tls, redirect_to
+    build=lambda address, name, tls, redirect_to, http2: ListenerConfig(
+        address, name or str(address), tls, redirect_to, http2
     ),
     checks=[
         lambda values: (
             [("redirect_to", "only meaningful on a plaintext listener")]
             if values["tls"] is not None and values["redirect_to"] is not None
             else []
-        )
+        ),
+        _alpn_h2_needs_http2,
     ],
 )
 
@@ -1615,6 +2403,7 @@ ROOT = Struct(
             "Rate limits every request must pass, whatever its route (key: route means one"
             " bucket for the whole gateway).",
         ),
+        Field("filters", FILTERS, FILTERS_DOC + " These run on every route.", []),
     ],
     build=_root,
     checks=[_redis_for_redis_limits, _rate_limit_names_unique, _redis_for_idempotency],

@@ -851,6 +851,44 @@ def cross_check(ctx: Context, data: dict[str, Any]) -> None:
                 _duplicate_instances(ctx, ("upstreams", name, "instances"), upstream["instances"])
     _listen_admin_clash(ctx, data)
     _discovery_references(ctx, data)
+    _traffic_split_references(ctx, data, known if isinstance(upstreams, dict | None) else None)
+
+
+def _traffic_split_references(ctx: Context, data: dict[str, Any], known: list[str] | None) -> None:
+    """traffic_split filters name upstreams that must exist (wherever the filter is)."""
+    if known is None:
+        return
+    places: list[tuple[Path, Any]] = [(("filters",), data.get("filters"))]
+    routes = data.get("routes")
+    if isinstance(routes, list):
+        places += [
+            (("routes", i, "filters"), r.get("filters"))
+            for i, r in enumerate(routes)
+            if isinstance(r, dict)
+        ]
+    upstreams = data.get("upstreams")
+    if isinstance(upstreams, dict):
+        places += [
+            (("upstreams", name, "filters"), u.get("filters"))
+            for name, u in upstreams.items()
+            if isinstance(u, dict)
+        ]
+    for path, entries in places:
+        if not isinstance(entries, list):
+            continue
+        for i, entry in enumerate(entries):
+            split = entry.get("traffic_split") if isinstance(entry, dict) else None
+            targets = split.get("upstreams") if isinstance(split, dict) else None
+            if not isinstance(targets, dict):
+                continue
+            for name in targets:
+                if isinstance(name, str) and name not in known:
+                    listing = ", ".join(known) or "none"
+                    ctx.error(
+                        (*path, i, "traffic_split", "upstreams", name),
+                        f"unknown upstream {name!r} (known: {listing})",
+                        key=True,
+                    )
 
 
 # The embedded registry exists even when the `discovery` section does not name it.

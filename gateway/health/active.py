@@ -1,12 +1,14 @@
-"""Active health checks: probe every instance over HTTP on a jittered interval (control plane).
+"""Active health checks: probe every instance on a jittered interval (control plane).
 
-One asyncio task per target sends ``GET path`` every ``interval ± jitter`` seconds with a
-``timeout``; a response whose status is in ``expected_statuses`` is a success, anything else
-(other status, refused connection, timeout) a failure. A healthy target turns unhealthy after
-``unhealthy_threshold`` consecutive failures, an unhealthy one healthy after
-``healthy_threshold`` consecutive successes. Each transition is logged, counted and reported
-to ``on_transition(target, healthy)``; the caller flips ``instance.available`` and refreshes
-its balancers (and the balancer's slow start covers the recovery).
+One asyncio task per target probes every ``interval ± jitter`` seconds with a ``timeout``. The
+``http`` check sends ``GET path``: a response whose status is in ``expected_statuses`` is a
+success, anything else (other status, refused connection, timeout) a failure. The ``grpc``
+check calls ``grpc.health.v1.Health/Check`` for ``grpc_service`` over HTTP/2
+(``gateway.health.grpc_check``): SERVING is a success, anything else a failure. A healthy
+target turns unhealthy after ``unhealthy_threshold`` consecutive failures, an unhealthy one
+healthy after ``healthy_threshold`` consecutive successes. Each transition is logged, counted
+and reported to ``on_transition(target, healthy)``; the caller flips ``instance.available`` and
+refreshes its balancers (and the balancer's slow start covers the recovery).
 
 Targets are addresses (``"127.0.0.1:9001"``, ``"[::1]:9001"``) or objects with an ``.address``
 attribute; they key the state, so they must be hashable. Jitter keeps the probes of many
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+
+from gateway.config.validate import parse_address
 
 logger = logging.getLogger("gateway.health")
 
@@ -70,6 +74,8 @@ class ActiveHealthChecker:
         rng: random.Random | None = None,
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        check_type: str = "http",
+        grpc_service: str = "",
     ) -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError("interval and timeout must be positive")
@@ -77,6 +83,11 @@ class ActiveHealthChecker:
             raise ValueError("thresholds must be at least 1")
         if not path.startswith("/"):
             raise ValueError("health check path must start with '/'")
+        if check_type not in ("http", "grpc"):
+            raise ValueError(f"health check type must be http or grpc, not {check_type!r}")
+        self.check_type = check_type
+        # grpc: the service asked about ("" = the server as a whole); ssl_context offers h2.
+        self.grpc_service = grpc_service
         self.path = path
         self.interval = interval
         self.timeout = timeout
@@ -177,7 +188,10 @@ class ActiveHealthChecker:
         url = f"{scheme}://{target_address(target)}{self.path}"
         await asyncio.sleep(self._rng.random() * min(self.jitter, self.interval))
         while self._running and target in self._states:
-            ok, status, error = await self.probe(url)
+            if self.check_type == "grpc":
+                ok, status, error = await self.probe_grpc(target_address(target))
+            else:
+                ok, status, error = await self.probe(url)
             self._record(target, ok, status, error)
             await asyncio.sleep(self._delay())
 
@@ -206,6 +220,22 @@ class ActiveHealthChecker:
         except (aiohttp.ClientError, OSError) as exc:
             return False, None, f"{type(exc).__name__}: {exc}"
 
+    async def probe_grpc(self, address: str) -> tuple[bool, int | None, str | None]:
+        """One ``grpc.health.v1.Health/Check`` call to ``address``."""
+        # Imported here: h2 is loaded only by processes that run a grpc check.
+        from gateway.health.grpc_check import probe_grpc
+
+        parsed = parse_address(address)
+        return await probe_grpc(
+            parsed.host,
+            parsed.port,
+            self.grpc_service,
+            self.timeout,
+            authority=self.host_header,
+            ssl_context=self.ssl_context,
+            server_hostname=self.server_hostname,
+        )
+
     def _record(self, target: Hashable, ok: bool, status: int | None, error: str | None) -> None:
         state = self._states.get(target)
         if state is None:
@@ -227,7 +257,8 @@ class ActiveHealthChecker:
         state.healthy = not state.healthy
         state.transitions += 1
         self.transitions += 1
-        reason = f"status {status}" if status is not None else (error or "failure")
+        # The error says more than the status when both exist (a grpc check answers 200).
+        reason = error or (f"status {status}" if status is not None else "failure")
         logger.warning(
             "health check: %s is now %s (%s)",
             target_address(target),

@@ -18,7 +18,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from gateway.config.model import HealthConfig
 from gateway.health.active import ActiveHealthChecker
 from gateway.snapshot import Snapshot, Upstream
-from gateway.tls.upstream import upstream_tls
+from gateway.tls.upstream import H2_ALPN, HTTP1_ALPN, upstream_tls
 
 log = logging.getLogger("gateway.health")
 
@@ -50,7 +50,7 @@ class HealthManager:
                 continue
             health = upstream.config.health
             assert health is not None
-            tls = upstream_tls(upstream.config, snapshot.config)
+            tls = upstream_tls(upstream.config, snapshot.config, alpn=_probe_alpn(health))
             checker = ActiveHealthChecker(
                 addresses,
                 path=health.path,
@@ -63,6 +63,8 @@ class HealthManager:
                 on_transition=self._transition_handler(name),
                 ssl_context=tls.context,
                 server_hostname=tls.sni,
+                check_type=health.type,
+                grpc_service=health.service,
             )
             self._checkers[name] = ((health, tls.key), checker)
             await checker.start()
@@ -71,7 +73,8 @@ class HealthManager:
     def _settings(snapshot: Snapshot, upstream: Upstream) -> tuple[HealthConfig, object]:
         health = upstream.config.health
         assert health is not None
-        return (health, upstream_tls(upstream.config, snapshot.config).key)
+        tls = upstream_tls(upstream.config, snapshot.config, alpn=_probe_alpn(health))
+        return (health, tls.key)
 
     def _transition_handler(self, upstream_name: str) -> Callable[[Hashable, bool], None]:
         def on_transition(target: Hashable, healthy: bool) -> None:
@@ -97,6 +100,11 @@ class HealthManager:
         for _, checker in self._checkers.values():
             await checker.stop()
         self._checkers.clear()
+
+
+def _probe_alpn(health: HealthConfig) -> tuple[str, ...]:
+    # gRPC speaks HTTP/2 only: its probes over TLS offer h2.
+    return H2_ALPN if health.type == "grpc" else HTTP1_ALPN
 
 
 class HealthCollector:

@@ -71,6 +71,7 @@ from gateway.proxy.h1 import (
     reset_walk,
     walk_framing,
 )
+from gateway.proxy.h2 import take_over_h2c
 from gateway.proxy.lifecycle import RequestPhases
 from gateway.proxy.relay import ResponsePhases
 from gateway.proxy.responses import RequestRejected
@@ -321,6 +322,7 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
         "client_cert",
         "closed",
         "filters",
+        "h2_sniff",
         "head_deadline",
         "head_limit",
         "head_received",
@@ -402,6 +404,8 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
         # An Idempotency-Key arrived on this connection (or a route requires keys): only then
         # are the exchanges' idempotency fields read (sticky: pipelined requests may carry one).
         self.keyed = False
+        # HTTP/2 hook: look for the h2c preface in the first bytes (gateway/proxy/h2).
+        self.h2_sniff = self.listener.http2 is not None and self.listener.tls is None
 
     # -- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -596,6 +600,10 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
 
     # -- client bytes -----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self.h2_sniff:  # HTTP/2 hook: h2c with prior knowledge (gateway/proxy/h2)
+            self.h2_sniff = False
+            if take_over_h2c(self, data):
+                return
         if self.upgrade_pending:
             # Bytes after an Upgrade request belong to the new protocol; hold them until the
             # upstream agrees (101) or refuses (then the connection closes).

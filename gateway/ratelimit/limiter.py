@@ -20,6 +20,12 @@ taken one by one and given back (``refund``) if a later one denies; Redis limits
 are decided all-or-nothing inside one script call. Limits are evaluated in config order, local
 ones before the Redis round trip (a request refused locally costs no round trip).
 
+A ``store: redis`` limit with ``lease`` (the config's default) decides from a **lease**: tokens
+of the key's Redis bucket this process took ahead in one script entry (``gateway.ratelimit.
+lease``: sizing, expiry, the error bound). A request that finds a token, or finds Redis's last
+refusal still in force, is decided at once; one that finds the lease empty takes the Redis path
+above (its own decision in the next script call) while a refill is sent behind it.
+
 A limit belongs to an **owner**: its route (the default), ``upstream:NAME`` for a limit declared
 on an upstream, or ``global``. The snapshot builder composes a route's own limits with those of
 its upstream and the global ones into the route's ``RouteLimiter``; limits with the same owner,
@@ -34,11 +40,12 @@ import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gateway.ratelimit import headers as rlh
 from gateway.ratelimit.gcra import SLACK, retry_after_seconds
 from gateway.ratelimit.keys import Headers, KeyExtractor, TrustedAddresses, compile_key
+from gateway.ratelimit.lease import Lease, LeaseTable
 from gateway.ratelimit.local import DEFAULT_MAX_KEYS, BucketStore, LocalStore
 from gateway.ratelimit.redis_store import RedisStore
 
@@ -95,6 +102,9 @@ class LimitSpec:
     name: str | None = None  # policy name in headers and in the Redis key; default limitN
     max_keys: int = DEFAULT_MAX_KEYS  # local bucket table bound (LRU)
     owner: str | None = None  # whose buckets: None = the route; "upstream:NAME"; "global"
+    # store: redis only: decide from a lease of tokens taken from Redis (gateway.ratelimit.lease).
+    # The config's default is True; False here keeps one script call per request.
+    lease: bool = False
 
 
 class Decision:
@@ -158,6 +168,8 @@ class Limit:
         "interval",
         "interval_us",
         "key",
+        "lease",
+        "leases",
         "local",
         "local_interval",
         "local_span",
@@ -230,6 +242,9 @@ class Limit:
         # by accident; an upstream-level or global limit is one key space for all its routes.
         self.redis_prefix = f"{prefix}:{self.owner}:{self.name}:".encode()
         self.qname = rlh.sf_string(self.name)
+        # Set by RouteLimiter when the limit is leased (store: redis, lease, not a dry run).
+        self.lease = spec.lease and spec.store == "redis" and not spec.dry_run
+        self.leases: LeaseTable | None = None
         self.window = max(1, math.ceil(spec.period))
         self.policy = rlh.policy_item(self.name, spec.count, self.window)
 
@@ -241,7 +256,7 @@ class Limit:
 class _Pending:
     """A request waiting for its Redis round trip (one per Redis-limited request)."""
 
-    __slots__ = ("callback", "dry", "keys", "limiter", "now", "redis_idx", "taken", "xs")
+    __slots__ = ("callback", "dry", "keys", "leased", "limiter", "now", "redis_idx", "taken", "xs")
 
     def __init__(
         self,
@@ -253,6 +268,7 @@ class _Pending:
         dry: Limit | None,
         redis_idx: list[int],
         callback: Callable[[Decision], None],
+        leased: list[Lease] | None,
     ) -> None:
         self.limiter = limiter
         self.now = now
@@ -262,9 +278,50 @@ class _Pending:
         self.dry = dry
         self.redis_idx = redis_idx
         self.callback = callback
+        self.leased = leased  # tokens this request took from leases of its other limits
 
     def done(self, result: list[int] | None) -> None:
         self.callback(self.limiter._complete(self, result))
+
+
+class _LeaseCall:
+    """One lease script entry (a refill and/or a return) waiting for its answer."""
+
+    __slots__ = ("back", "lease", "limit", "sent_at", "store", "want")
+
+    def __init__(
+        self, store: RedisStore, limit: Limit, lease: Lease, sent_at: float, want: int, back: int
+    ) -> None:
+        self.store = store
+        self.limit = limit
+        self.lease = lease
+        self.sent_at = sent_at
+        self.want = want
+        self.back = back
+
+    def done(self, result: list[Any] | None) -> None:
+        lease = self.lease
+        lease.refilling = False
+        if result is None:
+            # Failed or late: a call that ran in Redis granted tokens nobody will use (fewer
+            # admissions, never more); returned tokens may be lost the same way.
+            return
+        limit = self.limit
+        got, x_us = result[0]
+        store = self.store
+        store.lease_returned += self.back
+        lease.grant(got, x_us, self.want, self.sent_at, limit.span_us, store.lease_ttl)
+        if limit.on_store_error == "local":
+            # The fallback bucket learns of leased tokens as of Redis admissions (see _complete).
+            if got > 0:
+                store.leased += got
+                limit.local.debit(
+                    lease.key, self.sent_at, got * limit.local_interval, limit.debt_cap
+                )
+            if self.back:
+                limit.local.refund(lease.key, self.back * limit.local_interval)
+        elif got > 0:
+            store.leased += got
 
 
 class RouteLimiter:
@@ -307,6 +364,12 @@ class RouteLimiter:
                 if kept is not None:
                     limit.local = kept
         self.redis = redis
+        if redis is not None:
+            for limit in self.limits:
+                if limit.lease:
+                    limit.leases = redis.lease_table(
+                        limit.redis_prefix, limit.interval_us, limit.span_us, limit.burst
+                    )
         self.headers = headers
         self.legacy_headers = legacy_headers
         self.max_in_flight = max_in_flight
@@ -317,6 +380,10 @@ class RouteLimiter:
         # The fast path: one local limit, refusals are real (no dry run).
         only = self.limits[0] if len(self.limits) == 1 else None
         self._single = only if only is not None and only.store == "local" else None
+        # The leased fast path: one leased Redis limit, no max_in_flight.
+        self._single_lease = (
+            only if only is not None and only.leases is not None and not max_in_flight else None
+        )
         self._single_head: bytes | None = None
         if self._single is not None and headers and not legacy_headers:
             self._single_head = self.policy_line + b"ratelimit: " + self._single.qname + b";r="
@@ -348,11 +415,12 @@ class RouteLimiter:
             key = _MISSING
         x = limit.local.take(key, now, limit.interval, limit.span_cmp)
         if x <= limit.span_cmp:
-            self.allowed += 1
             if not self.headers:
+                self.allowed += 1
                 return ALLOW
             if self._single_head is None:
-                return self._admit([limit], [x], None, False)
+                return self._admit([limit], [x], None, False)  # counts it
+            self.allowed += 1
             # Pre-rendered up to r=; only two integers are formatted per request.
             left = int((limit.span_cmp - x) / limit.interval)
             reset = int(x - SLACK) + 1  # ceil for x > 0
@@ -373,6 +441,29 @@ class RouteLimiter:
         """Decide now (return a Decision) or after a Redis round trip (return None, then call
         ``callback(decision)`` from the event loop). ``callback`` may be None only when
         ``uses_redis`` is False."""
+        single = self._single_lease
+        if single is not None:
+            # Leased fast path: a token of this key's lease, or Redis's refusal still in force.
+            key = single.key(peer_ip, peer_trusted, headers, query)
+            if key is not None:
+                assert single.leases is not None
+                lease = single.leases.leases.get(key)
+                if lease is not None:
+                    tokens = lease.tokens
+                    if tokens > 0 and now < lease.expires:
+                        tokens -= 1
+                        lease.tokens = tokens
+                        lease.used += 1
+                        if tokens <= lease.low_water and not lease.refilling:
+                            self._lease_call(single, lease, now, True)
+                        if not self.headers:
+                            self.allowed += 1
+                            return ALLOW
+                        x = lease.x(now, single.interval)
+                        return self._admit(self.limits, [x], None, False)  # counts it
+                    if not tokens and now < lease.denied_until:
+                        lease.used += 1
+                        return self._deny(single, single.span + lease.denied_until - now)
         slot = False
         if self.max_in_flight:
             if self.in_flight >= self.max_in_flight:
@@ -387,16 +478,40 @@ class RouteLimiter:
         taken: list[tuple[Limit, str | bytes]] = []
         dry: Limit | None = None
         redis_idx: list[int] = []
+        leased: list[Lease] | None = None  # tokens taken from leases (given back on a refusal)
+        refills: list[tuple[Limit, Lease]] | None = None  # lease calls to send after the decision
         for i in range(n):
             limit = limits[i]
             key = limit.key(peer_ip, peer_trusted, headers, query)
             if key is None:
                 if limit.reject_missing:
-                    self._undo(taken, slot)
+                    self._undo(taken, slot, leased)
                     return self._missing(limit)
                 key = _MISSING
             keys[i] = key
             if limit.store == "redis":
+                leases = limit.leases
+                lease = leases.open(key, now) if leases is not None else None
+                if lease is not None:
+                    if lease.tokens:
+                        lease.expire(now)
+                    lease.used += 1
+                    if lease.tokens:
+                        lease.tokens -= 1
+                        xs[i] = lease.x(now, limit.interval)
+                        if leased is None:
+                            leased = []
+                        leased.append(lease)
+                        if lease.tokens <= lease.low_water and not lease.refilling:
+                            refills = refills or []
+                            refills.append((limit, lease))
+                        continue
+                    if now < lease.denied_until:
+                        self._undo(taken, slot, leased)
+                        return self._deny(limit, limit.span + lease.denied_until - now)
+                    if not lease.refilling:
+                        refills = refills or []
+                        refills.append((limit, lease))
                 redis_idx.append(i)
                 continue
             x = limit.local.take(key, now, limit.interval, limit.span_cmp)
@@ -406,7 +521,7 @@ class RouteLimiter:
                     dry = dry or limit
                     xs[i] = None
                     continue
-                self._undo(taken, slot)
+                self._undo(taken, slot, leased)
                 return self._deny(limit, x)
             taken.append((limit, key))
         if redis_idx:
@@ -424,11 +539,20 @@ class RouteLimiter:
                     limit.redis_prefix + (key.encode("latin-1") if isinstance(key, str) else key)
                 )
                 args += (limit.interval_us, limit.span_us, 1 if limit.dry_run else 0)
-            pending = _Pending(self, now, keys, xs, taken, dry, redis_idx, callback)
-            if redis.submit(rkeys, args, pending.done):
+            pending = _Pending(self, now, keys, xs, taken, dry, redis_idx, callback, leased)
+            sent = redis.submit(rkeys, args, pending.done)
+            if refills is not None:
+                # After the decision's own entry: Redis runs it first, so a refill cannot take
+                # the token this request needs.
+                for limit, lease in refills:
+                    self._lease_call(limit, lease, now, True)
+            if sent:
                 return None
             # Never sent (the store is down): what the fallback admits is owed to Redis.
             return self._complete(pending, None, rkeys)
+        if refills is not None:
+            for limit, lease in refills:
+                self._lease_call(limit, lease, now, True)
         return self._admit(limits, xs, dry, False, slot)
 
     def release(self) -> None:
@@ -437,9 +561,13 @@ class RouteLimiter:
             self.in_flight -= 1
 
     def expire(self, now: float) -> None:
-        """Periodic (e.g. once a second): drop idle keys so memory shrinks after a flood."""
+        """Periodic (e.g. once a second): drop idle keys so memory shrinks after a flood; give
+        expired lease tokens back to Redis."""
         for limit in self.limits:
             limit.local.expire(now)
+            if limit.leases is not None:
+                for lease in limit.leases.sweep(now):
+                    self._lease_call(limit, lease, now, False)
 
     def stats(self) -> dict[str, int]:
         """Decision counts by result, for ``gateway_ratelimit_decisions_total{route,result}``."""
@@ -475,12 +603,17 @@ class RouteLimiter:
                         dry = dry or limit
                         continue
                     wait = (x_us - limit.span_us) / 1_000_000
+                    if limit.leases is not None:
+                        # Empty in Redis until then: this key is refused locally meanwhile.
+                        lease = limit.leases.leases.get(pending.keys[i] or _MISSING)
+                        if lease is not None and not lease.tokens:
+                            lease.denied_until = pending.now + wait
                     if denied is None or wait > worst:
                         denied, worst = limit, wait
                     continue
                 xs[i] = x_us / 1_000_000
             if denied is not None:
-                self._undo(taken, slot)
+                self._undo(taken, slot, pending.leased)
                 return self._deny(denied, worst + denied.span)
             # Redis admitted: the fallback buckets learn it, so a fallback right after these
             # decisions cannot hand out the same budget again.
@@ -504,7 +637,7 @@ class RouteLimiter:
                 if limit.dry_run:
                     dry = dry or limit
                     continue
-                self._undo(taken, slot)
+                self._undo(taken, slot, pending.leased)
                 self.limited += 1
                 return Decision(
                     False,
@@ -522,7 +655,7 @@ class RouteLimiter:
                 if limit.dry_run:
                     dry = dry or limit
                     continue
-                self._undo(taken, slot)
+                self._undo(taken, slot, pending.leased)
                 return self._deny(limit, x - limit.local_span + limit.span, store_error=True)
             taken.append((limit, key))
             # Headers speak of the configured limit: scale the share's x back to it.
@@ -534,11 +667,38 @@ class RouteLimiter:
                     self.redis.owe(unsent[j], limit.interval_us, limit.span_us)
         return self._admit(limits, xs, dry, True, slot)
 
-    def _undo(self, taken: list[tuple[Limit, str | bytes]], slot: bool) -> None:
+    def _undo(
+        self, taken: list[tuple[Limit, str | bytes]], slot: bool, leased: list[Lease] | None = None
+    ) -> None:
         for limit, key in taken:
             limit.local.refund(key, limit.local_interval)
+        if leased is not None:
+            for lease in leased:
+                lease.tokens += 1
         if slot:
             self.in_flight -= 1
+
+    def _lease_call(self, limit: Limit, lease: Lease, now: float, refill: bool) -> None:
+        """Send one lease entry: a refill sized by the lease policy (``refill``) and the
+        lease's expired tokens going back. Nothing is sent while the store is down: the
+        lease's tokens keep deciding until they run out or expire, then the fallback does."""
+        redis = self.redis
+        leases = limit.leases
+        if redis is None or leases is None or not redis.available:
+            return
+        want = leases.policy.plan(lease, now) if refill else 0
+        back = lease.back
+        if want <= 0 and back <= 0:
+            return
+        call = _LeaseCall(redis, limit, lease, now, want, back)
+        args = [-1, limit.interval_us, limit.span_us, want, back]
+        lease.refilling = True  # before submit: a store may answer at once
+        lease.back = 0
+        if redis.submit([lease.rkey], args, call.done):
+            redis.lease_calls += 1
+        else:
+            lease.refilling = False
+            lease.back = back
 
     def _admit(
         self,

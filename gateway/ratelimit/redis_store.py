@@ -27,6 +27,11 @@ after replaying into Redis the requests the fallback admitted meanwhile (``owe``
 Errors are logged at most once per ``log_interval`` (with the count of suppressed ones) and
 counted in the store's counters; ``latency()`` gives percentiles of recent round trips.
 
+Token leases (``gateway.ratelimit.lease``) travel in the same calls: an entry whose ARGV starts
+with ``-1`` takes (and gives back) tokens of one key and answers ``{granted, x_us}``; the
+limiter sends them through ``submit`` like decisions. ``lease_table`` keeps each limit's leases
+here, one table per process for every route and snapshot that uses the limit.
+
 The Lua script evaluates each decision's keys all-or-nothing: a request passes only if every
 limit of the decision passes, and then every key is advanced; otherwise none is. Time is Redis
 server time (``TIME``) in integer microseconds, so gateways with skewed clocks agree. Keys expire
@@ -50,6 +55,14 @@ from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from gateway.ratelimit.lease import (
+    DEFAULT_HORIZON,
+    DEFAULT_TTL,
+    LEASE_BURST_SHARE,
+    LeasePolicy,
+    LeaseTable,
+)
+
 __all__ = ["DEFAULT_TIMEOUT", "GCRA_LUA", "RedisStore", "RedisURL", "parse_redis_url"]
 
 log = logging.getLogger("gateway.ratelimit")
@@ -64,6 +77,10 @@ GRACE_STEP = 0.001  # re-check interval when the answer is already in the socket
 # decisions' keys in the same order. Returns x_us = new_tat - now for every key (see gcra.py):
 # a key passes when x_us <= span_us. Dry-run keys never block the others and are advanced only
 # when they pass. Redis >= 5 replicates scripts by effects, which allows TIME before writes.
+# A lease (gateway/ratelimit/lease.py) is m = -1, then interval_us, span_us, want, back for its
+# one key: ``back`` tokens are given back first (the TAT moves back, never below now), then up
+# to ``want`` tokens are taken, as many as the bucket has room for; its result is the pair
+# {granted, x_us}: x after the granted tokens, or (none granted) x of one more request.
 GCRA_LUA = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -75,33 +92,61 @@ local n = #ARGV
 while a <= n do
   local m = tonumber(ARGV[a])
   a = a + 1
-  local ok = true
-  local news = {}
-  for j = 0, m - 1 do
-    local interval = tonumber(ARGV[a + 3 * j])
-    local span = tonumber(ARGV[a + 3 * j + 1])
-    local tat = tonumber(redis.call('GET', KEYS[k + j]))
+  if m < 0 then
+    local interval = tonumber(ARGV[a])
+    local span = tonumber(ARGV[a + 1])
+    local want = tonumber(ARGV[a + 2])
+    local back = tonumber(ARGV[a + 3])
+    local tat = tonumber(redis.call('GET', KEYS[k]))
     if tat == nil or tat < now then tat = now end
-    local x = tat + interval - now
-    out[#out + 1] = x
-    if x <= span then
-      news[j + 1] = tat + interval
-    else
-      news[j + 1] = false
-      if ARGV[a + 3 * j + 2] == '0' then ok = false end
+    if back > 0 then
+      tat = tat - back * interval
+      if tat < now then tat = now end
     end
-  end
-  if ok then
+    local got = math.floor((span - (tat - now)) / interval)
+    if got > want then got = want end
+    if got < 0 then got = 0 end
+    local new = tat + got * interval
+    if got > 0 or back > 0 then
+      redis.call('SET', KEYS[k], string.format('%d', new),
+                 'PX', math.floor((new - now) / 1000) + 1)
+    end
+    if got > 0 then
+      out[#out + 1] = {got, new - now}
+    else
+      out[#out + 1] = {0, tat + interval - now}
+    end
+    k = k + 1
+    a = a + 4
+  else
+    local ok = true
+    local news = {}
     for j = 0, m - 1 do
-      local new = news[j + 1]
-      if new then
-        redis.call('SET', KEYS[k + j], string.format('%d', new),
-                   'PX', math.floor((new - now) / 1000) + 1)
+      local interval = tonumber(ARGV[a + 3 * j])
+      local span = tonumber(ARGV[a + 3 * j + 1])
+      local tat = tonumber(redis.call('GET', KEYS[k + j]))
+      if tat == nil or tat < now then tat = now end
+      local x = tat + interval - now
+      out[#out + 1] = x
+      if x <= span then
+        news[j + 1] = tat + interval
+      else
+        news[j + 1] = false
+        if ARGV[a + 3 * j + 2] == '0' then ok = false end
       end
     end
+    if ok then
+      for j = 0, m - 1 do
+        local new = news[j + 1]
+        if new then
+          redis.call('SET', KEYS[k + j], string.format('%d', new),
+                     'PX', math.floor((new - now) / 1000) + 1)
+        end
+      end
+    end
+    k = k + m
+    a = a + 3 * m
   end
-  k = k + m
-  a = a + 3 * m
 end
 return out
 """
@@ -353,9 +398,15 @@ class RedisStore:
         backoff_max: float = 5.0,
         log_interval: float = 10.0,
         rng: random.Random | None = None,
+        lease_horizon: float = DEFAULT_HORIZON,
+        lease_ttl: float = DEFAULT_TTL,
+        lease_holders: int = 1,
+        lease_share: float | None = None,
     ) -> None:
         if not 0.0 < fallback_share <= 1.0:
             raise ValueError("fallback_share must be in (0, 1]")
+        if lease_holders < 1:
+            raise ValueError("lease_holders must be at least 1")
         self.url = url
         self.address = parse_redis_url(url)
         self.timeout = timeout
@@ -368,6 +419,17 @@ class RedisStore:
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.log_interval = log_interval
+        # Leases (gateway/ratelimit/lease.py): every lease holder (this process is one of
+        # ``lease_holders`` workers of a gateway that is one of 1/fallback_share gateways)
+        # holds at most ``lease_share`` of a limit's burst.
+        self.lease_horizon = lease_horizon
+        self.lease_ttl = lease_ttl
+        self.lease_share = (
+            lease_share
+            if lease_share is not None
+            else LEASE_BURST_SHARE * fallback_share / lease_holders
+        )
+        self._leases: dict[tuple[bytes, int, int], LeaseTable] = {}
         self._rng = rng or random.Random()
         self._pending: list[Entry] = []
         self._flush_handle: asyncio.Handle | None = None
@@ -401,6 +463,19 @@ class RedisStore:
         self.recoveries = 0
         self.replayed = 0  # owed requests debited in Redis after a recovery
         self.owed_dropped = 0  # owed requests forgotten (more than MAX_OWED_KEYS keys)
+        self.lease_calls = 0  # lease script entries sent (refills and returns)
+        self.leased = 0  # tokens granted to this process's leases
+        self.lease_returned = 0  # tokens given back (expired or unused)
+
+    def lease_table(self, prefix: bytes, interval_us: int, span_us: int, burst: int) -> LeaseTable:
+        """The leases of one limit (its Redis key prefix and parameters) in this process: one
+        table for every route and snapshot that uses the limit, so a reload keeps them."""
+        ident = (prefix, interval_us, span_us)
+        table = self._leases.get(ident)
+        if table is None:
+            policy = LeasePolicy(burst, self.lease_share, self.lease_horizon, self.lease_ttl)
+            table = self._leases[ident] = LeaseTable(policy, prefix)
+        return table
 
     # -- data plane ------------------------------------------------------------------------
     def submit(self, keys: list[bytes], args: list[int], on_done: OnDone) -> bool:
@@ -752,6 +827,9 @@ class RedisStore:
             "recoveries": self.recoveries,
             "replayed": self.replayed,
             "owed_dropped": self.owed_dropped,
+            "lease_calls": self.lease_calls,
+            "leased": self.leased,
+            "lease_returned": self.lease_returned,
             "available": int(self.available),
         }
 

@@ -15,6 +15,7 @@ waiter's done callback), so a TLS connection costs no more asyncio machinery tha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import socket
 import ssl
@@ -24,7 +25,12 @@ from gateway.tls.certs import resolve
 from gateway.tls.contexts import ServerTLS, build_store
 
 if TYPE_CHECKING:
-    from gateway.config.model import GatewayConfig, ListenerConfig, ListenerTLSConfig
+    from gateway.config.model import (
+        GatewayConfig,
+        Http2Config,
+        ListenerConfig,
+        ListenerTLSConfig,
+    )
     from gateway.proxy.listener import ProxyServer
     from gateway.tls.contexts import CertStore
 
@@ -73,35 +79,51 @@ def handshake_reason(error: BaseException) -> str:
 class ListenerState:
     """Per-listener facts every connection of it shares: name, scheme, TLS, redirect."""
 
-    __slots__ = ("name", "proto", "redirect", "tls")
+    __slots__ = ("http2", "name", "proto", "redirect", "tls")
 
     def __init__(
-        self, name: str, tls: ServerTLS | None = None, redirect: str | None = None
+        self,
+        name: str,
+        tls: ServerTLS | None = None,
+        redirect: str | None = None,
+        http2: Http2Config | None = None,
     ) -> None:
         self.name = name
         self.tls = tls
         self.proto = b"https" if tls is not None else b"http"
         self.redirect = redirect
+        self.http2 = http2  # None unless http2.enabled (gateway.proxy.h2)
 
     @classmethod
     def build(cls, listener: ListenerConfig, config: GatewayConfig) -> ListenerState:
         tls = None
-        if listener.tls is not None:
-            tls = ServerTLS(listener.name, listener.tls, config.tls_files, config.source)
-        return cls(listener.name, tls, listener.redirect_to)
+        tls_config = _with_h2_alpn(listener)
+        if tls_config is not None:
+            tls = ServerTLS(listener.name, tls_config, config.tls_files, config.source)
+        http2 = listener.http2 if listener.http2.enabled else None
+        return cls(listener.name, tls, listener.redirect_to, http2)
 
     def prepare(self, listener: ListenerConfig, config: GatewayConfig) -> object:
         """Build what ``commit`` swaps in; raises if a certificate does not load, before any
         listener changed."""
-        if self.tls is None or listener.tls is None:
+        tls_config = _with_h2_alpn(listener)
+        if self.tls is None or tls_config is None:
             return None
-        return (listener.tls, build_store(listener.tls, config.tls_files, config.source))
+        return (tls_config, build_store(tls_config, config.tls_files, config.source))
 
     def commit(self, prepared: object) -> None:
         if prepared is None or self.tls is None:
             return
         tls_config, store = cast("tuple[ListenerTLSConfig, CertStore]", prepared)
         self.tls.update(tls_config, store)
+
+
+def _with_h2_alpn(listener: ListenerConfig) -> ListenerTLSConfig | None:
+    """The listener's TLS settings, with ``h2`` offered first when HTTP/2 is enabled."""
+    tls = listener.tls
+    if tls is not None and listener.http2.enabled and "h2" not in tls.alpn:
+        return dataclasses.replace(tls, alpn=("h2", *tls.alpn))
+    return tls
 
 
 class _Handshake(asyncio.Protocol):
@@ -177,6 +199,11 @@ class _Handshake(asyncio.Protocol):
             if tls_transport is None:
                 self.server.metrics.tls_handshake_error(self.state.name, "closed")
                 return
+            if self.state.http2 is not None and _alpn(tls_transport) == "h2":  # HTTP/2 hook
+                from gateway.proxy.h2 import start_h2
+
+                start_h2(self.server, self.state, tls_transport)
+                return
             conn.connection_made(tls_transport)
             return
         except (OSError, EOFError, TimeoutError, ValueError) as error:
@@ -192,6 +219,11 @@ class _Handshake(asyncio.Protocol):
         """The server closes: drop a handshake still under way."""
         if self.transport is not None:
             self.transport.abort()
+
+
+def _alpn(transport: asyncio.Transport) -> str | None:
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object.selected_alpn_protocol() if ssl_object is not None else None
 
 
 def _replay(transport: asyncio.Transport, data: bytes) -> None:

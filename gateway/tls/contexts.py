@@ -222,8 +222,13 @@ class ServerTLS:
         return entry if entry is not None else self.store.default
 
 
-def client_context(tls: UpstreamTLSConfig, files: dict[str, bytes], source: str) -> ssl.SSLContext:
-    """The context for connections to an upstream's instances."""
+def client_context(
+    tls: UpstreamTLSConfig,
+    files: dict[str, bytes],
+    source: str,
+    alpn: tuple[str, ...] = ("http/1.1",),
+) -> ssl.SSLContext:
+    """The context for connections to an upstream's instances, offering ``alpn``."""
     from gateway.tls.certs import resolve
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -242,5 +247,5 @@ def client_context(tls: UpstreamTLSConfig, files: dict[str, bytes], source: str)
         context.verify_mode = ssl.CERT_NONE
     if tls.cert is not None and tls.key is not None:
         load_chain(context, files[resolve(tls.cert, source)], files[resolve(tls.key, source)])
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols(list(alpn))
     return context

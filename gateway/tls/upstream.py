@@ -19,9 +19,9 @@ from gateway.tls.contexts import client_context
 
 log = logging.getLogger("gateway.tls")
 
-# (settings, files digest, source) -> context: snapshots rebuilt by discovery or a reload
+# (settings, files digest, source, ALPN) -> context: snapshots rebuilt by discovery or a reload
 # reuse the context (and pools keyed by it); bounded by the configs a process ever saw.
-_CONTEXTS: dict[tuple[object, str, str], ssl.SSLContext] = {}
+_CONTEXTS: dict[tuple[object, str, str, tuple[str, ...]], ssl.SSLContext] = {}
 _CONTEXTS_MAX = 256
 
 
@@ -39,13 +39,20 @@ class UpstreamTLS:
 
 _PLAIN = UpstreamTLS(None, None, None)
 
+HTTP1_ALPN = ("http/1.1",)
+H2_ALPN = ("h2",)  # upstreams.NAME.protocol h2, and gRPC health checks over TLS
+
 
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
 
 
-def upstream_tls(upstream: UpstreamConfig, config: GatewayConfig) -> UpstreamTLS:
+def upstream_tls(
+    upstream: UpstreamConfig, config: GatewayConfig, *, alpn: tuple[str, ...] = HTTP1_ALPN
+) -> UpstreamTLS:
+    """The TLS of ``upstream``'s connections; ``alpn`` is what they offer (the key of a
+    context with another ALPN differs, so its pools differ too)."""
     tls = upstream.tls
     if tls is None:
         return _PLAIN
@@ -58,10 +65,10 @@ def upstream_tls(upstream: UpstreamConfig, config: GatewayConfig) -> UpstreamTLS
     if missing:  # a config parsed without its TLS files (tests, tools): read them now
         files = {**files, **{p: _read(p) for p in missing}}
     digest = material_digest(files, paths)
-    cache_key = (tls, digest, source)
+    cache_key = (tls, digest, source, alpn)
     context = _CONTEXTS.get(cache_key)
     if context is None:
-        context = client_context(tls, files, source)
+        context = client_context(tls, files, source, alpn)
         if not tls.verify:
             log.warning(
                 "upstream %r: tls.verify is false: its instances' certificates are not checked",
@@ -70,4 +77,5 @@ def upstream_tls(upstream: UpstreamConfig, config: GatewayConfig) -> UpstreamTLS
         if len(_CONTEXTS) >= _CONTEXTS_MAX:
             _CONTEXTS.clear()
         _CONTEXTS[cache_key] = context
-    return UpstreamTLS(context, tls.sni, (tls, digest))
+    key = (tls, digest) if alpn == HTTP1_ALPN else (tls, digest, alpn)
+    return UpstreamTLS(context, tls.sni, key)
