@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gateway.proxy import headers as hdr
@@ -205,6 +207,16 @@ def test_request_ids_are_unique_and_valid() -> None:
     assert hdr.RequestIds().next() not in seen
 
 
+def test_request_ids_are_a_random_prefix_and_a_hex_counter() -> None:
+    ids = hdr.RequestIds()
+    first, second = ids.next(), ids.next()
+    for _ in range(8):
+        tenth = ids.next()
+    assert re.fullmatch(rb"[0-9a-f]{16}-1", first)
+    assert second == first[:-1] + b"2"
+    assert tenth == first[:-1] + b"a"
+
+
 @pytest.mark.parametrize(
     ("value", "valid"),
     [
@@ -215,6 +227,13 @@ def test_request_ids_are_unique_and_valid() -> None:
         (b"x" * 201, False),
         (b"caf\xc3\xa9", False),
         (b"tab\there", False),
+        # VCHAR is %x21-7E (RFC 5234 B.1): DEL, a trailing line end and NUL are not
+        (b"!~", True),
+        (b"x\x7f", False),
+        (b"abc\n", False),
+        (b"abc\r\n", False),
+        (b"\x00", False),
+        (b"x" * 199 + b" ", False),
     ],
 )
 def test_valid_request_id(value: bytes, valid: bool) -> None:
