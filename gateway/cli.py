@@ -54,6 +54,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return _report_warnings(args, config)
 
 
+def cmd_version(_args: argparse.Namespace) -> int:
+    """The version, then the interpreter and which hot-path modules run compiled."""
+    from gateway import compiled
+
+    print(__version__)
+    print(compiled.report())
+    return 0
+
+
 def _report_warnings(args: argparse.Namespace, config: GatewayConfig) -> int:
     """Valid but suspicious settings (gateway/config/lint.py); --strict makes them fatal."""
     from gateway.config.lint import lint_text
@@ -159,8 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         " upstreams, or more",
     )
     reload.set_defaults(handler=cmd_reload)
-    version = commands.add_parser("version", help="print the version")
-    version.set_defaults(handler=lambda _args: print(__version__) or 0)
+    version = commands.add_parser(
+        "version", help="print the version, the Python build and which modules are compiled"
+    )
+    version.set_defaults(handler=cmd_version)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),

@@ -137,6 +137,13 @@ class GatewayMetrics:
         self._overhead_bounds = self.bounds["overhead"]
         self._request_body_bounds = self.bounds["request_body"]
         self._response_body_bounds = self.bounds["response_body"]
+        # A size at or below the first bound lands in bucket 0 (what bisect_left would say).
+        self._request_body_first = self._request_body_bounds[0]
+        self._response_body_first = self._response_body_bounds[0]
+        # (route, upstream) -> the histogram lists observe_request updates (see _route_series).
+        self._series: dict[
+            tuple[str, str], tuple[list[float], list[float], list[float], list[float]]
+        ] = {}
         # route -> histogram list, body sizes
         self.request_body: dict[str, list[float]] = {}
         self.response_body: dict[str, list[float]] = {}
@@ -196,43 +203,59 @@ class GatewayMetrics:
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
 
-        bounds = self.buckets
-        rkey = (route, upstream)
-        h = self.request_duration.get(rkey)
-        if h is None:
-            h = self.request_duration[rkey] = _new_hist(self._n)
+        # One lookup for the route's histograms instead of four (they stay in their dicts).
+        series = self._series.get((route, upstream))
+        if series is None:
+            series = self._route_series(route, upstream)
+        duration, overhead, request_body, response_body = series
+
         # bisect_left gives the first bound >= value: Prometheus "le" (less or equal) semantics.
-        h[bisect_left(bounds, total_s)] += 1
-        h[-1] += total_s
+        duration[bisect_left(self.buckets, total_s)] += 1
+        duration[-1] += total_s
 
         if upstream_s is not None:
-            bounds = self._upstream_bounds
             h = self.upstream_duration.get(upstream)
             if h is None:
-                h = self.upstream_duration[upstream] = _new_hist(len(bounds))
-            h[bisect_left(bounds, upstream_s)] += 1
+                h = self.upstream_duration[upstream] = _new_hist(len(self._upstream_bounds))
+            h[bisect_left(self._upstream_bounds, upstream_s)] += 1
             h[-1] += upstream_s
 
-        bounds = self._overhead_bounds
-        h = self.overhead.get(route)
-        if h is None:
-            h = self.overhead[route] = _new_hist(len(bounds))
-        h[bisect_left(bounds, overhead_s)] += 1
-        h[-1] += overhead_s
+        overhead[bisect_left(self._overhead_bounds, overhead_s)] += 1
+        overhead[-1] += overhead_s
 
-        bounds = self._request_body_bounds
-        h = self.request_body.get(route)
-        if h is None:
-            h = self.request_body[route] = _new_hist(len(bounds))
-        h[bisect_left(bounds, request_bytes)] += 1
-        h[-1] += request_bytes
+        # Sizes: most bodies are empty or fit the first bucket; one compare instead of a bisect.
+        if request_bytes <= self._request_body_first:
+            request_body[0] += 1
+        else:
+            request_body[bisect_left(self._request_body_bounds, request_bytes)] += 1
+        request_body[-1] += request_bytes
+        if response_bytes <= self._response_body_first:
+            response_body[0] += 1
+        else:
+            response_body[bisect_left(self._response_body_bounds, response_bytes)] += 1
+        response_body[-1] += response_bytes
 
-        bounds = self._response_body_bounds
-        h = self.response_body.get(route)
-        if h is None:
-            h = self.response_body[route] = _new_hist(len(bounds))
-        h[bisect_left(bounds, response_bytes)] += 1
-        h[-1] += response_bytes
+    def _route_series(
+        self, route: str, upstream: str
+    ) -> tuple[list[float], list[float], list[float], list[float]]:
+        """The (route, upstream) histograms of observe_request, created on first use."""
+        rkey = (route, upstream)
+        duration = self.request_duration.get(rkey)
+        if duration is None:
+            duration = self.request_duration[rkey] = _new_hist(self._n)
+        overhead = self.overhead.get(route)
+        if overhead is None:
+            overhead = self.overhead[route] = _new_hist(len(self._overhead_bounds))
+        request_body = self.request_body.get(route)
+        if request_body is None:
+            request_body = self.request_body[route] = _new_hist(len(self._request_body_bounds))
+        response_body = self.response_body.get(route)
+        if response_body is None:
+            response_body = self.response_body[route] = _new_hist(len(self._response_body_bounds))
+        series = (duration, overhead, request_body, response_body)
+        if len(self._series) < 65_536:  # bounded: route x upstream pairs come from config
+            self._series[rkey] = series
+        return series
 
     def declare(self, routes: Iterable[tuple[str, str]]) -> None:
         """Create zero-valued series for configured (route, upstream) pairs, so Prometheus sees

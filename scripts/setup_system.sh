@@ -72,6 +72,12 @@ if [ "$mode" != "venv" ]; then
   have openssl || need openssl "test certificates"
   have h2load || need nghttp2-client "HTTP/2 load and h2c checks (h2load, nghttp)"
   have valgrind || need valgrind "callgrind instruction counts of the data-plane benchmark"
+  # make compile (mypyc) needs a C compiler and the headers of the Python it builds for; a
+  # pyenv or python.org build ships its headers, Debian's python3 needs python3-dev.
+  have gcc || need build-essential "C compiler for make compile (the mypyc hot path)"
+  if ! "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+    need python3-dev "Python headers for make compile (the mypyc hot path)"
+  fi
   # fetch_consul.py itself needs these to unpack bullseye's consul package.
   have apt-get || need apt "scripts/fetch_consul.py (apt-get download)"
   have dpkg-deb || need dpkg "scripts/fetch_consul.py (dpkg-deb -x)"

@@ -68,3 +68,25 @@ def test_unwritable_path_is_reported_and_its_lines_dropped(
 
 def test_iso_time() -> None:
     assert iso_time(0.25) == "1970-01-01T00:00:00.250Z"
+
+
+# RFC 3339 §5.6 date-time, UTC, milliseconds; consecutive calls within, across and back across
+# a second must each give their own second (the formatted second is cached).
+@pytest.mark.parametrize(
+    ("epochs", "expected"),
+    [
+        (
+            [1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_000.25],
+            [
+                "2023-11-14T22:13:20.000Z",
+                "2023-11-14T22:13:20.999Z",
+                "2023-11-14T22:13:21.500Z",
+                "2023-11-14T22:13:20.250Z",
+            ],
+        ),
+        ([86_399.9999, 86_400.0], ["1970-01-01T23:59:59.999Z", "1970-01-02T00:00:00.000Z"]),
+        ([-0.25], ["1970-01-01T00:00:00.-250Z"]),  # before 1970: what the formula always gave
+    ],
+)
+def test_iso_time_sequences(epochs: list[float], expected: list[str]) -> None:
+    assert [iso_time(epoch) for epoch in epochs] == expected

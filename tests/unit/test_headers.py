@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gateway.proxy import headers as hdr
@@ -205,6 +207,16 @@ def test_request_ids_are_unique_and_valid() -> None:
     assert hdr.RequestIds().next() not in seen
 
 
+def test_request_ids_are_a_random_prefix_and_a_hex_counter() -> None:
+    ids = hdr.RequestIds()
+    first, second = ids.next(), ids.next()
+    for _ in range(8):
+        tenth = ids.next()
+    assert re.fullmatch(rb"[0-9a-f]{16}-1", first)
+    assert second == first[:-1] + b"2"
+    assert tenth == first[:-1] + b"a"
+
+
 @pytest.mark.parametrize(
     ("value", "valid"),
     [
@@ -215,7 +227,92 @@ def test_request_ids_are_unique_and_valid() -> None:
         (b"x" * 201, False),
         (b"caf\xc3\xa9", False),
         (b"tab\there", False),
+        # VCHAR is %x21-7E (RFC 5234 B.1): DEL, a trailing line end and NUL are not
+        (b"!~", True),
+        (b"x\x7f", False),
+        (b"abc\n", False),
+        (b"abc\r\n", False),
+        (b"\x00", False),
+        (b"x" * 199 + b" ", False),
     ],
 )
 def test_valid_request_id(value: bytes, valid: bool) -> None:
     assert hdr.valid_request_id(value) is valid
+
+
+# -- parse_response_head against a line-by-line model ------------------------------------------
+
+
+def _model_response_head(head: bytes) -> tuple[bytes, bytes, bytes | None, bool, bytes | None]:
+    """The rules of parse_response_head spelt out one line at a time (slow and obvious)."""
+    status_line, *lines = head[:-2].split(b"\r\n") if head.endswith(b"\r\n") else [head]
+    parts = status_line.split(b" ", 2)
+    reason = parts[2] if len(parts) > 2 else b""
+    content_length: bytes | None = None
+    chunked = False
+    upgrade: bytes | None = None
+    named: set[bytes] = set()
+    for line in lines:
+        name, _, value = line.partition(b":")
+        lowered = name.lower()
+        if lowered == b"content-length":
+            content_length = value.strip()
+        elif lowered == b"transfer-encoding":
+            chunked = True
+        elif lowered == b"upgrade":
+            upgrade = value.strip()
+        elif lowered == b"connection":
+            named |= {token.strip().lower() for token in value.split(b",") if token.strip()}
+    named -= {b"keep-alive", b"close", b"upgrade"}
+    kept = [
+        line + b"\r\n"
+        for line in lines
+        if line.partition(b":")[0].lower() not in hdr._RESPONSE_DROP | named
+    ]
+    return reason, b"".join(kept), content_length, chunked, upgrade
+
+
+_RESPONSE_HEADS = [
+    # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]
+    b"HTTP/1.1 200 OK\r\n",
+    b"HTTP/1.1 200\r\n",
+    b"HTTP/1.1 200 \r\n",
+    b"HTTP/1.1 404 Not Found Here\r\nServer: x\r\n",
+    # the usual backend response: Content-Length and Connection go, the rest stays as spelt
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+    b"Connection: keep-alive\r\n",
+    b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH:  12 \r\nconnection:close\r\nX-A: 1\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive \r\nContent-Length: 0\r\n",
+    # RFC 9110 §7.6.1: hop-by-hop fields, and those named in Connection, are not forwarded
+    b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\nTE: trailers\r\n"
+    b"Trailer: X-T\r\nProxy-Authenticate: Basic\r\nProxy-Authorization: y\r\nX-Kept: 1\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nX-Private: 1\r\nX-P: kept\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: X-One\r\nConnection: X-Two\r\nX-One: 1\r\nX-Two: 2\r\n"
+    b"X-Three: 3\r\n",
+    # RFC 9112 §6.1: chunked framing; the gateway writes its own framing line
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nVary: Accept\r\n",
+    # RFC 9110 §7.8: the upgraded protocol keeps its spelling
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n",
+    # names that only start like a hop-by-hop name are end-to-end
+    b"HTTP/1.1 200 OK\r\nTEST: 1\r\nTrailers: 2\r\nUpgrade-Insecure: 3\r\nConnection2: 4\r\n"
+    b"X-Request-Idx: 5\r\nContent-Lengths: 6\r\n",
+    # the gateway sets its own X-Request-ID
+    b"HTTP/1.1 200 OK\r\nX-Request-ID: upstream\r\nContent-Length: 1\r\n",
+    # a value that mentions a hop-by-hop name is not a line that starts with one
+    b"HTTP/1.1 200 OK\r\nLink: <x>; rel=connection: y\r\nX-V: content-length: 3\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", _RESPONSE_HEADS)
+def test_parse_response_head_matches_the_line_model(raw: bytes) -> None:
+    parsed = hdr.parse_response_head(raw)
+    got = (parsed.reason, parsed.fields, parsed.content_length, parsed.chunked, parsed.upgrade)
+    assert got == _model_response_head(raw)
+
+
+def test_response_drop_trie_is_the_drop_set() -> None:
+    # The scan's trie of names must stay the same set as _RESPONSE_DROP.
+    lines = b"".join(name + b": v\r\n" for name in sorted(hdr._RESPONSE_DROP))
+    head = b"HTTP/1.1 200 OK\r\n" + lines + b"X-Kept: 1\r\n"
+    assert hdr.parse_response_head(head).fields == b"X-Kept: 1\r\n"
+    assert hdr.parse_response_head(head.upper()).fields == b"X-KEPT: 1\r\n"

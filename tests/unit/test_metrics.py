@@ -280,3 +280,55 @@ def test_retry_overflow_and_instance_metrics() -> None:
     assert 'gateway_retries_total{reason="reset",upstream="u"} 2.0' in text
     assert 'gateway_circuit_breaker_overflow_total{limit="requests",upstream="u"} 1.0' in text
     assert 'gateway_upstream_instances{state="ejected",upstream="u"} 1.0' in text
+
+
+# Body sizes at, just below and just above each bound of the size buckets (10, 100): the
+# one-compare path for bucket 0 must agree with bisect_left's "le" bucket, and every size counts
+# in the sum. (request_bytes, response_bytes, request bucket, response bucket)
+@pytest.mark.parametrize(
+    ("request_bytes", "response_bytes", "request_bucket", "response_bucket"),
+    [
+        (0, 0, 0, 0),
+        (9, 10, 0, 0),
+        (10, 11, 0, 1),
+        (11, 100, 1, 1),
+        (100, 101, 1, 2),
+        (101, 10**9, 2, 2),
+    ],
+)
+def test_body_size_buckets_at_the_bounds(
+    request_bytes: int, response_bytes: int, request_bucket: int, response_bucket: int
+) -> None:
+    m = GatewayMetrics(bucket_overrides={"request_body": (10, 100), "response_body": (10, 100)})
+    m.observe_request("r", "u", "POST", 200, 0.01, 0.005, 0.005, request_bytes, response_bytes)
+    m.observe_request("r", "u", "POST", 200, 0.01, 0.005, 0.005, request_bytes, response_bytes)
+    request_hist = [0, 0, 0, float(2 * request_bytes)]
+    request_hist[request_bucket] = 2
+    response_hist = [0, 0, 0, float(2 * response_bytes)]
+    response_hist[response_bucket] = 2
+    assert m.request_body["r"] == request_hist
+    assert m.response_body["r"] == response_hist
+
+
+def test_observations_land_in_the_exported_lists_after_declare_and_merge() -> None:
+    # observe_request caches each (route, upstream)'s lists: they must stay the ones the
+    # exposition and export_state read, whether declare, merge_state or a request made them.
+    m = GatewayMetrics()
+    m.declare([("r", "u")])
+    other = GatewayMetrics()
+    other.observe_request("s", "u", "GET", 200, 0.0002, 0.0001, 0.0001, 0, 5)
+    m.merge_state(other.export_state())
+    for route in ("r", "s", "t"):
+        m.observe_request(route, "u", "GET", 200, 0.0002, 0.0001, 0.0001, 0, 5)
+    m.observe_request("s", "u", "GET", 200, 0.0002, 0.0001, 0.0001, 0, 5)
+    counts = samples(m, "gateway_request_duration_seconds_count")
+    assert counts == {
+        (("route", "r"), ("upstream", "u")): 1.0,
+        (("route", "s"), ("upstream", "u")): 3.0,
+        (("route", "t"), ("upstream", "u")): 1.0,
+    }
+    assert samples(m, "gateway_response_body_bytes_sum") == {
+        (("route", "r"),): 5.0,
+        (("route", "s"),): 15.0,
+        (("route", "t"),): 5.0,
+    }
