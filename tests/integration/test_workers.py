@@ -82,11 +82,18 @@ def test_killed_worker_is_replaced_and_the_others_keep_serving(
             return workers[0]["pid"] != victim["pid"] and all(w["ready"] for w in workers)
 
         wait_for(replaced, "the killed worker was not replaced")
+        failed_while_replacing = len(load.failures)
         load.wait_more(60)
     finally:
         load.finish()
-    # Only requests in flight on the killed worker may fail: at most one per connection.
-    assert len(load.failures) <= load.connections, load.failures
+    # Only connections to the killed worker may fail, while it dies: a request in flight there,
+    # or a reconnect that the kernel's SO_REUSEPORT hash put in the dying socket's accept queue.
+    # Once the new worker is ready, nothing fails.
+    assert load.failures[failed_while_replacing:] == []
+    assert len(load.failures) <= 2 * load.connections, load.failures
+    assert all(
+        any(kind in f for kind in ("Reset", "Refused", "BrokenPipe", "closed")) for f in load.failures
+    ), load.failures
     assert all(a.status == 200 for per in load.answers for a in per)
     assert metric(gateway, "gateway_worker_restarts_total") == 1
     assert "worker 0" in gateway.log() and "died (signal 9)" in gateway.log()
