@@ -91,9 +91,8 @@ def test_killed_worker_is_replaced_and_the_others_keep_serving(
     # Once the new worker is ready, nothing fails.
     assert load.failures[failed_while_replacing:] == []
     assert len(load.failures) <= 2 * load.connections, load.failures
-    assert all(
-        any(kind in f for kind in ("Reset", "Refused", "BrokenPipe", "closed")) for f in load.failures
-    ), load.failures
+    kinds = ("Reset", "Refused", "BrokenPipe", "closed")
+    assert all(any(kind in f for kind in kinds) for f in load.failures), load.failures
     assert all(a.status == 200 for per in load.answers for a in per)
     assert metric(gateway, "gateway_worker_restarts_total") == 1
     assert "worker 0" in gateway.log() and "died (signal 9)" in gateway.log()
