@@ -166,23 +166,37 @@ class SpanExporter:
     async def _run(self) -> None:
         assert self._wake is not None
         wake = self._wake
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.interval
         try:
             while not self._closed:
                 if len(self.queue) < self.batch:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), self.interval)
+                    wait = due - loop.time()
+                    if wait > 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wake.wait(), wait)
                 wake.clear()
-                await self.flush()
+                if self._closed:
+                    break
+                if loop.time() >= due:
+                    await self.flush()
+                    due = loop.time() + self.interval
+                else:  # woken by a full batch: send full batches only, the rest waits
+                    while len(self.queue) >= self.batch:
+                        await self._export(self._take(self.batch))
+            await self.flush()  # closed: what is left goes now
         finally:
             await self._close_session()
             _EXPORTERS.discard(self)
 
+    def _take(self, count: int) -> list[SpanRecord]:
+        popleft = self.queue.popleft
+        return [popleft() for _ in range(count)]
+
     async def flush(self) -> None:
         """Send everything queued now, ``batch`` spans per request."""
         while self.queue:
-            count = min(self.batch, len(self.queue))
-            spans = [self.queue.popleft() for _ in range(count)]
-            await self._export(spans)
+            await self._export(self._take(min(self.batch, len(self.queue))))
 
     async def _export(self, spans: list[SpanRecord]) -> None:
         import aiohttp
