@@ -8,6 +8,11 @@ header lists included (the data plane builds those once per request for routes w
 ``RequestInfo only`` is that allocation alone and ``no filters`` the falsy-dict test a route
 without filters pays.
 
+The ``export`` cases measure the tracing filter's span export: the hot-path cost of
+``on_log`` recording a span (lean exporter), the background cost per span of encoding a
+512-span batch to OTLP JSON, and, when ``opentelemetry-sdk`` is importable (it is not a
+dependency), the same span made with the SDK's tracer and ``BatchSpanProcessor``.
+
     python -m loadtest.bench_filters [--seconds 0.5] [--only jwt]
 """
 
@@ -261,6 +266,137 @@ def main() -> None:
                 cost = _time(_case(chain, extra, body), args.seconds)
             extra_cost = "" if chain is None else f"  ({cost - baseline:+.2f} over RequestInfo)"
             print(f"{label:<48} {cost:8.2f} µs{extra_cost}")
+
+    if not args.only or args.only in "export":
+        bench_export(args.seconds)
+
+
+def bench_export(seconds: float) -> None:
+    """µs per request of span export: lean exporter vs opentelemetry-sdk, if installed."""
+    from gateway.filters.otlp import encode_spans
+    from gateway.filters.tracing import TracingFilter
+
+    parent = [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
+    plain = Chain("bench", [TracingFilter({})])
+    item = TracingFilter({"export": {"endpoint": "http://127.0.0.1:9/v1/traces"}})
+    exporter = item.exporter
+    assert exporter is not None
+    exporter.queue_size = 1 << 30  # measure recording, not dropping; emptied as it goes
+    exported = Chain("bench", [item])
+
+    def traced(chain: Chain) -> Callable[[], None]:
+        def run() -> None:
+            request = _request(parent)
+            chain.on_request_headers(request, _resume)
+            chain.on_log(request, 200, 0.001)
+            if len(exporter.queue) >= 4096:
+                exporter.queue.clear()
+
+        return run
+
+    without = _time(traced(plain), seconds)
+    with_export = _time(traced(exported), seconds)
+    print(f"{'export: tracing, no export':<48} {without:8.2f} µs")
+    print(
+        f"{'export: lean, on_log records the span':<48} {with_export:8.2f} µs"
+        f"  ({with_export - without:+.2f} hot path)"
+    )
+    request = _request(parent)
+    exported.on_request_headers(request, _resume)
+    exporter.queue.clear()
+    exported.on_log(request, 200, 0.001)
+    batch = [exporter.queue.popleft()] * 512
+    per_batch = _time(lambda: encode_spans(batch, "gateway") and None, seconds)
+    print(f"{'export: lean, JSON encoding (background)':<48} {per_batch / 512:8.2f} µs/span")
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+    except ImportError:
+        print("export: opentelemetry-sdk not installed (pip install opentelemetry-sdk)")
+        return
+
+    class Discard(SpanExporter):  # type: ignore[misc]
+        def export(self, spans: object) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    processor = BatchSpanProcessor(Discard(), max_queue_size=4096, max_export_batch_size=512)
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("gateway")
+    remote = trace.set_span_in_context(
+        trace.NonRecordingSpan(
+            trace.SpanContext(
+                0x4BF92F3577B34DA6A3CE929D0E0E4736,
+                0x00F067AA0BA902B7,
+                is_remote=True,
+                trace_flags=trace.TraceFlags(1),
+            )
+        )
+    )
+
+    def sdk() -> None:
+        request = _request(parent)
+        plain.on_request_headers(request, _resume)
+        end = time.time_ns()
+        span = tracer.start_span(
+            f"{request.method} {request.route}",
+            context=remote,
+            kind=trace.SpanKind.SERVER,
+            start_time=end - 1_000_000,
+            attributes={
+                "http.request.method": request.method,
+                "url.path": request.path,
+                "http.route": request.route,
+                "server.address": request.host,
+                "client.address": request.client_ip,
+                "http.response.status_code": 200,
+            },
+        )
+        span.end(end)
+
+    sdk_cost = _time(sdk, seconds)
+    print(
+        f"{'export: opentelemetry-sdk BatchSpanProcessor':<48} {sdk_cost:8.2f} µs"
+        f"  ({sdk_cost - without:+.2f} hot path)"
+    )
+    try:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as pb
+    except ImportError:
+        pb = None
+    if pb is not None:
+        collected: list[object] = []
+
+        class Keep(SpanExporter):  # type: ignore[misc]
+            def export(self, spans: object) -> SpanExportResult:
+                collected.extend(spans)  # type: ignore[call-overload]
+                return SpanExportResult.SUCCESS
+
+        keeper = TracerProvider()
+        keeper.add_span_processor(
+            __import__("opentelemetry.sdk.trace.export", fromlist=["x"]).SimpleSpanProcessor(Keep())
+        )
+        keep_tracer = keeper.get_tracer("gateway")
+        attributes = {
+            "http.request.method": "GET",
+            "url.path": "/v1/items",
+            "http.route": "bench",
+            "server.address": "api.example",
+            "client.address": "10.1.2.3",
+            "http.response.status_code": 200,
+        }
+        for _ in range(512):
+            keep_tracer.start_span(
+                "GET bench", context=remote, kind=trace.SpanKind.SERVER, attributes=attributes
+            ).end()
+        sdk_batch = collected[:512]
+        encoded = _time(lambda: pb(sdk_batch).SerializeToString() and None, seconds)
+        print(f"{'export: opentelemetry protobuf encoding (bg)':<48} {encoded / 512:8.2f} µs/span")
+    processor.shutdown()
 
 
 if __name__ == "__main__":

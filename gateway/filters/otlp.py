@@ -14,17 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
+from json.encoder import encode_basestring_ascii as _quote
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["SpanExporter", "SpanRecord", "encode_spans", "live_exporters", "stop_exporters"]
+__all__ = [
+    "SpanExporter",
+    "SpanRecord",
+    "encode_spans",
+    "live_exporters",
+    "span_dict",
+    "stop_exporters",
+]
 
 log = logging.getLogger("gateway.filters.otlp")
 
@@ -53,7 +60,7 @@ def _attribute(key: str, value: str | int) -> dict[str, Any]:
     return {"key": key, "value": {"stringValue": value}}
 
 
-def _span(record: SpanRecord) -> dict[str, Any]:
+def span_dict(record: SpanRecord) -> dict[str, Any]:
     trace_id, span_id, parent, start, end, method, path, route, host, client, status = record
     attributes = [
         _attribute("http.request.method", method),
@@ -81,18 +88,44 @@ def _span(record: SpanRecord) -> dict[str, Any]:
 
 
 def encode_spans(records: Iterable[SpanRecord], service_name: str) -> bytes:
-    """An OTLP ``ExportTraceServiceRequest`` in the JSON encoding (one resource, one scope)."""
-    request = {
-        "resourceSpans": [
-            {
-                "resource": {"attributes": [_attribute("service.name", service_name)]},
-                "scopeSpans": [
-                    {"scope": {"name": SCOPE_NAME}, "spans": [_span(r) for r in records]}
-                ],
-            }
-        ]
-    }
-    return json.dumps(request, separators=(",", ":")).encode()
+    """An OTLP ``ExportTraceServiceRequest`` in the JSON encoding (one resource, one scope).
+
+    Written as text with the C string quoting of ``json`` (about 3x cheaper than building
+    dicts for ``json.dumps``); ``span_dict`` is the same span as a dict, for readers and
+    tests."""
+    quote = _quote
+    parts = []
+    for record in records:
+        trace_id, span_id, parent, start, end, method, path, route, host, client, status = record
+        method_q = quote(method)
+        route_q = quote(route)
+        parts.append(
+            f'{{"traceId":"{trace_id}","spanId":"{span_id}",'
+            + (f'"parentSpanId":"{parent}",' if parent else "")
+            + f'"name":{quote(f"{method} {route}")},"kind":{SPAN_KIND_SERVER},'
+            f'"startTimeUnixNano":"{start}","endTimeUnixNano":"{end}","attributes":['
+            f'{{"key":"http.request.method","value":{{"stringValue":{method_q}}}}},'
+            f'{{"key":"url.path","value":{{"stringValue":{quote(path)}}}}},'
+            f'{{"key":"http.route","value":{{"stringValue":{route_q}}}}},'
+            f'{{"key":"server.address","value":{{"stringValue":{quote(host)}}}}},'
+            f'{{"key":"client.address","value":{{"stringValue":{quote(client)}}}}}'
+            + (
+                f',{{"key":"http.response.status_code","value":{{"intValue":"{status}"}}}}'
+                if status
+                else ""
+            )
+            + "],"
+            + (
+                f'"status":{{"code":{STATUS_CODE_ERROR}}}}}'
+                if status >= 500 or status == 0
+                else '"status":{}}'
+            )
+        )
+    return (
+        '{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":'
+        f'{{"stringValue":{quote(service_name)}}}}}]}},"scopeSpans":[{{"scope":{{"name":'
+        f'"{SCOPE_NAME}"}},"spans":[' + ",".join(parts) + "]}]}]}"
+    ).encode()
 
 
 def _retry_delay(value: str | None, default: float) -> float | None:

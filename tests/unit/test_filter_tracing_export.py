@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway.config import ConfigInvalid, load_config_text
 from gateway.filters.chain import Chain
-from gateway.filters.otlp import SpanExporter, SpanRecord, encode_spans
+from gateway.filters.otlp import SpanExporter, SpanRecord, encode_spans, span_dict
 from gateway.filters.tracing import TracingFilter
 from tests.filters_support import filter_from_yaml, request
 
@@ -290,3 +290,21 @@ async def test_close_on_reload_sends_the_rest_and_stops(receiver: Receiver) -> N
     assert "parentSpanId" not in span  # a new trace: the gateway span is the root
     chain.on_log(req, 200, 0.001)
     assert item.exporter.dropped == 1  # closed: nothing is queued any more
+
+
+@pytest.mark.parametrize(
+    "path",
+    ['/q"uote', "/back\\slash", "/caf\u00e9", "/ctl\x01", "/"],
+)
+def test_the_text_encoding_equals_the_dict_one(path: str) -> None:
+    # encode_spans writes JSON text directly; user strings must still be quoted exactly.
+    records = [
+        (TRACE, "b7ad6b7169203331", PARENT, 1, 2, "GET", path, "r", "h", "::1", 200),
+        (TRACE, "b7ad6b7169203332", "", 1, 2, "POST", path, "r", "h", "::1", 0),
+    ]
+    decoded = json.loads(encode_spans(records, 'svc "x"'))
+    scope = decoded["resourceSpans"][0]["scopeSpans"][0]
+    assert scope["spans"] == [span_dict(r) for r in records]
+    assert decoded["resourceSpans"][0]["resource"]["attributes"][0]["value"] == {
+        "stringValue": 'svc "x"'
+    }
