@@ -6,6 +6,7 @@ receiver that is down (requests still succeed)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 
 from tests.integration.backends import AppBackend, LoopThread
@@ -203,3 +205,44 @@ def test_a_receiver_that_is_down_does_not_fail_requests(
     # The failure is logged, rate limited (10 s) rather than per batch.
     _poll(lambda: True if "spans not exported" in gateway.log() else None, "export warning")
     assert gateway.log().count("spans not exported") <= 2  # not one line per 50 ms batch
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_and_shutdown_send_what_is_queued(
+    start_gateway: Callable[..., GatewayProcess],
+    app_backend: AppBackend,
+    receiver: OtlpReceiver,
+    tmp_path: Path,
+    workers: int,
+) -> None:
+    # interval 60s and batch 512: only the reload's close() and the shutdown can send these.
+    config = _config(
+        app_backend, f"http://127.0.0.1:{receiver.port}/v1/traces", tmp_path / "access.log"
+    )
+    config["workers"] = workers
+    export = config["routes"][0]["filters"][0]["tracing"]["export"]
+    export["interval"] = "60s"
+    gateway = start_gateway(config)
+
+    def traces() -> set[str]:
+        return {s["traceId"] for s in receiver.spans()}
+
+    before_reload = _curl(gateway, "/echo/before-reload")[1]["x-trace-id"]
+    export["service_name"] = "edge-2"  # a changed config: new filters, the old ones closed
+    gateway.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    gateway.process.send_signal(signal.SIGHUP)
+    _poll(lambda: True if before_reload in traces() else None, "span flushed by the reload")
+
+    # The new filter's span (same worker or another) waits for the 60 s interval...
+    deadline = time.monotonic() + 10
+    while True:
+        status, headers, _ = _curl(gateway, "/echo/after-reload")
+        assert status == 200
+        spans = [s for s in receiver.spans() if s["traceId"] == headers["x-trace-id"]]
+        if not spans:
+            break
+        assert time.monotonic() < deadline, "every request's span sent at once"
+    last = headers["x-trace-id"]
+    gateway.stop()  # ... and SIGTERM sends it
+    assert gateway.process.returncode == 0
+    assert last in traces()
