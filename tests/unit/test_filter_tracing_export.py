@@ -308,3 +308,15 @@ def test_the_text_encoding_equals_the_dict_one(path: str) -> None:
     assert decoded["resourceSpans"][0]["resource"]["attributes"][0]["value"] == {
         "stringValue": 'svc "x"'
     }
+
+
+def test_export_headers_are_redacted_when_the_config_is_shown() -> None:
+    from gateway.config import redact_config
+
+    config = load_config_text(
+        "filters:\n  - tracing: {export: {endpoint: 'http://c:4318/v1/traces',"
+        " headers: {authorization: 'Bearer tok-12345'}}}\n",
+        "gw.yaml",
+    )
+    assert config.filters[0].options["export"]["headers"] == {"authorization": "Bearer tok-12345"}
+    assert "tok-12345" not in repr(redact_config(config))
