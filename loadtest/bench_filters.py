@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -306,26 +307,48 @@ def bench_export(seconds: float) -> None:
     exporter.queue.clear()
     exported.on_log(request, 200, 0.001)
     batch = [exporter.queue.popleft()] * 512
-    per_batch = _time(lambda: encode_spans(batch, "gateway") and None, seconds)
+
+    def encode() -> None:
+        encode_spans(batch, "gateway")
+
+    per_batch = _time(encode, seconds)
     print(f"{'export: lean, JSON encoding (background)':<48} {per_batch / 512:8.2f} µs/span")
     try:
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import (
-            BatchSpanProcessor,
-            SpanExporter,
-            SpanExportResult,
-        )
+        from opentelemetry.sdk.trace import export as sdk_export
     except ImportError:
         print("export: opentelemetry-sdk not installed (pip install opentelemetry-sdk)")
         return
+    _bench_sdk(trace, TracerProvider, sdk_export, plain, parent, without, seconds)
 
-    class Discard(SpanExporter):  # type: ignore[misc]
-        def export(self, spans: object) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
 
-    provider = TracerProvider()
-    processor = BatchSpanProcessor(Discard(), max_queue_size=4096, max_export_batch_size=512)
+def _bench_sdk(
+    trace: Any,
+    provider_class: Any,
+    sdk_export: Any,
+    plain: Chain,
+    parent: list[tuple[bytes, bytes]],
+    without: float,
+    seconds: float,
+) -> None:
+    """The same span through opentelemetry-sdk: tracer + BatchSpanProcessor (hot path), and
+    its protobuf encoder (background), if opentelemetry-exporter-otlp-proto-common is there."""
+    collected: list[Any] = []
+
+    class Keep(sdk_export.SpanExporter):  # type: ignore[misc]
+        def __init__(self, keep: bool) -> None:
+            self.keep = keep
+
+        def export(self, spans: Any) -> Any:
+            if self.keep:
+                collected.extend(spans)
+            return sdk_export.SpanExportResult.SUCCESS
+
+    provider = provider_class()
+    processor = sdk_export.BatchSpanProcessor(
+        Keep(False), max_queue_size=4096, max_export_batch_size=512
+    )
     provider.add_span_processor(processor)
     tracer = provider.get_tracer("gateway")
     remote = trace.set_span_in_context(
@@ -339,9 +362,7 @@ def bench_export(seconds: float) -> None:
         )
     )
 
-    def sdk() -> None:
-        request = _request(parent)
-        plain.on_request_headers(request, _resume)
+    def span_of(tracer: Any, request: RequestInfo, status: int) -> None:
         end = time.time_ns()
         span = tracer.start_span(
             f"{request.method} {request.route}",
@@ -354,49 +375,37 @@ def bench_export(seconds: float) -> None:
                 "http.route": request.route,
                 "server.address": request.host,
                 "client.address": request.client_ip,
-                "http.response.status_code": 200,
+                "http.response.status_code": status,
             },
         )
         span.end(end)
+
+    def sdk() -> None:
+        request = _request(parent)
+        plain.on_request_headers(request, _resume)
+        span_of(tracer, request, 200)
 
     sdk_cost = _time(sdk, seconds)
     print(
         f"{'export: opentelemetry-sdk BatchSpanProcessor':<48} {sdk_cost:8.2f} µs"
         f"  ({sdk_cost - without:+.2f} hot path)"
     )
-    try:
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as pb
-    except ImportError:
-        pb = None
-    if pb is not None:
-        collected: list[object] = []
-
-        class Keep(SpanExporter):  # type: ignore[misc]
-            def export(self, spans: object) -> SpanExportResult:
-                collected.extend(spans)  # type: ignore[call-overload]
-                return SpanExportResult.SUCCESS
-
-        keeper = TracerProvider()
-        keeper.add_span_processor(
-            __import__("opentelemetry.sdk.trace.export", fromlist=["x"]).SimpleSpanProcessor(Keep())
-        )
-        keep_tracer = keeper.get_tracer("gateway")
-        attributes = {
-            "http.request.method": "GET",
-            "url.path": "/v1/items",
-            "http.route": "bench",
-            "server.address": "api.example",
-            "client.address": "10.1.2.3",
-            "http.response.status_code": 200,
-        }
-        for _ in range(512):
-            keep_tracer.start_span(
-                "GET bench", context=remote, kind=trace.SpanKind.SERVER, attributes=attributes
-            ).end()
-        sdk_batch = collected[:512]
-        encoded = _time(lambda: pb(sdk_batch).SerializeToString() and None, seconds)
-        print(f"{'export: opentelemetry protobuf encoding (bg)':<48} {encoded / 512:8.2f} µs/span")
     processor.shutdown()
+    try:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    except ImportError:
+        return
+    keeper = provider_class()
+    keeper.add_span_processor(sdk_export.SimpleSpanProcessor(Keep(True)))
+    keep_tracer = keeper.get_tracer("gateway")
+    for _ in range(512):
+        span_of(keep_tracer, _request(parent), 200)
+
+    def encode() -> None:
+        encode_spans(collected).SerializeToString()
+
+    encoded = _time(encode, seconds)
+    print(f"{'export: opentelemetry protobuf encoding (bg)':<48} {encoded / 512:8.2f} µs/span")
 
 
 if __name__ == "__main__":

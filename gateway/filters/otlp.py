@@ -176,7 +176,11 @@ class SpanExporter:
 
     def record(self, span: SpanRecord) -> None:
         queue = self.queue
-        if len(queue) >= self.queue_size or self._closed:
+        # After close(), spans of requests still in flight on the old config are taken until
+        # the final flush is over.
+        if len(queue) >= self.queue_size or (
+            self._closed and (self._task is None or self._task.done())
+        ):
             self.dropped += 1
             return
         queue.append(span)
@@ -209,8 +213,6 @@ class SpanExporter:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(wake.wait(), wait)
                 wake.clear()
-                if self._closed:
-                    break
                 if loop.time() >= due:
                     await self.flush()
                     due = loop.time() + self.interval
