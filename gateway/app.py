@@ -40,6 +40,7 @@ from gateway.config.model import GatewayConfig, InstanceConfig
 from gateway.config.secrets import SCRUBBER
 from gateway.discovery import DiscoveryManager, add_discovery_routes
 from gateway.filters.chain import count_filter_errors
+from gateway.filters.otlp import stop_exporters
 from gateway.health.manager import HealthManager
 from gateway.metrics import GatewayMetrics, make_registry
 from gateway.proxy.listener import ProxyServer
@@ -791,6 +792,7 @@ class ControlPlane:
         log.info("shutting down: draining for up to %.1fs", drain_timeout)
         self.state.draining = True
         await self.plane.drain(drain_timeout)
+        await stop_exporters()  # the tracing filter's last spans (workers: 1)
         for task in list(self._background):
             task.cancel()
         await self.health.stop()

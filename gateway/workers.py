@@ -64,6 +64,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gateway import ipc
+from gateway.filters.otlp import stop_exporters
 from gateway.ipc import (
     BadMessage,
     ConfigMessage,
@@ -706,6 +707,7 @@ async def run_worker(
     await asyncio.wait({control_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     drain_timeout = server.snapshot.config.drain_timeout
     await server.drain(drain_timeout)
+    await stop_exporters()  # the tracing filter's last spans
     await close_redis_stores()
     if server.access_log is not None:
         server.access_log.close()

@@ -8,6 +8,11 @@ header lists included (the data plane builds those once per request for routes w
 ``RequestInfo only`` is that allocation alone and ``no filters`` the falsy-dict test a route
 without filters pays.
 
+The ``export`` cases measure the tracing filter's span export: the hot-path cost of
+``on_log`` recording a span (lean exporter), the background cost per span of encoding a
+512-span batch to OTLP JSON, and, when ``opentelemetry-sdk`` is importable (it is not a
+dependency), the same span made with the SDK's tracer and ``BatchSpanProcessor``.
+
     python -m loadtest.bench_filters [--seconds 0.5] [--only jwt]
 """
 
@@ -19,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -261,6 +267,145 @@ def main() -> None:
                 cost = _time(_case(chain, extra, body), args.seconds)
             extra_cost = "" if chain is None else f"  ({cost - baseline:+.2f} over RequestInfo)"
             print(f"{label:<48} {cost:8.2f} µs{extra_cost}")
+
+    if not args.only or args.only in "export":
+        bench_export(args.seconds)
+
+
+def bench_export(seconds: float) -> None:
+    """µs per request of span export: lean exporter vs opentelemetry-sdk, if installed."""
+    from gateway.filters.otlp import encode_spans
+    from gateway.filters.tracing import TracingFilter
+
+    parent = [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
+    plain = Chain("bench", [TracingFilter({})])
+    item = TracingFilter({"export": {"endpoint": "http://127.0.0.1:9/v1/traces"}})
+    exporter = item.exporter
+    assert exporter is not None
+    exporter.queue_size = 1 << 30  # measure recording, not dropping; emptied as it goes
+    exported = Chain("bench", [item])
+
+    def traced(chain: Chain) -> Callable[[], None]:
+        def run() -> None:
+            request = _request(parent)
+            chain.on_request_headers(request, _resume)
+            chain.on_log(request, 200, 0.001)
+            if len(exporter.queue) >= 4096:
+                exporter.queue.clear()
+
+        return run
+
+    without = _time(traced(plain), seconds)
+    with_export = _time(traced(exported), seconds)
+    print(f"{'export: tracing, no export':<48} {without:8.2f} µs")
+    print(
+        f"{'export: lean, on_log records the span':<48} {with_export:8.2f} µs"
+        f"  ({with_export - without:+.2f} hot path)"
+    )
+    request = _request(parent)
+    exported.on_request_headers(request, _resume)
+    exporter.queue.clear()
+    exported.on_log(request, 200, 0.001)
+    batch = [exporter.queue.popleft()] * 512
+
+    def encode() -> None:
+        encode_spans(batch, "gateway")
+
+    per_batch = _time(encode, seconds)
+    print(f"{'export: lean, JSON encoding (background)':<48} {per_batch / 512:8.2f} µs/span")
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace import export as sdk_export
+    except ImportError:
+        print("export: opentelemetry-sdk not installed (pip install opentelemetry-sdk)")
+        return
+    _bench_sdk(trace, TracerProvider, sdk_export, plain, parent, without, seconds)
+
+
+def _bench_sdk(
+    trace: Any,
+    provider_class: Any,
+    sdk_export: Any,
+    plain: Chain,
+    parent: list[tuple[bytes, bytes]],
+    without: float,
+    seconds: float,
+) -> None:
+    """The same span through opentelemetry-sdk: tracer + BatchSpanProcessor (hot path), and
+    its protobuf encoder (background), if opentelemetry-exporter-otlp-proto-common is there."""
+    collected: list[Any] = []
+
+    class Keep(sdk_export.SpanExporter):  # type: ignore[misc]
+        def __init__(self, keep: bool) -> None:
+            self.keep = keep
+
+        def export(self, spans: Any) -> Any:
+            if self.keep:
+                collected.extend(spans)
+            return sdk_export.SpanExportResult.SUCCESS
+
+    provider = provider_class()
+    processor = sdk_export.BatchSpanProcessor(
+        Keep(False), max_queue_size=4096, max_export_batch_size=512
+    )
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("gateway")
+    remote = trace.set_span_in_context(
+        trace.NonRecordingSpan(
+            trace.SpanContext(
+                0x4BF92F3577B34DA6A3CE929D0E0E4736,
+                0x00F067AA0BA902B7,
+                is_remote=True,
+                trace_flags=trace.TraceFlags(1),
+            )
+        )
+    )
+
+    def span_of(tracer: Any, request: RequestInfo, status: int) -> None:
+        end = time.time_ns()
+        span = tracer.start_span(
+            f"{request.method} {request.route}",
+            context=remote,
+            kind=trace.SpanKind.SERVER,
+            start_time=end - 1_000_000,
+            attributes={
+                "http.request.method": request.method,
+                "url.path": request.path,
+                "http.route": request.route,
+                "server.address": request.host,
+                "client.address": request.client_ip,
+                "http.response.status_code": status,
+            },
+        )
+        span.end(end)
+
+    def sdk() -> None:
+        request = _request(parent)
+        plain.on_request_headers(request, _resume)
+        span_of(tracer, request, 200)
+
+    sdk_cost = _time(sdk, seconds)
+    print(
+        f"{'export: opentelemetry-sdk BatchSpanProcessor':<48} {sdk_cost:8.2f} µs"
+        f"  ({sdk_cost - without:+.2f} hot path)"
+    )
+    processor.shutdown()
+    try:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    except ImportError:
+        return
+    keeper = provider_class()
+    keeper.add_span_processor(sdk_export.SimpleSpanProcessor(Keep(True)))
+    keep_tracer = keeper.get_tracer("gateway")
+    for _ in range(512):
+        span_of(keep_tracer, _request(parent), 200)
+
+    def encode() -> None:
+        encode_spans(collected).SerializeToString()
+
+    encoded = _time(encode, seconds)
+    print(f"{'export: opentelemetry protobuf encoding (bg)':<48} {encoded / 512:8.2f} µs/span")
 
 
 if __name__ == "__main__":

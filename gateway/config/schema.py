@@ -1016,6 +1016,37 @@ MIRROR_FILTER = Struct(
     build=dict,
 )
 
+TRACING_EXPORT = Struct(
+    "filter_tracing_export",
+    "Where and how spans are sent: OTLP/HTTP with the JSON encoding, in batches, off the"
+    " request path (a full queue drops spans, counted; a failed export never fails a request).",
+    [
+        Field(
+            "endpoint",
+            HTTP_BASE_URL,
+            "The OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces.",
+            REQUIRED,
+        ),
+        Field("interval", DURATION, "Spans are sent at least this often.", "1s"),
+        Field(
+            "batch", Int(1, 100_000), "Spans per export request; a full batch goes at once.", 512
+        ),
+        Field(
+            "queue", Int(1, 1_000_000), "Spans waiting at most (per worker); beyond, dropped.", 4096
+        ),
+        Field("timeout", DURATION, "Time allowed for one export request.", "5s"),
+        Field(
+            "headers",
+            MapOf(HEADER_NAME, HEADER_VALUE),
+            "Headers sent with each export (e.g. an authorization token).",
+            {},
+            secret=True,
+        ),
+        Field("service_name", Text("a service name"), "The resource's service.name.", "gateway"),
+    ],
+    build=dict,
+)
+
 TRACING_FILTER = Struct(
     "filter_tracing",
     "tracing: W3C traceparent/tracestate propagated or started, the trace id in the access log.",
@@ -1028,6 +1059,7 @@ TRACING_FILTER = Struct(
             True,
         ),
         Field("response_header", HEADER_NAME, "Also send the trace id back in this header."),
+        Field("export", TRACING_EXPORT, "Export a span per sampled request over OTLP/HTTP."),
     ],
     build=dict,
 )

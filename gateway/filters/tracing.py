@@ -5,18 +5,24 @@ parent-id for the upstream) with the same trace-id, and the caller's sampled fla
 (``respect_parent``). Otherwise a new trace starts, sampled with probability ``sample_rate``.
 ``tracestate`` goes on unchanged when the ``traceparent`` was valid, and is dropped when it was
 not (§3.3.1: a vendor that cannot parse traceparent must not use tracestate). The trace id goes
-into ``request.vars["trace_id"]``, which the access log writes. Span export (OTLP) is not done
-here yet.
+into ``request.vars["trace_id"]``, which the access log writes.
+
+With ``export``, every sampled request becomes one SERVER span ("gateway") whose id is the
+parent-id sent upstream and whose parent is the caller's span, recorded in ``on_log`` and sent
+over OTLP/HTTP in batches by ``gateway.filters.otlp.SpanExporter`` (off the request path). An
+upstream-attempt child span needs attempt timings the data plane does not give ``on_log`` yet.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from gateway.filters.base import Filter, RequestInfo, ResponseInfo
+from gateway.filters.otlp import SpanExporter
 
 __all__ = ["TracingFilter", "parse_traceparent"]
 
@@ -54,6 +60,20 @@ class TracingFilter(Filter):
         self._random = random.Random()
         if self.response_header is None:
             self.on_response_headers = Filter.on_response_headers.__get__(self)  # type: ignore[method-assign]
+        export = options.get("export")
+        self.exporter: SpanExporter | None = None
+        if export:
+            self.exporter = SpanExporter(
+                export["endpoint"],
+                service_name=export.get("service_name", "gateway"),
+                interval=float(export.get("interval", 1.0)),
+                batch=int(export.get("batch", 512)),
+                queue=int(export.get("queue", 4096)),
+                timeout=float(export.get("timeout", 5.0)),
+                headers=dict(export.get("headers") or {}),
+            )
+        else:
+            self.on_log = Filter.on_log.__get__(self)  # type: ignore[method-assign]
 
     def on_request_headers(self, request: RequestInfo) -> None:
         headers = request.headers
@@ -102,3 +122,28 @@ class TracingFilter(Filter):
         trace_id = response.request.vars.get("trace_id")
         if trace_id is not None and self.response_header is not None:
             response.headers.append((self.response_header, trace_id.encode("ascii")))
+
+    def on_log(self, request: RequestInfo, status: int, duration_s: float) -> None:
+        vars_ = request.vars
+        if not vars_.get("sampled") or self.exporter is None:
+            return
+        end = time.time_ns()
+        self.exporter.record(
+            (
+                vars_["trace_id"],
+                vars_["span_id"],
+                vars_.get("parent_span_id", ""),
+                end - int(duration_s * 1e9),
+                end,
+                request.method,
+                request.path,
+                request.route,
+                request.host,
+                request.client_ip,
+                status,
+            )
+        )
+
+    def close(self) -> None:
+        if self.exporter is not None:
+            self.exporter.close()
