@@ -63,7 +63,6 @@ class RequestInfo:
 
     def __init__(
         self,
-        *,
         method: str,
         path: str,
         query: str,

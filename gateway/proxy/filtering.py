@@ -8,9 +8,15 @@ see (``RequestInfo``, a header list for ``ResponseInfo``) and back.
 
 from __future__ import annotations
 
-from gateway.filters.api import FilterChain, Headers, RequestInfo, ResponseInfo
+from typing import TYPE_CHECKING, Any
+
+from gateway.filters.api import FilterChain, Headers, LocalReply, RequestInfo, ResponseInfo
 from gateway.proxy.headers import ResponseHead
 from gateway.proxy.responses import reason
+
+if TYPE_CHECKING:
+    from gateway.proxy.exchange import Exchange
+    from gateway.proxy.lifecycle import RequestPhases
 
 # Fields the data plane decides itself (RFC 9110 §7.6.1, RFC 9112 §6): a filter may remove
 # content-length (the body is then re-framed), but these are never copied from its list.
@@ -29,16 +35,43 @@ _GATEWAY_FIELDS = frozenset(
 
 
 class FilterState:
-    """What one exchange on a filtered route carries between phases."""
+    """What one exchange on a filtered route carries between phases.
 
-    __slots__ = ("body_hook", "chain", "decided", "request", "response")
+    Its bound ``resume`` is the callable the chain gets for an asynchronous request hook (no
+    closure per request); the arguments of the phase after it are kept in ``forward`` only
+    once the chain answered SUSPENDED."""
 
-    def __init__(self, chain: FilterChain, request: RequestInfo) -> None:
+    __slots__ = (
+        "body_hook",
+        "chain",
+        "conn",
+        "decided",
+        "exchange",
+        "forward",
+        "request",
+        "response",
+    )
+
+    def __init__(
+        self, chain: FilterChain, request: RequestInfo, conn: RequestPhases, exchange: Exchange
+    ) -> None:
         self.chain = chain
         self.request = request
+        self.conn = conn
+        self.exchange = exchange
+        self.forward: tuple[Any, ...] | None = None  # set while the request phase is suspended
         self.response: ResponseInfo | None = None
         self.body_hook = False  # on_response_body is called for this response
         self.decided = False  # the request phase is over (a late or second resume is dropped)
+
+    def resume(self, reply: LocalReply | None) -> None:
+        """The chain's asynchronous request hooks are done (once, from the event loop); dropped
+        if the client went away meanwhile."""
+        conn = self.conn
+        forward = self.forward
+        if self.decided or forward is None or conn.active is not self.exchange or conn.closed:
+            return
+        conn._request_filtered(self.exchange, self, reply, *forward)
 
 
 def header_list(fields: bytes) -> Headers:
@@ -65,13 +98,13 @@ def response_phase(state: FilterState, status: int, head: ResponseHead) -> tuple
     and head to relay. ``content-length`` is in the list the filter sees; if the filter
     removed it, the returned head has none and the caller re-frames the body."""
     chain = state.chain
+    if not chain.wants_response_headers:
+        return status, head  # (the caller tests this first: kept for other callers)
     headers = header_list(head.fields)
     if head.content_length is not None:
         headers.append((b"content-length", head.content_length))
     response = state.response = ResponseInfo(state.request, status, headers)
     state.body_hook = chain.wants_response_body
-    if not chain.wants_response_headers:
-        return status, head
     chain.on_response_headers(response)
     content_length: bytes | None = None
     for name, value in response.headers:

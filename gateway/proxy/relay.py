@@ -276,7 +276,7 @@ class ResponsePhases:
         if ex.upgrade is not None:
             keep_alive = False  # upgrade refused: the bytes that followed were not HTTP
         filters = self.filters
-        if filters is not None:
+        if filters is not None and filters.chain.wants_response_headers:
             # The response-headers phase (the head as a list only here); a removed
             # content-length re-frames the body below (chunked, or close-delimited for 1.0).
             status, head = filtering.response_phase(filters, status, head)

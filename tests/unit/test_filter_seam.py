@@ -347,3 +347,53 @@ def test_an_empty_chunk_from_the_body_hook_does_not_end_the_body() -> None:
         h.upstream().respond(response(200, b"swallowed"))
         [answer] = c.responses()
         assert answer.body == b"all"
+
+
+def test_a_chain_without_response_hooks_relays_the_response_head_as_a_plain_route() -> None:
+    # wants_response_headers false: the head is never parsed into a list (nor rebuilt), so the
+    # upstream's field spelling reaches the client exactly as on a route without filters.
+    odd = response(200, b"x", headers=(("X-Odd-Case", "  spaced  "),))
+    relayed: list[bytes] = []
+    for chain in (None, TestChain()):
+        with Harness(config()) as h:
+            if chain is not None:
+                install(h, chain)
+            c = h.client()
+            c.send(request())
+            h.upstream().respond(odd)
+            assert [answer.status for answer in c.responses()] == [200]
+            head = c.received().split(b"\r\n\r\n", 1)[0]
+            relayed.append(b"\r\n".join(line for line in head.split(b"\r\n") if b"X-Odd" in line))
+            if chain is not None:
+                assert chain.calls == ["request_headers"] and chain.logged == [200]
+    assert relayed[0] == relayed[1] == b"X-Odd-Case:   spaced  "
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"), [("client-id-1", True), ("bad id with spaces", False), (None, False)]
+)
+def test_filters_see_the_request_id_the_upstream_gets(sent: str | None, kept: bool) -> None:
+    with Harness(config()) as h:
+        chain = TestChain()
+        install(h, chain)
+        c = h.client()
+        c.send(request(headers=(("X-Request-Id", sent),) if sent is not None else ()))
+        u = h.upstream()
+        [info] = chain.requests
+        assert u.request_headers()[b"x-request-id"] == info.request_id.encode("ascii")
+        assert (info.request_id == sent) is kept
+        u.respond(response())
+        [answer] = c.responses()
+        assert answer.header(b"x-request-id") == info.request_id.encode("ascii")
+
+
+def test_a_replaced_header_list_reaches_the_upstream() -> None:
+    def replace(info: RequestInfo) -> None:
+        info.headers = [(b"x-only", b"this")]
+
+    with Harness(config()) as h:
+        install(h, TestChain(on_request=replace))
+        c = h.client()
+        c.send(request(headers=(("X-Dropped", "1"),)))
+        fields = h.upstream().request_headers()
+        assert fields[b"x-only"] == b"this" and b"x-dropped" not in fields
