@@ -452,13 +452,15 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
         ex = self.active
         if ex is not None:
             self.active = None
-            conn = ex.conn
-            if conn is not None and not ex.response_complete:
-                # The client went away mid-exchange: the upstream connection is in an unknown
-                # state, so it is closed rather than pooled.
-                conn.discard()
-                self._release_instance(ex)
             if not ex.response_complete:
+                conn = ex.conn
+                if conn is not None:
+                    # The client went away mid-exchange: the upstream connection is in an
+                    # unknown state, so it is closed rather than pooled.
+                    conn.discard()
+                # Also with no connection yet (one still being opened): the instance slot
+                # taken at pick is given back here, the connect callback finds the client gone.
+                self._release_instance(ex)
                 self._observe(ex, 499)
         self.queue = None
         self.parsing = None

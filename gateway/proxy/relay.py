@@ -153,6 +153,7 @@ class ResponsePhases:
                 return
             if self.active is not ex or self.closed:
                 pool.release(conn)  # never used: clean and safe to pool
+                self._release_instance(ex)  # (idempotent: connection_lost gave it back)
                 return
             self._attach(ex, conn)
 
