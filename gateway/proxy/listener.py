@@ -45,6 +45,7 @@ from gateway.proxy.h1 import (
     CW_LINE_TOO_LONG,
     CW_MAX_CANDIDATES,
     CW_TRAILER_TOO_LARGE,
+    DATA_AFTER_CLOSE,
     H_CONNECTION,
     H_CONTENT_LENGTH,
     H_HOST,
@@ -617,10 +618,17 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
         except httptools.HttpParserUpgrade as upgrade:
             self._begin_upgrade(data, upgrade.args[0])
         except httptools.HttpParserError as error:
-            refed = self._refeed_extension_method(error, data)
-            if refed is None:
-                return
-            data = refed
+            if error.args and error.args[0] == DATA_AFTER_CLOSE:
+                # RFC 9112 §9.6: after a request with "close" the server does not process
+                # further requests. The messages before it were parsed (and go on as usual);
+                # llhttp stopped at the first byte after it, which never reaches an upstream,
+                # and so does every later read. The connection closes after the response.
+                pass
+            else:
+                refed = self._refeed_extension_method(error, data)
+                if refed is None:
+                    return
+                data = refed
         if self.chunked_walk is not None and not self._walk_chunked(data):
             return
         parsing = self.parsing
