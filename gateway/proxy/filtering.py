@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gateway.filters.api import FilterChain, Headers, LocalReply, RequestInfo, ResponseInfo
+from gateway.proxy.body import RequestBody
 from gateway.proxy.headers import ResponseHead
 from gateway.proxy.responses import reason
 
@@ -49,6 +50,7 @@ class FilterState:
         "exchange",
         "forward",
         "request",
+        "request_body",
         "response",
     )
 
@@ -62,6 +64,9 @@ class FilterState:
         self.forward: tuple[Any, ...] | None = None  # set while the request phase is suspended
         self.response: ResponseInfo | None = None
         self.body_hook = False  # on_response_body is called for this response
+        # on_request_body is called for the chunks that arrive from now on (set once the
+        # request phase passed, for a chain that wants the body: see ``filter_held_body``).
+        self.request_body = False
         self.decided = False  # the request phase is over (a late or second resume is dropped)
 
     def resume(self, reply: LocalReply | None) -> None:
@@ -72,6 +77,61 @@ class FilterState:
         if self.decided or forward is None or conn.active is not self.exchange or conn.closed:
             return
         conn._request_filtered(self.exchange, self, reply, *forward)
+
+
+CHUNKED_END = b"0\r\n\r\n"
+
+
+def filter_request_chunk(state: FilterState, exchange: Exchange, chunk: bytes) -> bytes:
+    """One unframed request body chunk through ``on_request_body``. A Content-Length body
+    keeps its length (the upstream was told it in the head): a chunk the filters resized is
+    sent as received."""
+    out = state.chain.on_request_body(state.request, chunk, False)
+    if not exchange.chunked and len(out) != len(chunk):
+        return chunk
+    return out
+
+
+def end_request_body(state: FilterState, exchange: Exchange) -> bytes:
+    """The last call of ``on_request_body`` (``end=True``, empty chunk); returns what the
+    filters add at the end (only a chunked body can take more bytes)."""
+    tail = state.chain.on_request_body(state.request, b"", True)
+    return tail if exchange.chunked else b""
+
+
+def filter_held_body(state: FilterState, exchange: Exchange) -> None:
+    """The request phase passed on a chain that wants the body: the chunks that arrived before
+    (held framed in ``RequestBody.pending``, nothing sent yet) go through the filters now, and
+    the end too if the request is complete (bodiless requests included: ``end=True`` comes
+    once for every request). Later chunks are filtered as they arrive (``request_body``)."""
+    state.request_body = True
+    body = exchange.body
+    chunked = exchange.chunked
+    if body is not None and body.pending:
+        refiltered: list[bytes] = []
+        for framed in body.pending:
+            if chunked:
+                if framed == CHUNKED_END:
+                    continue  # put back after the filters' tail below
+                # Our own framing (ClientConnection.on_body): size CRLF data CRLF.
+                chunk = framed[framed.index(b"\r\n") + 2 : -2]
+            else:
+                chunk = framed
+            out = filter_request_chunk(state, exchange, chunk)
+            if out:
+                refiltered.append(b"%x\r\n%b\r\n" % (len(out), out) if chunked else out)
+        body.pending = refiltered
+        body.pending_bytes = sum(map(len, refiltered))
+    if exchange.request_complete:
+        tail = end_request_body(state, exchange)
+        if chunked:
+            if body is None:
+                body = exchange.body = RequestBody(exchange.replay_limit)
+            if tail:
+                body.hold(b"%x\r\n%b\r\n" % (len(tail), tail))
+            body.hold(CHUNKED_END)
+        if body is not None and not body.pending:
+            body.pending = None
 
 
 def header_list(fields: bytes) -> Headers:

@@ -22,7 +22,7 @@ from gateway.proxy import responses
 from gateway.proxy.body import REPLAY_LIMIT
 from gateway.proxy.downstream import Server
 from gateway.proxy.exchange import Exchange
-from gateway.proxy.filtering import FilterState
+from gateway.proxy.filtering import FilterState, filter_held_body
 from gateway.proxy.h1 import KNOWN_METHODS, HeadFields
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
 from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS, RequestRejected
@@ -207,6 +207,8 @@ class RequestPhases:
             state.decided = True
             headers = info.headers  # a hook may have replaced the list
             ex.headers = HeadFields(headers) if ex.chunked else headers
+            if chain.wants_request_body:
+                filter_held_body(state, ex)
             limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
             if limiter is not None:
                 self._admit(ex, limiter, snapshot, route, url, host, path, query)
@@ -240,6 +242,8 @@ class RequestPhases:
             return
         headers = state.request.headers  # what the filters made of them goes upstream
         ex.headers = HeadFields(headers) if ex.chunked else headers
+        if state.chain.wants_request_body:
+            filter_held_body(state, ex)
         limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
         if limiter is not None:
             self._admit(ex, limiter, snapshot, route, url, host, path, query)

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 
 from gateway.accesslog import AccessLog
+from gateway.proxy import filtering, responses
 from gateway.proxy import headers as hdr
-from gateway.proxy import responses
 from gateway.proxy.body import PENDING_BODY_LIMIT, RequestBody
 from gateway.proxy.connlimit import LocalConnectionCount, SharedConnectionCount
 from gateway.proxy.exchange import (
@@ -952,6 +952,14 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
             ex.body_hash.update(body)
             if ex.recorder is not None:
                 ex.recorder.request_body(ex)
+        filters = self.filters
+        if filters is not None and filters.request_body and filters.exchange is ex:
+            # Filtered before it is framed; chunks before the request phase passed are held
+            # and filtered then (filtering.filter_held_body).
+            body = filtering.filter_request_chunk(filters, ex, body)
+            if not body:
+                return
+            size = len(body)
         framed = b"%x\r\n%b\r\n" % (size, body) if ex.chunked else body
         conn = ex.conn
         request_body = ex.body
@@ -972,10 +980,16 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
         self.parsing = None
         if ex.conn is not None and not ex.read_deadline and not ex.response_started:
             self._start_read_timer(ex)  # the upstream has all it needs: now it may be slow
+        filters = self.filters
+        tail = b""
+        if filters is not None and filters.request_body and filters.exchange is ex:
+            tail = filtering.end_request_body(filters, ex)  # (else: filter_held_body calls it)
         if ex.chunked:
             # Sent with the rest of the read once its framing is checked (data_received).
             if ex.body is None:
                 ex.body = RequestBody(ex.replay_limit)
+            if tail:
+                ex.body.hold(b"%x\r\n%b\r\n" % (len(tail), tail))
             ex.body.hold(b"0\r\n\r\n")
         if self.keyed and ex.recorder is not None:
             ex.recorder.body_complete()  # a held keyed request is claimed now
