@@ -8,7 +8,7 @@ see (``RequestInfo``, a header list for ``ResponseInfo``) and back.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.filters.api import FilterChain, Headers, LocalReply, RequestInfo, ResponseInfo
 from gateway.proxy.body import RequestBody
@@ -17,7 +17,19 @@ from gateway.proxy.responses import reason
 
 if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
-    from gateway.proxy.lifecycle import RequestPhases
+
+
+class FilteredConnection(Protocol):
+    """What ``FilterState.resume`` uses of the connection (``lifecycle.RequestPhases``; a
+    protocol here, as lifecycle imports this module)."""
+
+    active: Exchange | None
+    closed: bool
+
+    def _request_filtered(
+        self, ex: Exchange, state: FilterState, reply: LocalReply | None, *forward: Any
+    ) -> None: ...
+
 
 # Fields the data plane decides itself (RFC 9110 §7.6.1, RFC 9112 §6): a filter may remove
 # content-length (the body is then re-framed), but these are never copied from its list.
@@ -55,7 +67,7 @@ class FilterState:
     )
 
     def __init__(
-        self, chain: FilterChain, request: RequestInfo, conn: RequestPhases, exchange: Exchange
+        self, chain: FilterChain, request: RequestInfo, conn: FilteredConnection, exchange: Exchange
     ) -> None:
         self.chain = chain
         self.request = request
