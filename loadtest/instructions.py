@@ -71,6 +71,7 @@ class Scenario:
     extra_routes: int = 0
     rate_limit: str | None = None  # None, "local" or "redis"
     lease: bool = True  # redis: token leasing (the config default) or one script call per request
+    filters: tuple[dict[str, Any], ...] = ()  # the gateway's route filters (gateway only)
     # The proxies whose configuration can express the scenario; the others are skipped with a note.
     proxies: tuple[str, ...] = PROXIES
 
@@ -124,6 +125,12 @@ SCENARIOS: dict[str, Scenario] = {
             rate_limit="redis",
             lease=False,
             proxies=("gateway",),
+        ),
+        Scenario(
+            "filter-empty",
+            "the small GET on a route with one filter whose only hook returns None",
+            filters=({"python": {"class": "loadtest.bench_filters:EmptyFilter"}},),
+            proxies=("gateway",),  # the cost of the gateway's filter seam
         ),
     )
 }
@@ -277,6 +284,9 @@ def gateway_document(
             limit.update(store="redis", on_store_error="local", lease=scenario.lease)
         for route in document["routes"]:
             route["rate_limit"] = dict(limit)
+    if scenario.filters:
+        for route in document["routes"]:
+            route["filters"] = [dict(entry) for entry in scenario.filters]
     return document
 
 

@@ -63,7 +63,6 @@ class RequestInfo:
 
     def __init__(
         self,
-        *,
         method: str,
         path: str,
         query: str,
@@ -130,7 +129,9 @@ class FilterChain(Protocol):
         ...
 
     def on_request_body(self, request: RequestInfo, chunk: bytes, end: bool) -> bytes:
-        """A request body chunk (unframed), returned as it should be sent on."""
+        """A request body chunk (unframed), returned as it should be sent on; after the last
+        chunk one call with ``b""`` and ``end=True`` (bodiless requests too). A Content-Length
+        body keeps its length: a resized chunk is sent as received (docs/filters.md)."""
         ...
 
     def on_response_headers(self, response: ResponseInfo) -> None:

@@ -32,6 +32,9 @@ STAND_IN_METHOD = b"GET"
 MAX_METHOD_BYTES = 64  # a longer method token is refused (400)
 MAX_PREFIX_BYTES = 1024  # request-line bytes kept across reads for a method llhttp refuses
 # llhttp's errors for a method it does not know: at the method, or (RTSP names) at the version.
+# llhttp's error for any byte (but CR/LF) after a message that ends the connection
+# ("Connection: close", or HTTP/1.0 without keep-alive).
+DATA_AFTER_CLOSE = "Data after `Connection: close`"
 UNKNOWN_METHOD_ERRORS = (
     "Invalid method encountered",
     "Expected space after method",

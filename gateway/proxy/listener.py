@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 
 from gateway.accesslog import AccessLog
+from gateway.proxy import filtering, responses
 from gateway.proxy import headers as hdr
-from gateway.proxy import responses
 from gateway.proxy.body import PENDING_BODY_LIMIT, RequestBody
 from gateway.proxy.connlimit import LocalConnectionCount, SharedConnectionCount
 from gateway.proxy.exchange import (
@@ -45,6 +45,7 @@ from gateway.proxy.h1 import (
     CW_LINE_TOO_LONG,
     CW_MAX_CANDIDATES,
     CW_TRAILER_TOO_LARGE,
+    DATA_AFTER_CLOSE,
     H_CONNECTION,
     H_CONTENT_LENGTH,
     H_HOST,
@@ -452,13 +453,15 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
         ex = self.active
         if ex is not None:
             self.active = None
-            conn = ex.conn
-            if conn is not None and not ex.response_complete:
-                # The client went away mid-exchange: the upstream connection is in an unknown
-                # state, so it is closed rather than pooled.
-                conn.discard()
-                self._release_instance(ex)
             if not ex.response_complete:
+                conn = ex.conn
+                if conn is not None:
+                    # The client went away mid-exchange: the upstream connection is in an
+                    # unknown state, so it is closed rather than pooled.
+                    conn.discard()
+                # Also with no connection yet (one still being opened): the instance slot
+                # taken at pick is given back here, the connect callback finds the client gone.
+                self._release_instance(ex)
                 self._observe(ex, 499)
         self.queue = None
         self.parsing = None
@@ -615,10 +618,17 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
         except httptools.HttpParserUpgrade as upgrade:
             self._begin_upgrade(data, upgrade.args[0])
         except httptools.HttpParserError as error:
-            refed = self._refeed_extension_method(error, data)
-            if refed is None:
-                return
-            data = refed
+            if error.args and error.args[0] == DATA_AFTER_CLOSE:
+                # RFC 9112 §9.6: after a request with "close" the server does not process
+                # further requests. The messages before it were parsed (and go on as usual);
+                # llhttp stopped at the first byte after it, which never reaches an upstream,
+                # and so does every later read. The connection closes after the response.
+                pass
+            else:
+                refed = self._refeed_extension_method(error, data)
+                if refed is None:
+                    return
+                data = refed
         if self.chunked_walk is not None and not self._walk_chunked(data):
             return
         parsing = self.parsing
@@ -942,6 +952,14 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
             ex.body_hash.update(body)
             if ex.recorder is not None:
                 ex.recorder.request_body(ex)
+        filters = self.filters
+        if filters is not None and filters.request_body and filters.exchange is ex:
+            # Filtered before it is framed; chunks before the request phase passed are held
+            # and filtered then (filtering.filter_held_body).
+            body = filtering.filter_request_chunk(filters, ex, body)
+            if not body:
+                return
+            size = len(body)
         framed = b"%x\r\n%b\r\n" % (size, body) if ex.chunked else body
         conn = ex.conn
         request_body = ex.body
@@ -962,10 +980,16 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
         self.parsing = None
         if ex.conn is not None and not ex.read_deadline and not ex.response_started:
             self._start_read_timer(ex)  # the upstream has all it needs: now it may be slow
+        filters = self.filters
+        tail = b""
+        if filters is not None and filters.request_body and filters.exchange is ex:
+            tail = filtering.end_request_body(filters, ex)  # (else: filter_held_body calls it)
         if ex.chunked:
             # Sent with the rest of the read once its framing is checked (data_received).
             if ex.body is None:
                 ex.body = RequestBody(ex.replay_limit)
+            if tail:
+                ex.body.hold(b"%x\r\n%b\r\n" % (len(tail), tail))
             ex.body.hold(b"0\r\n\r\n")
         if self.keyed and ex.recorder is not None:
             ex.recorder.body_complete()  # a held keyed request is claimed now

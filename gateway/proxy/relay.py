@@ -153,6 +153,7 @@ class ResponsePhases:
                 return
             if self.active is not ex or self.closed:
                 pool.release(conn)  # never used: clean and safe to pool
+                self._release_instance(ex)  # (idempotent: connection_lost gave it back)
                 return
             self._attach(ex, conn)
 
@@ -276,7 +277,7 @@ class ResponsePhases:
         if ex.upgrade is not None:
             keep_alive = False  # upgrade refused: the bytes that followed were not HTTP
         filters = self.filters
-        if filters is not None:
+        if filters is not None and filters.chain.wants_response_headers:
             # The response-headers phase (the head as a list only here); a removed
             # content-length re-frames the body below (chunked, or close-delimited for 1.0).
             status, head = filtering.response_phase(filters, status, head)

@@ -205,6 +205,96 @@ def test_pipelined_request_after_connection_close_is_not_served() -> None:
         assert h.in_flight() == NOTHING_IN_FLIGHT
 
 
+def test_request_with_close_pipelined_in_one_read_is_still_served() -> None:
+    # RFC 9112 §9.6, the bytes after the "close" request in the same read (llhttp stops there
+    # with "Data after `Connection: close`"): the request is answered, the rest ignored.
+    with Harness(config()) as h:
+        c = h.client()
+        c.send(request("GET", "/one", headers=(("Connection", "close"),)) + request("GET", "/two"))
+        u = h.upstream()
+        assert b"/two" not in u.received()
+        u.respond(response(200, b"one"))
+        [answer] = c.responses()
+        assert (answer.status, answer.body) == (200, b"one")
+        assert answer.header(b"connection") == b"close"
+        assert c.closed
+        h.run()
+        assert len(h.connects) == 1
+        assert h.in_flight() == NOTHING_IN_FLIGHT
+
+
+CLOSE = (("Connection", "close"),)
+# RFC 9112 §9.6: nothing after a request that ends the connection is processed, whatever it
+# is: valid, malformed, or a body-framing trick meant to smuggle a request past the first
+# one. (first request's raw bytes + what follows in the same read, upstream must see exactly
+# the first request's body)
+AFTER_CLOSE = [
+    ("a second GET", request("GET", "/one", headers=CLOSE), request("GET", "/admin"), b""),
+    ("garbage", request("GET", "/one", headers=CLOSE), b"\x00\x01 not HTTP at all\r\n\r\n", b""),
+    (
+        "a request line without Host",
+        request("GET", "/one", headers=CLOSE),
+        b"GET /admin HTTP/1.1\r\n\r\n",
+        b"",
+    ),
+    (
+        "an HTTP/1.0 request without keep-alive",
+        request("GET", "/one", version="1.0"),
+        request("GET", "/admin"),
+        b"",
+    ),
+    (
+        "bytes past a Content-Length body",
+        request("POST", "/one", headers=CLOSE, body=b"hello"),
+        b"GET /admin HTTP/1.1\r\nHost: gw.test\r\n\r\n",
+        b"hello",
+    ),
+    (
+        "bytes past a chunked body",
+        request("POST", "/one", headers=(*CLOSE, ("Transfer-Encoding", "chunked")))
+        + b"5\r\nhello\r\n0\r\n\r\n",
+        b"GET /admin HTTP/1.1\r\nHost: gw.test\r\n\r\n",
+        b"5\r\nhello\r\n0\r\n\r\n",
+    ),
+    (
+        "a second close request",
+        request("GET", "/one", headers=CLOSE),
+        request("GET", "/admin", headers=CLOSE),
+        b"",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("first", "after", "body"),
+    [case[1:] for case in AFTER_CLOSE],
+    ids=[case[0] for case in AFTER_CLOSE],
+)
+@pytest.mark.parametrize("later_read", [False, True], ids=["same read", "later read"])
+def test_bytes_after_a_close_request_never_reach_an_upstream(
+    first: bytes, after: bytes, body: bytes, later_read: bool
+) -> None:
+    with Harness(config()) as h:
+        c = h.client()
+        if later_read:
+            c.send(first)
+            c.send(after)
+        else:
+            c.send(first + after)
+        c.send(request("GET", "/admin-later"))  # and nothing read after it either
+        u = h.upstream()
+        head, _, sent_body = u.received().partition(b"\r\n\r\n")
+        assert head.startswith(first.split(b" ", 1)[0] + b" /one ")
+        assert sent_body == body
+        u.respond(response(200, b"one"))
+        [answer] = c.responses()
+        assert (answer.status, answer.body) == (200, b"one")
+        assert c.closed
+        h.run()
+        assert b"/admin" not in u.received()
+        assert len(h.connects) == 1 and h.in_flight() == NOTHING_IN_FLIGHT
+
+
 def test_bad_pipelined_request_is_answered_after_the_good_one() -> None:
     with Harness(config()) as h:
         c = h.client()

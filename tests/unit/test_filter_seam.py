@@ -16,6 +16,8 @@ from gateway.filters.api import (
     ResponseInfo,
     Resume,
 )
+from gateway.filters.chain import Chain
+from gateway.filters.mirror import MirrorFilter
 from tests.unit.dataplane_harness import NOTHING_IN_FLIGHT, Harness, config, request, response
 
 TWO_UPSTREAMS = (
@@ -40,10 +42,13 @@ class TestChain:
         on_request: Any = None,
         on_response: Any = None,
         on_body: Any = None,
+        on_request_chunk: Any = None,
         route: str = "main",
     ) -> None:
         self.route = route
-        self.wants_request_body = False
+        self.wants_request_body = on_request_chunk is not None
+        self.on_request_chunk = on_request_chunk
+        self.request_chunks: list[tuple[bytes, bool]] = []
         self.wants_response_headers = on_response is not None
         self.wants_response_body = on_body is not None
         self.wants_log = True
@@ -66,7 +71,9 @@ class TestChain:
         return self.outcome
 
     def on_request_body(self, request: RequestInfo, chunk: bytes, end: bool) -> bytes:
-        return chunk
+        self.request_chunks.append((chunk, end))
+        result: bytes = self.on_request_chunk(chunk, end)
+        return result
 
     def on_response_headers(self, response: ResponseInfo) -> None:
         self.calls.append("response_headers")
@@ -347,3 +354,217 @@ def test_an_empty_chunk_from_the_body_hook_does_not_end_the_body() -> None:
         h.upstream().respond(response(200, b"swallowed"))
         [answer] = c.responses()
         assert answer.body == b"all"
+
+
+def test_a_chain_without_response_hooks_relays_the_response_head_as_a_plain_route() -> None:
+    # wants_response_headers false: the head is never parsed into a list (nor rebuilt), so the
+    # upstream's field spelling reaches the client exactly as on a route without filters.
+    odd = response(200, b"x", headers=(("X-Odd-Case", "  spaced  "),))
+    relayed: list[bytes] = []
+    for chain in (None, TestChain()):
+        with Harness(config()) as h:
+            if chain is not None:
+                install(h, chain)
+            c = h.client()
+            c.send(request())
+            h.upstream().respond(odd)
+            assert [answer.status for answer in c.responses()] == [200]
+            head = c.received().split(b"\r\n\r\n", 1)[0]
+            relayed.append(b"\r\n".join(line for line in head.split(b"\r\n") if b"X-Odd" in line))
+            if chain is not None:
+                assert chain.calls == ["request_headers"] and chain.logged == [200]
+    assert relayed[0] == relayed[1] == b"X-Odd-Case:   spaced  "
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"), [("client-id-1", True), ("bad id with spaces", False), (None, False)]
+)
+def test_filters_see_the_request_id_the_upstream_gets(sent: str | None, kept: bool) -> None:
+    with Harness(config()) as h:
+        chain = TestChain()
+        install(h, chain)
+        c = h.client()
+        c.send(request(headers=(("X-Request-Id", sent),) if sent is not None else ()))
+        u = h.upstream()
+        [info] = chain.requests
+        assert u.request_headers()[b"x-request-id"] == info.request_id.encode("ascii")
+        assert (info.request_id == sent) is kept
+        u.respond(response())
+        [answer] = c.responses()
+        assert answer.header(b"x-request-id") == info.request_id.encode("ascii")
+
+
+def test_a_replaced_header_list_reaches_the_upstream() -> None:
+    def replace(info: RequestInfo) -> None:
+        info.headers = [(b"x-only", b"this")]
+
+    with Harness(config()) as h:
+        install(h, TestChain(on_request=replace))
+        c = h.client()
+        c.send(request(headers=(("X-Dropped", "1"),)))
+        fields = h.upstream().request_headers()
+        assert fields[b"x-only"] == b"this" and b"x-dropped" not in fields
+
+
+def upper(chunk: bytes, end: bool) -> bytes:
+    return chunk.upper() + (b"!" if end else b"")
+
+
+def chunks_seen(chain: TestChain) -> tuple[bytes, list[bool]]:
+    return b"".join(c for c, _ in chain.request_chunks), [e for _, e in chain.request_chunks]
+
+
+# How the body arrives: (name, sends, suspended first). Each send is one read.
+BODY_ARRIVALS = [
+    ("with the head", [request("POST", "/", body=b"abcdef")], False),
+    (
+        "after the head",
+        [request("POST", "/", headers=(("Content-Length", "6"),)), b"abc", b"def"],
+        False,
+    ),
+    (
+        "while the filters are suspended",
+        [request("POST", "/", headers=(("Content-Length", "6"),)) + b"abc", b"def"],
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("sends", "suspended"),
+    [case[1:] for case in BODY_ARRIVALS],
+    ids=[case[0] for case in BODY_ARRIVALS],
+)
+def test_a_content_length_body_passes_through_on_request_body(
+    sends: list[bytes], suspended: bool
+) -> None:
+    with Harness(config()) as h:
+        chain = TestChain(outcome=SUSPENDED if suspended else None, on_request_chunk=upper)
+        install(h, chain)
+        c = h.client()
+        c.send(sends[0])
+        if suspended:
+            c.send(sends[1])
+            assert chain.request_chunks == []  # nothing before the request phase passed
+            assert chain.resume is not None
+            chain.resume(None)
+            h.run()
+        u = h.upstream()
+        for more in sends[1 if not suspended else 2 :]:
+            c.send(more)
+        # Content-Length framing: the length stays, so the "!" at the end is not sent.
+        assert u.received().endswith(b"\r\n\r\nABCDEF")
+        assert u.request_headers()[b"content-length"] == b"6"
+        data, ends = chunks_seen(chain)
+        assert data == b"abcdef" and ends[-1] is True and ends.count(True) == 1
+        u.respond(response())
+        assert [a.status for a in c.responses()] == [200]
+
+
+@pytest.mark.parametrize("reads", [1, 3], ids=["one read", "three reads"])
+def test_a_chunked_body_is_filtered_before_it_is_framed(reads: int) -> None:
+    with Harness(config()) as h:
+        chain = TestChain(on_request_chunk=upper)
+        install(h, chain)
+        c = h.client()
+        head = request("POST", "/", headers=(("Transfer-Encoding", "chunked"),))
+        body = [b"3\r\nabc\r\n", b"2\r\nde\r\n", b"0\r\n\r\n"]
+        if reads == 1:
+            c.send(head + b"".join(body))
+        else:
+            c.send(head)
+            for part in body:
+                c.send(part)
+        u = h.upstream()
+        # Re-framed from what the filters returned, their end-of-body bytes before the last chunk.
+        assert u.received().endswith(b"\r\n\r\n3\r\nABC\r\n2\r\nDE\r\n1\r\n!\r\n0\r\n\r\n")
+        assert chunks_seen(chain) == (b"abcde", [False, False, True])
+
+
+def test_a_chunk_the_filter_drops_is_not_sent_and_a_resized_length_body_goes_as_received() -> None:
+    def drop_or_grow(chunk: bytes, end: bool) -> bytes:
+        return b"" if chunk == b"drop" else chunk * 2
+
+    with Harness(config()) as h:
+        install(h, TestChain(on_request_chunk=drop_or_grow))
+        c = h.client()
+        c.send(request("POST", "/", headers=(("Transfer-Encoding", "chunked"),)))
+        u = h.upstream()
+        c.send(b"4\r\ndrop\r\n2\r\nok\r\n0\r\n\r\n")
+        assert u.received().endswith(b"\r\n\r\n4\r\nokok\r\n0\r\n\r\n")
+    with Harness(config()) as h:
+        install(h, TestChain(on_request_chunk=drop_or_grow))
+        c = h.client()
+        c.send(request("POST", "/", body=b"same"))
+        assert h.upstream().received().endswith(b"\r\n\r\nsame")  # the head said 4 bytes
+
+
+def test_a_bodiless_request_gets_one_end_call() -> None:
+    # docs/filters.md: end=True comes once for every request on a chain that wants the body.
+    with Harness(config()) as h:
+        chain = TestChain(on_request_chunk=upper)
+        install(h, chain)
+        c = h.client()
+        c.send(request("GET", "/"))
+        u = h.upstream()
+        assert chain.request_chunks == [(b"", True)]
+        assert u.received().endswith(b"\r\n\r\n")
+        u.respond(response())
+        assert [a.status for a in c.responses()] == [200]
+
+
+def test_a_chain_without_a_body_hook_is_not_called_for_the_body() -> None:
+    with Harness(config()) as h:
+        chain = TestChain()
+        install(h, chain)
+        c = h.client()
+        c.send(request("POST", "/", body=b"abc"))
+        assert h.upstream().received().endswith(b"\r\n\r\nabc")
+        assert chain.request_chunks == []
+
+
+class RecordingMirror(MirrorFilter):
+    """The real mirror filter; what it would send is recorded instead (no coroutine runs)."""
+
+    def __init__(self, max_body_bytes: int) -> None:
+        super().__init__({"url": "http://mirror.test", "max_body_bytes": max_body_bytes})
+        self.copies: list[tuple[str, str, bytes]] = []
+
+    def _send(self, copy: Any) -> Any:  # type: ignore[override]
+        self.copies.append((copy.method, copy.target, b"".join(copy.body)))
+        return copy
+
+
+class NoTask:
+    def add_done_callback(self, callback: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("body", "split", "mirrored"),
+    [
+        (b"amount=1", False, True),  # with the head, within the bound
+        (b"x" * 64, True, True),  # in a later read, exactly the bound
+        (b"x" * 65, True, False),  # over the bound: not mirrored at all
+    ],
+)
+def test_mirror_copies_a_post_body_up_to_its_bound(
+    body: bytes, split: bool, mirrored: bool
+) -> None:
+    with Harness(config()) as h:
+        mirror = RecordingMirror(max_body_bytes=64)
+        install(h, Chain("main", [mirror]))  # type: ignore[arg-type]
+        h.loop.create_task = lambda coro: NoTask()  # type: ignore[method-assign]
+        c = h.client()
+        if split:
+            c.send(request("POST", "/pay?x=1", headers=(("Content-Length", str(len(body))),)))
+            u = h.upstream()
+            c.send(body)
+        else:
+            c.send(request("POST", "/pay?x=1", body=body))
+            u = h.upstream()
+        assert u.received().endswith(b"\r\n\r\n" + body)  # the upstream gets it all either way
+        u.respond(response())
+        assert [a.status for a in c.responses()] == [200]
+        assert mirror.copies == ([("POST", "/pay?x=1", body)] if mirrored else [])
+        assert mirror.dropped == (0 if mirrored else 1)
