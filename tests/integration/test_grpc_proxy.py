@@ -8,9 +8,9 @@ import hashlib
 import json
 import struct
 import threading
+import time
 import urllib.error
 import urllib.request
-import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
