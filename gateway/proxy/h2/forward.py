@@ -40,6 +40,7 @@ from gateway.proxy.h2.headers import (
 )
 from gateway.proxy.headers import valid_request_id
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
+from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS
 from gateway.resilience.retry import GRPC_UNAVAILABLE, IDEMPOTENT_METHODS, RESET
 
 if TYPE_CHECKING:
@@ -249,10 +250,10 @@ class NativeStream:
             if decision.holds_slot:
                 self.limiter = limiter  # given back in _complete
             if not decision.allowed:
-                metrics.ratelimit(route.name, decision.reason)
-                self._error(decision.status, decision.reason, "rate limited")
+                metrics.ratelimit(route.name, REFUSAL_RESULTS.get(decision.reason, decision.reason))
+                self._error(decision.status, decision.reason, REFUSAL_MESSAGES[decision.status])
                 return True
-            metrics.ratelimit(route.name, "allowed")
+            metrics.ratelimit(route.name, "dry_run" if decision.dry_run else "allowed")
         upstream = snapshot.upstreams[route.upstream]
         self.upstream = upstream
         breaker = upstream.breaker
@@ -654,6 +655,17 @@ class NativeStream:
             stream.reset(_CANCEL)
         if self.headers_out:
             self.error_code = code
+            if self.is_grpc and not self.out and not self.end_sent:
+                # The head went out, no message is half sent: end with the status as trailers.
+                grpc_code = grpc.gateway_error_status(status)
+                self.grpc_status = b"%d" % grpc_code
+                trailers = grpc.trailers_only(grpc_code, message)[2:]  # (no :status, type)
+                self.end_sent = True
+                self._send(
+                    lambda conn: conn.send_headers(self.stream_id, trailers, end_stream=True)
+                )
+                self._finish_stream()
+                return
             self._reset_client(ErrorCodes.CANCEL)
             return
         self.status = status
