@@ -541,7 +541,12 @@ class NativeStream:
     # -- retries ------------------------------------------------------------------------------
     def _may_retry(self) -> bool:
         policy = self.policy
-        return policy is not None and self.attempt < policy.attempts and not self.messages_out
+        return (
+            policy is not None
+            and self.attempt < policy.attempts
+            and not self.messages_out
+            and self.request_body is not None  # (the body so far can be sent again)
+        )
 
     def _replayable(self) -> bool:
         return self.request_body is not None
