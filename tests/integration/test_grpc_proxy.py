@@ -306,3 +306,27 @@ def test_http1_client_to_an_h2_upstream_gets_a_clear_502(setup: Setup) -> None:
     assert caught.value.code == 502
     assert b"speaks HTTP/2" in caught.value.read()
     assert setup.unary("Unary")(b"after", timeout=5) == b"echo:after"
+
+
+def test_grpc_code_metric(setup: Setup) -> None:
+    with pytest.raises(grpc.RpcError):
+        setup.unary("Fail")(b"x", timeout=5)
+    setup.unary("Unary")(b"x", timeout=5)
+    with pytest.raises(grpc.RpcError):
+        setup.channel.unary_unary("/other.Service/Nope")(b"x", timeout=5)
+    with urllib.request.urlopen(setup.gateway.admin_url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("gateway_grpc_requests_total{"):
+            labels, _, value = line.rpartition(" ")
+            counts[labels] = float(value)
+
+    def count(route: str, code: str) -> float:
+        upstream = "grpc" if route else ""
+        labels = f'grpc_code="{code}",route="{route}",upstream="{upstream}"'
+        return counts.get(f"gateway_grpc_requests_total{{{labels}}}", 0.0)
+
+    assert count("grpc", "FAILED_PRECONDITION") >= 1, counts
+    assert count("grpc", "OK") >= 1, counts
+    assert count("", "UNIMPLEMENTED") >= 1, counts

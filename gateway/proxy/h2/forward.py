@@ -425,6 +425,8 @@ class NativeStream:
             self.stream = None
             stream.reset(_CANCEL)
         self.error_code = self.error_code or "client_gone"
+        if self.grpc_status is None:
+            self.grpc_status = b"1"  # CANCELLED: what the client's side reports
         self._complete(499 if not self.status else self.status)
 
     # -- upstream events (StreamListener) -------------------------------------------------------
@@ -748,6 +750,10 @@ class NativeStream:
             self.bytes_in,
             self.bytes_out,
         )
+        if self.is_grpc:
+            server.metrics.grpc_request(
+                route_name, upstream_name, grpc.grpc_code_label(self.grpc_status)
+            )
         access_log = server.access_log
         if access_log is not None:
             instance = self.tried[-1] if self.tried else None
