@@ -330,3 +330,135 @@ def test_grpc_code_metric(setup: Setup) -> None:
     assert count("grpc", "FAILED_PRECONDITION") >= 1, counts
     assert count("grpc", "OK") >= 1, counts
     assert count("", "UNIMPLEMENTED") >= 1, counts
+
+
+# -- a raw h2 upstream (frames chosen by the test) next to the grpcio one --------------------
+
+
+class RawUpstream:
+    """``RawH2Server``s on a loop of their own thread: refuses (REFUSED_STREAM) every stream
+    under /test.Proxied/, resets /test.Reset/ after its response head, answers /plain/."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        from tests.integration.h2_peers import RawH2Server
+
+        self.servers: list[RawH2Server] = []
+        self.loop = asyncio.new_event_loop()
+        self.refused = 0
+        started = threading.Event()
+
+        def on_request(server: RawH2Server, stream_id: int, headers: object) -> None:
+            path = dict(headers)[b":path"]  # type: ignore[call-overload]
+            if path.startswith(b"/test.Proxied/"):
+                self.refused += 1
+                server.refuse(stream_id)
+            elif path.startswith(b"/test.Reset/"):
+                server.conn.send_headers(
+                    stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                )
+                server.conn.reset_stream(stream_id, 2)  # INTERNAL_ERROR
+                server.flush()
+            else:
+                server.respond(stream_id, b"plain:" + path)
+
+        async def serve() -> None:
+            listener = await self.loop.create_server(
+                lambda: RawH2Server(on_request, self.servers), "127.0.0.1", 0
+            )
+            self.port = listener.sockets[0].getsockname()[1]
+            started.set()
+
+        self.thread = threading.Thread(
+            target=lambda: (self.loop.run_until_complete(serve()), self.loop.run_forever()),
+            daemon=True,
+        )
+        self.thread.start()
+        assert started.wait(10)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def raw_setup(start_gateway: Any) -> Iterator[tuple[Setup, RawUpstream]]:
+    raw, one = RawUpstream(), Server("one")
+    (h2c_port,) = free_ports(1)
+    gateway = start_gateway(
+        {
+            "listen": [{"address": f"127.0.0.1:{h2c_port}", "http2": HTTP2}],
+            "upstreams": {
+                "mixed": {
+                    "instances": [f"127.0.0.1:{raw.port}", f"127.0.0.1:{one.port}"],
+                    "protocol": "h2c",
+                    "balancer": "round_robin",
+                    # No "reset", and a POST: only never-processed streams may be retried.
+                    "retry": {"attempts": 2, "on": ["connect_failure"]},
+                },
+                "raw": {"instances": [f"127.0.0.1:{raw.port}"], "protocol": "h2c"},
+            },
+            "routes": [
+                {
+                    "name": "mixed",
+                    "match": {"path": {"prefix": f"/{SERVICE}/"}},
+                    "upstream": "mixed",
+                },
+                {"name": "raw", "upstream": "raw"},
+            ],
+        }
+    )
+    ready = Setup(gateway, h2c_port, one, one)
+    yield ready, raw
+    ready.channel.close()
+    one.server.stop(None)
+    raw.stop()
+
+
+def test_refused_stream_is_retried_on_another_instance_for_any_method(
+    raw_setup: tuple[Setup, RawUpstream],
+) -> None:
+    setup, raw = raw_setup
+    answers = [setup.unary("Unary")(b"%d" % i, timeout=10) for i in range(4)]
+    assert answers == [b"echo:%d" % i for i in range(4)]
+    assert raw.refused >= 1, "round robin never sent a stream to the refusing instance"
+
+
+def test_upstream_reset_after_the_head_resets_the_client_stream(
+    raw_setup: tuple[Setup, RawUpstream],
+) -> None:
+    setup, _raw = raw_setup
+    with pytest.raises(grpc.RpcError) as caught:
+        setup.channel.unary_unary("/test.Reset/Call")(b"x", timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+
+
+def test_plain_http2_to_an_h2c_upstream(
+    raw_setup: tuple[Setup, RawUpstream],
+) -> None:
+    import subprocess
+
+    setup, _raw = raw_setup
+    url = f"http://127.0.0.1:{setup.port}/plain/hello"
+    out = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "-w", "\n%{http_version} %{http_code}", url],
+        capture_output=True, timeout=20, check=True,
+    )  # fmt: skip
+    body, _, status = out.stdout.rpartition(b"\n")
+    assert status == b"2 200"
+    assert body == b"plain:/plain/hello"
+
+
+def test_plain_http2_gateway_error_is_json(setup: Setup) -> None:
+    import subprocess
+
+    url = f"http://127.0.0.1:{setup.port}/test.Down/x"
+    out = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "-w", "\n%{http_code}", url],
+        capture_output=True, timeout=20, check=True,
+    )  # fmt: skip
+    body, _, status = out.stdout.rpartition(b"\n")
+    assert status == b"502"
+    error = json.loads(body)
+    assert error["error"] == "upstream_connect_failure" and error["status"] == 502

@@ -529,7 +529,8 @@ class NativeStream:
         # Nothing was sent: a retry cannot duplicate the request, whatever its method.
         if self.policy is not None and self._may_retry() and self._retry("connect_failure"):
             return
-        self._error(503, "connect_failure", f"upstream connection failed: {error}")
+        # 502 as on the HTTP/1.1 path (UNAVAILABLE for gRPC clients).
+        self._error(502, "upstream_connect_failure", f"cannot connect to upstream: {error}")
 
     def on_send_paused(self) -> None:
         self.send_paused = True
