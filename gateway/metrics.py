@@ -180,6 +180,9 @@ class GatewayMetrics:
         # (reasons: gateway.proxy.upstream.PROTOCOL_ERROR_REASONS, a fixed set).
         self.upstream_protocol_errors: dict[tuple[str, str], int] = {}
         self.filter_errors: dict[tuple[str, str], int] = {}  # (route, filter) -> exceptions
+        # (route, upstream, grpc_code) -> gRPC calls proxied natively (gateway/proxy/h2/
+        # forward.py); grpc_code is gateway.proxy.grpc.grpc_code_label's: 18 values at most.
+        self.grpc_requests: dict[tuple[str, str, str], int] = {}
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -501,6 +504,7 @@ class GatewayMetrics:
             handshake_errors,
             trims,
             self._filter_errors_family(),
+            self._grpc_requests_family(),
         ]
 
     # -- multi-process aggregation ---------------------------------------------------------
@@ -536,6 +540,7 @@ class GatewayMetrics:
             ],
             "malloc_trims": self.malloc_trims,
             "filter_errors": [[r, f, n] for (r, f), n in list(self.filter_errors.items())],
+            "grpc_requests": [[r, u, c, n] for (r, u, c), n in list(self.grpc_requests.items())],
         }
 
     def merge_state(self, state: dict[str, Any]) -> None:
@@ -607,6 +612,27 @@ class GatewayMetrics:
         for upstream, states in state.get("instance_states", {}).items():
             self.instance_states[upstream] = dict(states)
         self._merge_filter_errors(state)
+        for route, upstream, code, count in state.get("grpc_requests", ()):
+            grpc_key = (route, upstream, code)
+            self.grpc_requests[grpc_key] = self.grpc_requests.get(grpc_key, 0) + count
+
+    # -- gRPC (gateway/proxy/h2/forward.py; not on the HTTP/1.1 path) -----------------------
+
+    def grpc_request(self, route: str, upstream: str, grpc_code: str) -> None:
+        key = (route, upstream, grpc_code)
+        self.grpc_requests[key] = self.grpc_requests.get(key, 0) + 1
+
+    def _grpc_requests_family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "gateway_grpc_requests_total",
+            "gRPC calls proxied to HTTP/2 upstreams by route, upstream and grpc_code (the"
+            " status name; UNKNOWN without a status, INVALID for a malformed one). Each is"
+            " in gateway_requests_total as well.",
+            labels=["route", "upstream", "grpc_code"],
+        )
+        for (route, upstream, code), count in list(self.grpc_requests.items()):
+            family.add_metric([route, upstream, code], count)
+        return family
 
     # -- filters (gateway.filters) --------------------------------------------------------
 
@@ -654,6 +680,7 @@ class _GatewayCollector:
         ("gateway_tls_handshake_errors", "counter"),
         ("gateway_malloc_trims", "counter"),
         ("gateway_filter_errors", "counter"),
+        ("gateway_grpc_requests", "counter"),
     )
 
     def __init__(self, metrics: GatewayMetrics) -> None:

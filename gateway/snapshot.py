@@ -38,7 +38,7 @@ from gateway.resilience.budget import RetryBudget
 from gateway.resilience.circuit_breaker import CircuitBreaker
 from gateway.resilience.retry import RetryPolicy
 from gateway.routing import RouteTable
-from gateway.tls.upstream import upstream_tls
+from gateway.tls.upstream import H2_ALPN, UpstreamTLS, upstream_tls
 
 log = logging.getLogger("gateway.upstreams")
 
@@ -335,6 +335,9 @@ class Snapshot:
     idempotency: dict[str, RouteIdempotency] = field(default_factory=dict)
     # Routes with filters (gateway.filters): their compiled chains, keyed by route name.
     filters: dict[str, FilterChain] = field(default_factory=dict)
+    # Upstreams with protocol h2c or h2: their instances have H2InstancePools, and HTTP/2
+    # streams routed to them are exchanged natively (gateway/proxy/h2/forward.py).
+    h2_upstreams: frozenset[str] = frozenset()
 
     def pools(self) -> list[ConnectionPool]:
         return [
@@ -342,7 +345,7 @@ class Snapshot:
         ]
 
 
-PoolKey = tuple[str, str, int, float, float, int, object]
+PoolKey = tuple[str, str, int, float, float, int, object, str]
 
 
 def _pool_key(
@@ -359,7 +362,22 @@ def _pool_key(
         timeouts.idle,
         upstream.max_idle_connections,
         tls_key,
+        upstream.protocol,  # an HTTP/1.1 pool never becomes an HTTP/2 one, nor back
     )
+
+
+def _upstream_tls(upstream: UpstreamConfig, config: GatewayConfig) -> UpstreamTLS:
+    """``protocol: h2`` connections offer ALPN h2 (their own context and pool key)."""
+    if upstream.protocol == "h2":
+        return upstream_tls(upstream, config, alpn=H2_ALPN)
+    return upstream_tls(upstream, config)
+
+
+def _h2_pool_factory() -> PoolFactory:
+    # Imported on demand: a gateway without HTTP/2 upstreams never imports h2.
+    from gateway.proxy.h2.client import H2_POOL_FACTORY
+
+    return H2_POOL_FACTORY
 
 
 def build_snapshot(
@@ -380,23 +398,28 @@ def build_snapshot(
     old_pools: dict[PoolKey, ConnectionPool] = {}
     if previous is not None:
         for old_upstream in previous.upstreams.values():
-            old_tls = upstream_tls(old_upstream.config, previous.config)
+            old_tls = _upstream_tls(old_upstream.config, previous.config)
             for old_instance in old_upstream.instances:
                 old_pools[_pool_key(old_upstream.config, old_instance.config, old_tls.key)] = (
                     old_instance.pool
                 )
     upstreams: dict[str, Upstream] = {}
+    h2_upstreams: set[str] = set()
     for name, upstream_config in config.upstreams.items():
         instances: list[Instance] = []
         instance_configs = upstream_config.instances
         if discovered is not None and name in discovered:
             instance_configs = tuple(discovered[name])
-        tls = upstream_tls(upstream_config, config)
+        tls = _upstream_tls(upstream_config, config)
+        make_pool = new_pool
+        if upstream_config.protocol != "http1":
+            h2_upstreams.add(name)
+            make_pool = _h2_pool_factory()
         for instance_config in instance_configs:
             key = _pool_key(upstream_config, instance_config, tls.key)
             pool = old_pools.pop(key, None)
             if pool is None:
-                pool = new_pool(
+                pool = make_pool(
                     instance_config.host,
                     instance_config.port,
                     max_idle=upstream_config.max_idle_connections,
@@ -430,6 +453,7 @@ def build_snapshot(
             if route.retry is not None
         },
         filters=_filters(config, previous),
+        h2_upstreams=frozenset(h2_upstreams),
     )
 
 

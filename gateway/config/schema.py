@@ -285,7 +285,14 @@ UPSTREAM_TLS = Struct(
 )
 
 
-RETRY_CONDITIONS = ("connect_failure", "reset", "timeout", "5xx", "gateway_error")
+RETRY_CONDITIONS = (
+    "connect_failure",
+    "reset",
+    "timeout",
+    "5xx",
+    "gateway_error",
+    "grpc-unavailable",
+)
 HASH_KEY = Text(
     "header:NAME, cookie:NAME, query:NAME, client_ip or path",
     pattern=r"(header|cookie|query):[!#$%&'*+.^_`|~0-9A-Za-z-]+|client_ip|path",
@@ -312,7 +319,9 @@ RETRY = Struct(
             "on",
             ListOf(Union(Enum(RETRY_CONDITIONS), STATUS_CODE), min_items=1, unique=True),
             "Failures that are retried: connect_failure, reset, timeout, 5xx (any 5xx plus the"
-            " three), gateway_error (502/503/504 plus the three), or status codes.",
+            " three), gateway_error (502/503/504 plus the three), grpc-unavailable (a gRPC"
+            " response with grpc-status 14 before any response message reached the client;"
+            " HTTP/2 upstreams only), or status codes.",
             ["connect_failure", "reset", "gateway_error"],
         ),
         Field("per_try_timeout", DURATION, "Time for one try's response head (default: read)."),

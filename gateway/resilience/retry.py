@@ -36,7 +36,8 @@ TIMEOUT = "timeout"
 STATUS = "status"  # failure_kind of a complete response head with a (retryable?) status
 FAILURE_KINDS = frozenset({CONNECT_FAILURE, RESET, TIMEOUT, STATUS})
 
-CONDITIONS = frozenset({CONNECT_FAILURE, RESET, TIMEOUT, "5xx", "gateway_error"})
+GRPC_UNAVAILABLE = "grpc-unavailable"  # grpc-status 14 before a response message (HTTP/2 path)
+CONDITIONS = frozenset({CONNECT_FAILURE, RESET, TIMEOUT, "5xx", "gateway_error", GRPC_UNAVAILABLE})
 
 # RFC 9110 §9.2.2.
 IDEMPOTENT_METHODS = frozenset(

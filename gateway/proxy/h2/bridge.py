@@ -233,6 +233,9 @@ class StreamBridge:
         piece = b"%x\r\n%s\r\n" % (len(data), data) if self.use_chunked else data
         self._hand_on(piece, flow_length)
 
+    def request_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Request trailers have no place in the HTTP/1.1 request made here: dropped."""
+
     def request_end(self) -> None:
         self.request_ended = True
         if self.finished or self.closing:

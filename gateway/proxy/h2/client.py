@@ -38,7 +38,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
 import h2.config
@@ -844,6 +844,21 @@ class H2InstancePool:
         for stream in waiting:
             stream.reset_done = True
             stream.listener.on_connect_error(error)
+
+
+    # -- what the HTTP/1.1 data plane asks of an instance's pool ---------------------------
+    # An HTTP/1.1 request (or an HTTP/2 stream the bridge carries: filters, Redis limits)
+    # routed to an h2/h2c upstream is not translated yet: it fails as a connect failure
+    # (502, naming why) instead of breaking the client connection.
+    def acquire(self) -> None:
+        return None
+
+    def connect(self, callback: Callable[[None, BaseException], None]) -> None:
+        error = H2ConnectError(
+            f"{self.host}:{self.port} speaks HTTP/2 (upstream protocol h2c/h2): only HTTP/2"
+            " clients' streams are proxied to it"
+        )
+        self.loop.call_soon(callback, None, error)
 
 
 # The snapshot builds pools through gateway.pools' factory protocol: mypy checks here that this

@@ -43,6 +43,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, SettingsFrame
 
 from gateway.proxy.h2.bridge import StreamBridge
+from gateway.proxy.h2.forward import NativeStream
 from gateway.proxy.h2.headers import count_error
 
 LINGER = 2.0  # seconds a connection closed after an error keeps reading (and dropping) bytes
@@ -138,7 +139,7 @@ class H2ServerConnection(asyncio.Protocol):
         self.listener = listener
         self.settings = settings
         self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, StreamBridge] = {}
+        self.streams: dict[int, StreamBridge | NativeStream] = {}
         self.closed = False
         self.counted = False  # holds a slot of server.connection_count
         self.write_paused = False
@@ -337,8 +338,13 @@ class H2ServerConnection(asyncio.Protocol):
                 self.flush()
                 self.close_now()
                 return
-            # TrailersReceived: request trailers are not forwarded over HTTP/1.1 (the stream's
-            # end follows as StreamEnded). Others (priority, ACKs) need nothing.
+            elif kind is h2.events.TrailersReceived:
+                # Forwarded by a native exchange; the bridge (HTTP/1.1 upstream) drops them.
+                # The stream's end follows as StreamEnded.
+                bridge = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
+                if bridge is not None:
+                    bridge.request_trailers(list(event.headers or []))  # type: ignore[attr-defined]
+            # Others (priority, ACKs) need nothing.
         self.flush()
 
     def _request(self, event: h2.events.RequestReceived) -> None:
@@ -356,6 +362,13 @@ class H2ServerConnection(asyncio.Protocol):
             return
         self.last_stream_id = stream_id
         self.idle_deadline = 0.0
+        if self.server.snapshot.h2_upstreams:
+            # Routed to an HTTP/2 upstream: exchanged natively (trailers and all).
+            native = NativeStream(self, stream_id)
+            self.streams[stream_id] = native
+            if native.start(event.headers or [], event.stream_ended is not None):
+                return
+            del self.streams[stream_id]
         bridge = StreamBridge(self, stream_id)
         self.streams[stream_id] = bridge
         bridge.start(event.headers or [], event.stream_ended is not None)

@@ -1,0 +1,790 @@
+"""HTTP/2 streams exchanged natively with HTTP/2 upstreams (``protocol: h2c | h2``).
+
+A downstream stream whose route's upstream speaks HTTP/2 skips the HTTP/1.1 bridge: its
+frames become frames of an upstream stream (``H2InstancePool.open_stream``), so trailers (gRPC's
+``grpc-status``) pass through unchanged. The phases are the HTTP/1.1 path's, reused where they
+are functions: ``parse_target`` normalisation, ``snapshot.routes.match``, the route's limiter
+(local decisions), the breaker's ``max_requests``, the upstream's balancer, the retry policy
+and budget, ``metrics.observe_request`` and the access log.
+
+gRPC on top (``gateway.proxy.grpc``): ``grpc-timeout`` is the deadline (capped by the route's
+``timeout``); errors the gateway makes answer a gRPC request as Trailers-Only with the mapped
+``grpc-status``; ``retry.on: [grpc-unavailable]`` retries a ``grpc-status: 14`` answered
+before any response message was forwarded (the response head is then held until the first
+message, so that a retry is still possible).
+
+Flow control: request DATA is acknowledged to the client once the upstream stream took it
+(while the upstream stream is paused by its window, acknowledgements wait); response DATA is
+acknowledged upstream once it went into the client's stream window and the client socket is
+not paused. Neither side buffers more than one window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError, StreamClosedError
+
+from gateway.accesslog import iso_time
+from gateway.proxy import grpc, responses
+from gateway.proxy.h2.headers import (
+    CONNECTION_SPECIFIC,
+    MalformedRequest,
+    request_head,
+)
+from gateway.proxy.headers import valid_request_id
+from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
+from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS
+from gateway.resilience.retry import GRPC_UNAVAILABLE, IDEMPOTENT_METHODS, RESET
+
+if TYPE_CHECKING:
+    from gateway.proxy.h2.bridge import StreamOwner
+    from gateway.proxy.h2.client import H2InstancePool, H2Stream
+    from gateway.ratelimit import RouteLimiter
+    from gateway.resilience.retry import RetryPolicy
+    from gateway.routing.table import Route
+    from gateway.snapshot import Instance, Snapshot, Upstream
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[bytes, bytes]]
+
+_KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+# Response fields that mean nothing on an HTTP/2 stream (RFC 9113 §8.2.2).
+_RESPONSE_DROP = CONNECTION_SPECIFIC | {b"te"}
+# Request fields not forwarded: hop-by-hop, or rebuilt here.
+_REQUEST_DROP = CONNECTION_SPECIFIC | {b"host", b"x-request-id"}
+
+_NO_ERROR = int(ErrorCodes.NO_ERROR)
+_CANCEL = int(ErrorCodes.CANCEL)
+
+
+class NativeStream:
+    """One downstream HTTP/2 stream proxied to an HTTP/2 upstream; the ``StreamListener`` of
+    its upstream stream (one at a time: each retry opens a new one)."""
+
+    __slots__ = (
+        "attempt",
+        "bytes_in",
+        "bytes_out",
+        "deadline_timer",
+        "end_sent",
+        "error_code",
+        "finished",
+        "grpc_status",
+        "headers_out",
+        "held_acks",
+        "held_head",
+        "instance",
+        "is_grpc",
+        "limiter",
+        "messages_out",
+        "method",
+        "out",
+        "owner",
+        "path",
+        "policy",
+        "pool",
+        "request_body",
+        "request_ended",
+        "request_headers",
+        "request_id",
+        "response_ended",
+        "retry_grpc",
+        "route",
+        "send_paused",
+        "status",
+        "stream",
+        "stream_id",
+        "t_start",
+        "t_upstream",
+        "t_upstream_done",
+        "trailers",
+        "trailers_in",
+        "tried",
+        "unacked_up",
+        "upstream",
+    )
+
+    def __init__(self, owner: StreamOwner, stream_id: int) -> None:
+        self.owner = owner
+        self.stream_id = stream_id
+        self.t_start = time.perf_counter()
+        self.t_upstream = 0.0
+        self.t_upstream_done = 0.0
+        self.route: Route | None = None
+        self.limiter: RouteLimiter | None = None  # holds a max_in_flight slot
+        self.upstream: Upstream | None = None
+        self.instance: Instance | None = None
+        self.pool: H2InstancePool | None = None
+        self.stream: H2Stream | None = None
+        self.policy: RetryPolicy | None = None
+        self.tried: list[Instance] = []
+        self.attempt = 0
+        self.method = b""
+        self.path = b""
+        self.request_id = b""
+        self.request_headers: Headers = []
+        # Request body kept for a retry while nothing of the response went out; None once it
+        # outgrew the policy's max_body_bytes (no retry after that, but for never-processed).
+        self.request_body: list[bytes] | None = []
+        self.trailers_in: Headers | None = None
+        self.request_ended = False
+        self.held_acks = 0  # request DATA bytes not acknowledged to the client yet
+        self.send_paused = False
+        self.out: deque[bytes] = deque()  # response DATA waiting for the client's window
+        self.unacked_up = 0  # response bytes pushed to the client, not acknowledged upstream
+        self.held_head: Headers | None = None  # response head not sent yet
+        self.trailers: Headers | None = None  # response trailers waiting behind ``out``
+        self.headers_out = False
+        self.response_ended = False
+        self.end_sent = False
+        self.finished = False
+        self.is_grpc = False
+        self.retry_grpc = False
+        self.messages_out = False  # a response DATA byte went to the client
+        self.status = 0
+        self.grpc_status: bytes | None = None
+        self.error_code = ""
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.deadline_timer: asyncio.TimerHandle | None = None
+
+    # -- start ----------------------------------------------------------------------------------
+    def start(self, headers: Headers, end_stream: bool) -> bool:
+        """Route the stream. False: its upstream is HTTP/1.1 (the bridge takes it; nothing was
+        sent). True: this object owns the stream (it may already be answered)."""
+        owner = self.owner
+        snapshot: Snapshot = owner.server.snapshot
+        try:
+            head = request_head(headers, end_stream)  # RFC 9113 §8.2, §8.3 checks
+        except MalformedRequest:
+            return False  # (the bridge resets it with PROTOCOL_ERROR and counts it)
+        if sum(len(n) + len(v) + 32 for n, v in headers) > owner.settings.max_header_list_size:
+            return False  # (the bridge answers 431)
+        authority: bytes | None = None
+        scheme = b"http"
+        regular: Headers = []
+        content_type = b""
+        grpc_timeout: bytes | None = None
+        for name, value in headers:
+            if name[:1] == b":":
+                if name == b":authority":
+                    authority = value
+                elif name == b":scheme":
+                    scheme = value
+                continue
+            if name == b"host":
+                if authority is None:
+                    authority = value
+                continue
+            if name == b"content-type":
+                content_type = value
+            elif name == b"grpc-timeout":
+                grpc_timeout = value
+            regular.append((name, value))
+        self.method = method = head.method
+        method_name = method.decode("latin-1")
+        self.is_grpc = grpc.is_grpc(content_type)
+        self.request_ended = end_stream
+        try:
+            url, _path, path_text, query, target_authority = parse_target(
+                head.path, method, snapshot.config.paths
+            )
+        except InvalidTarget:
+            return False  # (the bridge answers 400)
+        if target_authority is not None:
+            authority = target_authority
+        host_text = authority.decode("latin-1") if authority is not None else ""
+        sni = ""
+        transport = owner.transport
+        if transport is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                sni = getattr(ssl_object, "gateway_sni", None) or ""
+        route = snapshot.routes.match(
+            method_name,
+            host_text,
+            path_text,
+            query.decode("latin-1") if query else "",
+            regular,
+            sni,
+        )
+        self.path = head.path
+        if route is None:
+            if not self.is_grpc:
+                return False  # (the bridge answers 404)
+            self._error(404, "no_route", "no route matches the request")
+            return True
+        if route.upstream not in snapshot.h2_upstreams or snapshot.filters.get(route.name):
+            return False  # HTTP/1.1 upstream, or filters (the bridge's path runs them)
+        self.route = route
+        if route.rewrites_path:
+            try:
+                new_path = normalize_rewritten(
+                    route.rewrite_path(path_text).encode("latin-1"), snapshot.config.paths
+                )
+            except InvalidTarget as exc:
+                self._error(400, "invalid_target", str(exc))
+                return True
+            url = new_path + (b"?" + query if query else b"")
+        self.path = url
+        peer_ip = _peer_ip(owner)
+        peer_trusted = peer_ip in snapshot.trusted_proxies
+        limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
+        if limiter is not None:
+            # Local decisions only: a Redis-backed limit is decided by the bridge's path.
+            if limiter.uses_redis:
+                self.route = None
+                return False
+            decision = limiter.check_local(time.monotonic(), peer_ip, peer_trusted, regular, query)
+            metrics = owner.server.metrics
+            if decision.holds_slot:
+                self.limiter = limiter  # given back in _complete
+            if not decision.allowed:
+                metrics.ratelimit(route.name, REFUSAL_RESULTS.get(decision.reason, decision.reason))
+                self._error(decision.status, decision.reason, REFUSAL_MESSAGES[decision.status])
+                return True
+            metrics.ratelimit(route.name, "dry_run" if decision.dry_run else "allowed")
+        upstream = snapshot.upstreams[route.upstream]
+        self.upstream = upstream
+        breaker = upstream.breaker
+        if breaker.max_requests and breaker.requests >= breaker.max_requests:
+            breaker.requests_overflow += 1
+            owner.server.metrics.breaker_overflow(upstream.name, "requests")
+            self._error(503, "circuit_open", f"upstream '{upstream.name}' is at max_requests")
+            return True
+        breaker.requests += 1
+        upstream.budget.requests_now += 1
+        policy = (
+            snapshot.route_retry.get(route.name, upstream.retry)
+            if snapshot.route_retry
+            else upstream.retry
+        )
+        self.policy = policy
+        self.retry_grpc = (
+            policy is not None and self.is_grpc and GRPC_UNAVAILABLE in policy.retry_kinds
+        )
+        # Headers toward the upstream: the client's, without connection-specific fields,
+        # with X-Forwarded-For / X-Forwarded-Proto / X-Request-Id as the HTTP/1.1 path adds.
+        request_id = b""
+        forwarded_for: bytes | None = None
+        out: Headers = []
+        for name, value in regular:
+            if name in _REQUEST_DROP:
+                if name == b"x-request-id":
+                    request_id = value
+                continue
+            if name == b"x-forwarded-for":
+                if peer_trusted:
+                    forwarded_for = value
+                continue
+            if name == b"x-forwarded-proto" and peer_trusted:
+                continue
+            out.append((name, value))
+        if not request_id or not valid_request_id(request_id):
+            request_id = owner.server.request_ids.next()
+        self.request_id = request_id
+        client = peer_ip.encode("ascii")
+        out.append(
+            (b"x-forwarded-for", forwarded_for + b", " + client if forwarded_for else client)
+        )
+        out.append((b"x-forwarded-proto", scheme))
+        out.append((b"x-request-id", request_id))
+        if route.host_rewrite:
+            authority = route.host_rewrite.encode("latin-1")
+        self.request_headers = [
+            (b":method", method),
+            (b":scheme", b"https" if upstream.config.protocol == "h2" else b"http"),
+            (b":authority", authority or b""),
+            (b":path", url),
+            *out,
+        ]
+        try:
+            deadline = grpc.request_deadline(grpc_timeout, route.timeout or None)
+        except grpc.GrpcTimeoutError as exc:
+            self._error(400, "invalid_grpc_timeout", str(exc))
+            return True
+        if deadline is not None:
+            if deadline <= 0:
+                self._error(504, "deadline_exceeded", "the request's deadline passed")
+                return True
+            self.deadline_timer = asyncio.get_running_loop().call_later(
+                deadline, self._deadline_passed
+            )
+        self._try()
+        return True
+
+    def _try(self) -> None:
+        """Send the request to an instance (another than the tried ones, when there is one)."""
+        upstream = self.upstream
+        assert upstream is not None
+        instance = upstream.pick(None, self.tried)
+        if instance is None:
+            self._error(
+                503, "no_healthy_instance", f"upstream '{upstream.name}' has no available instance"
+            )
+            return
+        if self.instance is not None:
+            self.instance.active_requests -= 1
+        self.instance = instance
+        instance.active_requests += 1
+        self.tried.append(instance)
+        self.attempt += 1
+        pool: H2InstancePool = instance.pool  # type: ignore[assignment]  # h2 upstreams' pools
+        self.pool = pool
+        if not self.t_upstream:
+            self.t_upstream = time.perf_counter()
+        body = self.request_body
+        self.send_paused = False
+        stream = self.stream = pool.open_stream(
+            self.request_headers,
+            end_stream=self.request_ended and not body and self.trailers_in is None,
+            listener=self,
+        )
+        if body:
+            for chunk in body:
+                stream.send_data(chunk)
+        if self.request_ended:
+            if self.trailers_in is not None:
+                stream.send_trailers(self.trailers_in)
+            elif body:
+                stream.send_data(b"", end=True)
+
+    # -- downstream events (from H2ServerConnection) -----------------------------------------
+    def request_data(self, data: bytes, flow_length: int) -> None:
+        if self.finished:
+            self._ack_client(flow_length)
+            return
+        self.bytes_in += len(data)
+        body = self.request_body
+        if body is not None:
+            policy = self.policy
+            limit = policy.max_body_bytes if policy is not None else 0
+            if self.bytes_in <= limit:
+                body.append(data)
+            else:
+                self.request_body = None  # too big to replay
+        stream = self.stream
+        if stream is not None and data:
+            stream.send_data(data)
+        if self.send_paused or stream is None or stream.conn is None:
+            self.held_acks += flow_length  # acknowledged once the upstream took the bytes
+        else:
+            self._ack_client(flow_length)
+
+    def request_trailers(self, headers: Headers) -> None:
+        self.trailers_in = [(n, v) for n, v in headers if n[:1] != b":"]
+
+    def request_end(self) -> None:
+        self.request_ended = True
+        if self.finished:
+            return
+        stream = self.stream
+        if stream is None:
+            return
+        if self.trailers_in is not None:
+            stream.send_trailers(self.trailers_in)
+        else:
+            stream.send_data(b"", end=True)
+
+    def window_opened(self) -> None:
+        out = self.out
+        while out:
+            data = out[0]
+            sent = self._push(data)
+            if sent < len(data):
+                out[0] = data[sent:]
+                break
+            out.popleft()
+        self._ack_upstream()
+        if not out:
+            self._end_if_sent()
+
+    def update_producer(self) -> None:
+        self._ack_upstream()  # (resume_writing: the socket takes bytes again)
+
+    def check_idle(self) -> None:
+        pass  # (deadlines have their own timer)
+
+    def client_gone(self) -> None:
+        """The client reset the stream, or its connection is gone: cancel upstream too."""
+        if self.finished:
+            return
+        self.finished = True
+        stream = self.stream
+        if stream is not None:
+            self.stream = None
+            stream.reset(_CANCEL)
+        self.error_code = self.error_code or "client_gone"
+        if self.grpc_status is None:
+            self.grpc_status = b"1"  # CANCELLED: what the client's side reports
+        self._complete(499 if not self.status else self.status)
+
+    # -- upstream events (StreamListener) -------------------------------------------------------
+    def on_response_headers(self, status: int, headers: Headers) -> None:
+        if self.finished:
+            return
+        self.status = status
+        self.t_upstream_done = time.perf_counter()
+        fields: Headers = [(b":status", b"%d" % status)]
+        trailers_only = False
+        for name, value in headers:
+            if name in _RESPONSE_DROP:
+                continue
+            if name == b"grpc-status":
+                trailers_only = True
+                self.grpc_status = value
+            fields.append((name, value))
+        if trailers_only or self.retry_grpc:
+            self.held_head = fields  # sent with the first message, or with END_STREAM
+            return
+        self._send_head(fields)
+
+    def on_data(self, chunk: bytes) -> None:
+        if self.finished:
+            return
+        self.retry_grpc = False  # a response message: never retried after this
+        if self.held_head is not None:
+            self._send_head(self.held_head)
+        self.messages_out = True
+        self.bytes_out += len(chunk)
+        if self.out:
+            self.out.append(chunk)
+            return
+        sent = self._push(chunk)
+        if sent < len(chunk):
+            self.out.append(chunk[sent:])
+        self._ack_upstream()
+        self.owner.schedule_flush()
+
+    def on_trailers(self, headers: Headers) -> None:
+        if self.finished:
+            return
+        for name, value in headers:
+            if name == b"grpc-status":
+                self.grpc_status = value
+        if self._retry_unavailable():
+            return
+        if self.held_head is not None:
+            self._send_head(self.held_head)
+        self.trailers = headers
+
+    def on_end(self) -> None:
+        if self.finished:
+            return
+        self.stream = None
+        if self.trailers is None and self._retry_unavailable():
+            return
+        if self.held_head is not None and self.trailers is None:
+            # Trailers-Only (gRPC): the head is the whole response, one HEADERS frame.
+            head, self.held_head = self.held_head, None
+            self.headers_out = True
+            self.end_sent = True
+            self.response_ended = True
+            self._send(lambda conn: conn.send_headers(self.stream_id, head, end_stream=True))
+            self._finish_stream()
+            return
+        if not self.headers_out:
+            self._send_head([(b":status", b"%d" % (self.status or 200))])
+        self.response_ended = True
+        self._end_if_sent()
+
+    def on_reset(self, error_code: int, never_processed: bool) -> None:
+        if self.finished:
+            return
+        self.stream = None
+        policy = self.policy
+        if not self.headers_out and policy is not None and self._may_retry():
+            if never_processed:
+                # Never processed (REFUSED_STREAM, above a GOAWAY's last id): safe for any
+                # method (RFC 9113 §8.7).
+                if self._retry("never_processed"):
+                    return
+            elif (
+                RESET in policy.retry_kinds
+                and self._replayable()
+                and self._idempotent()
+                and self._retry(RESET)
+            ):
+                return
+        if self.headers_out:
+            self.error_code = "upstream_reset"
+            self._reset_client(ErrorCodes.INTERNAL_ERROR if error_code == _NO_ERROR else error_code)
+            return
+        self._error(502, "upstream_reset", "the upstream reset the stream")
+
+    def on_connect_error(self, error: BaseException) -> None:
+        if self.finished:
+            return
+        self.stream = None
+        # Nothing was sent: a retry cannot duplicate the request, whatever its method.
+        if self.policy is not None and self._may_retry() and self._retry("connect_failure"):
+            return
+        # 502 as on the HTTP/1.1 path (UNAVAILABLE for gRPC clients).
+        self._error(502, "upstream_connect_failure", f"cannot connect to upstream: {error}")
+
+    def on_send_paused(self) -> None:
+        self.send_paused = True
+
+    def on_send_resumed(self) -> None:
+        self.send_paused = False
+        self._ack_client(self.held_acks)
+        self.held_acks = 0
+        self.owner.schedule_flush()
+
+    # -- retries ------------------------------------------------------------------------------
+    def _may_retry(self) -> bool:
+        policy = self.policy
+        return (
+            policy is not None
+            and self.attempt < policy.attempts
+            and not self.messages_out
+            and self.request_body is not None  # (the body so far can be sent again)
+        )
+
+    def _replayable(self) -> bool:
+        return self.request_body is not None
+
+    def _idempotent(self) -> bool:
+        policy = self.policy
+        assert policy is not None
+        return self.method in IDEMPOTENT_METHODS or policy.allow_non_idempotent or self.is_grpc
+
+    def _retry_unavailable(self) -> bool:
+        """grpc-status 14 before any message went out, and the policy says so: try again."""
+        if not self.retry_grpc or self.grpc_status != b"14" or not self._may_retry():
+            return False
+        if not self._replayable():
+            return False
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            stream.reset(_CANCEL)
+        self.held_head = None
+        self.grpc_status = None
+        self.status = 0
+        return self._retry(GRPC_UNAVAILABLE)
+
+    def _retry(self, reason: str) -> bool:
+        upstream = self.upstream
+        assert upstream is not None
+        metrics = self.owner.server.metrics
+        if not upstream.budget.try_acquire(time.monotonic()):
+            metrics.retry(upstream.name, "budget_exhausted")
+            return False
+        metrics.retry(upstream.name, reason)
+        self._try()
+        return True
+
+    # -- downstream output --------------------------------------------------------------------
+    def _send(self, action: object) -> None:
+        conn = self.owner.conn
+        with contextlib.suppress(StreamClosedError, ProtocolError):
+            action(conn)  # type: ignore[operator]
+        self.owner.schedule_flush()
+
+    def _send_head(self, fields: Headers) -> None:
+        self.held_head = None
+        self.headers_out = True
+        self._send(lambda conn: conn.send_headers(self.stream_id, fields))
+
+    def _push(self, data: bytes) -> int:
+        conn = self.owner.conn
+        try:
+            window = conn.local_flow_control_window(self.stream_id)
+        except (StreamClosedError, ProtocolError):
+            return len(data)
+        if window <= 0:
+            return 0
+        size = min(len(data), window)
+        frame = conn.max_outbound_frame_size
+        view = memoryview(data)
+        offset = 0
+        while offset < size:
+            end = min(offset + frame, size)
+            conn.send_data(self.stream_id, bytes(view[offset:end]))
+            offset = end
+        self.unacked_up += size
+        return size
+
+    def _ack_upstream(self) -> None:
+        """Give the upstream window back for what went to the client, unless the client's
+        socket is paused (the bytes would pile up in its buffer)."""
+        if self.unacked_up and not self.owner.write_paused:
+            stream = self.stream
+            if stream is not None:
+                stream.acknowledge(self.unacked_up)
+            self.unacked_up = 0
+
+    def _ack_client(self, flow_length: int) -> None:
+        if flow_length and not self.finished:
+            with contextlib.suppress(StreamClosedError, ProtocolError):
+                self.owner.conn.acknowledge_received_data(flow_length, self.stream_id)
+
+    def _end_if_sent(self) -> None:
+        if not self.response_ended or self.out or self.end_sent or self.finished:
+            return
+        self.end_sent = True
+        trailers = self.trailers
+        if trailers is not None:
+            self._send(lambda conn: conn.send_headers(self.stream_id, trailers, end_stream=True))
+        else:
+            self._send(lambda conn: conn.end_stream(self.stream_id))
+        self._finish_stream()
+
+    def _finish_stream(self) -> None:
+        if not self.request_ended:
+            # RFC 9113 §8.1: a response complete before the request was: stop the body.
+            self._send(lambda conn: conn.reset_stream(self.stream_id, ErrorCodes.NO_ERROR))
+        self._complete(self.status)
+
+    def _reset_client(self, code: int) -> None:
+        if self.finished:
+            return
+        self.out.clear()
+        self._send(lambda conn: conn.reset_stream(self.stream_id, code))
+        self._complete(self.status or 502)
+
+    def _error(self, status: int, code: str, message: str) -> None:
+        """A response the gateway makes: Trailers-Only for gRPC, a JSON error otherwise."""
+        if self.finished:
+            return
+        stream = self.stream
+        if stream is not None:
+            self.stream = None
+            stream.reset(_CANCEL)
+        if self.headers_out:
+            self.error_code = code
+            if self.is_grpc and not self.out and not self.end_sent:
+                # The head went out, no message is half sent: end with the status as trailers.
+                grpc_code = grpc.gateway_error_status(status)
+                self.grpc_status = b"%d" % grpc_code
+                trailers = grpc.trailers_only(grpc_code, message)[2:]  # (no :status, type)
+                self.end_sent = True
+                self._send(
+                    lambda conn: conn.send_headers(self.stream_id, trailers, end_stream=True)
+                )
+                self._finish_stream()
+                return
+            self._reset_client(ErrorCodes.CANCEL)
+            return
+        self.status = status
+        self.error_code = code
+        if not self.request_id:
+            self.request_id = self.owner.server.request_ids.next()
+        request_id = self.request_id
+        if self.is_grpc:
+            grpc_code = grpc.gateway_error_status(status)
+            self.grpc_status = b"%d" % grpc_code
+            fields = grpc.trailers_only(grpc_code, message, [(b"x-request-id", request_id)])
+            self._send(lambda conn: conn.send_headers(self.stream_id, fields, end_stream=True))
+        else:
+            body = responses.error_body(status, code, message, request_id)
+            fields = [
+                (b":status", b"%d" % status),
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+                (b"x-request-id", request_id),
+            ]
+
+            def send(conn: object) -> None:
+                conn.send_headers(self.stream_id, fields)  # type: ignore[attr-defined]
+                conn.send_data(self.stream_id, body, end_stream=True)  # type: ignore[attr-defined]
+
+            self._send(send)
+        self.headers_out = True
+        self.end_sent = True
+        self._finish_stream()
+
+    def _deadline_passed(self) -> None:
+        self.deadline_timer = None
+        if not self.finished:
+            self._error(504, "deadline_exceeded", "the request's deadline passed")
+
+    # -- the end: count, log, give back -----------------------------------------------------
+    def _complete(self, status: int) -> None:
+        """The stream is over (answered, reset or abandoned): once."""
+        self.finished = True
+        owner = self.owner
+        owner.stream_done(self.stream_id)
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
+        stream = self.stream
+        if stream is not None:
+            self.stream = None
+            stream.reset(_CANCEL)
+        if self.instance is not None:
+            self.instance.active_requests -= 1
+            self.instance = None
+        if self.limiter is not None:
+            self.limiter.release()
+            self.limiter = None
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.breaker.requests -= 1
+        server = owner.server
+        now = time.perf_counter()
+        total = now - self.t_start
+        upstream_time: float | None = None
+        if self.t_upstream:
+            upstream_time = (self.t_upstream_done or now) - self.t_upstream
+        method_name = self.method.decode("latin-1")
+        route_name = self.route.name if self.route is not None else ""
+        upstream_name = upstream.name if upstream is not None else ""
+        server.metrics.observe_request(
+            route_name,
+            upstream_name,
+            method_name if method_name in _KNOWN_METHODS else "OTHER",
+            status,
+            total,
+            upstream_time,
+            total - (upstream_time or 0.0),
+            self.bytes_in,
+            self.bytes_out,
+        )
+        if self.is_grpc:
+            server.metrics.grpc_request(
+                route_name, upstream_name, grpc.grpc_code_label(self.grpc_status)
+            )
+        access_log = server.access_log
+        if access_log is not None:
+            instance = self.tried[-1] if self.tried else None
+            access_log.record(
+                {
+                    "time": iso_time(time.time()),
+                    "request_id": self.request_id.decode("ascii", "replace"),
+                    "client": _peer_ip(owner),
+                    "listener": owner.listener.name,
+                    "method": method_name,
+                    "path": self.path.decode("latin-1"),
+                    "route": route_name,
+                    "upstream": upstream_name,
+                    "instance": instance.address if instance is not None else None,
+                    "status": status,
+                    "grpc_status": (
+                        self.grpc_status.decode("latin-1") if self.grpc_status is not None else None
+                    ),
+                    "protocol": "h2",
+                    "bytes_in": self.bytes_in,
+                    "bytes_out": self.bytes_out,
+                    "duration": round(total, 6),
+                    "upstream_duration": None if upstream_time is None else round(upstream_time, 6),
+                    "retries": max(self.attempt - 1, 0),
+                    "error": self.error_code or None,
+                }
+            )
+
+
+def _peer_ip(owner: StreamOwner) -> str:
+    transport = owner.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return peer[0] if peer else "0.0.0.0"
