@@ -14,7 +14,13 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from gateway.config.model import GatewayConfig, MatchConfig, RouteConfig, UpstreamConfig
+from gateway.config.model import (
+    GatewayConfig,
+    MatchConfig,
+    RateLimitConfig,
+    RouteConfig,
+    UpstreamConfig,
+)
 from gateway.config.yamlpos import Path, Positions, format_path, load_yaml
 
 __all__ = [
@@ -91,6 +97,7 @@ def lint_config(
             used.update(name for name, _ in spec.options["upstreams"])
     for name, upstream in config.upstreams.items():
         _upstream(out, name, upstream, used)
+    _leases_without_redis(out, config)
     _exposure(out, config)
     _watch(out, config, access)
     return sorted(out.warnings, key=lambda w: (w.line is None, w.line or 0))
@@ -302,6 +309,31 @@ def _upstream(out: _Collector, name: str, upstream: UpstreamConfig, used: set[st
             f"{health.timeout:g}s is not shorter than health.interval ({health.interval:g}s):"
             " a slow probe is still running when the next one is due",
         )
+
+
+# --- rate limits ------------------------------------------------------------------------------
+
+
+def _leases_without_redis(out: _Collector, config: GatewayConfig) -> None:
+    # ``lease`` defaults to true and means nothing for a local bucket; written out on one, the
+    # author probably expected a shared (Redis) limit.
+    owners: list[tuple[Path, tuple[RateLimitConfig, ...]]] = [(("rate_limit",), config.rate_limit)]
+    owners += [(("routes", i, "rate_limit"), r.rate_limit) for i, r in enumerate(config.routes)]
+    owners += [(("upstreams", n, "rate_limit"), u.rate_limit) for n, u in config.upstreams.items()]
+    for base, limits in owners:
+        for j, limit in enumerate(limits):
+            if limit.store != "local":
+                continue
+            # A list entry, or the one limit written as a mapping.
+            paths = [(*base, j, "lease"), (*base, "lease")] if j == 0 else [(*base, j, "lease")]
+            for path in paths:
+                if path in out.positions.key_lines:
+                    out.warn(
+                        path,
+                        "lease applies to store: redis only; this limit is counted in each"
+                        " worker's own bucket (set store: redis to share it across gateways)",
+                    )
+                    break
 
 
 # --- process-wide settings ------------------------------------------------------------------

@@ -292,6 +292,46 @@ def test_upstream_warnings(upstream: str, line: int, path: str, words: list[str]
         assert word in found[0].message
 
 
+LEASE_HEAD = "listen: 127.0.0.1:8080\nupstreams:\n  u:\n    instances: [127.0.0.1:7001]\n"
+
+
+@pytest.mark.parametrize(
+    ("snippet", "line", "path"),
+    [
+        (  # a route's single limit, written as a mapping
+            "routes:\n  - name: r\n    upstream: u\n    rate_limit: {rate: 10/s, lease: true}\n",
+            8,
+            "routes[0].rate_limit.lease",
+        ),
+        (  # the second entry of a list, on a local store
+            "routes:\n  - name: r\n    upstream: u\n    rate_limit:\n"
+            "      - {rate: 10/s}\n      - {rate: 100/m, store: local, lease: false}\n",
+            10,
+            "routes[0].rate_limit[1].lease",
+        ),
+        (  # the process-wide limit
+            "rate_limit: {rate: 10/s, lease: true}\nroutes:\n  - {name: r, upstream: u}\n",
+            5,
+            "rate_limit.lease",
+        ),
+    ],
+)
+def test_lease_on_a_local_limit_warns(snippet: str, line: int, path: str) -> None:
+    found = [w for w in warnings_of(LEASE_HEAD + snippet) if w.path == path]
+    assert len(found) == 1, warnings_of(LEASE_HEAD + snippet)
+    assert found[0].line == line
+    assert "store: redis only" in found[0].message
+
+
+def test_lease_on_a_redis_limit_or_left_out_does_not_warn() -> None:
+    text = LEASE_HEAD + (
+        "redis: {url: redis://127.0.0.1:6379/0}\nroutes:\n  - name: r\n    upstream: u\n"
+        "    rate_limit:\n      - {rate: 10/s, store: redis, lease: true}\n"
+        "      - {rate: 10/s}\n"
+    )
+    assert [w for w in warnings_of(text) if "lease" in w.path] == []
+
+
 def test_unused_upstream_and_exposed_admin_and_trust_everyone() -> None:
     text = """\
     admin: 0.0.0.0:9901
