@@ -789,6 +789,7 @@ class NativeStream:
         method_name = self.method.decode("latin-1")
         route_name = self.route.name if self.route is not None else ""
         upstream_name = upstream.name if upstream is not None else ""
+        server.metrics.h2_requests += 1  # (gateway_downstream_requests_total{protocol="h2"})
         server.metrics.observe_request(
             route_name,
             upstream_name,
