@@ -6,6 +6,7 @@ calls feed the instance latency."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -18,6 +19,7 @@ import grpc
 import pytest
 
 from tests.integration.conftest import GatewayProcess, free_ports
+from tests.integration.h2_peers import RawH2Server
 
 
 class Server:
@@ -32,7 +34,7 @@ class Server:
         self.server.add_generic_rpc_handlers(
             tuple(
                 self._service(service)
-                for service in ("ph.Status", "ph.Slow", "ph.Connect", "ph.Ready")
+                for service in ("ph.Status", "ph.Slow", "ph.Connect", "ph.Ready", "ph.Reset")
             )
         )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -55,11 +57,49 @@ class Server:
         )
 
 
+class Resetter:
+    """A raw h2 server (its own loop thread) that resets every stream before any response:
+    RST_STREAM INTERNAL_ERROR."""
+
+    def __init__(self) -> None:
+        self.servers: list[RawH2Server] = []
+        self.resets = 0
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def on_request(server: RawH2Server, stream_id: int, headers: object) -> None:
+            self.resets += 1
+            server.conn.reset_stream(stream_id, 2)  # INTERNAL_ERROR
+            server.flush()
+
+        async def serve() -> None:
+            listener = await self.loop.create_server(
+                lambda: RawH2Server(on_request, self.servers), "127.0.0.1", 0
+            )
+            self.port = listener.sockets[0].getsockname()[1]
+            started.set()
+
+        def run() -> None:
+            self.loop.run_until_complete(serve())
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 class Setup:
-    def __init__(self, gateway: GatewayProcess, port: int, good: Server, bad: Server) -> None:
+    def __init__(
+        self, gateway: GatewayProcess, port: int, good: Server, bad: Server, resetter: Resetter
+    ) -> None:
         self.gateway = gateway
         self.good = good
         self.bad = bad
+        self.resetter = resetter
         self.channel = grpc.insecure_channel(
             f"127.0.0.1:{port}", options=[("grpc.enable_retries", 0)]
         )
@@ -82,6 +122,7 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(start_gateway: Any) -> Iterator[Setup]:
     good, bad = Server("good", broken=False), Server("bad", broken=True)
+    resetter = Resetter()
     h2c_port, dead_port = free_ports(2)
     pair = [f"127.0.0.1:{good.port}", f"127.0.0.1:{bad.port}"]
     # Three failures in a row eject; at most half of the instances.
@@ -102,6 +143,7 @@ def setup(start_gateway: Any) -> Iterator[Setup]:
                     ("slow", pair),
                     ("connect", [f"127.0.0.1:{good.port}", f"127.0.0.1:{dead_port}"]),
                     ("ready", [f"127.0.0.1:{good.port}"]),
+                    ("reset", [f"127.0.0.1:{good.port}", f"127.0.0.1:{resetter.port}"]),
                 )
             },
             "routes": [
@@ -110,11 +152,11 @@ def setup(start_gateway: Any) -> Iterator[Setup]:
                     "match": {"path": {"prefix": f"/ph.{name.title()}/"}},
                     "upstream": name,
                 }
-                for name in ("status", "slow", "connect", "ready")
+                for name in ("status", "slow", "connect", "ready", "reset")
             ],
         }
     )
-    ready = Setup(gateway, h2c_port, good, bad)
+    ready = Setup(gateway, h2c_port, good, bad, resetter)
     deadline = time.monotonic() + 20
     while ready.call("ph.Ready")[0] != grpc.StatusCode.OK:  # (the listener is up)
         if time.monotonic() > deadline:
@@ -123,13 +165,25 @@ def setup(start_gateway: Any) -> Iterator[Setup]:
     ready.channel.close()
     good.server.stop(None)
     bad.server.stop(None)
+    resetter.stop()
 
 
 def _until_ejected(setup: Setup, service: str, upstream: str, address: str) -> list[Any]:
     """Calls until ``address`` is ejected (at most 20); their status codes."""
     codes = []
     for _ in range(20):
-        codes.append(setup.call(service, timeout=0.5 if service == "ph.Slow" else 5)[0])
+        before = setup.instances(upstream)[address]["ejection"]["consecutive_failures"]
+        code = setup.call(service, timeout=0.5 if service == "ph.Slow" else 5)[0]
+        codes.append(code)
+        if code != grpc.StatusCode.OK:
+            # The client's own deadline may end the call a moment before the gateway's timer
+            # fires and records the timeout: poll until it is recorded.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                info = setup.instances(upstream)[address]
+                if info["state"] == "ejected" or info["ejection"]["consecutive_failures"] > before:
+                    break
+                time.sleep(0.01)
         if setup.instances(upstream)[address]["state"] == "ejected":
             return codes
     raise AssertionError(f"{address} never ejected: {setup.instances(upstream)[address]}")
@@ -166,3 +220,14 @@ def test_calls_unanswered_within_their_deadline_eject_the_instance(setup: Setup)
     codes = _until_ejected(setup, "ph.Slow", "slow", bad)
     assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 3, codes
     assert [setup.call("ph.Slow") for _ in range(3)] == [(grpc.StatusCode.OK, b"good")] * 3
+
+
+def test_streams_reset_before_the_head_eject_the_instance(setup: Setup) -> None:
+    resetter = f"127.0.0.1:{setup.resetter.port}"
+    codes = _until_ejected(setup, "ph.Reset", "reset", resetter)
+    # The default policy retries a reset (a gRPC call before any response) elsewhere: every
+    # call succeeded, and the resetting instance was ejected after its third reset.
+    assert codes == [grpc.StatusCode.OK] * len(codes) and 3 <= len(codes) <= 6, codes
+    assert setup.resetter.resets == 3
+    assert [setup.call("ph.Reset")[0] for _ in range(3)] == [grpc.StatusCode.OK] * 3
+    assert setup.resetter.resets == 3
