@@ -183,6 +183,10 @@ class GatewayMetrics:
         # (route, upstream, grpc_code) -> gRPC calls proxied natively (gateway/proxy/h2/
         # forward.py); grpc_code is gateway.proxy.grpc.grpc_code_label's: 18 values at most.
         self.grpc_requests: dict[tuple[str, str, str], int] = {}
+        # Requests (streams) from HTTP/2 clients, each also in ``requests``: the HTTP/2 code
+        # counts them, and the HTTP/1.1 share is derived at scrape time (total minus these), so
+        # the HTTP/1.1 path pays nothing for gateway_downstream_requests_total{protocol}.
+        self.h2_requests = 0
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -505,6 +509,7 @@ class GatewayMetrics:
             trims,
             self._filter_errors_family(),
             self._grpc_requests_family(),
+            self._downstream_requests_family(),
         ]
 
     # -- multi-process aggregation ---------------------------------------------------------
@@ -541,6 +546,7 @@ class GatewayMetrics:
             "malloc_trims": self.malloc_trims,
             "filter_errors": [[r, f, n] for (r, f), n in list(self.filter_errors.items())],
             "grpc_requests": [[r, u, c, n] for (r, u, c), n in list(self.grpc_requests.items())],
+            "h2_requests": self.h2_requests,
         }
 
     def merge_state(self, state: dict[str, Any]) -> None:
@@ -615,6 +621,7 @@ class GatewayMetrics:
         for route, upstream, code, count in state.get("grpc_requests", ()):
             grpc_key = (route, upstream, code)
             self.grpc_requests[grpc_key] = self.grpc_requests.get(grpc_key, 0) + count
+        self.h2_requests += state.get("h2_requests", 0)
 
     # -- gRPC (gateway/proxy/h2/forward.py; not on the HTTP/1.1 path) -----------------------
 
@@ -632,6 +639,19 @@ class GatewayMetrics:
         )
         for (route, upstream, code), count in list(self.grpc_requests.items()):
             family.add_metric([route, upstream, code], count)
+        return family
+
+    def _downstream_requests_family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "gateway_downstream_requests_total",
+            "Requests by the protocol the client spoke: http1 (HTTP/1.0 and 1.1) or h2 (one per"
+            " HTTP/2 stream). The two add up to gateway_requests_total.",
+            labels=["protocol"],
+        )
+        h2 = self.h2_requests
+        total = sum(list(self.requests.values()))
+        family.add_metric(["http1"], total - h2)
+        family.add_metric(["h2"], h2)
         return family
 
     # -- filters (gateway.filters) --------------------------------------------------------
@@ -681,6 +701,7 @@ class _GatewayCollector:
         ("gateway_malloc_trims", "counter"),
         ("gateway_filter_errors", "counter"),
         ("gateway_grpc_requests", "counter"),
+        ("gateway_downstream_requests", "counter"),
     )
 
     def __init__(self, metrics: GatewayMetrics) -> None:

@@ -23,6 +23,7 @@ from gateway.config.model import (
     RedisConfig,
     RetryConfig,
     UpstreamConfig,
+    UpstreamHttp2Config,
 )
 from gateway.filters.api import FilterChain
 from gateway.filters.chain import Chain
@@ -345,7 +346,8 @@ class Snapshot:
         ]
 
 
-PoolKey = tuple[str, str, int, float, float, int, object, str]
+PoolKey = tuple[str, str, int, float, float, int, object, str, object]
+_DEFAULT_HTTP2 = UpstreamHttp2Config()
 
 
 def _pool_key(
@@ -363,6 +365,7 @@ def _pool_key(
         upstream.max_idle_connections,
         tls_key,
         upstream.protocol,  # an HTTP/1.1 pool never becomes an HTTP/2 one, nor back
+        upstream.http2 or _DEFAULT_HTTP2,  # HTTP/2 pool settings: changed ones mean new pools
     )
 
 
@@ -373,11 +376,12 @@ def _upstream_tls(upstream: UpstreamConfig, config: GatewayConfig) -> UpstreamTL
     return upstream_tls(upstream, config)
 
 
-def _h2_pool_factory() -> PoolFactory:
+def _h2_pool_factory(settings: UpstreamHttp2Config | None) -> PoolFactory:
+    """The factory of an h2c/h2 upstream's pools, with its ``http2`` settings applied."""
     # Imported on demand: a gateway without HTTP/2 upstreams never imports h2.
-    from gateway.proxy.h2.client import H2_POOL_FACTORY
+    from gateway.proxy.h2.client import h2_pool_factory
 
-    return H2_POOL_FACTORY
+    return h2_pool_factory(settings or UpstreamHttp2Config())
 
 
 def build_snapshot(
@@ -414,7 +418,7 @@ def build_snapshot(
         make_pool = new_pool
         if upstream_config.protocol != "http1":
             h2_upstreams.add(name)
-            make_pool = _h2_pool_factory()
+            make_pool = _h2_pool_factory(upstream_config.http2)
         for instance_config in instance_configs:
             key = _pool_key(upstream_config, instance_config, tls.key)
             pool = old_pools.pop(key, None)

@@ -141,10 +141,26 @@ class UpstreamConfig:
     rate_limit: tuple[RateLimitConfig, ...] = ()
     tls: UpstreamTLSConfig | None = None  # TLS to the instances, off unless given
     # Protocol to the instances: http1, h2c (HTTP/2 with prior knowledge), h2 (TLS + ALPN).
-    # Validated and stored; the data plane speaks HTTP/1.1 upstream for now (docs/http2.md).
     protocol: Literal["http1", "h2c", "h2"] = "http1"
+    # The multiplexed pools of h2c/h2 upstreams (None: UpstreamHttp2Config's defaults).
+    http2: UpstreamHttp2Config | None = None
     # Filters of every route to this upstream, run after the route's own (gateway.filters).
     filters: tuple[FilterConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamHttp2Config:
+    """``upstreams.NAME.http2``: each instance's pool of HTTP/2 connections (protocol h2c/h2;
+    docs/http2-upstream.md). Part of the pool key: a reload that changes it makes new pools."""
+
+    max_connections: int = 4  # connections per instance
+    max_concurrent_streams: int | None = None  # streams we open per connection; None: server's
+    max_pending: int = 1024  # streams waiting for a connection per instance
+    initial_window: int = 1024 * 1024  # SETTINGS_INITIAL_WINDOW_SIZE (response bytes/stream)
+    connection_window: int = 16 * 1024 * 1024  # receive window of a whole connection
+    max_header_list_size: int = 64 * 1024  # SETTINGS_MAX_HEADER_LIST_SIZE (response heads)
+    ping_interval: float | None = None  # seconds of silence before a PING; None: no PINGs
+    ping_timeout: float = 20.0  # seconds without any frame after a PING: the connection is dead
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from gateway.config.model import (
     RouteConfig,
     Timeouts,
     UpstreamConfig,
+    UpstreamHttp2Config,
     UpstreamTLSConfig,
 )
 from gateway.config.validate import (
@@ -1225,6 +1226,74 @@ FILTERS_DOC = (
 )
 
 
+# RFC 9113 §6.9.1: a flow-control window is at most 2^31-1 (§6.9.2: it starts at 65,535).
+_MAX_WINDOW = 2**31 - 1
+
+UPSTREAM_HTTP2 = Struct(
+    "upstream_http2",
+    "The pool of multiplexed HTTP/2 connections each instance gets (protocol h2c or h2;"
+    " docs/http2-upstream.md). A reload that changes any of these opens new pools.",
+    [
+        Field(
+            "max_connections",
+            Int(1, 1000),
+            "Connections per instance. Streams fill a connection up to the server's"
+            " SETTINGS_MAX_CONCURRENT_STREAMS (or max_concurrent_streams) before another opens.",
+            4,
+        ),
+        Field(
+            "max_concurrent_streams",
+            Int(1, _MAX_WINDOW),
+            "Streams the gateway opens on one connection at most (lower than the server's"
+            " SETTINGS_MAX_CONCURRENT_STREAMS to spread load over connections). Default: the"
+            " server's limit.",
+        ),
+        Field(
+            "max_pending",
+            Int(1, 1_000_000),
+            "Streams of one instance that may wait for a connection (all connections full or"
+            " still opening); one more fails at once as a connect failure.",
+            1024,
+        ),
+        Field(
+            "initial_window",
+            Size(65535, _MAX_WINDOW),
+            "SETTINGS_INITIAL_WINDOW_SIZE sent to the server: response body bytes it may send"
+            " per stream before the gateway acknowledges them (as the client takes them).",
+            "1MiB",
+        ),
+        Field(
+            "connection_window",
+            Size(65535, _MAX_WINDOW),
+            "Receive window of one whole connection (all its streams' unacknowledged response"
+            " bytes); large, so one slow reader does not stall the other streams.",
+            "16MiB",
+        ),
+        Field(
+            "max_header_list_size",
+            Size(1024, 16 * 1024 * 1024),
+            "SETTINGS_MAX_HEADER_LIST_SIZE sent to the server: the largest response head or"
+            " trailers (RFC 9113 §6.5.2: name + value + 32 per field).",
+            "64KiB",
+        ),
+        Field(
+            "ping_interval",
+            DURATION,
+            "Keepalive: a connection that heard nothing for this long sends a PING (off unless"
+            " given). gRPC servers refuse frequent PINGs by default (grpc-core: 5 minutes).",
+        ),
+        Field(
+            "ping_timeout",
+            DURATION,
+            "With ping_interval: a connection that receives no frame at all within this time"
+            " after its PING is closed, and its streams fail at once (any frame extends it).",
+            "20s",
+        ),
+    ],
+    build=UpstreamHttp2Config,
+)
+
+
 def _percent(value: int) -> float:
     return value / 100.0
 
@@ -1254,6 +1323,13 @@ def _hash_key_needed(values: dict[str, Any]) -> list[tuple[str, str]]:
 def _h2_needs_tls(values: dict[str, Any]) -> list[tuple[str, str]]:
     if values["protocol"] == "h2" and values["tls"] is None:
         return [("protocol", "h2 is HTTP/2 over TLS: set tls (or use h2c for plaintext)")]
+    return []
+
+
+def _http2_needs_h2_protocol(values: dict[str, Any]) -> list[tuple[str, str]]:
+    # An error, not a warning: settings that silently do nothing are a misconfiguration.
+    if values["http2"] is not None and values["protocol"] == "http1":
+        return [("http2", "only meaningful with protocol h2c or h2 (this upstream is http1)")]
     return []
 
 
@@ -1351,14 +1427,19 @@ UPSTREAM = _UpstreamStruct(
             "protocol",
             Enum(("http1", "h2c", "h2")),
             "Protocol to the instances: http1, h2c (HTTP/2 with prior knowledge) or h2 (TLS"
-            " with ALPN; needs tls). Stored for now: requests go upstream over HTTP/1.1 until"
-            " the multiplexed HTTP/2 pools land (docs/http2.md).",
+            " with ALPN; needs tls). h2c/h2 instances get multiplexed HTTP/2 pools, which"
+            " HTTP/2 clients' streams use (docs/grpc.md).",
             "http1",
+        ),
+        Field(
+            "http2",
+            UPSTREAM_HTTP2,
+            "HTTP/2 pool settings (protocol h2c or h2 only; defaults when absent).",
         ),
         Field("filters", FILTERS, FILTERS_DOC + " These run on every route to this upstream.", []),
     ],
     build=_upstream,
-    checks=[_instances_or_discovery, _hash_key_needed, _h2_needs_tls],
+    checks=[_instances_or_discovery, _hash_key_needed, _h2_needs_tls, _http2_needs_h2_protocol],
 )
 
 # --- routes -----------------------------------------------------------------------------------
@@ -2234,10 +2315,7 @@ LISTENER_TLS = Struct(
     checks=[_default_certificate_listed],
 )
 
-# RFC 9113 §6.5.2: SETTINGS_MAX_FRAME_SIZE lies between 2^14 and 2^24-1; §6.9.1: windows
-# are at most 2^31-1.
-_MAX_WINDOW = 2**31 - 1
-
+# RFC 9113 §6.5.2: SETTINGS_MAX_FRAME_SIZE lies between 2^14 and 2^24-1.
 HTTP2 = Struct(
     "http2",
     "HTTP/2 on this listener: h2 by ALPN on TLS, h2c with prior knowledge on plaintext"

@@ -497,33 +497,7 @@ async def test_pool_limits_waiting_streams_and_refuses_after_close(
     await poll(lambda: pool.open_count == 0, what="the busy connection to close")
 
 
-async def test_keepalive_pings_keep_a_quiet_connection_and_find_a_dead_one() -> None:
-    servers: list[RawH2Server] = []
-
-    def on_request(server: RawH2Server, stream_id: int, headers: object) -> None:
-        if stream_id == 1:
-            server.respond(stream_id, b"alive")
-        else:
-            assert server.transport is not None
-            server.transport.pause_reading()  # hung: reads (and so answers) nothing more
-
-    listener = await raw_server(on_request, servers)
-    port = listener.sockets[0].getsockname()[1]
-    try:
-        pool = make_pool(port, ping_interval=0.05)
-        first = Recorder()
-        first.stream = pool.open_stream(POST, True, first)
-        await asyncio.wait_for(first.done, 10)
-        # Quiet but healthy: PINGs go out and are answered; the connection stays.
-        await poll(lambda: servers[0].pings >= 3, what="keepalive PINGs")
-        assert pool.open_count == 1 and len(pool.idle) == 1
-        hung = Recorder()
-        hung.stream = pool.open_stream(POST, True, hung)
-        await asyncio.wait_for(hung.done, 10)
-        assert hung.reset == (CONNECTION_LOST, False)
-        assert pool.open_count == 0
-    finally:
-        listener.close()
+# (Keepalive PINGs and ping_timeout: test_h2_upstream_config.py, from config.)
 
 
 # -- h2 over TLS (ALPN) ---------------------------------------------------------------------

@@ -78,7 +78,7 @@ ERROR_CASES: list[tuple[str, str, list[str]]] = [
             "gateway.yaml:4: upstreams.b.cache: unknown key 'cache' (allowed: instances, "
             "balancer, hash_key, slow_start, panic_threshold, retry, outlier, health, hedge, "
             "circuit_breaker, timeouts, max_idle_connections, discovery, service, tags, "
-            "datacenter, passing_only, rate_limit, tls, protocol, filters)",
+            "datacenter, passing_only, rate_limit, tls, protocol, http2, filters)",
             "gateway.yaml:6: routes[0].compress: unknown key 'compress' (allowed: name, match, "
             "upstream, rewrite, timeout, max_body_bytes, retry, server_timing, rate_limit, "
             "rate_limit_headers, rate_limit_legacy_headers, max_in_flight,"

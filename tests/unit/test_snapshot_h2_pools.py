@@ -54,3 +54,59 @@ def test_h2_pools_carry_over_and_a_protocol_change_replaces_them() -> None:
     new = [i.pool for i in plain.upstreams["grpc"].instances]
     assert not any(isinstance(pool, H2InstancePool) for pool in new)
     assert all(pool.closed for pool in old)  # (close_all: the old pools take no new stream)
+
+
+HTTP2_CONFIG = """
+listen: 127.0.0.1:0
+upstreams:
+  grpc:
+    instances: [127.0.0.1:50051]
+    protocol: h2c
+    {http2}
+routes:
+  - name: rpc
+    upstream: grpc
+"""
+
+
+def _pool(text: str, previous: object = None) -> tuple[object, H2InstancePool]:
+    snapshot = build_snapshot(load_config_text(text, "t.yaml"), previous)  # type: ignore[arg-type]
+    pool = snapshot.upstreams["grpc"].instances[0].pool
+    assert isinstance(pool, H2InstancePool)
+    return snapshot, pool
+
+
+def test_http2_settings_reach_the_pool() -> None:
+    http2 = (
+        "http2: {max_connections: 2, max_concurrent_streams: 7, max_pending: 9,"
+        " initial_window: 2MiB, connection_window: 32MiB, max_header_list_size: 16KiB,"
+        " ping_interval: 30s, ping_timeout: 5s}"
+    )
+    _, pool = _pool(HTTP2_CONFIG.format(http2=http2))
+    assert (pool.max_connections, pool.max_concurrent_streams, pool.max_pending) == (2, 7, 9)
+    assert (pool.stream_window, pool.connection_window) == (2 << 20, 32 << 20)
+    assert pool.max_header_list_size == 16 << 10
+    assert (pool.ping_interval, pool.ping_timeout) == (30.0, 5.0)
+
+
+def test_without_http2_the_pool_has_the_documented_defaults() -> None:
+    _, pool = _pool(HTTP2_CONFIG.format(http2=""))
+    assert (pool.max_connections, pool.max_concurrent_streams, pool.max_pending) == (4, None, 1024)
+    assert (pool.stream_window, pool.connection_window) == (1 << 20, 16 << 20)
+    assert pool.max_header_list_size == 64 << 10
+    assert (pool.ping_interval, pool.ping_timeout) == (None, 20.0)
+
+
+def test_a_reload_that_changes_http2_settings_makes_new_pools() -> None:
+    first, old = _pool(HTTP2_CONFIG.format(http2="http2: {max_connections: 2}"))
+    same, kept = _pool(HTTP2_CONFIG.format(http2="http2: {max_connections: 2}"), first)
+    assert kept is old
+    _, new = _pool(HTTP2_CONFIG.format(http2="http2: {max_connections: 3}"), same)
+    assert new is not old and new.max_connections == 3
+    assert old.closed  # (close_all: busy connections finish their streams, then close)
+
+
+def test_explicit_default_http2_section_keeps_the_pool() -> None:
+    first, old = _pool(HTTP2_CONFIG.format(http2=""))
+    _, again = _pool(HTTP2_CONFIG.format(http2="http2: {}"), first)
+    assert again is old

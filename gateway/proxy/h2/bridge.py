@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     import h2.connection
 
     from gateway.config.model import Http2Config
+    from gateway.proxy.exchange import Exchange
     from gateway.proxy.listener import ClientConnection, ProxyServer
     from gateway.tls.accept import ListenerState
 
@@ -65,6 +66,26 @@ class StreamOwner(Protocol):
 
 
 _LOCAL_REASONS = {431: b"request header fields too large"}
+_STREAM_CLIENT: type[ClientConnection] | None = None
+
+
+def _stream_client() -> type[ClientConnection]:
+    """``ClientConnection`` whose request counts as an HTTP/2 one
+    (``gateway_downstream_requests_total{protocol="h2"}``), where it is observed: the
+    HTTP/1.1 path itself counts nothing for the label."""
+    global _STREAM_CLIENT
+    if _STREAM_CLIENT is None:
+        from gateway.proxy.listener import ClientConnection
+
+        class StreamClient(ClientConnection):
+            __slots__ = ()
+
+            def _observe(self, ex: Exchange, status: int) -> None:
+                self.server.metrics.h2_requests += 1
+                super()._observe(ex, status)
+
+        _STREAM_CLIENT = StreamClient
+    return _STREAM_CLIENT
 
 
 class _StreamTransport(asyncio.Transport):
@@ -189,8 +210,6 @@ class StreamBridge:
 
     # -- request side -------------------------------------------------------------------------
     def start(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
-        from gateway.proxy.listener import ClientConnection
-
         h2conn = self.h2conn
         self.request_ended = end_stream
         try:
@@ -209,7 +228,7 @@ class StreamBridge:
         self.expected_length = head.content_length
         self.use_chunked = head.content_length is None and not end_stream
         assert h2conn.transport is not None
-        client = self.client = ClientConnection(h2conn.server, h2conn.listener)
+        client = self.client = _stream_client()(h2conn.server, h2conn.listener)
         client.h2_sniff = False  # (its bytes are the HTTP/1.1 head made above)
         self.transport = _StreamTransport(self, h2conn.transport)
         self.parser = httptools.HttpResponseParser(self)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import ssl
 import time
@@ -48,6 +49,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
+from gateway.config.model import UpstreamHttp2Config
 from gateway.pools import PoolFactory
 
 # on_reset's error_code when the connection ended under the stream (no HTTP/2 code applies).
@@ -253,9 +255,11 @@ class H2ClientConnection(asyncio.Protocol):
         self.connect_error: BaseException | None = None
         self.settings_timer: asyncio.TimerHandle | None = None
         # PING keepalive (pool.ping_interval): a connection silent for a whole interval gets a
-        # PING; one still unanswered, and silent, an interval later is dead and closed.
+        # PING; if no frame at all arrives within pool.ping_timeout after it, it is dead.
         self.keepalive_timer: asyncio.TimerHandle | None = None
+        self.ping_timer: asyncio.TimerHandle | None = None
         self.read_since_tick = False
+        self.read_since_ping = False
         self.ping_outstanding = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -312,6 +316,9 @@ class H2ClientConnection(asyncio.Protocol):
         if self.keepalive_timer is not None:
             self.keepalive_timer.cancel()
             self.keepalive_timer = None
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
+            self.ping_timer = None
         self.draining = True
         streams = list(self.streams.values())
         self.streams.clear()
@@ -335,6 +342,7 @@ class H2ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.read_since_tick = True
+        self.read_since_ping = True
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError:
@@ -375,6 +383,9 @@ class H2ClientConnection(asyncio.Protocol):
                 self._on_goaway(event.last_stream_id)  # type: ignore[attr-defined]
             elif kind is h2.events.PingAckReceived:
                 self.ping_outstanding = False
+                if self.ping_timer is not None:
+                    self.ping_timer.cancel()
+                    self.ping_timer = None
         self.flush()
         if not self.streams and self.ready and not self.closed:
             self.pool.connection_idle(self)
@@ -427,6 +438,9 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _on_settings(self) -> None:
         self.max_streams = self.h2.remote_settings.max_concurrent_streams
+        cap = self.pool.max_concurrent_streams
+        if cap is not None and cap < self.max_streams:
+            self.max_streams = cap
         if not self.ready and self.pool.ping_interval:
             self.keepalive_timer = self.pool.loop.call_later(
                 self.pool.ping_interval, self._keepalive
@@ -446,19 +460,31 @@ class H2ClientConnection(asyncio.Protocol):
         self.keepalive_timer = None
         if self.closed:
             return
-        if not self.read_since_tick:
-            if self.ping_outstanding:
-                # Nothing heard for two intervals, not even the PING ACK: the peer (or the path
-                # to it) is gone. Its streams fail now instead of at their timeouts.
-                self.close(goaway=False)
-                return
+        pool = self.pool
+        if not self.read_since_tick and not self.ping_outstanding:
             self.h2.ping(b"keepaliv")
             self.ping_outstanding = True
+            self.read_since_ping = False
+            self.ping_timer = pool.loop.call_later(pool.ping_timeout, self._ping_timeout)
             self.flush()
         self.read_since_tick = False
-        interval = self.pool.ping_interval
+        interval = pool.ping_interval
         assert interval is not None
-        self.keepalive_timer = self.pool.loop.call_later(interval, self._keepalive)
+        self.keepalive_timer = pool.loop.call_later(interval, self._keepalive)
+
+    def _ping_timeout(self) -> None:
+        self.ping_timer = None
+        if self.closed or not self.ping_outstanding:
+            return
+        if self.read_since_ping:
+            # Frames arrive, the ACK is only late (behind other frames): the peer is alive, and
+            # the timeout starts again (as Envoy extends it on any frame).
+            self.read_since_ping = False
+            self.ping_timer = self.pool.loop.call_later(self.pool.ping_timeout, self._ping_timeout)
+            return
+        # Nothing heard since the PING: the peer (or the path to it) is gone. Its streams fail
+        # now instead of at their timeouts.
+        self.close(goaway=False)
 
     def _on_goaway(self, last_stream_id: int) -> None:
         self.draining = True
@@ -616,6 +642,8 @@ class H2InstancePool:
         connection_window: int = 16 << 20,
         max_header_list_size: int = 64 << 10,
         ping_interval: float | None = None,
+        ping_timeout: float = 20.0,
+        max_concurrent_streams: int | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.host = host
@@ -632,6 +660,9 @@ class H2InstancePool:
         self.connection_window = connection_window
         self.max_header_list_size = max_header_list_size
         self.ping_interval = ping_interval  # seconds; None: no keepalive PINGs
+        self.ping_timeout = ping_timeout  # seconds without a frame after a PING: dead
+        # Our cap on streams per connection (below the server's limit); None: the server's.
+        self.max_concurrent_streams = max_concurrent_streams
         self._loop = loop
         self.connections: list[H2ClientConnection] = []  # open, taking new streams when ready
         self.draining: list[H2ClientConnection] = []  # GOAWAY'd, finishing their streams
@@ -845,7 +876,6 @@ class H2InstancePool:
             stream.reset_done = True
             stream.listener.on_connect_error(error)
 
-
     # -- what the HTTP/1.1 data plane asks of an instance's pool ---------------------------
     # An HTTP/1.1 request (or an HTTP/2 stream the bridge carries: filters, Redis limits)
     # routed to an h2/h2c upstream is not translated yet: it fails as a connect failure
@@ -865,3 +895,18 @@ class H2InstancePool:
 # pool fits it (constructor and ConnectionPool surface), for the data plane to register it for
 # upstreams.NAME.protocol h2c/h2.
 H2_POOL_FACTORY: PoolFactory = H2InstancePool
+
+
+def h2_pool_factory(settings: UpstreamHttp2Config) -> PoolFactory:
+    """``H2InstancePool`` with an upstream's ``http2`` settings (``upstreams.NAME.http2``)."""
+    return functools.partial(
+        H2InstancePool,
+        max_connections=settings.max_connections,
+        max_pending=settings.max_pending,
+        stream_window=settings.initial_window,
+        connection_window=settings.connection_window,
+        max_header_list_size=settings.max_header_list_size,
+        ping_interval=settings.ping_interval,
+        ping_timeout=settings.ping_timeout,
+        max_concurrent_streams=settings.max_concurrent_streams,
+    )

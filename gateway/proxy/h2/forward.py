@@ -33,6 +33,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 
 from gateway.accesslog import iso_time
 from gateway.proxy import grpc, responses
+from gateway.proxy.h2.client import PoolUnavailable
 from gateway.proxy.h2.headers import (
     CONNECTION_SPECIFIC,
     MalformedRequest,
@@ -41,7 +42,7 @@ from gateway.proxy.h2.headers import (
 from gateway.proxy.headers import valid_request_id
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
 from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS
-from gateway.resilience.retry import GRPC_UNAVAILABLE, IDEMPOTENT_METHODS, RESET
+from gateway.resilience.retry import GATEWAY_STATUSES, GRPC_UNAVAILABLE, IDEMPOTENT_METHODS, RESET
 
 if TYPE_CHECKING:
     from gateway.proxy.h2.bridge import StreamOwner
@@ -65,6 +66,12 @@ _REQUEST_DROP = CONNECTION_SPECIFIC | {b"host", b"x-request-id"}
 
 _NO_ERROR = int(ErrorCodes.NO_ERROR)
 _CANCEL = int(ErrorCodes.CANCEL)
+
+# grpc-status codes that passive health counts as 5xx, as the HTTP status outlier detection
+# sees (Envoy's mapping, gRPC's http-grpc-status-mapping.md the other way round): UNKNOWN,
+# INTERNAL, DATA_LOSS, UNIMPLEMENTED 500/501; UNAVAILABLE 503 and DEADLINE_EXCEEDED 504 are
+# gateway failures too. Any other code is an answer, not a failure of the instance.
+_GRPC_FAILURE_STATUS = {b"2": 500, b"13": 500, b"15": 500, b"12": 501, b"14": 503, b"4": 504}
 
 
 class NativeStream:
@@ -105,6 +112,7 @@ class NativeStream:
         "stream",
         "stream_id",
         "t_start",
+        "t_try",
         "t_upstream",
         "t_upstream_done",
         "trailers",
@@ -120,6 +128,7 @@ class NativeStream:
         self.t_start = time.perf_counter()
         self.t_upstream = 0.0
         self.t_upstream_done = 0.0
+        self.t_try = 0.0  # when the current try was sent (its latency sample)
         self.route: Route | None = None
         self.limiter: RouteLimiter | None = None  # holds a max_in_flight slot
         self.upstream: Upstream | None = None
@@ -341,8 +350,9 @@ class NativeStream:
         self.attempt += 1
         pool: H2InstancePool = instance.pool  # type: ignore[assignment]  # h2 upstreams' pools
         self.pool = pool
+        self.t_try = time.perf_counter()
         if not self.t_upstream:
-            self.t_upstream = time.perf_counter()
+            self.t_upstream = self.t_try
         body = self.request_body
         self.send_paused = False
         stream = self.stream = pool.open_stream(
@@ -484,6 +494,7 @@ class NativeStream:
         self.stream = None
         if self.trailers is None and self._retry_unavailable():
             return
+        self._response_done()
         if self.held_head is not None and self.trailers is None:
             # Trailers-Only (gRPC): the head is the whole response, one HEADERS frame.
             head, self.held_head = self.held_head, None
@@ -502,6 +513,10 @@ class NativeStream:
         if self.finished:
             return
         self.stream = None
+        if not never_processed and not self.headers_out:
+            # As the HTTP/1.1 path counts a reset before the response started. A never-processed
+            # stream (REFUSED_STREAM, a GOAWAY's) is the server declining cleanly: not counted.
+            self._outcome(False, True)
         policy = self.policy
         if not self.headers_out and policy is not None and self._may_retry():
             if never_processed:
@@ -526,6 +541,8 @@ class NativeStream:
         if self.finished:
             return
         self.stream = None
+        if not isinstance(error, PoolUnavailable):  # (full or closed pool: not the instance)
+            self._outcome(False, True)
         # Nothing was sent: a retry cannot duplicate the request, whatever its method.
         if self.policy is not None and self._may_retry() and self._retry("connect_failure"):
             return
@@ -565,6 +582,7 @@ class NativeStream:
             return False
         if not self._replayable():
             return False
+        self._outcome(False, True)  # UNAVAILABLE: a 503 to outlier detection
         if self.stream is not None:
             stream, self.stream = self.stream, None
             stream.reset(_CANCEL)
@@ -707,7 +725,38 @@ class NativeStream:
     def _deadline_passed(self) -> None:
         self.deadline_timer = None
         if not self.finished:
+            if self.stream is not None and not self.status:
+                self._outcome(False, True)  # no answer within the deadline: a timeout
             self._error(504, "deadline_exceeded", "the request's deadline passed")
+
+    # -- passive health: what the HTTP/1.1 path feeds (relay.py, failover.py) ----------------
+    def _outcome(self, success: bool, gateway_failure: bool) -> None:
+        """One try's outcome to outlier detection (``Upstream.record_outcome``)."""
+        instance = self.instance
+        upstream = self.upstream
+        if instance is not None and upstream is not None:
+            upstream.record_outcome(instance, success, gateway_failure)
+
+    def _response_done(self) -> None:
+        """The try's response is complete: its latency for the balancer and /admin, and its
+        status (grpc-status for gRPC, mapped to HTTP) for outlier detection."""
+        instance = self.instance
+        upstream = self.upstream
+        if instance is None or upstream is None:
+            return
+        sample = time.perf_counter() - self.t_try
+        previous = instance.latency
+        instance.latency = sample if not previous else previous * 0.8 + sample * 0.2
+        if upstream.latency_samples is not None:
+            upstream.latency_samples.append(sample)
+        if upstream.observes_latency:
+            upstream.balancer.observe(instance, sample, time.monotonic())  # type: ignore[attr-defined]
+        status = self.status
+        if self.grpc_status is not None and self.is_grpc:
+            status = _GRPC_FAILURE_STATUS.get(self.grpc_status, 200)
+        if status >= 500 or instance.failing:
+            # Successes matter to outlier detection only when they end a failure streak.
+            upstream.record_outcome(instance, status < 500, status in GATEWAY_STATUSES)
 
     # -- the end: count, log, give back -----------------------------------------------------
     def _complete(self, status: int) -> None:
@@ -740,6 +789,7 @@ class NativeStream:
         method_name = self.method.decode("latin-1")
         route_name = self.route.name if self.route is not None else ""
         upstream_name = upstream.name if upstream is not None else ""
+        server.metrics.h2_requests += 1  # (gateway_downstream_requests_total{protocol="h2"})
         server.metrics.observe_request(
             route_name,
             upstream_name,
