@@ -9,6 +9,7 @@ its own with its own event loop, on a random free port. What it does is chosen b
 - ``/reset``: RST_STREAM(INTERNAL_ERROR) at once; ``/reset-mid``: the head and some body, then
   RST_STREAM;
 - ``/refuse-once``: the first request REFUSED_STREAM, the next ones answered like ``/echo``;
+- ``/silent``: never answered;
 - ``/hold``: the request body is not acknowledged (the window closes) until ``release`` is set,
   then answered like ``/echo``.
 

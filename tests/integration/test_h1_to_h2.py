@@ -71,6 +71,11 @@ def setup(start_gateway: Any) -> Iterator[Setup]:
                     "timeouts": {"connect": "1s"},
                 },
                 "grpc": {"instances": [grpc_server.authority], **h2c},
+                "slow": {
+                    "instances": [f"127.0.0.1:{peer.port}"],
+                    "protocol": "h2c",
+                    "timeouts": {"read": "1s"},
+                },
             },
             "routes": [
                 {
@@ -100,6 +105,7 @@ def setup(start_gateway: Any) -> Iterator[Setup]:
                     "upstream": "h2retry",
                     "rewrite": {"strip_prefix": "/retry"},
                 },
+                {"name": "slow", "match": {"path": {"prefix": "/silent"}}, "upstream": "slow"},
                 {"name": "down", "match": {"path": {"prefix": "/down"}}, "upstream": "down"},
                 {"name": "h2", "match": {"path": {"prefix": "/"}}, "upstream": "h2"},
             ],
@@ -324,6 +330,22 @@ def test_upstream_down_is_502(setup: Setup) -> None:
     assert b'"upstream_connect_failure"' in result.stdout
 
 
+def test_upstream_read_timeout_is_504_and_resets_the_stream(setup: Setup) -> None:
+    before = len(setup.peer.resets)
+    result = _curl("-D", "-", f"{setup.url}/silent")
+    assert result.stdout.startswith(b"HTTP/1.1 504 ")
+    assert b'"upstream_timeout"' in result.stdout
+    _wait(lambda: len(setup.peer.resets) > before, what="RST_STREAM at the upstream")
+
+
+def test_client_gone_mid_response_resets_the_stream(setup: Setup) -> None:
+    before = len(setup.peer.resets)
+    with socket.create_connection(("127.0.0.1", setup.port), timeout=10) as sock:
+        sock.sendall(b"GET /big?n=%d HTTP/1.1\r\nhost: x\r\n\r\n" % (100 << 20))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    _wait(lambda: len(setup.peer.resets) > before, what="RST_STREAM(CANCEL) at the upstream")
+
+
 def test_refused_stream_is_retried(setup: Setup) -> None:
     result = _curl("-D", "-", "--data-binary", "once", f"{setup.url}/retry/refuse-once")
     assert result.stdout.startswith(b"HTTP/1.1 200 "), result.stdout
@@ -436,6 +458,16 @@ async def test_grpc_web_error_status(setup: Setup) -> None:
         status, message = trailers[b"grpc-status"].decode(), trailers[b"grpc-message"].decode()
     assert status == "9"  # FAILED_PRECONDITION
     assert message == "not today: 100%25 sure"
+
+
+async def test_grpc_web_text_with_a_malformed_body_is_400(setup: Setup) -> None:
+    headers = {"content-type": "application/grpc-web-text"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{setup.url}/{ECHO}/Unary", data=b"AAAA*AAA", headers=headers) as response,
+    ):
+        assert response.status == 400
+        assert (await response.json())["error"] == "grpc_web_bad_body"
 
 
 def test_grpc_web_over_http2_client(setup: Setup, tmp_path: Path) -> None:
