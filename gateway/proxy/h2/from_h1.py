@@ -433,7 +433,12 @@ class TranslatedStream:
             # writes a bare "0\r\n\r\n" only for a response still FRAME_CHUNKED.
             owner.out.append(b"0\r\n" + b"".join(lines) + b"\r\n")
             ex.response_frame = FRAME_NONE  # nothing more to frame
-        self.stream = None
+        stream, self.stream = self.stream, None
+        held, self.held = self.held, 0
+        if held and stream is not None:
+            # The stream is over: what a paused client still holds goes back to the
+            # connection's window (h2 ignores the closed stream's part).
+            stream.acknowledge(held)
         owner.on_response_message_complete(self)  # type: ignore[arg-type]
 
     def on_reset(self, error_code: int, never_processed: bool) -> None:
