@@ -581,6 +581,7 @@ BUILTIN_FILTERS: dict[str, str] = {
     "traffic_split": "gateway.filters.traffic_split:TrafficSplitFilter",
     "mirror": "gateway.filters.mirror:MirrorFilter",
     "tracing": "gateway.filters.tracing:TracingFilter",
+    "grpc_web": "gateway.filters.grpc_web:GrpcWebFilter",
 }
 # Options naming files: relative paths are relative to the config file.
 _FILTER_FILE_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -1074,6 +1075,14 @@ TRACING_FILTER = Struct(
     build=dict,
 )
 
+GRPC_WEB_FILTER = Struct(
+    "filter_grpc_web",
+    "grpc_web: gRPC-Web (application/grpc-web[-text]) requests bridged to the route's gRPC"
+    " upstream (protocol h2c or h2), trailers sent in the body (docs/grpc.md). No options.",
+    [],
+    build=dict,
+)
+
 PYTHON_FILTER = Struct(
     "filter_python",
     "python: a Filter subclass of your own, imported at load (docs/filters.md).",
@@ -1105,6 +1114,7 @@ FILTER_KINDS: dict[str, Struct] = {
     "traffic_split": TRAFFIC_SPLIT_FILTER,
     "mirror": MIRROR_FILTER,
     "tracing": TRACING_FILTER,
+    "grpc_web": GRPC_WEB_FILTER,
     "python": PYTHON_FILTER,
 }
 

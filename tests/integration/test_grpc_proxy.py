@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import struct
 import threading
 import time
@@ -295,16 +296,26 @@ def test_access_log_has_route_status_and_grpc_status(setup: Setup) -> None:
     assert entry["status"] == 200 and entry["grpc_status"] == "9"
 
 
-def test_http1_client_to_an_h2_upstream_gets_a_clear_502(setup: Setup) -> None:
-    # HTTP/1.1 requests are not translated to HTTP/2 yet: a 502 naming why, and the
-    # gateway goes on serving gRPC.
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{setup.port}/{SERVICE}/Unary", data=b"x", method="POST"
-    )
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(request, timeout=10)
-    assert caught.value.code == 502
-    assert b"speaks HTTP/2" in caught.value.read()
+def test_http1_client_to_an_h2_upstream_is_translated(setup: Setup) -> None:
+    # An HTTP/1.1 request becomes an HTTP/2 stream (gateway/proxy/h2/from_h1.py); with
+    # "TE: trailers" the gRPC trailers come back as a chunked trailer section.
+    message = b"over http/1.1"
+    body = b"\x00" + struct.pack(">I", len(message)) + message
+    with socket.create_connection(("127.0.0.1", setup.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /%s/Unary HTTP/1.1\r\nhost: x\r\ncontent-type: application/grpc\r\n"
+            b"te: trailers\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (SERVICE.encode(), len(body), body)
+        )
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    head, _, rest = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding: chunked" in head
+    reply = b"echo:" + message
+    assert b"\x00" + struct.pack(">I", len(reply)) + reply in rest
+    assert rest.endswith(b"\r\n0\r\ngrpc-status: 0\r\ngrpc-message: \r\nx-served-by: one\r\n\r\n")
     assert setup.unary("Unary")(b"after", timeout=5) == b"echo:after"
 
 

@@ -37,6 +37,7 @@ def test_every_builtin_filter_is_in_the_json_schema() -> None:
         "traffic_split",
         "mirror",
         "tracing",
+        "grpc_web",
         "python",
     }
     assert not VALIDATOR.is_valid({"filters": [{"gzip": {}}]})

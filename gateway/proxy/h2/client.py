@@ -40,7 +40,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import h2.config
 import h2.connection
@@ -877,18 +877,15 @@ class H2InstancePool:
             stream.listener.on_connect_error(error)
 
     # -- what the HTTP/1.1 data plane asks of an instance's pool ---------------------------
-    # An HTTP/1.1 request (or an HTTP/2 stream the bridge carries: filters, Redis limits)
-    # routed to an h2/h2c upstream is not translated yet: it fails as a connect failure
-    # (502, naming why) instead of breaking the client connection.
+    # An HTTP/1.1 request (or an HTTP/2 stream the bridge carries: filters, Redis limits) is
+    # translated to one stream: gateway/proxy/h2/from_h1.py.
     def acquire(self) -> None:
         return None
 
-    def connect(self, callback: Callable[[None, BaseException], None]) -> None:
-        error = H2ConnectError(
-            f"{self.host}:{self.port} speaks HTTP/2 (upstream protocol h2c/h2): only HTTP/2"
-            " clients' streams are proxied to it"
-        )
-        self.loop.call_soon(callback, None, error)
+    def connect(self, callback: Callable[[Any, BaseException | None], None]) -> None:
+        from gateway.proxy.h2.from_h1 import connect_translated
+
+        connect_translated(self, callback)
 
 
 # The snapshot builds pools through gateway.pools' factory protocol: mypy checks here that this
