@@ -459,6 +459,8 @@ class Harness:
             raise HarnessError(f"unknown proxy {name}")
         # Caddy wants writable data/config homes; keep them in our temp dir.
         env = self._env({"HOME": str(d), "XDG_DATA_HOME": str(d), "XDG_CONFIG_HOME": str(d)})
+        if name == "caddy":
+            env["GOMAXPROCS"] = "1"  # one thread runs Go code, like one nginx worker (taskset too)
         proc = self.spawn(name, argv, self.proxy_cpu, d, cwd=d, env=env)
         if scenario.tls:
             wait_until(
