@@ -1,8 +1,10 @@
 """Optional compiled hot path: mypyc builds of the pure header and target-normalisation modules.
 
-``make compile`` (``gateway.compiled.main(["build"])``) compiles ``COMPILED_MODULES`` with mypyc
-into ``build/compiled/`` next to the package, with a manifest of the sources' sha256. At import
-of ``gateway``, :func:`install` puts a finder in front of the import system that loads the
+Two builds, one format: ``make compile`` (``gateway.compiled.main(["build"])``) compiles
+``COMPILED_MODULES`` with mypyc into ``build/compiled/`` of a checkout; ``pip install .`` (and
+``pip wheel .``) does the same into ``gateway/_compiled/`` of the installed package (setup.py).
+Each holds the extension files and a manifest of the sources' sha256. At import of
+``gateway``, :func:`install` puts a finder in front of the import system that loads the
 compiled module instead of the source, but only when the manifest matches the source on disk
 and this interpreter (a stale build is never run), and not when ``GATEWAY_PURE_PYTHON=1``.
 The sources stay plain, type-annotated Python; without a build everything runs as before.
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["COMPILED_MODULES", "build", "install", "module_modes", "report"]
+__all__ = ["COMPILED_MODULES", "build", "build_problem", "install", "module_modes", "report"]
 
 # The per-request modules mypyc compiles (measured: docs/instructions.md). metrics.py is not
 # among them: its classes would become native classes, and the benchmarks replace a bound
@@ -35,11 +37,13 @@ COMPILED_MODULES: tuple[str, ...] = ("gateway.proxy.headers", "gateway.proxy.nor
 
 PURE_ENV = "GATEWAY_PURE_PYTHON"
 PACKAGE_DIR = Path(__file__).resolve().parent
-BUILD_DIR = PACKAGE_DIR.parent / "build" / "compiled"
+BUILD_DIR = PACKAGE_DIR.parent / "build" / "compiled"  # make compile, in a checkout
+PACKAGED_DIR = PACKAGE_DIR / "_compiled"  # pip install . (setup.py), inside the package
 MANIFEST = "manifest.json"
 
 # Why the compiled modules are not in use, when they are not (for `gateway version`).
 _inactive_reason: str | None = None
+_active_dir: Path | None = None  # the build in use, when one is
 
 
 def _source(module: str) -> Path:
@@ -73,16 +77,22 @@ class _CompiledFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, file, loader=loader)
 
 
-def install(build_dir: Path = BUILD_DIR) -> bool:
+def default_build_dir() -> Path:
+    """The installed package's build when there is one, else the checkout's ``make compile``."""
+    return PACKAGED_DIR if (PACKAGED_DIR / MANIFEST).is_file() else BUILD_DIR
+
+
+def install(build_dir: Path | None = None) -> bool:
     """Use the compiled modules if a build matches the sources; True when it does."""
-    global _inactive_reason
+    global _inactive_reason, _active_dir
     if os.environ.get(PURE_ENV) == "1":
         _inactive_reason = f"{PURE_ENV}=1"
         return False
+    build_dir = default_build_dir() if build_dir is None else build_dir
     try:
         manifest = json.loads((build_dir / MANIFEST).read_text())
     except FileNotFoundError:
-        _inactive_reason = "not built (make compile)"
+        _inactive_reason = "not built (make compile, or pip install . with a C compiler)"
         return False
     except (OSError, ValueError) as error:
         _inactive_reason = f"unreadable build manifest: {error}"
@@ -104,6 +114,7 @@ def install(build_dir: Path = BUILD_DIR) -> bool:
         return False
     sys.meta_path.insert(0, _CompiledFinder(files))
     _inactive_reason = None
+    _active_dir = build_dir
     return True
 
 
@@ -131,7 +142,26 @@ def report() -> str:
         lines.append(f"{module}: {mode}")
     if _inactive_reason is not None:
         lines.append(f"compiled modules not in use: {_inactive_reason}")
+    elif _active_dir is not None:
+        lines.append(f"compiled build: {_active_dir}")
     return "\n".join(lines)
+
+
+def build_problem() -> str | None:
+    """Why this interpreter cannot build the modules (no headers, compiler or mypyc), or None."""
+    import shutil
+    import sysconfig
+
+    include = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not include.is_file():
+        return f"no {include}: install the Python headers (Debian: python3-dev)"
+    # setuptools compiles with $CC when it is set, else with the compiler Python was built with.
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        return f"no C compiler ({compiler}): install gcc (Debian: build-essential)"
+    if importlib.util.find_spec("mypyc") is None:
+        return "mypyc is not installed (it comes with mypy)"
+    return None
 
 
 def build(build_dir: Path = BUILD_DIR, modules: Sequence[str] = COMPILED_MODULES) -> Path:
@@ -143,18 +173,20 @@ def build(build_dir: Path = BUILD_DIR, modules: Sequence[str] = COMPILED_MODULES
     """
     import shutil
     import subprocess
-    import sysconfig
     import tempfile
 
-    include = Path(sysconfig.get_paths()["include"]) / "Python.h"
-    if not include.is_file():
-        raise RuntimeError(f"no {include}: install the Python headers (Debian: python3-dev)")
-    if shutil.which(sysconfig.get_config_var("CC").split()[0] or "cc") is None:
-        raise RuntimeError("no C compiler: install gcc (Debian: build-essential)")
+    problem = build_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
     with tempfile.TemporaryDirectory(prefix="gateway-mypyc-") as tmp:
         work = Path(tmp)
-        shutil.copytree(PACKAGE_DIR, work / "gateway", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            PACKAGE_DIR, work / "gateway", ignore=shutil.ignore_patterns("__pycache__", "_compiled")
+        )
         sources = [str(Path(*module.split(".")).with_suffix(".py")) for module in modules]
+        # Third-party packages without stubs, or absent (an isolated wheel build has only the
+        # build requirements), type as Any there; the compiled modules use none of them.
+        (work / "mypy.ini").write_text("[mypy]\nignore_missing_imports = True\n")
         done = subprocess.run(
             [sys.executable, "-m", "mypyc", *sources],
             cwd=work,

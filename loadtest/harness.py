@@ -459,6 +459,8 @@ class Harness:
             raise HarnessError(f"unknown proxy {name}")
         # Caddy wants writable data/config homes; keep them in our temp dir.
         env = self._env({"HOME": str(d), "XDG_DATA_HOME": str(d), "XDG_CONFIG_HOME": str(d)})
+        if name == "caddy":
+            env["GOMAXPROCS"] = "1"  # one thread runs Go code, like one nginx worker (taskset too)
         proc = self.spawn(name, argv, self.proxy_cpu, d, cwd=d, env=env)
         if scenario.tls:
             wait_until(
@@ -542,9 +544,6 @@ class Harness:
     def run_one(self, scenario: Scenario, name: str) -> report.Row:
         row: report.Row = {"scenario": scenario.name, "proxy": name}
         proc: ManagedProcess | None = None
-        if scenario.tls and name not in TLS_PROXIES:
-            row.update(failure="not run: TLS scenarios compare the gateway with nginx only")
-            return row
         try:
             proc, port, routes = self.start_target(name, scenario)
             row["route_count"] = routes or None
@@ -670,7 +669,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for sc_name in args.scenarios:
             scenario = SCENARIOS[sc_name]
+            left_out = [name for name in targets if scenario.tls and name not in TLS_PROXIES]
+            if left_out:  # a skip by design, not a failure: the exit status stays 0
+                harness.notes.append(
+                    f"{sc_name}: TLS scenarios compare the gateway with nginx only "
+                    f"(not run: {', '.join(left_out)})"
+                )
             for name in targets:
+                if name in left_out:
+                    continue
                 print(f"[{sc_name}] {name} ...", file=sys.stderr, flush=True)
                 row = harness.run_one(scenario, name)
                 rows.append(row)

@@ -59,6 +59,10 @@ POST_BODY = b"x" * 1024  # a small form-sized body: the cost of a body, not of c
 # A limit that is never hit: 1,000,000/s with a burst of 1,000,000 (N is a few thousand).
 NEVER_HIT_RATE = 1_000_000
 NEVER_HIT_BURST = 1_000_000
+# Go's asynchronous preemption signals (SIGURG) trip an assertion in callgrind's signal
+# handling (threads.c, vgCallgrind_post_signal) and kill the run; without them the scheduler
+# preempts at function calls only. One P: one OS thread runs Go code, like one nginx worker.
+CADDY_UNDER_CALLGRIND = {"GODEBUG": "asyncpreemptoff=1", "GOMAXPROCS": "1"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -655,6 +659,8 @@ class InstructionsRun:
             cfg.write_text(text)
             # Caddy wants writable data/config homes; keep them in our temp dir.
             env.update(HOME=str(d), XDG_DATA_HOME=str(d), XDG_CONFIG_HOME=str(d))
+            if name == "caddy":
+                env.update(CADDY_UNDER_CALLGRIND)
             argv = proxy_argv(name, exe, d, cfg)
             proc = self._spawn(name, callgrind_argv(valgrind, out_file, argv), d, env)
         request = scenario.request()

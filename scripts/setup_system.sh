@@ -60,6 +60,8 @@ if [ "$mode" != "venv" ]; then
   have make || need make "the Makefile (make run, make test)"
   have nginx || need nginx "reference proxy and backend of the load-test harness tests"
   have wrk || need wrk "load generator of the load-test harness"
+  have haproxy || need haproxy "reference proxy of the load-test harness (python -m loadtest)"
+  have caddy || need caddy "reference proxy of the load-test harness (python -m loadtest)"
   have dnsmasq || need dnsmasq-base "DNS discovery system tests (tests/system/test_dns.py)"
   { have prometheus && have promtool; } \
     || need prometheus "metrics system test (tests/system/test_prometheus.py)"

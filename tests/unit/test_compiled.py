@@ -234,3 +234,24 @@ def test_gateway_version_reports_the_modes() -> None:
     assert lines[1].startswith(f"python {sys.version.split()[0]} ")
     assert "gateway.proxy.headers: pure" in lines
     assert f"compiled modules not in use: {compiled.PURE_ENV}=1" in lines
+
+
+def test_no_compiler_is_a_build_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # setup.py builds pure Python (and says why) when this is not None.
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    problem = compiled.build_problem()
+    assert problem is not None and problem.startswith("no C compiler")
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        compiled.build(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_installed_build_is_preferred_to_the_checkout_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    packaged = tmp_path / "_compiled"
+    monkeypatch.setattr(compiled, "PACKAGED_DIR", packaged)
+    assert compiled.default_build_dir() == compiled.BUILD_DIR  # a checkout: make compile's
+    packaged.mkdir()
+    (packaged / compiled.MANIFEST).write_text("{}")
+    assert compiled.default_build_dir() == packaged  # pip install . put one in the package
