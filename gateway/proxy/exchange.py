@@ -18,8 +18,8 @@ from gateway.proxy.body import REPLAY_LIMIT, RequestBody
 
 if TYPE_CHECKING:
     from gateway.idempotency.policy import Recorder
+    from gateway.proxy.attempt import UpstreamAttempt
     from gateway.proxy.responses import RequestRejected
-    from gateway.proxy.upstream import UpstreamConnection
     from gateway.ratelimit import RouteLimiter
     from gateway.resilience.retry import RetryPolicy
     from gateway.routing import Route
@@ -71,8 +71,10 @@ class Exchange:
     route_name = "<none>"
     upstream: Upstream | None = None
     upstream_name = "<none>"
-    instance: Instance | None = None
-    conn: UpstreamConnection | None = None
+    # The current try (its instance, connection, read deadline, timings); after a failed try
+    # and until the next one it is that failed try, without connection or instance.
+    attempt: UpstreamAttempt | None = None
+    hedge: UpstreamAttempt | None = None  # a second try racing ``attempt`` (failover._hedge)
     head = b""
     status = 0
     interim = False
@@ -80,14 +82,11 @@ class Exchange:
     response_complete = False
     response_frame = FRAME_NONE
     stale_retried = False
-    deadline = 0.0
-    read_deadline = 0.0
-    t_upstream = 0.0
-    t_upstream_done = 0.0
+    deadline = 0.0  # the route's timeout
     # Retries (RFC 9110 §9.2.2 decides which methods may be repeated).
     retry: RetryPolicy | None = None
     retry_method_ok = False
-    attempt = 1
+    tries = 1
     hash_key: bytes | None = None
     tried: tuple[Instance, ...] = ()  # instances whose try failed: retries avoid them
     replay_limit = REPLAY_LIMIT  # for a RequestBody made after the retry policy is known
@@ -101,10 +100,7 @@ class Exchange:
     # The route's Recorder, set by RouteIdempotency.begin. Read only where the connection is
     # ``keyed`` (ClientConnection), so the class default costs requests without a key nothing.
     recorder: Recorder | None = None
-    hedge_conn: UpstreamConnection | None = None  # a second, hedged try in flight
-    hedge_instance: Instance | None = None
-    hedge_timer: asyncio.TimerHandle | None = None
-    hedged = False
+    hedged = False  # a hedge was armed: an exchange gets at most one
     limiter: RouteLimiter | None = None  # holds a max_in_flight slot to give back
     ratelimit = ""  # the rate-limit decision, for the access log
     ratelimit_headers = b""  # RateLimit header lines for the admitted response

@@ -4,9 +4,9 @@ Lost and broken upstream connections, the stale-connection replay (RFC 9112 §9.
 retries (``RetryPolicy``, ``RetryBudget``; the body is sent again from
 ``RequestBody.rewind``), hedges, upstream timeouts and the gateway's 502/503/504 all go
 through here, so that whether another try is made is decided in one place
-(``Failover._try_failed``). The attributes and methods it uses of the connection are
-declared under ``TYPE_CHECKING`` below. They are what a per-try ``UpstreamAttempt`` will take
-over.
+(``Failover._try_failed``). Each try is an ``UpstreamAttempt`` (attempt.py); a hedge is a
+second attempt racing the first, and which one wins is decided in ``Failover._race_won``.
+It sees the connection as a ``downstream.Downstream``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from gateway.proxy.downstream import Server
+from gateway.proxy.attempt import UpstreamAttempt
+from gateway.proxy.downstream import Downstream
 from gateway.proxy.responses import RequestRejected
 from gateway.resilience.backoff import parse_retry_after
 from gateway.resilience.retry import (
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
     from gateway.proxy.upstream import InstancePool, UpstreamConnection
     from gateway.snapshot import Instance, Upstream
 
+    _Base = Downstream
+else:
+    _Base = object  # the interface is for the type checker: no base class at run time
+
 
 def _retry_after(fields: bytes) -> float | None:
     """Seconds from a Retry-After field (RFC 9110 §10.2.3) in a raw header block, if any."""
@@ -42,39 +47,25 @@ def _retry_after(fields: bytes) -> float | None:
     return parse_retry_after(fields[at + 12 : end].strip(), time.time())
 
 
-class Failover:
+class Failover(_Base):
     """Retries, hedges and upstream failures of the active exchange (mixed into
     ``ClientConnection``, which has the slots)."""
 
-    if not TYPE_CHECKING:
-        __slots__ = ()  # ClientConnection has the slots (hidden from mypy: it checks them)
-    else:
-        active: Exchange | None
-        closed: bool
-        peer_ip: str
-        server: Server
+    __slots__ = ()
 
-        def _connect(self, ex: Exchange, pool: InstancePool) -> None: ...
-        def _respond_error(
-            self, ex: Exchange, error: RequestRejected, extra_headers: bytes = b""
-        ) -> None: ...
-        def _observe(self, ex: Exchange, status: int) -> None: ...
-        def flush_to_client(self) -> None: ...
-        def abort(self) -> None: ...
-
-    def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
-        ex = self.active
-        if ex is None:
-            return
-        if conn is ex.hedge_conn:
+    def on_upstream_lost(
+        self, attempt: UpstreamAttempt, conn: UpstreamConnection, exc: Exception | None
+    ) -> None:
+        ex = attempt.ex
+        if attempt is ex.hedge:
             self._drop_hedge(ex)  # the hedge failed; the first try goes on alone
             return
-        if ex.conn is not conn:
+        if attempt is not ex.attempt:
             return
-        if ex.hedge_conn is not None and not ex.response_started:
+        if ex.hedge is not None and not ex.response_started:
             # The first try failed while a hedge is in flight: the hedge carries on alone.
-            if ex.instance is not None and ex.upstream is not None:
-                ex.upstream.record_outcome(ex.instance, False, True)
+            if attempt.instance is not None and ex.upstream is not None:
+                ex.upstream.record_outcome(attempt.instance, False, True)
             self._promote_hedge(ex, abort_primary=False)
             return
         if (
@@ -84,18 +75,19 @@ class Failover:
             and ex.status == 0
             and (ex.body is None or ex.body.replay is not None)
             and ex.idempotent
+            and attempt.instance is not None
         ):
             # RFC 9112 §9.3.1: a pooled connection the upstream closed before answering most
             # likely went stale while idle; one retry on a fresh connection is allowed, but
             # RFC 9112 §9.3.1.1 forbids it for non-idempotent requests: the upstream may have
-            # processed the request before the connection broke.
+            # processed the request before the connection broke. The same try goes on.
             self.server.metrics.retry(ex.upstream_name, "stale_connection")
             ex.stale_retried = True
-            ex.conn = None
+            attempt.conn = None
+            attempt.read_deadline = 0.0
             if ex.body is not None:
                 ex.body.rewind()  # sent again when the fresh connection is attached
-            assert ex.instance is not None
-            self._connect(ex, ex.instance.pool)  # type: ignore[arg-type]  # see _connect
+            self._connect(attempt)
             return
         if not ex.response_started:
             conn.owner = None
@@ -104,16 +96,16 @@ class Failover:
         reason = f"upstream connection lost: {exc}" if exc else "upstream closed the connection"
         self._upstream_failure(ex, conn, reason)
 
-    def on_upstream_failed(self, conn: UpstreamConnection, reason: str) -> None:
-        ex = self.active
-        if ex is None:
-            return
-        if conn is ex.hedge_conn:
+    def on_upstream_failed(
+        self, attempt: UpstreamAttempt, conn: UpstreamConnection, reason: str
+    ) -> None:
+        ex = attempt.ex
+        if attempt is ex.hedge:
             self._drop_hedge(ex)
             return
-        if ex.conn is not conn:
+        if attempt is not ex.attempt:
             return
-        if ex.hedge_conn is not None and not ex.response_started:
+        if ex.hedge is not None and not ex.response_started:
             conn.discard()
             self._promote_hedge(ex, abort_primary=False)
             return
@@ -132,20 +124,21 @@ class Failover:
         retry_after: float | None = None,
         drop: UpstreamConnection | None = None,
     ) -> bool:
-        """One try failed before any response byte reached the client. Record it for outlier
-        detection and, when the policy, the method, the body, the budget and the route deadline
-        all allow, schedule another try on a different instance. True if a retry is scheduled
-        (the caller has already detached the failed connection)."""
+        """The current try failed before any response byte reached the client. Record it for
+        outlier detection and, when the policy, the method, the body, the budget and the route
+        deadline all allow, schedule another try on a different instance. True if a retry is
+        scheduled (the caller has already detached the failed connection)."""
         upstream = ex.upstream
-        instance = ex.instance
-        if upstream is None or instance is None:
+        attempt = ex.attempt
+        instance = attempt.instance if attempt is not None else None
+        if upstream is None or attempt is None or instance is None:
             return False
         upstream.record_outcome(instance, False, is_gateway_failure(kind, status))
         policy = ex.retry
         if policy is None or ex.response_started or self.closed:
             return False
         replayable = ex.body is None or ex.body.replayable
-        if not policy.should_retry(ex.attempt, kind, status, False, replayable):
+        if not policy.should_retry(ex.tries, kind, status, False, replayable):
             return False
         if not (ex.retry_method_ok or policy.safe_for_any_method(kind)):
             return False
@@ -154,7 +147,7 @@ class Failover:
             # budget protects upstreams from retry storms, and a dead instance gets none).
             delay: float | None = 0.0
         else:
-            delay = policy.retry_delay(ex.attempt, upstream.rng, retry_after)
+            delay = policy.retry_delay(ex.tries, upstream.rng, retry_after)
         if delay is None:
             return False
         if ex.deadline and time.monotonic() + delay >= ex.deadline:
@@ -166,13 +159,13 @@ class Failover:
         metrics.retry(upstream.name, kind if kind != STATUS else str(status))
         if drop is not None:
             drop.discard()  # the failed response's body is not wanted: closing beats draining it
-        self._release_instance(ex)
+        attempt.conn = None
+        attempt.read_deadline = 0.0
+        attempt.release()
         ex.tried += (instance,)
-        ex.conn = None
         ex.status = 0
         ex.interim = False
-        ex.read_deadline = 0.0
-        ex.attempt += 1
+        ex.tries += 1
         if ex.body is not None:
             ex.body.rewind()
         ex.retry_timer = asyncio.get_running_loop().call_later(delay, self._retry_now, ex)
@@ -184,14 +177,18 @@ class Failover:
             return
         upstream = ex.upstream
         assert upstream is not None
-        instance = self._pick(ex, upstream, ex.tried)
-        if instance is not None:
-            self._connect(ex, instance.pool)  # type: ignore[arg-type]  # see _connect
+        failed = ex.attempt
+        attempt = self._pick(ex, upstream, ex.tried)
+        if attempt is not None:
+            if failed is not None:
+                attempt.t_start = failed.t_start  # upstream time runs on until it is attached
+            self._connect(attempt)
 
     def _pick(
         self, ex: Exchange, upstream: Upstream, exclude: tuple[Instance, ...]
-    ) -> Instance | None:
-        """The instance for this try (none of ``exclude`` when another exists), or answer 503."""
+    ) -> UpstreamAttempt | None:
+        """The exchange's next try, on an instance (none of ``exclude`` when another exists),
+        or answer 503."""
         instance = upstream.pick(ex.hash_key, exclude)
         if instance is None:
             self._respond_error(
@@ -203,20 +200,22 @@ class Failover:
                 ),
             )
             return None
-        ex.instance = instance
         instance.active_requests += 1
-        return instance
+        attempt = ex.attempt = UpstreamAttempt(self, ex, instance)
+        return attempt
 
-    # -- hedging ------------------------------------------------------------------------------
-    def _hedge(self, ex: Exchange) -> None:
+    # -- hedging: two attempts race, the first response head wins ------------------------------
+    def _hedge(self, primary: UpstreamAttempt) -> None:
         """The first try is slow: send the same request to another instance as well."""
-        ex.hedge_timer = None
+        primary.hedge_timer = None
+        ex = primary.ex
         upstream = ex.upstream
         if (
             self.active is not ex
             or self.closed
             or upstream is None
-            or ex.conn is None
+            or ex.attempt is not primary
+            or primary.conn is None
             or ex.status
             or ex.response_started
         ):
@@ -226,66 +225,78 @@ class Failover:
         if not upstream.budget.try_acquire(time.monotonic()):
             metrics.retry(upstream.name, "budget_exhausted")
             return
-        instance = upstream.pick(ex.hash_key, (ex.instance,))
-        if instance is None or instance is ex.instance:
+        instance = upstream.pick(ex.hash_key, (primary.instance,))
+        if instance is None or instance is primary.instance:
             return
         metrics.retry(upstream.name, "hedge")
         instance.active_requests += 1
-        ex.hedge_instance = instance
-        pool: InstancePool = instance.pool  # type: ignore[assignment]  # see _connect
+        hedge = ex.hedge = UpstreamAttempt(self, ex, instance)
+        # Its clock starts with the try it races: its latency is what the client waits.
+        hedge.t_start = primary.t_start
+        pool: InstancePool = instance.pool  # type: ignore[assignment]  # see relay._connect
         conn = pool.acquire()
         if conn is not None:
-            self._attach_hedge(ex, conn)
+            self._attach_hedge(hedge, conn)
             return
 
         def connected(conn: UpstreamConnection | None, error: BaseException | None) -> None:
             if conn is None:
-                if ex.hedge_instance is instance and ex.hedge_conn is None:
-                    instance.active_requests -= 1
-                    ex.hedge_instance = None
+                if ex.hedge is hedge:
+                    hedge.release()
+                    ex.hedge = None
                 return
-            if self.active is not ex or self.closed or ex.hedge_instance is not instance:
+            if self.active is not ex or self.closed or ex.hedge is not hedge:
                 pool.release(conn)  # never used: clean
                 return
-            self._attach_hedge(ex, conn)
+            self._attach_hedge(hedge, conn)
 
         pool.connect(connected)
 
-    def _attach_hedge(self, ex: Exchange, conn: UpstreamConnection) -> None:
-        conn.begin_exchange(self, ex.is_head)  # type: ignore[arg-type]  # a ClientConnection
-        ex.hedge_conn = conn
+    def _attach_hedge(self, hedge: UpstreamAttempt, conn: UpstreamConnection) -> None:
+        ex = hedge.ex
+        conn.begin_exchange(hedge, ex.is_head)
+        hedge.conn = conn
         conn.send(ex.head)
 
+    def _race_won(self, ex: Exchange, attempt: UpstreamAttempt) -> None:
+        """A response head came from ``attempt`` while a hedge was armed or racing: it wins,
+        the other attempt (or the hedge timer) is abandoned."""
+        if attempt is ex.hedge:
+            self._promote_hedge(ex, abort_primary=True)  # the hedge answered first
+        else:
+            self._cancel_hedge(ex)  # the first try answered first
+
     def _promote_hedge(self, ex: Exchange, *, abort_primary: bool) -> None:
-        """The hedge becomes the exchange's connection; the first try is abandoned."""
-        primary = ex.conn
-        if abort_primary and primary is not None:
-            primary.discard()
-        if ex.instance is not None:
-            ex.instance.active_requests -= 1
-        ex.instance = ex.hedge_instance
-        if ex.instance is not None:
-            ex.instance_address = ex.instance.address
-        ex.conn = ex.hedge_conn
-        ex.hedge_conn = None
-        ex.hedge_instance = None
+        """The hedge becomes the exchange's try; the first try is abandoned."""
+        primary = ex.attempt
+        hedge = ex.hedge
+        assert hedge is not None
+        if primary is not None:
+            if abort_primary:
+                primary.abandon()
+            else:
+                primary.conn = None  # (already lost or discarded)
+                primary.read_deadline = 0.0
+                primary.release()
+        ex.attempt = hedge
+        ex.hedge = None
+        if hedge.instance is not None:
+            ex.instance_address = hedge.instance.address
         upstream = ex.upstream
         if upstream is not None:
-            ex.read_deadline = time.monotonic() + upstream.read_timeout
+            hedge.read_deadline = time.monotonic() + upstream.read_timeout
 
     def _drop_hedge(self, ex: Exchange) -> None:
-        conn = ex.hedge_conn
-        if conn is not None:
-            ex.hedge_conn = None
-            conn.discard()
-        if ex.hedge_instance is not None:
-            ex.hedge_instance.active_requests -= 1
-            ex.hedge_instance = None
+        hedge = ex.hedge
+        if hedge is not None:
+            ex.hedge = None
+            hedge.abandon()
 
     def _cancel_hedge(self, ex: Exchange) -> None:
-        if ex.hedge_timer is not None:
-            ex.hedge_timer.cancel()
-            ex.hedge_timer = None
+        attempt = ex.attempt
+        if attempt is not None and attempt.hedge_timer is not None:
+            attempt.hedge_timer.cancel()
+            attempt.hedge_timer = None
         self._drop_hedge(ex)
 
     def _hash_key(
@@ -306,12 +317,16 @@ class Failover:
         self._upstream_error(ex, 502, "upstream_failure", reason)
 
     def _upstream_timeout(self, ex: Exchange, reason: str, *, retryable: bool = True) -> None:
-        if retryable and ex.hedge_conn is not None and not ex.response_started:
+        if retryable and ex.hedge is not None and not ex.response_started:
             self._promote_hedge(ex, abort_primary=True)  # the first try timed out, not the hedge
             return
-        conn = ex.conn
-        if conn is not None:
-            conn.discard()
+        attempt = ex.attempt
+        if attempt is not None:
+            conn = attempt.conn
+            if conn is not None:
+                attempt.conn = None
+                conn.discard()
+            attempt.read_deadline = 0.0
         if retryable and not ex.response_started and self._try_failed(ex, TIMEOUT):
             return
         self._upstream_error(ex, 504, "upstream_timeout", reason)
@@ -330,7 +345,6 @@ class Failover:
         self._respond_error(ex, RequestRejected(status, code, message))
 
     def _release_instance(self, ex: Exchange) -> None:
-        instance = ex.instance
-        if instance is not None:
-            instance.active_requests -= 1
-            ex.instance = None
+        attempt = ex.attempt
+        if attempt is not None:
+            attempt.release()

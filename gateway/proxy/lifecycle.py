@@ -4,15 +4,13 @@ route (``_dispatch``) → filter request (``_filter_request``, only for routes w
 admit (``_admit``, only for routes with a limiter) → select peer (``_forward``) → …, and the
 end of every exchange (``_observe``: metrics, the filters' on_log, the access log). The
 gateway-made answers (``_respond_error``, ``_local_reply``, ``respond_bytes``) are built by
-``responses.py``. What the phases use of the HTTP/1.1 connection is declared under
-``TYPE_CHECKING`` below (docs/architecture.md, "The downstream seam").
+``responses.py``. They see the connection as a ``downstream.Downstream``
+(docs/architecture.md, "The downstream seam").
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from gateway.accesslog import iso_time
@@ -20,7 +18,7 @@ from gateway.filters.api import SUSPENDED, FilterChain, LocalReply, RequestInfo
 from gateway.proxy import headers as hdr
 from gateway.proxy import responses
 from gateway.proxy.body import REPLAY_LIMIT
-from gateway.proxy.downstream import Server
+from gateway.proxy.downstream import Downstream
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.filtering import FilterState, filter_held_body
 from gateway.proxy.h1 import KNOWN_METHODS, HeadFields
@@ -30,55 +28,18 @@ from gateway.ratelimit import Decision, RouteLimiter
 from gateway.resilience.retry import IDEMPOTENT_METHODS
 
 if TYPE_CHECKING:
-    from gateway.proxy.tunnel import Tunnel
-    from gateway.proxy.upstream import InstancePool
     from gateway.routing import Route
-    from gateway.snapshot import Instance, Snapshot, Upstream
-    from gateway.tls.accept import ListenerState
-    from gateway.tls.contexts import CertEntry
+    from gateway.snapshot import Snapshot
+
+    _Base = Downstream
+else:
+    _Base = object  # the interface is for the type checker: no base class at run time
 
 
-class RequestPhases:
+class RequestPhases(_Base):
     """Route, filter request, admit, select peer; and the end of an exchange."""
 
-    if not TYPE_CHECKING:
-        __slots__ = ()  # ClientConnection has the slots (hidden from mypy: it checks them)
-    else:
-        server: Server
-        listener: ListenerState
-        transport: asyncio.Transport | None
-        active: Exchange | None
-        parsing: Exchange | None
-        queue: deque[Exchange] | None
-        out: list[bytes]
-        peer_ip: str
-        peer_trusted: bool
-        sni: str
-        tls_entry: CertEntry | None
-        client_cert: bytes | None
-        closed: bool
-        reading_paused: bool
-        writing_paused: bool
-        upstream_write_paused: bool
-        upgrade_pending: bool
-        tunnel: Tunnel | None
-        tunnel_pending: list[bytes] | None
-        filters: FilterState | None
-        keyed: bool
-
-        def flush_to_client(self) -> None: ...
-        def abort(self) -> None: ...
-        def connection_lost(self, exc: Exception | None) -> None: ...
-        def _update_reading(self) -> None: ...
-        def _finish(self, ex: Exchange) -> None: ...
-        def _connect(self, ex: Exchange, pool: InstancePool) -> None: ...
-        def _pick(
-            self, ex: Exchange, upstream: Upstream, exclude: tuple[Instance, ...]
-        ) -> Instance | None: ...
-        def _hash_key(
-            self, ex: Exchange, upstream: Upstream, path: bytes, query: bytes
-        ) -> bytes | None: ...
-        def _cancel_hedge(self, ex: Exchange) -> None: ...
+    __slots__ = ()
 
     def _dispatch(self, ex: Exchange) -> None:
         if ex.error is not None:
@@ -416,8 +377,8 @@ class RequestPhases:
         upstream.budget.requests_now += 1  # RetryBudget.record_request, inlined: per request
         if upstream.hash_key is not None:
             ex.hash_key = self._hash_key(ex, upstream, path, query)
-        instance = self._pick(ex, upstream, ())
-        if instance is None:
+        attempt = self._pick(ex, upstream, ())
+        if attempt is None:
             return
         policy = (
             snapshot.route_retry.get(route.name, upstream.retry)
@@ -446,7 +407,8 @@ class RequestPhases:
             request_id = ex.request_id = self.server.request_ids.next()
         host_out = route.host_rewrite.encode("latin-1") if route.host_rewrite else host
         if host_out is None:
-            host_out = instance.address.encode("ascii")
+            assert attempt.instance is not None
+            host_out = attempt.instance.address.encode("ascii")
         ex.head = hdr.build_request_head(
             ex.method,
             url,
@@ -464,7 +426,7 @@ class RequestPhases:
         )
         if route.timeout:
             ex.deadline = time.monotonic() + route.timeout  # exact: the tick clock may lag
-        self._connect(ex, instance.pool)  # type: ignore[arg-type]  # see _connect
+        self._connect(attempt)
 
     def request_id_of(self, ex: Exchange) -> bytes:
         request_id = ex.request_id
@@ -531,7 +493,8 @@ class RequestPhases:
         if ex.retry_timer is not None:
             ex.retry_timer.cancel()
             ex.retry_timer = None
-        if ex.hedge_conn is not None or ex.hedge_timer is not None or ex.hedge_instance is not None:
+        attempt = ex.attempt
+        if ex.hedge is not None or (attempt is not None and attempt.hedge_timer is not None):
             self._cancel_hedge(ex)
         if ex.limiter is not None:
             ex.limiter.release()
@@ -541,8 +504,8 @@ class RequestPhases:
         now = time.perf_counter()
         total = now - ex.t_start
         upstream_time: float | None  # declared apart, so the assignment below narrows it
-        if ex.t_upstream:
-            upstream_time = (ex.t_upstream_done or now) - ex.t_upstream
+        if attempt is not None and attempt.t_start:
+            upstream_time = (attempt.t_done or now) - attempt.t_start
             overhead = total - upstream_time
         else:
             upstream_time = None
@@ -582,7 +545,7 @@ class RequestPhases:
                 "bytes_out": ex.bytes_out,
                 "duration": round(total, 6),
                 "upstream_duration": None if upstream_time is None else round(upstream_time, 6),
-                "retries": ex.attempt - 1,
+                "retries": ex.tries - 1,
                 "rate_limit": ex.ratelimit or None,
                 "error": ex.error_code or None,
             }

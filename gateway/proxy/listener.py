@@ -454,14 +454,14 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
         if ex is not None:
             self.active = None
             if not ex.response_complete:
-                conn = ex.conn
-                if conn is not None:
+                attempt = ex.attempt
+                if attempt is not None:
                     # The client went away mid-exchange: the upstream connection is in an
-                    # unknown state, so it is closed rather than pooled.
-                    conn.discard()
-                # Also with no connection yet (one still being opened): the instance slot
-                # taken at pick is given back here, the connect callback finds the client gone.
-                self._release_instance(ex)
+                    # unknown state, so it is closed rather than pooled. Also with no
+                    # connection yet (one still being opened): the instance slot taken at pick
+                    # is given back here, the connect callback finds the client gone. A racing
+                    # hedge is abandoned by _observe.
+                    attempt.abandon()
                 self._observe(ex, 499)
         self.queue = None
         self.parsing = None
@@ -483,36 +483,43 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
         self.send_deadline = self.server.clock + self.limits.send_timeout
         ex = self.active
         if ex is not None and not ex.response_complete:
-            ex.read_deadline = 0.0  # the upstream is not slow, the client is
-            conn = ex.conn
-            if conn is not None:
-                conn.pause_reading()
+            attempt = ex.attempt
+            if attempt is not None:
+                attempt.read_deadline = 0.0  # the upstream is not slow, the client is
+                conn = attempt.conn
+                if conn is not None:
+                    conn.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         self.send_deadline = 0.0
         ex = self.active
         if ex is not None and not ex.response_complete:
-            conn = ex.conn
-            if conn is not None:
+            attempt = ex.attempt
+            conn = attempt.conn if attempt is not None else None
+            if attempt is not None and conn is not None:
                 if ex.upstream is not None and (ex.request_complete or ex.response_started):
-                    ex.read_deadline = self.server.clock + ex.upstream.read_timeout
+                    attempt.read_deadline = self.server.clock + ex.upstream.read_timeout
                 conn.resume_reading()
 
     def pause_client_reading(self) -> None:
         """Upstream's socket buffer is full (large upload): stop reading the client."""
         self.upstream_write_paused = True
         ex = self.active
-        if ex is not None and not ex.read_deadline and ex.upstream is not None:
-            # The upstream does not take the body: now the upstream is the slow party.
-            ex.read_deadline = self.server.clock + ex.upstream.read_timeout
+        if ex is not None and ex.upstream is not None:
+            attempt = ex.attempt
+            if attempt is not None and not attempt.read_deadline:
+                # The upstream does not take the body: now the upstream is the slow party.
+                attempt.read_deadline = self.server.clock + ex.upstream.read_timeout
         self._update_reading()
 
     def resume_client_reading(self) -> None:
         self.upstream_write_paused = False
         ex = self.active
         if ex is not None and not ex.request_complete and not ex.response_started:
-            ex.read_deadline = 0.0  # back to waiting for the client's body
+            attempt = ex.attempt
+            if attempt is not None:
+                attempt.read_deadline = 0.0  # back to waiting for the client's body
         self._update_reading()
 
     def _update_reading(self) -> None:
@@ -549,7 +556,8 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
                 else:
                     self._upstream_timeout(ex, "route timeout exceeded", retryable=False)
                 return
-            if ex.read_deadline and now > ex.read_deadline:
+            attempt = ex.attempt
+            if attempt is not None and attempt.read_deadline and now > attempt.read_deadline:
                 self._upstream_timeout(ex, "upstream read timeout")
                 return
         if self.send_deadline and now > self.send_deadline and self.writing_paused:
@@ -672,8 +680,8 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
                 self._dispatch(ex)
         else:
             ex = self.active
-            if ex is not None and ex.conn is not None and ex.body is not None and ex.body.pending:
-                self._send_pending(ex)
+            if ex is not None and ex.body is not None and ex.body.pending:
+                self._send_pending(ex)  # (if a connection is attached)
 
     def _begin_upgrade(self, data: bytes, offset: int) -> None:
         self.head_received = 0
@@ -961,7 +969,8 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
                 return
             size = len(body)
         framed = b"%x\r\n%b\r\n" % (size, body) if ex.chunked else body
-        conn = ex.conn
+        attempt = ex.attempt
+        conn = attempt.conn if attempt is not None else None
         request_body = ex.body
         if request_body is None:
             request_body = ex.body = RequestBody(ex.replay_limit)
@@ -978,8 +987,14 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
         assert ex is not None
         ex.request_complete = True
         self.parsing = None
-        if ex.conn is not None and not ex.read_deadline and not ex.response_started:
-            self._start_read_timer(ex)  # the upstream has all it needs: now it may be slow
+        attempt = ex.attempt
+        if (
+            attempt is not None
+            and attempt.conn is not None
+            and not attempt.read_deadline
+            and not ex.response_started
+        ):
+            self._start_read_timer(attempt)  # the upstream has all it needs: now it may be slow
         filters = self.filters
         tail = b""
         if filters is not None and filters.request_body and filters.exchange is ex:
@@ -1020,12 +1035,10 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
             # yet: it is dropped too, answered with the error.
             ex = self.active
         if ex is not None and ex is self.active:
-            conn = ex.conn
-            if conn is not None:
-                # The error is inside a body already streaming upstream: abort that exchange.
-                conn.discard()
-                ex.conn = None
-            self._release_instance(ex)
+            attempt = ex.attempt
+            if attempt is not None:
+                # The error may be inside a body already streaming upstream: abort that try.
+                attempt.abandon()
             if ex.response_started:
                 self._observe(ex, ex.status)
                 self.active = None

@@ -4,20 +4,19 @@
 upstream request (``_connect``, ``_attach``, ``_send_pending``) → response headers
 (``on_response_head``; the filters' response phase) → response body (``on_response_body``) →
 done (``_response_done``), or the switch to a tunnel (``on_upstream_upgrade``). The upstream
-connection calls these; what they use of the HTTP/1.1 connection is declared under
-``TYPE_CHECKING`` below.
+connection reports to its ``UpstreamAttempt``, which calls these with itself as the first
+argument. They see the connection as a ``downstream.Downstream``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
 from gateway.proxy import filtering
 from gateway.proxy import headers as hdr
-from gateway.proxy.downstream import Server
+from gateway.proxy.downstream import Downstream
 from gateway.proxy.exchange import FRAME_CHUNKED, FRAME_NONE, FRAME_RAW, Exchange
 from gateway.proxy.failover import _retry_after
 from gateway.proxy.filtering import FilterState
@@ -26,66 +25,17 @@ from gateway.proxy.upstream import UNEXPECTED_SWITCHING_PROTOCOLS, InstancePool,
 from gateway.resilience.retry import CONNECT_FAILURE, GATEWAY_STATUSES, STATUS
 
 if TYPE_CHECKING:
-    from gateway.proxy.responses import RequestRejected
-    from gateway.tls.accept import ListenerState
-    from gateway.tls.contexts import CertEntry
+    from gateway.proxy.attempt import UpstreamAttempt
+
+    _Base = Downstream
+else:
+    _Base = object  # the interface is for the type checker: no base class at run time
 
 
-class ResponsePhases:
+class ResponsePhases(_Base):
     """Upstream request, response headers, response body, done."""
 
-    if not TYPE_CHECKING:
-        __slots__ = ()  # ClientConnection has the slots (hidden from mypy: it checks them)
-    else:
-        server: Server
-        listener: ListenerState
-        transport: asyncio.Transport | None
-        active: Exchange | None
-        parsing: Exchange | None
-        queue: deque[Exchange] | None
-        out: list[bytes]
-        peer_ip: str
-        peer_trusted: bool
-        sni: str
-        tls_entry: CertEntry | None
-        client_cert: bytes | None
-        closed: bool
-        reading_paused: bool
-        writing_paused: bool
-        upstream_write_paused: bool
-        upgrade_pending: bool
-        tunnel: Tunnel | None
-        tunnel_pending: list[bytes] | None
-        filters: FilterState | None
-        keyed: bool
-
-        def flush_to_client(self) -> None: ...
-        def abort(self) -> None: ...
-        def connection_lost(self, exc: Exception | None) -> None: ...
-        def _update_reading(self) -> None: ...
-        def _finish(self, ex: Exchange) -> None: ...
-        def _observe(self, ex: Exchange, status: int) -> None: ...
-        def _respond_error(
-            self, ex: Exchange, error: RequestRejected, extra_headers: bytes = b""
-        ) -> None: ...
-        def _release_instance(self, ex: Exchange) -> None: ...
-        def _try_failed(
-            self,
-            ex: Exchange,
-            kind: str,
-            status: int = 0,
-            retry_after: float | None = None,
-            drop: UpstreamConnection | None = None,
-        ) -> bool:
-            raise NotImplementedError  # (Failover's)
-
-        def _upstream_error(self, ex: Exchange, status: int, code: str, message: str) -> None: ...
-        def _upstream_failure(
-            self, ex: Exchange, conn: UpstreamConnection, reason: str
-        ) -> None: ...
-        def _hedge(self, ex: Exchange) -> None: ...
-        def _promote_hedge(self, ex: Exchange, *, abort_primary: bool) -> None: ...
-        def _cancel_hedge(self, ex: Exchange) -> None: ...
+    __slots__ = ()
 
     def _filter_body(self, ex: Exchange, state: FilterState, body: bytes, end: bool) -> bytes:
         response = state.response
@@ -104,13 +54,17 @@ class ResponsePhases:
             elif ex.response_frame == FRAME_CHUNKED:
                 self.out += (b"%x\r\n" % len(tail), tail, b"\r\n")
 
-    def _connect(self, ex: Exchange, pool: InstancePool) -> None:
-        # Callers pass ``instance.pool``, typed as the snapshot's ConnectionPool protocol
-        # (gateway/pools.py): every pool is an InstancePool, built by the factory this package
-        # registers. Their ``type: ignore`` says so for free, where a cast() would be a call.
+    def _connect(self, attempt: UpstreamAttempt) -> None:
+        ex = attempt.ex
+        instance = attempt.instance
+        assert instance is not None
+        # ``instance.pool`` is typed as the snapshot's ConnectionPool protocol (gateway/pools.py):
+        # every pool is an InstancePool, built by the factory this package registers. The
+        # ``type: ignore`` says so for free, where a cast() would be a call.
+        pool: InstancePool = instance.pool  # type: ignore[assignment]
         conn = pool.acquire()
         if conn is not None:
-            self._attach(ex, conn)
+            self._attach(attempt, conn)
             return
 
         upstream = ex.upstream
@@ -153,24 +107,26 @@ class ResponsePhases:
                 return
             if self.active is not ex or self.closed:
                 pool.release(conn)  # never used: clean and safe to pool
-                self._release_instance(ex)  # (idempotent: connection_lost gave it back)
+                attempt.release()  # (idempotent: connection_lost gave it back)
                 return
-            self._attach(ex, conn)
+            self._attach(attempt, conn)
 
         pool.connect(connected)
 
-    def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
-        conn.begin_exchange(self, ex.is_head)  # type: ignore[arg-type]  # a ClientConnection
-        if ex.instance is not None:
-            ex.instance_address = ex.instance.address
-        ex.conn = conn
-        ex.t_upstream = time.perf_counter()
+    def _attach(self, attempt: UpstreamAttempt, conn: UpstreamConnection) -> None:
+        ex = attempt.ex
+        conn.begin_exchange(attempt, ex.is_head)
+        instance = attempt.instance
+        if instance is not None:
+            ex.instance_address = instance.address
+        attempt.conn = conn
+        attempt.t_start = time.perf_counter()
         upstream = ex.upstream
         assert upstream is not None
         if self.writing_paused:
             conn.pause_reading()  # the client still has not read what it was sent before
         elif ex.request_complete:
-            self._start_read_timer(ex)
+            self._start_read_timer(attempt)
         # else: the upstream waits for the client's body; its timer starts when that is sent.
         if (
             upstream.hedge_delay
@@ -181,8 +137,8 @@ class ResponsePhases:
             and ex.upgrade is None
         ):
             ex.hedged = True
-            ex.hedge_timer = asyncio.get_running_loop().call_later(
-                upstream.hedge_delay, self._hedge, ex
+            attempt.hedge_timer = asyncio.get_running_loop().call_later(
+                upstream.hedge_delay, self._hedge, attempt
             )
         pending = ex.body.take_pending(ex.body_bytes) if ex.body is not None else None
         if pending is not None:
@@ -192,17 +148,19 @@ class ResponsePhases:
         else:
             conn.send(ex.head)
 
-    def _start_read_timer(self, ex: Exchange) -> None:
+    def _start_read_timer(self, attempt: UpstreamAttempt) -> None:
+        ex = attempt.ex
         upstream = ex.upstream
         assert upstream is not None
         first_read = upstream.read_timeout
         policy = ex.retry
         if policy is not None and policy.per_try_timeout and policy.per_try_timeout < first_read:
             first_read = policy.per_try_timeout
-        ex.read_deadline = time.monotonic() + first_read
+        attempt.read_deadline = time.monotonic() + first_read
 
     def _send_pending(self, ex: Exchange) -> None:
-        conn = ex.conn
+        attempt = ex.attempt
+        conn = attempt.conn if attempt is not None else None
         request_body = ex.body
         if conn is None or request_body is None or conn.transport is None:
             return
@@ -214,27 +172,21 @@ class ResponsePhases:
 
     def on_response_head(
         self,
-        conn: UpstreamConnection,
+        attempt: UpstreamAttempt,
         status: int,
         head: hdr.ResponseHead,
         upstream_keep_alive: bool,
     ) -> None:
-        ex = self.active
-        if ex is None:
-            return
-        if ex.conn is not conn:
-            if conn is not ex.hedge_conn:
-                return
-            self._promote_hedge(ex, abort_primary=True)  # the hedge answered first
-        elif ex.hedge_conn is not None or ex.hedge_timer is not None:
-            self._cancel_hedge(ex)  # the first try answered first
+        ex = attempt.ex
+        if ex.hedge is not None or attempt.hedge_timer is not None:
+            self._race_won(ex, attempt)
         upstream = ex.upstream
         assert upstream is not None
         if status < 200 and status != 101:
             if ex.request_complete and not self.writing_paused:
-                ex.read_deadline = self.server.clock + upstream.read_timeout
+                attempt.read_deadline = self.server.clock + upstream.read_timeout
             else:
-                ex.read_deadline = 0.0  # 100 Continue: now the upstream waits for the body
+                attempt.read_deadline = 0.0  # 100 Continue: now the upstream waits for the body
             ex.interim = True
             # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client.
             if ex.version != "1.0":
@@ -242,8 +194,12 @@ class ResponsePhases:
             return
         # A final response: the upstream is answering; it is slow if the body stalls. A paused
         # client is the slow party, though (pause_writing cleared the timer).
-        ex.read_deadline = 0.0 if self.writing_paused else self.server.clock + upstream.read_timeout
-        instance = ex.instance
+        attempt.read_deadline = (
+            0.0 if self.writing_paused else self.server.clock + upstream.read_timeout
+        )
+        instance = attempt.instance
+        conn = attempt.conn
+        assert conn is not None
         policy = ex.retry
         if policy is not None and status in policy.retry_statuses:
             retry_after = _retry_after(head.fields) if status == 503 or status == 429 else None
@@ -309,7 +265,7 @@ class ResponsePhases:
         if route is not None and route.config.server_timing:
             # W3C Server-Timing: the gateway's own share and the upstream's, in milliseconds.
             now = time.perf_counter()
-            upstream_ms = (now - ex.t_upstream) * 1000.0
+            upstream_ms = (now - attempt.t_start) * 1000.0
             gateway_ms = (now - ex.t_start) * 1000.0 - upstream_ms
             framing += b"server-timing: gateway;dur=%.3f, upstream;dur=%.3f\r\n" % (
                 gateway_ms,
@@ -329,10 +285,8 @@ class ResponsePhases:
         if self.keyed and ex.recorder is not None:
             ex.recorder.on_head(status, head.reason, head.fields)
 
-    def on_response_body(self, body: bytes) -> None:
-        ex = self.active
-        if ex is None:
-            return
+    def on_response_body(self, attempt: UpstreamAttempt, body: bytes) -> None:
+        ex = attempt.ex
         filters = self.filters
         if filters is not None and filters.body_hook:
             body = self._filter_body(ex, filters, body, False)
@@ -350,12 +304,10 @@ class ResponsePhases:
             self.out.append(b"\r\n")
         upstream = ex.upstream
         if upstream is not None and not self.writing_paused:
-            ex.read_deadline = self.server.clock + upstream.read_timeout
+            attempt.read_deadline = self.server.clock + upstream.read_timeout
 
-    def on_response_message_complete(self, conn: UpstreamConnection) -> None:
-        ex = self.active
-        if ex is None or ex.conn is not conn:
-            return
+    def on_response_message_complete(self, attempt: UpstreamAttempt) -> None:
+        ex = attempt.ex
         if ex.interim:
             ex.interim = False
             return
@@ -366,26 +318,24 @@ class ResponsePhases:
             self._filter_body_end(ex, filters)
         if ex.response_frame == FRAME_CHUNKED:
             self.out.append(b"0\r\n\r\n")
-        self._response_done(ex, conn)
+        self._response_done(ex, attempt)
 
-    def on_response_complete(self, conn: UpstreamConnection) -> None:
+    def on_response_complete(self, attempt: UpstreamAttempt) -> None:
         """Close-delimited response ended with the upstream connection."""
-        ex = self.active
-        if ex is None or ex.conn is not conn:
-            return
+        ex = attempt.ex
         filters = self.filters
         if filters is not None and filters.body_hook:
             self._filter_body_end(ex, filters)
         if ex.response_frame == FRAME_CHUNKED:
             self.out.append(b"0\r\n\r\n")
-        self._response_done(ex, conn)
+        self._response_done(ex, attempt)
 
-    def _response_done(self, ex: Exchange, conn: UpstreamConnection) -> None:
+    def _response_done(self, ex: Exchange, attempt: UpstreamAttempt) -> None:
         ex.response_complete = True
-        ex.t_upstream_done = done = time.perf_counter()
-        instance = ex.instance
+        attempt.t_done = done = time.perf_counter()
+        instance = attempt.instance
         if instance is not None:
-            sample = done - ex.t_upstream
+            sample = done - attempt.t_start
             previous = instance.latency
             instance.latency = sample if not previous else previous * 0.8 + sample * 0.2
             upstream = ex.upstream
@@ -393,11 +343,14 @@ class ResponsePhases:
                 upstream.latency_samples.append(sample)
             if upstream is not None and upstream.observes_latency:
                 upstream.balancer.observe(instance, sample, time.monotonic())  # type: ignore[attr-defined]
-        ex.read_deadline = 0.0
+        attempt.read_deadline = 0.0
         # Flush first: a full client buffer pauses the upstream's reading, which must happen
         # while the connection is still ours, not after it went back to the pool.
         self.flush_to_client()
         self.upstream_write_paused = False
+        conn = attempt.conn
+        assert conn is not None
+        attempt.conn = None
         if ex.request_complete and (ex.body is None or not ex.body.pending):
             conn.pool.release(conn)
         else:
@@ -406,17 +359,20 @@ class ResponsePhases:
             conn.owner = None
             conn.close()
             ex.keep_alive = False
-        self._release_instance(ex)
+        attempt.release()
         if ex.request_complete or not ex.keep_alive:
             self._finish(ex)
 
-    def on_upstream_upgrade(self, conn: UpstreamConnection, tail: bytes) -> None:
+    def on_upstream_upgrade(
+        self, attempt: UpstreamAttempt, conn: UpstreamConnection, tail: bytes
+    ) -> None:
         ex = self.active
         transport = self.transport
         upstream_transport = conn.transport
         if (
             ex is None
-            or ex.conn is not conn
+            or ex is not attempt.ex
+            or attempt is not ex.attempt
             or ex.status != 101
             or transport is None
             or upstream_transport is None
@@ -426,6 +382,7 @@ class ResponsePhases:
             return
         # From here on both connections are a byte tunnel (RFC 9110 §7.8), run by tunnel.py.
         conn.detach_for_tunnel()
+        attempt.conn = None
         self.upgrade_pending = False
         self.reading_paused = False  # the tunnel resumes reading
         out = self.out
@@ -442,9 +399,9 @@ class ResponsePhases:
         )
         self.tunnel_pending = None
         ex.response_complete = True
-        ex.t_upstream_done = time.perf_counter()
-        ex.read_deadline = 0.0
+        attempt.t_done = time.perf_counter()
+        attempt.read_deadline = 0.0
         ex.deadline = 0.0
         self._observe(ex, 101)
-        self._release_instance(ex)
+        attempt.release()
         self.active = None

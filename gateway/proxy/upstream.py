@@ -1,9 +1,10 @@
 """Upstream side of the data plane: one keep-alive HTTP/1.1 connection, and a pool per instance.
 
 An ``UpstreamConnection`` parses responses with httptools and forwards every event to the
-``ClientConnection`` it is currently lent to (``owner``). Between exchanges it sits idle in its
-``InstancePool``; any byte or EOF arriving while idle means the upstream closed or misbehaved, so
-the connection leaves the pool at once and is never reused (stale-connection detection).
+``UpstreamAttempt`` it is currently lent to (``owner``, seen here as ``UpstreamEvents``).
+Between exchanges it sits idle in its ``InstancePool``; any byte or EOF arriving while idle
+means the upstream closed or misbehaved, so the connection leaves the pool at once and is never
+reused (stale-connection detection).
 
 Response validation (docs/architecture.md, "Upstream response validation"): a connection whose
 upstream broke HTTP/1.1 framing is closed, never pooled, and counted in
@@ -21,7 +22,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
@@ -30,7 +31,7 @@ from gateway.proxy.headers import parse_response_head
 
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
-    from gateway.proxy.listener import ClientConnection
+    from gateway.proxy.headers import ResponseHead
 
 
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
@@ -82,6 +83,24 @@ STATE_NAMES = (
 )
 
 
+class UpstreamEvents(Protocol):
+    """What a connection reports to the try it is lent to (``attempt.UpstreamAttempt``)."""
+
+    def on_response_head(
+        self, conn: UpstreamConnection, status: int, head: ResponseHead, keep_alive: bool
+    ) -> None: ...
+    def on_response_body(self, body: bytes) -> None: ...
+    def on_response_message_complete(self, conn: UpstreamConnection) -> None: ...
+    def on_response_complete(self, conn: UpstreamConnection) -> None: ...
+    def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None: ...
+    def on_upstream_failed(self, conn: UpstreamConnection, reason: str) -> None: ...
+    def on_upstream_upgrade(self, conn: UpstreamConnection, tail: bytes) -> None: ...
+    def flush_to_client(self) -> None: ...
+    def pause_client_reading(self) -> None: ...
+    def resume_client_reading(self) -> None: ...
+    def bind_pool(self, pool: InstancePool) -> None: ...
+
+
 class LeftoverData(Exception):
     """Raised in a parser callback: a message began after the final response was complete."""
 
@@ -117,7 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.owner: ClientConnection | None = None
+        self.owner: UpstreamEvents | None = None
         self.state = CONNECTING
         self.reusable = True  # the upstream allows another request on this connection
         self.used = False  # has carried an exchange before: a failure may mean it was stale
@@ -226,7 +245,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.fail(owner, CHUNK_FRAMING, "upstream chunk framing exceeds its limits")
             owner.flush_to_client()
 
-    def _complete(self, owner: ClientConnection) -> None:
+    def _complete(self, owner: UpstreamEvents) -> None:
         """The final response ended with this read: hand it over (its body is all out)."""
         if self.skipped:
             self._reset_after_head()
@@ -269,7 +288,7 @@ class UpstreamConnection(asyncio.Protocol):
             or raw - body - CHUNK_FRAMING_ALLOWANCE * chunks > MAX_RESPONSE_FRAMING_BYTES
         )
 
-    def fail(self, owner: ClientConnection, reason: str, message: str) -> None:
+    def fail(self, owner: UpstreamEvents, reason: str, message: str) -> None:
         """The upstream broke the protocol mid-exchange: count it, close, tell the client side
         (which answers 502, or aborts the client connection if the response already started)."""
         self.reusable = False
@@ -381,7 +400,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
 
-    def begin_exchange(self, owner: ClientConnection, head_only: bool) -> None:
+    def begin_exchange(self, owner: UpstreamEvents, head_only: bool) -> None:
         self.owner = owner
         self.skip_body = head_only
         self.state = WAITING_HEAD
@@ -389,7 +408,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_start = 0
         pool = self.pool
         if pool.metrics is None:
-            pool.bind_metrics(owner)
+            owner.bind_pool(pool)
 
     def detach_for_tunnel(self) -> None:
         """After a 101 the transport goes to a Tunnel (gateway/proxy/tunnel.py): this protocol
@@ -481,11 +500,9 @@ class InstancePool:
         self.metrics: GatewayMetrics | None = None
         self.upstream = ""
 
-    def bind_metrics(self, owner: ClientConnection) -> None:
-        exchange = owner.active
-        if exchange is not None:
-            self.metrics = owner.server.metrics
-            self.upstream = exchange.upstream_name
+    def bind_metrics(self, metrics: GatewayMetrics, upstream: str) -> None:
+        self.metrics = metrics
+        self.upstream = upstream
 
     def acquire(self) -> UpstreamConnection | None:
         idle = self.idle

@@ -332,6 +332,16 @@ def _dechunk(data: bytes, position: int) -> tuple[bytes, int] | None:
 
 
 # -- the two sides as tests drive them -----------------------------------------------------------
+@dataclass(frozen=True)
+class Try:
+    """One upstream attempt of the exchange being answered, as a test may observe it."""
+
+    instance: str  # the instance whose active-request slot it holds ("" once given back)
+    connected: bool  # it has an upstream connection (its events reach the exchange)
+    read_timer: bool  # a read deadline runs for it (the upstream owes bytes)
+    hedge: bool  # the second try racing the first
+
+
 class Client:
     """One downstream client connection to the gateway."""
 
@@ -372,6 +382,21 @@ class Client:
 
     def received(self) -> bytes:
         return self.transport.data
+
+    def tries(self) -> list[Try]:
+        """The active exchange's tries in flight: its current one (also after it failed and
+        until the next one starts), then a racing hedge. Empty with no exchange under way."""
+        ex = self.protocol.active
+        if ex is None:
+            return []
+        found = []
+        for attempt, hedge in ((ex.attempt, False), (ex.hedge, True)):
+            if attempt is not None:
+                instance = attempt.instance.address if attempt.instance is not None else ""
+                found.append(
+                    Try(instance, attempt.conn is not None, bool(attempt.read_deadline), hedge)
+                )
+        return found
 
     def responses(self, head_requests: int = 0) -> list[Response]:
         return parse_responses(self.transport.data, head_requests)
@@ -672,6 +697,10 @@ class Harness:
             "connecting": sum(p.connecting for p in pools),
             "client_connections": len(self.server.connections),
         }
+
+    def active_requests(self, address: str) -> int:
+        """Requests the instance is counted as serving (the balancer's view)."""
+        return self._instance(address).active_requests
 
     def idle_count(self, address: str) -> int:
         return len(self._pool(address).idle)

@@ -118,9 +118,11 @@ def test_gateway_has_no_import_cycles() -> None:
 
 # Type-only cycles left, each with the reason; the type-only edges inside a group are ignored.
 KNOWN_TYPE_CYCLES = [
-    # The client protocol, the upstream protocol and the TLS handshake protocol call back into
-    # the listener (the listener restructure of the second edition splits them).
-    {"gateway.proxy.listener", "gateway.proxy.upstream", "gateway.tls.accept"},
+    # The TLS handshake protocol hands its connection to the listener's client protocol.
+    {"gateway.proxy.listener", "gateway.tls.accept"},
+    # An exchange and its tries name each other, and a try names the downstream it reports to
+    # (in annotations only: attempt.py imports neither at run time).
+    {"gateway.proxy.attempt", "gateway.proxy.downstream", "gateway.proxy.exchange"},
     # contexts names certs' CertInfo and calls certs lazily; certs loads chains with contexts.
     {"gateway.tls.certs", "gateway.tls.contexts"},
 ]

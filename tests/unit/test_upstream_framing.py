@@ -101,6 +101,9 @@ class FakeOwner:
     def flush_to_client(self) -> None:
         pass
 
+    def bind_pool(self, pool: InstancePool) -> None:
+        pool.bind_metrics(self.server.metrics, self.active.upstream_name)
+
 
 def connect(head_only: bool = False) -> tuple[UpstreamConnection, FakeOwner, InstancePool]:
     pool = InstancePool("127.0.0.1", 9, max_idle=8, idle_timeout=60.0, connect_timeout=1.0)

@@ -1,0 +1,119 @@
+"""One try of an exchange on one instance: ``UpstreamAttempt``.
+
+An exchange makes one attempt per try: the first, each retry (``failover._try_failed``), and a
+hedge racing the first (``failover._hedge``). The attempt owns what belongs to that try: the
+instance (and its ``active_requests`` slot), the upstream connection, the read deadline, the
+hedge timer of a primary try and the try's timings. It is what the ``UpstreamConnection`` talks
+to (it implements ``upstream.UpstreamEvents``) and hands each event on to the downstream's
+phases with itself as the argument, so the phases never ask which connection an event came
+from. Which of two racing attempts wins is decided in one place, ``Failover._race_won``.
+
+Cost: one object with slots per try; a plain GET makes exactly one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.proxy.downstream import Downstream
+    from gateway.proxy.exchange import Exchange
+    from gateway.proxy.headers import ResponseHead
+    from gateway.proxy.upstream import InstancePool, UpstreamConnection
+    from gateway.snapshot import Instance
+
+
+class UpstreamAttempt:
+    """One try: an instance, then a connection to it, and the events of that connection."""
+
+    __slots__ = (
+        "client",
+        "conn",
+        "ex",
+        "hedge_timer",
+        "instance",
+        "read_deadline",
+        "t_done",
+        "t_start",
+    )
+
+    def __init__(self, client: Downstream, ex: Exchange, instance: Instance) -> None:
+        self.client = client
+        self.ex = ex
+        # Holds one of the instance's active_requests (taken by whoever made the attempt) until
+        # ``release``; None once given back.
+        self.instance: Instance | None = instance
+        self.conn: UpstreamConnection | None = None
+        # The upstream owes us bytes by then (0: it does not, e.g. it waits for the client).
+        self.read_deadline = 0.0
+        self.t_start = 0.0  # perf_counter when the request went out on a connection
+        self.t_done = 0.0  # perf_counter when the response was complete
+        self.hedge_timer: asyncio.TimerHandle | None = None  # a primary try's hedge delay
+
+    def release(self) -> None:
+        """Give the instance's active-request slot back (idempotent)."""
+        instance = self.instance
+        if instance is not None:
+            instance.active_requests -= 1
+            self.instance = None
+
+    def abandon(self) -> None:
+        """The exchange gives this try up mid-message: abort its connection, free its slot."""
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.discard()
+        self.read_deadline = 0.0
+        self.release()
+
+    # -- upstream.UpstreamEvents: what the connection reports -------------------------------
+    # An abandoned attempt's connection has no owner any more (``discard``, ``pool.release``),
+    # so events only come from live attempts; the ``active`` test guards the exchange's end.
+    def on_response_head(
+        self, conn: UpstreamConnection, status: int, head: ResponseHead, keep_alive: bool
+    ) -> None:
+        client = self.client
+        if client.active is self.ex:
+            client.on_response_head(self, status, head, keep_alive)
+
+    def on_response_body(self, body: bytes) -> None:
+        client = self.client
+        if client.active is self.ex:
+            client.on_response_body(self, body)
+
+    def on_response_message_complete(self, conn: UpstreamConnection) -> None:
+        client = self.client
+        if client.active is self.ex:
+            client.on_response_message_complete(self)
+
+    def on_response_complete(self, conn: UpstreamConnection) -> None:
+        client = self.client
+        if client.active is self.ex:
+            client.on_response_complete(self)
+
+    def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        client = self.client
+        if client.active is self.ex:
+            client.on_upstream_lost(self, conn, exc)
+
+    def on_upstream_failed(self, conn: UpstreamConnection, reason: str) -> None:
+        client = self.client
+        if client.active is self.ex:
+            client.on_upstream_failed(self, conn, reason)
+
+    def on_upstream_upgrade(self, conn: UpstreamConnection, tail: bytes) -> None:
+        self.client.on_upstream_upgrade(self, conn, tail)
+
+    def flush_to_client(self) -> None:
+        self.client.flush_to_client()
+
+    def pause_client_reading(self) -> None:
+        self.client.pause_client_reading()
+
+    def resume_client_reading(self) -> None:
+        self.client.resume_client_reading()
+
+    def bind_pool(self, pool: InstancePool) -> None:
+        """Where the pool counts protocol errors (its first exchange tells it)."""
+        pool.bind_metrics(self.client.server.metrics, self.ex.upstream_name)
