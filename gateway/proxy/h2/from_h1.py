@@ -37,7 +37,7 @@ they are; this module only translates.
 from __future__ import annotations
 
 import binascii
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from gateway.filters.grpc_web import GRPC_WEB_VAR, TEXT_TYPE
 from gateway.proxy.exchange import FRAME_CHUNKED, FRAME_NONE
@@ -46,6 +46,7 @@ from gateway.proxy.headers import HOP_BY_HOP, ResponseHead
 from gateway.resilience.retry import CONNECT_FAILURE
 
 if TYPE_CHECKING:
+    from gateway.proxy.attempt import UpstreamAttempt
     from gateway.proxy.exchange import Exchange
     from gateway.proxy.h2.client import H2InstancePool, Headers
     from gateway.proxy.listener import ClientConnection
@@ -206,6 +207,7 @@ class TranslatedStream:
     ``UpstreamConnection`` that the HTTP/1.1 phases use (``pool.release`` is ``release``)."""
 
     __slots__ = (
+        "attempt",
         "body_left",
         "chunked",
         "client_trailers",
@@ -226,6 +228,7 @@ class TranslatedStream:
     def __init__(self, h2pool: H2InstancePool) -> None:
         self.h2pool = h2pool
         self.owner: ClientConnection | None = None
+        self.attempt: UpstreamAttempt | None = None
         self.ex: Exchange | None = None
         self.stream: H2Stream | None = None
         self.chunked = False
@@ -247,9 +250,10 @@ class TranslatedStream:
     def transport(self) -> TranslatedStream:
         return self  # relay._attach/_send_pending: ``conn.transport.writelines(...)``
 
-    def begin_exchange(self, owner: ClientConnection, head_only: bool) -> None:
-        self.owner = owner
-        ex = self.ex = owner.active
+    def begin_exchange(self, attempt: UpstreamAttempt, head_only: bool) -> None:
+        self.attempt = attempt
+        owner = self.owner = cast("ClientConnection", attempt.client)
+        ex = self.ex = attempt.ex
         filters = owner.filters
         if filters is not None and ex is not None:
             mode = filters.request.vars.get(GRPC_WEB_VAR)
@@ -360,15 +364,19 @@ class TranslatedStream:
         ex = owner.active
         if ex is None or ex is not self.ex:
             return None
-        conn: object = ex.conn  # (typed as the UpstreamConnection this stands in for)
-        hedge: object = ex.hedge_conn
-        if conn is not self and hedge is not self:
+        attempt = self.attempt
+        conn: object = attempt.conn if attempt is not None else None
+        if conn is not self:  # (typed as the UpstreamConnection this stands in for)
             return None
         return owner
 
     def _primary(self, ex: Exchange) -> bool:
-        conn: object = ex.conn
-        return conn is self
+        return self.attempt is not None and ex.attempt is self.attempt
+
+    def _attempt(self) -> UpstreamAttempt:
+        attempt = self.attempt
+        assert attempt is not None  # _current() found it
+        return attempt
 
     def on_response_headers(self, status: int, headers: Headers) -> None:
         owner = self._current()
@@ -381,7 +389,9 @@ class TranslatedStream:
         ):
             grpc_web = self.grpc_web = None  # not a gRPC answer: relayed as it is
             self.encoder = None
-        owner.on_response_head(self, status, response_head(status, headers, grpc_web), True)  # type: ignore[arg-type]
+        owner.on_response_head(
+            self._attempt(), status, response_head(status, headers, grpc_web), True
+        )
         owner.flush_to_client()
 
     def on_data(self, chunk: bytes) -> None:
@@ -391,7 +401,7 @@ class TranslatedStream:
         encoder = self.encoder
         out = encoder.feed(chunk) if encoder is not None else chunk
         if out:
-            owner.on_response_body(out)
+            owner.on_response_body(self._attempt(), out)
             owner.flush_to_client()  # may pause_writing → pause_reading here
         stream = self.stream
         if stream is None:
@@ -417,7 +427,7 @@ class TranslatedStream:
             if encoder is not None:
                 tail = encoder.feed(tail) + encoder.end()
             if tail:
-                owner.on_response_body(tail)
+                owner.on_response_body(self._attempt(), tail)
         elif (
             trailers
             and self.client_trailers
@@ -439,7 +449,7 @@ class TranslatedStream:
             # The stream is over: what a paused client still holds goes back to the
             # connection's window (h2 ignores the closed stream's part).
             stream.acknowledge(held)
-        owner.on_response_message_complete(self)  # type: ignore[arg-type]
+        owner.on_response_message_complete(self._attempt())
 
     def on_reset(self, error_code: int, never_processed: bool) -> None:
         owner = self._current()
@@ -460,7 +470,7 @@ class TranslatedStream:
             reason = "upstream HTTP/2 connection lost"
         else:
             reason = f"upstream reset the HTTP/2 stream (error code {error_code})"
-        owner.on_upstream_failed(self, reason)  # type: ignore[arg-type]
+        owner.on_upstream_failed(self._attempt(), self, reason)  # type: ignore[arg-type]
         owner.flush_to_client()
 
     def on_connect_error(self, error: BaseException) -> None:
@@ -471,7 +481,11 @@ class TranslatedStream:
         ex = self.ex
         assert ex is not None
         if not self._primary(ex):  # a hedge: the first try goes on alone
-            owner.on_upstream_failed(self, f"cannot connect to upstream: {error}")  # type: ignore[arg-type]
+            owner.on_upstream_failed(
+                self._attempt(),
+                self,  # type: ignore[arg-type]
+                f"cannot connect to upstream: {error}",
+            )
             return
         self.owner = None
         if owner._try_failed(ex, CONNECT_FAILURE):
