@@ -91,19 +91,7 @@ class ResponsePhases(_Base):
             breaker.release_pending()
             if conn is None:
                 if self.active is ex and not self.closed:
-                    if self._try_failed(ex, CONNECT_FAILURE):
-                        return
-                    if isinstance(error, TimeoutError):
-                        self._upstream_error(
-                            ex, 504, "upstream_timeout", "upstream connect timeout"
-                        )
-                    else:
-                        self._upstream_error(
-                            ex,
-                            502,
-                            "upstream_connect_failure",
-                            f"cannot connect to upstream: {error}",
-                        )
+                    self._connect_failed(ex, error)
                 return
             if self.active is not ex or self.closed:
                 pool.release(conn)  # never used: clean and safe to pool
@@ -112,6 +100,17 @@ class ResponsePhases(_Base):
             self._attach(attempt, conn)
 
         pool.connect(connected)
+
+    def _connect_failed(self, ex: Exchange, error: BaseException | None) -> None:
+        """The try's connection could not be opened: another try, or a 504/502."""
+        if self._try_failed(ex, CONNECT_FAILURE):
+            return
+        if isinstance(error, TimeoutError):
+            self._upstream_error(ex, 504, "upstream_timeout", "upstream connect timeout")
+        else:
+            self._upstream_error(
+                ex, 502, "upstream_connect_failure", f"cannot connect to upstream: {error}"
+            )
 
     def _attach(self, attempt: UpstreamAttempt, conn: UpstreamConnection) -> None:
         ex = attempt.ex

@@ -488,14 +488,7 @@ class TranslatedStream:
             )
             return
         self.owner = None
-        if owner._try_failed(ex, CONNECT_FAILURE):
-            return
-        if isinstance(error, TimeoutError):
-            owner._upstream_error(ex, 504, "upstream_timeout", "upstream connect timeout")
-        else:
-            owner._upstream_error(
-                ex, 502, "upstream_connect_failure", f"cannot connect to upstream: {error}"
-            )
+        owner._connect_failed(ex, error)
 
     def on_send_paused(self) -> None:
         owner = self._current()
