@@ -74,6 +74,7 @@ if [ "$mode" != "venv" ]; then
   have openssl || need openssl "test certificates"
   have h2load || need nghttp2-client "HTTP/2 load and h2c checks (h2load, nghttp)"
   have valgrind || need valgrind "callgrind instruction counts of the data-plane benchmark"
+  have shellcheck || need shellcheck "lint of the shell scripts (tests/unit/test_setup_system.py)"
   # make compile (mypyc) needs a C compiler and the headers of the Python it builds for; a
   # pyenv or python.org build ships its headers, Debian's python3 needs python3-dev.
   have gcc || need build-essential "C compiler for make compile (the mypyc hot path)"
