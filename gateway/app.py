@@ -43,7 +43,7 @@ from gateway.filters.chain import count_filter_errors
 from gateway.filters.otlp import stop_exporters
 from gateway.health.manager import HealthManager
 from gateway.metrics import GatewayMetrics, make_registry
-from gateway.proxy.listener import ProxyServer
+from gateway.proxy.server import ProxyServer
 from gateway.ratelimit.shared import table_slots
 from gateway.snapshot import Snapshot, build_snapshot, close_redis_stores, describe_upstreams
 from gateway.tls.certs import load_with_tls

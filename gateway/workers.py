@@ -596,7 +596,7 @@ async def run_worker(
     from gateway.config import ConfigInvalid, format_errors
     from gateway.filters.chain import count_filter_errors
     from gateway.metrics import GatewayMetrics
-    from gateway.proxy.listener import ProxyServer
+    from gateway.proxy.server import ProxyServer
     from gateway.ratelimit import shared as shared_buckets
     from gateway.snapshot import set_ejection_listener
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from gateway.config import load_config_text
 from gateway.metrics import GatewayMetrics
-from gateway.proxy.listener import ClientConnection, ProxyServer
+from gateway.proxy.listener import ClientConnection
+from gateway.proxy.server import ProxyServer
 from gateway.proxy.upstream import UpstreamConnection
 from gateway.snapshot import build_snapshot
 

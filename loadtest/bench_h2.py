@@ -24,7 +24,7 @@ from gateway.config import load_config_text
 from gateway.metrics import GatewayMetrics
 from gateway.proxy.h2 import PREFACE
 from gateway.proxy.h2.server import H2ServerConnection
-from gateway.proxy.listener import ProxyServer
+from gateway.proxy.server import ProxyServer
 from gateway.proxy.upstream import UpstreamConnection
 from gateway.snapshot import build_snapshot
 from gateway.tls.accept import ListenerState

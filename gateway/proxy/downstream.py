@@ -9,8 +9,8 @@ stream would implement (docs/architecture.md, "The downstream seam"): the state 
 and write, the codec's own operations (``flush_to_client``, reading pause/resume, ``_finish``),
 and the phases' methods, which the mixins provide to each other.
 
-``Server`` is what they use of the server (``ProxyServer``; listener.py imports the mixins, so
-they cannot import it).
+``Server`` is what they use of the server (``ProxyServer``: server.py imports listener.py, which
+imports the mixins, so they cannot import it).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The HTTP/1.1 request codec's pure parts: method and header tables, the Host check, the
 chunked-framing walker, and the parser stand-ins (docs/request-validation.md).
 
-``ClientConnection`` (listener.py) drives httptools and calls these; they keep their state on
-the ``Exchange`` (the walker's ``cw_*`` fields) and raise ``RequestRejected`` for bad input.
+``RequestCodec`` (h1codec.py, a mixin of ``ClientConnection``) drives httptools and calls
+these; they keep their state on the ``Exchange`` (the walker's ``cw_*`` fields) and raise
+``RequestRejected`` for bad input.
 """
 
 from __future__ import annotations

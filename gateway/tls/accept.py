@@ -31,7 +31,7 @@ if TYPE_CHECKING:
         ListenerConfig,
         ListenerTLSConfig,
     )
-    from gateway.proxy.listener import ProxyServer
+    from gateway.proxy.server import ProxyServer
     from gateway.tls.contexts import CertStore
 
 HANDSHAKE_REASONS = (

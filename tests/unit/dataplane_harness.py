@@ -34,8 +34,9 @@ from typing import Any
 
 from gateway.config import load_config_text
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import listener as listener_module
-from gateway.proxy.listener import ClientConnection, ProxyServer
+from gateway.proxy import server as server_module
+from gateway.proxy.listener import ClientConnection
+from gateway.proxy.server import ProxyServer
 from gateway.proxy.upstream import InstancePool, UpstreamConnection
 from gateway.snapshot import Instance, Snapshot, Upstream, build_snapshot
 
@@ -586,7 +587,7 @@ class Harness:
             # What ProxyServer.start does besides listening: the periodic timeout sweep.
             self.server._loop = self.loop  # type: ignore[assignment]
             self.server._sweeper = self.loop.call_later(  # type: ignore[assignment]
-                listener_module.TICK, self.server._sweep
+                server_module.TICK, self.server._sweep
             )
         except BaseException:
             self._restore()

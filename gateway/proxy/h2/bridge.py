@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
     from gateway.config.model import Http2Config
     from gateway.proxy.exchange import Exchange
-    from gateway.proxy.listener import ClientConnection, ProxyServer
+    from gateway.proxy.listener import ClientConnection
+    from gateway.proxy.server import ProxyServer
     from gateway.tls.accept import ListenerState
 
 

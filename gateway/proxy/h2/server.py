@@ -51,7 +51,7 @@ LINGER_MAX = 1024
 
 if TYPE_CHECKING:
     from gateway.config.model import Http2Config
-    from gateway.proxy.listener import ProxyServer
+    from gateway.proxy.server import ProxyServer
     from gateway.tls.accept import ListenerState
 
 log = logging.getLogger("gateway.proxy.h2")
