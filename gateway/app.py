@@ -40,12 +40,18 @@ from gateway.config.model import GatewayConfig, InstanceConfig
 from gateway.config.secrets import SCRUBBER
 from gateway.discovery import DiscoveryManager, add_discovery_routes
 from gateway.filters.chain import count_filter_errors
-from gateway.filters.otlp import stop_exporters
+from gateway.filters.otlp import span_counters, stop_exporters
 from gateway.health.manager import HealthManager
 from gateway.metrics import GatewayMetrics, make_registry
 from gateway.proxy.listener import ProxyServer
 from gateway.ratelimit.shared import table_slots
-from gateway.snapshot import Snapshot, build_snapshot, close_redis_stores, describe_upstreams
+from gateway.snapshot import (
+    Snapshot,
+    build_snapshot,
+    close_redis_stores,
+    describe_upstreams,
+    redis_lease_counters,
+)
 from gateway.tls.certs import load_with_tls
 from gateway.tls.metrics import CertificateExpiry
 from gateway.workers import (
@@ -224,6 +230,8 @@ class LocalPlane:
         self.metrics = GatewayMetrics(bucket_overrides=dict(config.metrics.buckets))
         self.metrics.declare((route.name, route.upstream) for route in config.routes)
         count_filter_errors(self.metrics.filter_error)
+        self.metrics.count_from(span_counters)
+        self.metrics.count_from(redis_lease_counters)
         self.registry = make_registry(self.metrics)
         self.server: ProxyServer | None = None
 

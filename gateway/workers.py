@@ -64,7 +64,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gateway import ipc
-from gateway.filters.otlp import stop_exporters
+from gateway.filters.otlp import span_counters, stop_exporters
 from gateway.ipc import (
     BadMessage,
     ConfigMessage,
@@ -78,7 +78,7 @@ from gateway.ipc import (
 )
 from gateway.proxy.connlimit import SharedConnectionCount
 from gateway.ratelimit.shared import DEFAULT_SLOTS, SharedTable
-from gateway.snapshot import close_redis_stores
+from gateway.snapshot import close_redis_stores, redis_lease_counters
 
 if TYPE_CHECKING:
     from gateway.config.model import GatewayConfig
@@ -630,6 +630,8 @@ async def run_worker(
     metrics = GatewayMetrics(bucket_overrides=dict(config.metrics.buckets))
     metrics.declare((route.name, route.upstream) for route in config.routes)
     count_filter_errors(metrics.filter_error)
+    metrics.count_from(span_counters)
+    metrics.count_from(redis_lease_counters)
     server = ProxyServer(_build(config, None, first), metrics)
     if first["connections"]:
         try:

@@ -29,6 +29,7 @@ __all__ = [
     "SpanRecord",
     "encode_spans",
     "live_exporters",
+    "span_counters",
     "span_dict",
     "stop_exporters",
 ]
@@ -47,6 +48,18 @@ _LOG_INTERVAL = 10.0  # seconds between two logged export failures of one export
 SCOPE_NAME = "gateway.filters.tracing"
 
 _EXPORTERS: set[SpanExporter] = set()
+# Every exporter of this process since it started (a reload replaces exporters, and counters
+# must not go back): gateway.metrics.PROCESS_COUNTERS keys.
+_TOTALS: dict[str, int] = {
+    "trace_spans_exported": 0,
+    "trace_spans_dropped": 0,
+    "trace_export_failures": 0,
+}
+
+
+def span_counters() -> dict[str, int]:
+    """The exporters' counts in this process (a ``GatewayMetrics.count_from`` source)."""
+    return dict(_TOTALS)
 
 
 def live_exporters() -> list[SpanExporter]:
@@ -182,6 +195,7 @@ class SpanExporter:
             self._closed and (self._task is None or self._task.done())
         ):
             self.dropped += 1
+            _TOTALS["trace_spans_dropped"] += 1
             return
         queue.append(span)
         if self._task is None:
@@ -251,6 +265,7 @@ class SpanExporter:
                     status, retry_after = answer.status, answer.headers.get("retry-after")
                 if 200 <= status < 300:
                     self.exported += len(spans)
+                    _TOTALS["trace_spans_exported"] += len(spans)
                     return
                 delay = _retry_delay(retry_after, self.retry_delay)
                 if attempt == 2 or status not in _RETRYABLE or delay is None:
@@ -263,6 +278,8 @@ class SpanExporter:
     def _failed(self, count: int, why: str) -> None:
         self.failures += 1
         self.dropped += count
+        _TOTALS["trace_export_failures"] += 1
+        _TOTALS["trace_spans_dropped"] += count
         now = time.monotonic()
         if now - self._last_logged >= _LOG_INTERVAL:
             self._last_logged = now

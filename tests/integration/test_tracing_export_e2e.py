@@ -19,6 +19,7 @@ from aiohttp import web
 
 from tests.integration.backends import AppBackend, LoopThread
 from tests.integration.conftest import GatewayProcess, free_port
+from tests.metrics_text import metric_value
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -205,6 +206,54 @@ def test_a_receiver_that_is_down_does_not_fail_requests(
     # The failure is logged, rate limited (10 s) rather than per batch.
     _poll(lambda: True if "spans not exported" in gateway.log() else None, "export warning")
     assert gateway.log().count("spans not exported") <= 2  # not one line per 50 ms batch
+    # ... and counted: every span of a failed batch is dropped.
+    _poll(
+        lambda: (
+            True
+            if metric_value(gateway.metrics_text(), "gateway_trace_spans_dropped_total") == 20
+            else None
+        ),
+        "20 dropped spans on /metrics",
+    )
+    text = gateway.metrics_text()
+    assert (metric_value(text, "gateway_trace_export_failures_total") or 0) >= 1
+    assert metric_value(text, "gateway_trace_spans_exported_total") == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_exported_spans_are_counted_on_metrics(
+    start_gateway: Callable[..., GatewayProcess],
+    app_backend: AppBackend,
+    receiver: OtlpReceiver,
+    tmp_path: Path,
+    workers: int,
+) -> None:
+    config = _config(
+        app_backend, f"http://127.0.0.1:{receiver.port}/v1/traces", tmp_path / "access.log"
+    )
+    config["workers"] = workers
+    gateway = start_gateway(config)
+    text = gateway.metrics_text()
+    for name in (
+        "gateway_trace_spans_exported_total",
+        "gateway_trace_spans_dropped_total",
+        "gateway_trace_export_failures_total",
+    ):
+        assert metric_value(text, name) == 0, name  # exported from the start, at zero
+    traces = {_curl(gateway, f"/echo/{i}")[1]["x-trace-id"] for i in range(12)}
+    # Every worker's exporter counts; the supervisor's /metrics adds them up.
+    _poll(
+        lambda: (
+            True
+            if metric_value(gateway.metrics_text(), "gateway_trace_spans_exported_total") == 12
+            else None
+        ),
+        "12 exported spans on /metrics",
+    )
+    assert traces <= {s["traceId"] for s in receiver.spans()}
+    text = gateway.metrics_text()
+    assert metric_value(text, "gateway_trace_spans_dropped_total") == 0
+    assert metric_value(text, "gateway_trace_export_failures_total") == 0
 
 
 @pytest.mark.parametrize("workers", [1, 2])
