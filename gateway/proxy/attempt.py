@@ -39,15 +39,10 @@ class UpstreamAttempt:
         "ex",
         "hedge_timer",
         "instance",
-        "label",
         "read_deadline",
         "t_done",
         "t_start",
     )
-
-    # Set only on tries after the first of a request with a ``RequestInfo.retry_head`` (what
-    # it returned); unset otherwise, so a plain try pays nothing: read with getattr.
-    label: str
 
     def __init__(self, client: Downstream, ex: Exchange, instance: Instance) -> None:
         self.client = client
@@ -137,7 +132,9 @@ def record_try(
     on a connection (else it starts when the try before it ended, or the exchange began)."""
     past = ex.past_attempts
     start = attempt.t_start if sent and attempt.t_start else (past[-1][2] if past else ex.t_start)
-    ex.past_attempts = (*past, (address, start, end, getattr(attempt, "label", ""), outcome))
+    labels = ex.attempt_labels
+    label = labels.get(attempt, "") if labels is not None else ""
+    ex.past_attempts = (*past, (address, start, end, label, outcome))
     ex.last_ended = attempt
 
 
@@ -149,13 +146,13 @@ def exchange_attempts(ex: Exchange, now: float) -> tuple[Attempt, ...]:
     if attempt is None or attempt is ex.last_ended:
         return past
     start = attempt.t_start or (past[-1][2] if past else ex.t_start)
-    return (
-        *past,
-        (
-            attempt.instance.address if attempt.instance is not None else ex.instance_address,
-            start,
-            attempt.t_done or now,
-            getattr(attempt, "label", ""),
-            ex.error_code or "",
-        ),
+    labels = ex.attempt_labels
+    instance = attempt.instance
+    current = (
+        instance.address if instance is not None else ex.instance_address,
+        start,
+        attempt.t_done or now,
+        labels.get(attempt, "") if labels is not None else "",
+        ex.error_code,
     )
+    return (*past, current) if past else (current,)

@@ -80,6 +80,8 @@ class Exchange:
     # last of them, so the current try is not given twice.
     past_attempts: tuple[Attempt, ...] = ()
     last_ended: UpstreamAttempt | None = None
+    # What RequestInfo.retry_head returned for tries after the first (failover._retry_head).
+    attempt_labels: dict[UpstreamAttempt, str] | None = None
     head = b""
     status = 0
     interim = False

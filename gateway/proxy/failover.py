@@ -196,7 +196,10 @@ class Failover(_Base):
         if filters is not None and filters.exchange is ex:
             retry_head = filters.request.retry_head
             if retry_head is not None:
-                ex.head, attempt.label = retry_head(ex.head)
+                ex.head, label = retry_head(ex.head)
+                if ex.attempt_labels is None:
+                    ex.attempt_labels = {}
+                ex.attempt_labels[attempt] = label
 
     def _pick(
         self, ex: Exchange, upstream: Upstream, exclude: tuple[Instance, ...]
