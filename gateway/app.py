@@ -41,7 +41,7 @@ from gateway.config.secrets import SCRUBBER
 from gateway.discovery import DiscoveryManager, add_discovery_routes
 from gateway.filters.chain import count_filter_errors
 from gateway.filters.jwks import STORE as JWKS_STORE
-from gateway.filters.jwks import JwksFetcher, JwksSettings
+from gateway.filters.jwks import JwksFetcher, JwksSettings, jwks_counters
 from gateway.filters.otlp import span_counters, stop_exporters
 from gateway.health.manager import HealthManager
 from gateway.metrics import GatewayMetrics, make_registry
@@ -234,6 +234,7 @@ class LocalPlane:
         count_filter_errors(self.metrics.filter_error)
         self.metrics.count_from(span_counters)
         self.metrics.count_from(redis_lease_counters)
+        self.metrics.count_from(jwks_counters)
         self.registry = make_registry(self.metrics)
         self.server: ProxyServer | None = None
 
@@ -480,6 +481,7 @@ class WorkerPlane:
                 merged.merge_state(state)
             except ValueError as error:
                 log.warning("worker metrics not merged: %s", error)
+        merged.count_from(jwks_counters)  # fetched here, for every worker
         self.metrics = merged
 
     def describe_workers(self) -> list[dict[str, Any]] | None:

@@ -105,6 +105,16 @@ PROCESS_COUNTERS: dict[str, tuple[str, str]] = {
         "OTLP export requests (batches of spans) that failed: a non-2xx answer after the one"
         " retry of a 429/502/503/504, a timeout or a connection error.",
     ),
+    "jwks_fetches": (
+        "gateway_jwks_fetches",
+        "JWK Set fetches of the jwt filter's jwks_url, made by the control plane for every"
+        " worker (gateway/filters/jwks.py).",
+    ),
+    "jwks_fetch_failures": (
+        "gateway_jwks_fetch_failures",
+        "JWK Set fetches that failed (not 200, not JSON, no usable key, timeout, connection"
+        " error): the previous keys stay in use.",
+    ),
     "ratelimit_lease_calls": (
         "gateway_ratelimit_lease_calls",
         "Lease entries sent to Redis in script calls (refills and returns of leased tokens).",

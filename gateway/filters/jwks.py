@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import jwt as pyjwt
 
-__all__ = ["STORE", "JwksFetcher", "JwksSettings", "JwksStore", "parse_jwks"]
+__all__ = ["STORE", "JwksFetcher", "JwksSettings", "JwksStore", "jwks_counters", "parse_jwks"]
 
 log = logging.getLogger("gateway.filters.jwks")
 
@@ -74,6 +74,15 @@ def parse_jwks(data: Any) -> dict[str | None, pyjwt.PyJWK]:
 
 
 # --------------------------------------------------------------------------- control plane
+
+# Every fetcher of this process (gateway.metrics.PROCESS_COUNTERS keys).
+_TOTALS = {"jwks_fetches": 0, "jwks_fetch_failures": 0}
+
+
+def jwks_counters() -> dict[str, int]:
+    """This process's fetches (a ``GatewayMetrics.count_from`` source; only the control
+    plane fetches)."""
+    return dict(_TOTALS)
 
 
 @dataclass(eq=False)
@@ -129,6 +138,7 @@ class JwksFetcher:
         import aiohttp
 
         entry.fetches += 1
+        _TOTALS["jwks_fetches"] += 1
         try:
             timeout = aiohttp.ClientTimeout(total=entry.settings.timeout)
             async with (
@@ -144,6 +154,7 @@ class JwksFetcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # keep the keys we have; the next refresh may work
+            _TOTALS["jwks_fetch_failures"] += 1
             log.warning("jwt: fetching JWKS from %s failed: %s", entry.url, exc)
         finally:
             entry.task = None

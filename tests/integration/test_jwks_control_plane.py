@@ -21,6 +21,7 @@ from jwt.algorithms import ECAlgorithm
 
 from tests.integration.backends import AppBackend, LoopThread
 from tests.integration.conftest import GatewayProcess
+from tests.metrics_text import metric_value
 
 ISSUER = "https://issuer.example"
 MIN_REFRESH = 4.0  # seconds: long enough for the "refused within it" step on a busy machine
@@ -157,6 +158,9 @@ def test_workers_share_one_fetch_and_a_rotation_within_the_rate_limit(
     assert issuer.fetches == 3
     # (The requests above were spread over the workers, so more than one worker checked.)
     assert sum(1 for served in _requests_by_worker(gateway).values() if served) >= 2
+    text = gateway.metrics_text()
+    assert metric_value(text, "gateway_jwks_fetches_total") == 3
+    assert metric_value(text, "gateway_jwks_fetch_failures_total") == 0
 
 
 def test_a_restarted_worker_gets_the_keys_without_a_fetch(
@@ -190,3 +194,4 @@ def test_one_process_fetches_in_process(
     issuer.kids = ["k1", "k2"]
     _wait_for(lambda: _status(gateway, "k2") == 200, "k2 accepted")
     assert issuer.fetches == 2
+    assert metric_value(gateway.metrics_text(), "gateway_jwks_fetches_total") == 2
