@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -40,12 +40,20 @@ from gateway.config.model import GatewayConfig, InstanceConfig
 from gateway.config.secrets import SCRUBBER
 from gateway.discovery import DiscoveryManager, add_discovery_routes
 from gateway.filters.chain import count_filter_errors
-from gateway.filters.otlp import stop_exporters
+from gateway.filters.jwks import STORE as JWKS_STORE
+from gateway.filters.jwks import JwksFetcher, JwksSettings, jwks_counters
+from gateway.filters.otlp import span_counters, stop_exporters
 from gateway.health.manager import HealthManager
 from gateway.metrics import GatewayMetrics, make_registry
 from gateway.proxy.server import ProxyServer
 from gateway.ratelimit.shared import table_slots
-from gateway.snapshot import Snapshot, build_snapshot, close_redis_stores, describe_upstreams
+from gateway.snapshot import (
+    Snapshot,
+    build_snapshot,
+    close_redis_stores,
+    describe_upstreams,
+    redis_lease_counters,
+)
 from gateway.tls.certs import load_with_tls
 from gateway.tls.metrics import CertificateExpiry
 from gateway.workers import (
@@ -224,6 +232,9 @@ class LocalPlane:
         self.metrics = GatewayMetrics(bucket_overrides=dict(config.metrics.buckets))
         self.metrics.declare((route.name, route.upstream) for route in config.routes)
         count_filter_errors(self.metrics.filter_error)
+        self.metrics.count_from(span_counters)
+        self.metrics.count_from(redis_lease_counters)
+        self.metrics.count_from(jwks_counters)
         self.registry = make_registry(self.metrics)
         self.server: ProxyServer | None = None
 
@@ -336,6 +347,11 @@ class WorkerPlane:
             extra_addresses=[(li.address.host, li.address.port) for li in listeners[1:]],
         )
         self.pool.on_eject = self._worker_ejected
+        # jwks_url keys: fetched here once for every worker (gateway.filters.jwks). The
+        # supervisor's own snapshot (health checks, /admin) reads them from the same fetcher.
+        self.jwks = JwksFetcher(self._jwks_fetched)
+        JWKS_STORE.install(self._ask_jwks)
+        self.pool.on_jwks_refresh = self._worker_asks_jwks
         # Outlier ejections reported by workers and still running: (upstream, address) -> until.
         self.ejections: dict[tuple[str, str], float] = {}
         self._return_timer: asyncio.TimerHandle | None = None
@@ -391,6 +407,21 @@ class WorkerPlane:
     def _rebuild(self, config: GatewayConfig, discovered: Discovered) -> None:
         self.snapshot = build_snapshot(config, self.snapshot, discovered)
         apply_ejections(self.snapshot, self._ejected())
+
+    def _jwks_fetched(self, url: str, jwks: dict[str, Any] | None, fetched_at: float) -> None:
+        JWKS_STORE.update(url, jwks, fetched_at)
+        self.pool.broadcast(ipc.jwks_message(url, jwks, fetched_at))
+
+    def _ask_jwks(self, url: str, settings: JwksSettings, unknown_kid: bool) -> None:
+        self.jwks.request(url, settings, unknown_kid=unknown_kid, reply=JWKS_STORE.update)
+
+    def _worker_asks_jwks(
+        self, message: ipc.JwksRefreshMessage, answer: Callable[[str, Any, float], None]
+    ) -> None:
+        settings = JwksSettings(message["min_refresh"], message["cache_ttl"], message["timeout"])
+        self.jwks.request(
+            message["url"], settings, unknown_kid=message["unknown_kid"], reply=answer
+        )
 
     def _worker_ejected(self, message: ipc.EjectMessage) -> None:
         """A worker's outlier detection ejected an instance: show it in /admin/upstreams and
@@ -450,6 +481,7 @@ class WorkerPlane:
                 merged.merge_state(state)
             except ValueError as error:
                 log.warning("worker metrics not merged: %s", error)
+        merged.count_from(jwks_counters)  # fetched here, for every worker
         self.metrics = merged
 
     def describe_workers(self) -> list[dict[str, Any]] | None:
@@ -793,6 +825,10 @@ class ControlPlane:
         self.state.draining = True
         await self.plane.drain(drain_timeout)
         await stop_exporters()  # the tracing filter's last spans (workers: 1)
+        await JWKS_STORE.stop()  # a JWKS fetch in flight (workers: 1)
+        jwks = getattr(self.plane, "jwks", None)
+        if isinstance(jwks, JwksFetcher):
+            await jwks.stop()
         for task in list(self._background):
             task.cancel()
         await self.health.stop()

@@ -7,8 +7,10 @@ one parser per direction, used by the receiver: ``parse_to_worker`` / ``parse_to
 check every field and raise ``BadMessage`` for an unknown ``op`` or a malformed message, which
 the receiver logs and ignores. See ``gateway/workers.py`` for what each message does.
 
-supervisor -> worker: ``config``, ``discovered``, ``health``, ``eject``, ``metrics`` (request)
-worker -> supervisor: ``ready``, ``ack``, ``reject``, ``metrics`` (reply), ``eject``
+supervisor -> worker: ``config``, ``discovered``, ``health``, ``eject``, ``metrics`` (request),
+``jwks``
+worker -> supervisor: ``ready``, ``ack``, ``reject``, ``metrics`` (reply), ``eject``,
+``jwks_refresh``
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ __all__ = [
     "Ejected",
     "HealthMessage",
     "InstanceState",
+    "JwksMessage",
+    "JwksRefreshMessage",
     "MetricsReply",
     "MetricsRequest",
     "ReadyMessage",
@@ -45,6 +49,8 @@ __all__ = [
     "discovered_rows",
     "eject_message",
     "health_message",
+    "jwks_message",
+    "jwks_refresh_message",
     "metrics_reply",
     "metrics_request",
     "parse_to_supervisor",
@@ -141,7 +147,19 @@ class MetricsRequest(TypedDict):
     seq: int
 
 
-ToWorker = ConfigMessage | DiscoveredMessage | HealthMessage | EjectMessage | MetricsRequest
+class JwksMessage(TypedDict):
+    """A JWK Set the supervisor fetched for ``url`` (``jwks`` None: none fetched yet), after a
+    fetch to every worker, or to one worker as the answer to its ``jwks_refresh``."""
+
+    op: Literal["jwks"]
+    url: str
+    jwks: dict[str, Any] | None
+    fetched_at: float  # time.monotonic() of the fetch
+
+
+ToWorker = (
+    ConfigMessage | DiscoveredMessage | HealthMessage | EjectMessage | MetricsRequest | JwksMessage
+)
 
 
 # --------------------------------------------------------------------------- to the supervisor
@@ -174,8 +192,20 @@ class MetricsReply(TypedDict):
     state: dict[str, Any]  # GatewayMetrics.export_state()
 
 
+class JwksRefreshMessage(TypedDict):
+    """A worker asks for ``url``'s keys (``unknown_kid``: a token named a key it lacks) with
+    its filter's settings (seconds); answered by a ``jwks`` message."""
+
+    op: Literal["jwks_refresh"]
+    url: str
+    unknown_kid: bool
+    min_refresh: float
+    cache_ttl: float
+    timeout: float
+
+
 Reply = ReadyMessage | AckMessage | RejectMessage | MetricsReply
-ToSupervisor = Reply | EjectMessage
+ToSupervisor = Reply | EjectMessage | JwksRefreshMessage
 
 
 # --------------------------------------------------------------------------- constructors
@@ -238,6 +268,23 @@ def health_message(upstream: str, address: str, healthy: bool) -> HealthMessage:
 
 def eject_message(upstream: str, address: str, until: float) -> EjectMessage:
     return {"op": "eject", "upstream": upstream, "address": address, "until": until}
+
+
+def jwks_message(url: str, jwks: dict[str, Any] | None, fetched_at: float) -> JwksMessage:
+    return {"op": "jwks", "url": url, "jwks": jwks, "fetched_at": fetched_at}
+
+
+def jwks_refresh_message(
+    url: str, unknown_kid: bool, min_refresh: float, cache_ttl: float, timeout: float
+) -> JwksRefreshMessage:
+    return {
+        "op": "jwks_refresh",
+        "url": url,
+        "unknown_kid": unknown_kid,
+        "min_refresh": min_refresh,
+        "cache_ttl": cache_ttl,
+        "timeout": timeout,
+    }
 
 
 def metrics_request(seq: int) -> MetricsRequest:
@@ -413,6 +460,14 @@ def parse_to_worker(payload: bytes | Mapping[str, Any]) -> ToWorker:
         return _eject(message)
     if op == "metrics":
         return metrics_request(_int(message, "seq"))
+    if op == "jwks":
+        fetched_at = _field(message, "fetched_at")
+        return jwks_message(
+            _str(message, "url"),
+            _object_or_none(message, "jwks"),
+            # JSON has no infinity: orjson writes -inf (never fetched) as null.
+            -float("inf") if fetched_at is None else _number(fetched_at, "fetched_at"),
+        )
     raise BadMessage(f"unknown op {op!r}")
 
 
@@ -433,4 +488,12 @@ def parse_to_supervisor(payload: bytes | Mapping[str, Any]) -> ToSupervisor:
         return metrics_reply(_int(message, "seq"), state)
     if op == "eject":
         return _eject(message)
+    if op == "jwks_refresh":
+        return jwks_refresh_message(
+            _str(message, "url"),
+            _bool(message, "unknown_kid"),
+            _number(_field(message, "min_refresh"), "min_refresh"),
+            _number(_field(message, "cache_ttl"), "cache_ttl"),
+            _number(_field(message, "timeout"), "timeout"),
+        )
     raise BadMessage(f"unknown op {op!r}")

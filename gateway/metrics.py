@@ -86,6 +86,51 @@ _KNOWN_METHODS: frozenset[str] = frozenset(
 
 _STATE_VERSION = 2
 
+# Counters kept by parts of a process that never see a GatewayMetrics (the tracing filter's
+# OTLP exporters, the Redis store's token leases). They are read from sources registered with
+# ``count_from`` when metrics are scraped or exported, never on a request, and add up across
+# workers like the other counters. key -> (family name, help).
+PROCESS_COUNTERS: dict[str, tuple[str, str]] = {
+    "trace_spans_exported": (
+        "gateway_trace_spans_exported",
+        "Spans the tracing filter's OTLP exporters delivered (the receiver answered 2xx).",
+    ),
+    "trace_spans_dropped": (
+        "gateway_trace_spans_dropped",
+        "Spans the tracing filter did not deliver: its export queue was full, or their batch"
+        " failed (see gateway_trace_export_failures_total).",
+    ),
+    "trace_export_failures": (
+        "gateway_trace_export_failures",
+        "OTLP export requests (batches of spans) that failed: a non-2xx answer after the one"
+        " retry of a 429/502/503/504, a timeout or a connection error.",
+    ),
+    "jwks_fetches": (
+        "gateway_jwks_fetches",
+        "JWK Set fetches of the jwt filter's jwks_url, made by the control plane for every"
+        " worker (gateway/filters/jwks.py).",
+    ),
+    "jwks_fetch_failures": (
+        "gateway_jwks_fetch_failures",
+        "JWK Set fetches that failed (not 200, not JSON, no usable key, timeout, connection"
+        " error): the previous keys stay in use.",
+    ),
+    "ratelimit_lease_calls": (
+        "gateway_ratelimit_lease_calls",
+        "Lease entries sent to Redis in script calls (refills and returns of leased tokens).",
+    ),
+    "ratelimit_lease_tokens_granted": (
+        "gateway_ratelimit_lease_tokens_granted",
+        "Rate-limit tokens Redis granted to this gateway's leases.",
+    ),
+    "ratelimit_lease_tokens_returned": (
+        "gateway_ratelimit_lease_tokens_returned",
+        "Leased rate-limit tokens given back to Redis (expired or no longer used).",
+    ),
+}
+
+CounterSource = Callable[[], Mapping[str, int]]
+
 
 def normalize_method(method: str) -> str:
     """Return ``method`` if it is a well-known HTTP method, else ``"OTHER"`` (bounded labels)."""
@@ -187,6 +232,9 @@ class GatewayMetrics:
         # counts them, and the HTTP/1.1 share is derived at scrape time (total minus these), so
         # the HTTP/1.1 path pays nothing for gateway_downstream_requests_total{protocol}.
         self.h2_requests = 0
+        # PROCESS_COUNTERS: merged from other processes' states, plus the live sources.
+        self.process_counters: dict[str, int] = {}
+        self._counter_sources: list[CounterSource] = []
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -318,6 +366,25 @@ class GatewayMetrics:
     def upstream_connections(self, upstream: str, active: int, idle: int) -> None:
         """Report the current pooled connection counts of one upstream (a gauge; last wins)."""
         self.upstream_conns[upstream] = (active, idle)
+
+    def count_from(self, source: CounterSource) -> None:
+        """Read ``source()`` (PROCESS_COUNTERS keys -> totals since the process started) at
+        each scrape and export."""
+        self._counter_sources.append(source)
+
+    def _process_totals(self) -> dict[str, int]:
+        totals = dict(self.process_counters)
+        for source in self._counter_sources:
+            for key, count in source().items():
+                totals[key] = totals.get(key, 0) + count
+        return totals
+
+    def _process_families(self) -> list[Metric]:
+        totals = self._process_totals()
+        return [
+            CounterMetricFamily(name, doc, value=totals.get(key, 0))
+            for key, (name, doc) in PROCESS_COUNTERS.items()
+        ]
 
     # -- scrape time -------------------------------------------------------------------------
 
@@ -510,6 +577,7 @@ class GatewayMetrics:
             self._filter_errors_family(),
             self._grpc_requests_family(),
             self._downstream_requests_family(),
+            *self._process_families(),
         ]
 
     # -- multi-process aggregation ---------------------------------------------------------
@@ -547,6 +615,7 @@ class GatewayMetrics:
             "filter_errors": [[r, f, n] for (r, f), n in list(self.filter_errors.items())],
             "grpc_requests": [[r, u, c, n] for (r, u, c), n in list(self.grpc_requests.items())],
             "h2_requests": self.h2_requests,
+            "process_counters": self._process_totals(),
         }
 
     def merge_state(self, state: dict[str, Any]) -> None:
@@ -622,6 +691,9 @@ class GatewayMetrics:
             grpc_key = (route, upstream, code)
             self.grpc_requests[grpc_key] = self.grpc_requests.get(grpc_key, 0) + count
         self.h2_requests += state.get("h2_requests", 0)
+        counters = self.process_counters
+        for key, count in state.get("process_counters", {}).items():
+            counters[key] = counters.get(key, 0) + count
 
     # -- gRPC (gateway/proxy/h2/forward.py; not on the HTTP/1.1 path) -----------------------
 
@@ -702,6 +774,7 @@ class _GatewayCollector:
         ("gateway_filter_errors", "counter"),
         ("gateway_grpc_requests", "counter"),
         ("gateway_downstream_requests", "counter"),
+        *((name, "counter") for name, _ in PROCESS_COUNTERS.values()),
     )
 
     def __init__(self, metrics: GatewayMetrics) -> None:

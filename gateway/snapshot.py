@@ -548,6 +548,17 @@ def redis_store(config: RedisConfig, workers: int = 1) -> RedisStore:
     return store
 
 
+def redis_lease_counters() -> dict[str, int]:
+    """The token-lease counts of this process's Redis stores (a ``GatewayMetrics.count_from``
+    source; stores live until shutdown, so the sums never go back)."""
+    stores = list(_REDIS_STORES.values())
+    return {
+        "ratelimit_lease_calls": sum(store.lease_calls for store in stores),
+        "ratelimit_lease_tokens_granted": sum(store.leased for store in stores),
+        "ratelimit_lease_tokens_returned": sum(store.lease_returned for store in stores),
+    }
+
+
 async def close_redis_stores() -> None:
     while _REDIS_STORES:
         _, store = _REDIS_STORES.popitem()

@@ -25,11 +25,17 @@ supervisor -> worker
                   ``time.monotonic()`` seconds, one clock for every process on the machine).
   ``metrics``     {seq}: answered by ``metrics`` {seq, state: GatewayMetrics.export_state()}.
 
+  ``jwks``        {url, jwks, fetched_at}: a JWK Set the supervisor fetched (gateway.filters.
+                  jwks), to every worker after each fetch, or to one as the answer to its ask.
+
 worker -> supervisor
   ``ready`` {seq, pid, sha256}, ``ack`` {seq, sha256}, ``reject`` {seq, error}, ``metrics``,
   ``eject`` {upstream, address, until}: this worker's outlier detection ejected an instance;
   the supervisor records it and broadcasts it to every worker (the sender included: applying
   an ejection it already has is a no-op).
+  ``jwks_refresh`` {url, unknown_kid, min_refresh, cache_ttl, timeout}: a ``jwt`` filter needs
+  the keys of ``url`` (built, stale, or a token named an unknown kid); the supervisor fetches
+  (one fetch for every worker, at most one per min_refresh) or answers with what it has.
 
 ``discovered`` maps upstream -> [[host, port, weight], ...]; ``unhealthy`` lists
 [upstream, address] pairs that active checks hold down; ``ejected`` lists [upstream, address,
@@ -64,13 +70,16 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gateway import ipc
-from gateway.filters.otlp import stop_exporters
+from gateway.filters.jwks import STORE as JWKS_STORE
+from gateway.filters.jwks import JwksSettings
+from gateway.filters.otlp import span_counters, stop_exporters
 from gateway.ipc import (
     BadMessage,
     ConfigMessage,
     ConfigPayload,
     EjectMessage,
     InstanceState,
+    JwksRefreshMessage,
     Reply,
     ToWorker,
     read_frame,
@@ -78,7 +87,7 @@ from gateway.ipc import (
 )
 from gateway.proxy.connlimit import SharedConnectionCount
 from gateway.ratelimit.shared import DEFAULT_SLOTS, SharedTable
-from gateway.snapshot import close_redis_stores
+from gateway.snapshot import close_redis_stores, redis_lease_counters
 
 if TYPE_CHECKING:
     from gateway.config.model import GatewayConfig
@@ -189,6 +198,11 @@ class WorkerPool:
         self.hash_seed = 1 + secrets.randbelow(2**32 - 1)
         # Called with each ``eject`` message a worker sends (set by the owner of the pool).
         self.on_eject: Callable[[EjectMessage], None] | None = None
+        # Called with each ``jwks_refresh`` a worker sends and a function answering that
+        # worker (url, JWK Set, fetched_at), set by the owner of the pool.
+        self.on_jwks_refresh: (
+            Callable[[JwksRefreshMessage, Callable[[str, Any, float], None]], None] | None
+        ) = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -315,6 +329,10 @@ class WorkerPool:
             if message["op"] == "eject":
                 if self.on_eject is not None:
                     self.on_eject(message)
+                continue
+            if message["op"] == "jwks_refresh":
+                if self.on_jwks_refresh is not None:
+                    self.on_jwks_refresh(message, partial(_answer_jwks, worker))
                 continue
             if message["op"] == "ready" or message["op"] == "ack":
                 worker.sha256 = message["sha256"]
@@ -509,6 +527,11 @@ class WorkerPool:
         ]
 
 
+def _answer_jwks(worker: _Worker, url: str, jwks: Any, fetched_at: float) -> None:
+    if worker.process.returncode is None and not worker.writer.is_closing():
+        send(worker.writer, ipc.jwks_message(url, jwks, fetched_at))
+
+
 def _combine(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fold several exported states into one, so dead workers do not pile up."""
     if len(states) < 2:
@@ -602,6 +625,18 @@ async def run_worker(
 
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=ipc_fd))
+
+    def ask_jwks(url: str, settings: JwksSettings, unknown_kid: bool) -> None:
+        send(
+            writer,
+            ipc.jwks_refresh_message(
+                url, unknown_kid, settings.min_refresh, settings.cache_ttl, settings.timeout
+            ),
+        )
+
+    # jwks_url keys come from the supervisor (gateway.filters.jwks), from the first config
+    # on: validating it builds the filters.
+    JWKS_STORE.install(ask_jwks)
     frame = await read_frame(reader)
     try:
         first = ipc.parse_to_worker(frame) if frame is not None else None
@@ -630,6 +665,8 @@ async def run_worker(
     metrics = GatewayMetrics(bucket_overrides=dict(config.metrics.buckets))
     metrics.declare((route.name, route.upstream) for route in config.routes)
     count_filter_errors(metrics.filter_error)
+    metrics.count_from(span_counters)
+    metrics.count_from(redis_lease_counters)
     server = ProxyServer(_build(config, None, first), metrics)
     if first["connections"]:
         try:
@@ -675,6 +712,8 @@ async def run_worker(
             apply_ejections(
                 server.snapshot, [(message["upstream"], message["address"], message["until"])]
             )
+        elif message["op"] == "jwks":
+            JWKS_STORE.update(message["url"], message["jwks"], message["fetched_at"])
         elif message["op"] == "discovered":
             server.set_snapshot(_build(server.snapshot.config, server.snapshot, message))
         elif message["op"] == "config":

@@ -23,6 +23,16 @@ from typing import Any, Final, Protocol
 
 Headers = list[tuple[bytes, bytes]]  # field names lowercase, values as received
 
+# One upstream try of an exchange, as ``RequestInfo.attempts`` gives it to ``on_log``:
+# (instance address "host:port", start, end, label, outcome). Times are
+# ``time.perf_counter()`` seconds: start when the request was sent (a try that never got a
+# connection: when the try before it ended, or the exchange began); end when the response
+# was complete or the try failed. ``label`` is what ``retry_head`` returned for the try
+# ("" for the first). ``outcome``: "" for the try whose response the client got, else why
+# it ended: connect_failure, reset, timeout, a status code ("503"), or cancelled (a hedge
+# race lost, or the exchange ended while it ran).
+Attempt = tuple[str, float, float, str, str]
+
 
 class LocalReply:
     """A response made by a filter instead of forwarding the request (401, 403, a preflight)."""
@@ -44,9 +54,16 @@ class RequestInfo:
     ``upstream`` may be set by a request-phase hook (traffic splitting) to the name of another
     upstream of the snapshot; ``vars`` carries values between filters and into the access log
     (the keys ``consumer`` and ``trace_id`` are written to the access log when present).
+
+    ``retry_head``, when a request-phase hook sets it, is called by the data plane with the
+    upstream request head (bytes) before every try after the first (retries and hedges) and
+    returns the head to send and a label for that try (tracing: a fresh span id in
+    ``traceparent``). Only those tries pay for it. ``attempts``: the tries of the exchange
+    (``Attempt``, in the order they were made), set before ``on_log``.
     """
 
     __slots__ = (
+        "attempts",
         "client_ip",
         "headers",
         "host",
@@ -55,6 +72,7 @@ class RequestInfo:
         "protocol",
         "query",
         "request_id",
+        "retry_head",
         "route",
         "tls",
         "upstream",
@@ -86,6 +104,8 @@ class RequestInfo:
         self.tls = tls
         self.upstream: str | None = None
         self.vars: dict[str, Any] = {}
+        self.retry_head: Callable[[bytes], tuple[bytes, str]] | None = None
+        self.attempts: tuple[Attempt, ...] = ()
 
 
 class ResponseInfo:

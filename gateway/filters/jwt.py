@@ -4,11 +4,13 @@ Signatures are checked with PyJWT: HS256/384/512 with a shared ``secret``, RS*/P
 with keys from a JWKS (RFC 7517) ``jwks_file`` or ``jwks_url``. Then ``iss``, ``aud``, ``exp``
 and ``nbf`` (with ``leeway``), the required claims and the required scopes.
 
-A ``jwks_url`` is fetched with aiohttp, never on a request's critical path except when a
-token names a key id the gateway has not seen: that request waits for one refetch (shared by
-every request that arrives meanwhile, at most one per ``jwks_min_refresh``), the others are
-checked synchronously. Keys older than ``jwks_cache_ttl`` are refetched in the background
-while the cached ones stay in use.
+A ``jwks_url`` is fetched by the control plane, once for the whole gateway
+(``gateway.filters.jwks``: the supervisor with ``workers: N``, pushed to every worker), never
+on a request's critical path except when a token names a key id this process has not seen:
+that request waits for one refresh (shared by every request that arrives meanwhile, at most
+one ask per ``jwks_min_refresh`` per process and one fetch per ``jwks_min_refresh`` for the
+gateway), the others are checked synchronously. Keys older than ``jwks_cache_ttl`` are
+refetched in the background while the cached ones stay in use.
 
 Failures answer as RFC 6750 §3 says: no token -> 401 with a bare ``Bearer realm=...``
 challenge; a malformed Authorization header -> 400 ``invalid_request``; a bad, expired or
@@ -17,7 +19,6 @@ unverifiable token -> 401 ``invalid_token``; missing scopes -> 403 ``insufficien
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from typing import Any
 import jwt as pyjwt
 
 from gateway.filters.base import Filter, LocalReply, Pending, RequestInfo
+from gateway.filters.jwks import STORE, JwksSettings, parse_jwks
 
 __all__ = ["JwtFilter", "parse_jwks"]
 
@@ -37,28 +39,6 @@ log = logging.getLogger("gateway.filters.jwt")
 
 _CACHE_ENTRIES = 4096  # verified tokens remembered per filter (16-byte digests as keys)
 _UNSAFE_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5B\x5D-\x7E]")  # RFC 6750 §3 error_description
-
-
-def parse_jwks(data: Any) -> dict[str | None, pyjwt.PyJWK]:
-    """kid -> key of a JWK Set's signature keys; ValueError when it has none usable."""
-    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-        raise ValueError('not a JWK Set (expected {"keys": [...]})')
-    keys: dict[str | None, pyjwt.PyJWK] = {}
-    problems = []
-    for index, jwk in enumerate(data["keys"]):
-        if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
-            continue
-        try:
-            key = pyjwt.PyJWK(jwk)
-        except (pyjwt.PyJWKError, pyjwt.InvalidKeyError) as exc:
-            problems.append(f"key {index}: {exc}")
-            continue
-        keys[jwk.get("kid")] = key
-    if not keys:
-        raise ValueError(
-            "no usable signature key" + (f" ({'; '.join(problems)})" if problems else "")
-        )
-    return keys
 
 
 def _read_jwks_file(path: str) -> dict[str | None, pyjwt.PyJWK]:
@@ -112,17 +92,17 @@ class JwtFilter(Filter):
         }
         secret = options.get("secret")
         self.secret: bytes | None = secret.encode("utf-8") if secret is not None else None
-        self.keys: dict[str | None, pyjwt.PyJWK] = {}
+        self.file_keys: dict[str | None, pyjwt.PyJWK] = {}
         if options.get("jwks_file"):
-            self.keys = _read_jwks_file(options["jwks_file"])
+            self.file_keys = _read_jwks_file(options["jwks_file"])
         self.url: str | None = options.get("jwks_url")
-        self.cache_ttl = float(options.get("jwks_cache_ttl", 600.0))
-        self.min_refresh = float(options.get("jwks_min_refresh", 30.0))
-        self.fetch_timeout = float(options.get("jwks_timeout", 5.0))
-        self.fetched_at = -float("inf")  # monotonic time of the last good fetch
-        self.last_attempt = -float("inf")
-        self.fetches = 0  # attempts, for tests and /admin
-        self._refresh_task: asyncio.Task[None] | None = None
+        self.jwks = JwksSettings(
+            min_refresh=float(options.get("jwks_min_refresh", 30.0)),
+            cache_ttl=float(options.get("jwks_cache_ttl", 600.0)),
+            timeout=float(options.get("jwks_timeout", 5.0)),
+        )
+        if self.url is not None:
+            STORE.watch(self.url, self.jwks)  # keys asked for now, not at the first request
         # digest of a verified token -> (claims, valid until, valid from), unix time
         self._verified: dict[bytes, tuple[dict[str, Any], float, float]] = {}
 
@@ -161,20 +141,25 @@ class JwtFilter(Filter):
             return self._challenge(401, "invalid_token", "signature algorithm not accepted")
         kid = header.get("kid")
         key = self._key_for(kid)
-        if self.url is not None:
-            now = time.monotonic()
+        url = self.url
+        if url is not None:
             if key is None:
-                if self._refresh_task is not None or now - self.last_attempt >= self.min_refresh:
+                if STORE.refresh(url, self.jwks, unknown_kid=True):
                     return Pending(self._verify_after_refresh(request, token, kid))
                 return self._challenge(401, "invalid_token", "unknown key id")
-            if (
-                now - self.fetched_at >= self.cache_ttl
-                and now - self.last_attempt >= self.min_refresh
-            ):
-                self._start_refresh()  # stale keys: refetch in the background, use them meanwhile
+            if time.monotonic() - STORE.fetched_at(url) >= self.jwks.cache_ttl:
+                # Stale keys: refetched in the background, used meanwhile.
+                STORE.refresh(url, self.jwks, unknown_kid=False)
         if key is None:
             return self._challenge(401, "invalid_token", "unknown key id")
         return self._verify(request, token, key)
+
+    @property
+    def keys(self) -> dict[str | None, pyjwt.PyJWK]:
+        """The keys tokens are checked with: the jwks_url's as last fetched, or jwks_file's."""
+        if self.url is not None:
+            return STORE.keys(self.url) or {}
+        return self.file_keys
 
     def _key_for(self, kid: object) -> Any:
         if self.secret is not None:
@@ -279,43 +264,12 @@ class JwtFilter(Filter):
     async def _verify_after_refresh(
         self, request: RequestInfo, token: str, kid: object
     ) -> LocalReply | None:
-        task = self._start_refresh()
-        await asyncio.shield(task)
+        assert self.url is not None
+        await STORE.wait(self.url)
         key = self._key_for(kid)
         if key is None:
             return self._challenge(401, "invalid_token", "unknown key id")
         return self._verify(request, token, key)
-
-    def _start_refresh(self) -> asyncio.Task[None]:
-        if self._refresh_task is None:
-            self.last_attempt = time.monotonic()
-            task = asyncio.get_running_loop().create_task(self._fetch())
-            self._refresh_task = task
-
-            def done(_: asyncio.Task[None]) -> None:
-                self._refresh_task = None
-
-            task.add_done_callback(done)
-        return self._refresh_task
-
-    async def _fetch(self) -> None:
-        import aiohttp
-
-        assert self.url is not None
-        self.fetches += 1
-        try:
-            timeout = aiohttp.ClientTimeout(total=self.fetch_timeout)
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.get(self.url, headers={"Accept": "application/json"}) as response,
-            ):
-                if response.status != 200:
-                    raise ValueError(f"HTTP {response.status}")
-                data = await response.json(content_type=None)
-            self.keys = parse_jwks(data)
-            self.fetched_at = time.monotonic()
-        except Exception as exc:  # keep the keys we have; the next refresh may work
-            log.warning("jwt: fetching JWKS from %s failed: %s", self.url, exc)
 
 
 def _granted_scopes(claims: Mapping[str, Any]) -> set[str]:

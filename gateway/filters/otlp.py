@@ -25,10 +25,13 @@ if TYPE_CHECKING:
     import aiohttp
 
 __all__ = [
+    "AttemptSpan",
+    "ServerSpan",
     "SpanExporter",
     "SpanRecord",
     "encode_spans",
     "live_exporters",
+    "span_counters",
     "span_dict",
     "stop_exporters",
 ]
@@ -37,9 +40,15 @@ log = logging.getLogger("gateway.filters.otlp")
 
 # (trace_id, span_id, parent_span_id or "", start ns, end ns, method, path, route, host,
 #  client address, status): a tuple is the cheapest thing on_log can build.
-SpanRecord = tuple[str, str, str, int, int, str, str, str, str, str, int]
+ServerSpan = tuple[str, str, str, int, int, str, str, str, str, str, int]
+# An upstream try (a CLIENT span, child of the gateway's): (trace_id, span_id, parent_span_id,
+# start ns, end ns, method, instance address "host:port", resend count, status (0: none),
+# error type ("": none)). Told apart from a ServerSpan by its length (10).
+AttemptSpan = tuple[str, str, str, int, int, str, str, int, int, str]
+SpanRecord = ServerSpan | AttemptSpan
 
 SPAN_KIND_SERVER = 2  # opentelemetry.proto.trace.v1.Span.SpanKind
+SPAN_KIND_CLIENT = 3
 STATUS_CODE_ERROR = 2  # opentelemetry.proto.trace.v1.Status.StatusCode
 _RETRYABLE = frozenset({429, 502, 503, 504})  # OTLP/HTTP "Retryable Response Codes"
 _MAX_RETRY_DELAY = 5.0  # seconds: a longer Retry-After is not honoured (the batch is dropped)
@@ -47,6 +56,18 @@ _LOG_INTERVAL = 10.0  # seconds between two logged export failures of one export
 SCOPE_NAME = "gateway.filters.tracing"
 
 _EXPORTERS: set[SpanExporter] = set()
+# Every exporter of this process since it started (a reload replaces exporters, and counters
+# must not go back): gateway.metrics.PROCESS_COUNTERS keys.
+_TOTALS: dict[str, int] = {
+    "trace_spans_exported": 0,
+    "trace_spans_dropped": 0,
+    "trace_export_failures": 0,
+}
+
+
+def span_counters() -> dict[str, int]:
+    """The exporters' counts in this process (a ``GatewayMetrics.count_from`` source)."""
+    return dict(_TOTALS)
 
 
 def live_exporters() -> list[SpanExporter]:
@@ -60,8 +81,49 @@ def _attribute(key: str, value: str | int) -> dict[str, Any]:
     return {"key": key, "value": {"stringValue": value}}
 
 
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port) if port.isdigit() else 0
+
+
+def _attempt_attributes(record: AttemptSpan) -> list[dict[str, Any]]:
+    _, _, _, _, _, method, address, resends, status, error = record
+    host, port = _host_port(address)
+    attributes = [
+        _attribute("http.request.method", method),
+        _attribute("server.address", host),
+        _attribute("server.port", port),
+    ]
+    if resends:
+        attributes.append(_attribute("http.request.resend_count", resends))
+    if status:
+        attributes.append(_attribute("http.response.status_code", status))
+    if error:
+        attributes.append(_attribute("error.type", error))
+    return attributes
+
+
+def _attempt_failed(record: AttemptSpan) -> bool:
+    # Semantic conventions: a client span is an error on 4xx and 5xx, and when it got no answer.
+    return bool(record[9]) or record[8] >= 400 or record[8] == 0
+
+
 def span_dict(record: SpanRecord) -> dict[str, Any]:
-    trace_id, span_id, parent, start, end, method, path, route, host, client, status = record
+    if len(record) == 10:
+        attempt: AttemptSpan = record  # type: ignore[assignment]
+        return {
+            "traceId": attempt[0],
+            "spanId": attempt[1],
+            "parentSpanId": attempt[2],
+            "name": attempt[5],
+            "kind": SPAN_KIND_CLIENT,
+            "startTimeUnixNano": str(attempt[3]),
+            "endTimeUnixNano": str(attempt[4]),
+            "attributes": _attempt_attributes(attempt),
+            "status": {"code": STATUS_CODE_ERROR} if _attempt_failed(attempt) else {},
+        }
+    server: ServerSpan = record  # type: ignore[assignment]
+    trace_id, span_id, parent, start, end, method, path, route, host, client, status = server
     attributes = [
         _attribute("http.request.method", method),
         _attribute("url.path", path),
@@ -96,7 +158,10 @@ def encode_spans(records: Iterable[SpanRecord], service_name: str) -> bytes:
     quote = _quote
     parts = []
     for record in records:
-        trace_id, span_id, parent, start, end, method, path, route, host, client, status = record
+        if len(record) == 10:
+            parts.append(_encode_attempt(record))  # type: ignore[arg-type]
+            continue
+        trace_id, span_id, parent, start, end, method, path, route, host, client, status = record  # type: ignore[misc]
         method_q = quote(method)
         route_q = quote(route)
         parts.append(
@@ -126,6 +191,34 @@ def encode_spans(records: Iterable[SpanRecord], service_name: str) -> bytes:
         f'{{"stringValue":{quote(service_name)}}}}}]}},"scopeSpans":[{{"scope":{{"name":'
         f'"{SCOPE_NAME}"}},"spans":[' + ",".join(parts) + "]}]}]}"
     ).encode()
+
+
+def _int_attribute(key: str, value: int) -> str:
+    return f'{{"key":"{key}","value":{{"intValue":"{value}"}}}}'
+
+
+def _encode_attempt(record: AttemptSpan) -> str:
+    """``span_dict`` of an AttemptSpan, as JSON text (see ``encode_spans``)."""
+    trace_id, span_id, parent, start, end, method, address, resends, status, error = record
+    host, port = _host_port(address)
+    quote = _quote
+    return (
+        f'{{"traceId":"{trace_id}","spanId":"{span_id}","parentSpanId":"{parent}",'
+        f'"name":{quote(method)},"kind":{SPAN_KIND_CLIENT},'
+        f'"startTimeUnixNano":"{start}","endTimeUnixNano":"{end}","attributes":['
+        f'{{"key":"http.request.method","value":{{"stringValue":{quote(method)}}}}},'
+        f'{{"key":"server.address","value":{{"stringValue":{quote(host)}}}}},'
+        + _int_attribute("server.port", port)
+        + ("," + _int_attribute("http.request.resend_count", resends) if resends else "")
+        + ("," + _int_attribute("http.response.status_code", status) if status else "")
+        + (f',{{"key":"error.type","value":{{"stringValue":{quote(error)}}}}}' if error else "")
+        + "],"
+        + (
+            f'"status":{{"code":{STATUS_CODE_ERROR}}}}}'
+            if _attempt_failed(record)
+            else '"status":{}}'
+        )
+    )
 
 
 def _retry_delay(value: str | None, default: float) -> float | None:
@@ -182,6 +275,7 @@ class SpanExporter:
             self._closed and (self._task is None or self._task.done())
         ):
             self.dropped += 1
+            _TOTALS["trace_spans_dropped"] += 1
             return
         queue.append(span)
         if self._task is None:
@@ -251,6 +345,7 @@ class SpanExporter:
                     status, retry_after = answer.status, answer.headers.get("retry-after")
                 if 200 <= status < 300:
                     self.exported += len(spans)
+                    _TOTALS["trace_spans_exported"] += len(spans)
                     return
                 delay = _retry_delay(retry_after, self.retry_delay)
                 if attempt == 2 or status not in _RETRYABLE or delay is None:
@@ -263,6 +358,8 @@ class SpanExporter:
     def _failed(self, count: int, why: str) -> None:
         self.failures += 1
         self.dropped += count
+        _TOTALS["trace_export_failures"] += 1
+        _TOTALS["trace_spans_dropped"] += count
         now = time.monotonic()
         if now - self._last_logged >= _LOG_INTERVAL:
             self._last_logged = now

@@ -7,10 +7,13 @@ parent-id for the upstream) with the same trace-id, and the caller's sampled fla
 not (§3.3.1: a vendor that cannot parse traceparent must not use tracestate). The trace id goes
 into ``request.vars["trace_id"]``, which the access log writes.
 
-With ``export``, every sampled request becomes one SERVER span ("gateway") whose id is the
-parent-id sent upstream and whose parent is the caller's span, recorded in ``on_log`` and sent
-over OTLP/HTTP in batches by ``gateway.filters.otlp.SpanExporter`` (off the request path). An
-upstream-attempt child span needs attempt timings the data plane does not give ``on_log`` yet.
+With ``export``, every sampled request becomes one SERVER span (the gateway's) whose parent is
+the caller's span, and each upstream try one CLIENT span under it (``RequestInfo.attempts``).
+As in Envoy, the parent-id sent upstream is the try's span id: the first try's id goes into
+``traceparent`` at the request phase, and ``RequestInfo.retry_head`` puts a fresh one in the
+head of every later try (retries and hedges), so each upstream's spans nest under the try that
+reached it. Spans are recorded in ``on_log`` and sent over OTLP/HTTP in batches by
+``gateway.filters.otlp.SpanExporter`` (off the request path).
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ __all__ = ["TracingFilter", "parse_traceparent"]
 
 # §3.2.2: version "-" trace-id "-" parent-id "-" trace-flags, lowercase hex.
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+# Where the parent-id of the traceparent this filter wrote starts, from the field's "\r\n":
+# "\r\n" + "traceparent: " + "00-" + 32 hex + "-" (headers.build_request_head writes
+# "name: value").
+_FIELD = b"\r\ntraceparent: 00-"
+_PARENT_AT = len(_FIELD) + 33
 _MAX_TRACESTATE = 512  # §3.3.1.1: at least 512 characters must be propagated; beyond may go
 
 
@@ -74,6 +82,7 @@ class TracingFilter(Filter):
             )
         else:
             self.on_log = Filter.on_log.__get__(self)  # type: ignore[method-assign]
+        self._retry_head = self.retry_head  # bound once: requests store it, no new object
 
     def on_request_headers(self, request: RequestInfo) -> None:
         headers = request.headers
@@ -107,8 +116,14 @@ class TracingFilter(Filter):
                 if item[0] != b"traceparent"
                 and (item[0] != b"tracestate" or (keep_state and len(item[1]) <= _MAX_TRACESTATE))
             ]
+        sent_id = span_id
+        if sampled and self.exporter is not None:
+            # The first upstream try's span: its id is the parent-id the upstream sees.
+            sent_id = b"%016x" % (bits(64) or 1)
+            vars_["attempt_span_id"] = sent_id.decode("ascii")
+            request.retry_head = self._retry_head
         headers.append(
-            (b"traceparent", b"00-" + trace_id + b"-" + span_id + (b"-01" if sampled else b"-00"))
+            (b"traceparent", b"00-" + trace_id + b"-" + sent_id + (b"-01" if sampled else b"-00"))
         )
         vars_["trace_id"] = trace_id.decode("ascii")
         vars_["span_id"] = span_id.decode("ascii")
@@ -123,15 +138,28 @@ class TracingFilter(Filter):
         if trace_id is not None and self.response_header is not None:
             response.headers.append((self.response_header, trace_id.encode("ascii")))
 
+    def retry_head(self, head: bytes) -> tuple[bytes, str]:
+        """A later try of a sampled request: the same head with a new parent-id (the try's
+        span id, its label). A head without this filter's traceparent goes unchanged."""
+        at = head.find(_FIELD)
+        if at < 0:
+            return head, ""
+        start = at + _PARENT_AT
+        span_id = b"%016x" % (self._random.getrandbits(64) or 1)
+        return head[:start] + span_id + head[start + 16 :], span_id.decode("ascii")
+
     def on_log(self, request: RequestInfo, status: int, duration_s: float) -> None:
         vars_ = request.vars
         if not vars_.get("sampled") or self.exporter is None:
             return
         end = time.time_ns()
-        self.exporter.record(
+        trace_id = vars_["trace_id"]
+        span_id = vars_["span_id"]
+        record = self.exporter.record
+        record(
             (
-                vars_["trace_id"],
-                vars_["span_id"],
+                trace_id,
+                span_id,
                 vars_.get("parent_span_id", ""),
                 end - int(duration_s * 1e9),
                 end,
@@ -143,6 +171,34 @@ class TracingFilter(Filter):
                 status,
             )
         )
+        attempts = request.attempts
+        if not attempts:
+            return
+        # Attempt times are perf_counter seconds: placed on the wall clock from now.
+        now = time.perf_counter()
+        first_id = vars_.get("attempt_span_id", "")
+        method = request.method
+        for resends, (address, start, stop, label, outcome) in enumerate(attempts):
+            code = status
+            error = ""
+            if outcome:  # the try failed: a status code it answered, or why it ended
+                code = int(outcome) if outcome.isdigit() else 0
+                if not code:
+                    error = outcome
+            record(
+                (
+                    trace_id,
+                    label or first_id,
+                    span_id,
+                    end - int((now - start) * 1e9),
+                    end - int((now - stop) * 1e9),
+                    method,
+                    address,
+                    resends,
+                    code,
+                    error,
+                )
+            )
 
     def close(self) -> None:
         if self.exporter is not None:

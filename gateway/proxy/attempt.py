@@ -9,6 +9,11 @@ phases with itself as the argument, so the phases never ask which connection an 
 from. Which of two racing attempts wins is decided in one place, ``Failover._race_won``.
 
 Cost: one object with slots per try; a plain GET makes exactly one.
+
+Tries that end before their exchange (a retried failure, a lost hedge race) are kept as plain
+``Attempt`` tuples in ``Exchange.past_attempts`` (``record_try``: failure paths only), so that
+``on_log`` filters can be given every try (``exchange_attempts``; the tracing filter makes a
+span of each).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from gateway.filters.api import Attempt
     from gateway.proxy.downstream import Downstream
     from gateway.proxy.exchange import Exchange
     from gateway.proxy.headers import ResponseHead
@@ -117,3 +123,36 @@ class UpstreamAttempt:
     def bind_pool(self, pool: InstancePool) -> None:
         """Where the pool counts protocol errors (its first exchange tells it)."""
         pool.bind_metrics(self.client.server.metrics, self.ex.upstream_name)
+
+
+def record_try(
+    ex: Exchange, attempt: UpstreamAttempt, address: str, end: float, outcome: str, sent: bool
+) -> None:
+    """``attempt`` ended before the exchange (``outcome``: why); ``sent``: its request went out
+    on a connection (else it starts when the try before it ended, or the exchange began)."""
+    past = ex.past_attempts
+    start = attempt.t_start if sent and attempt.t_start else (past[-1][2] if past else ex.t_start)
+    labels = ex.attempt_labels
+    label = labels.get(attempt, "") if labels is not None else ""
+    ex.past_attempts = (*past, (address, start, end, label, outcome))
+    ex.last_ended = attempt
+
+
+def exchange_attempts(ex: Exchange, now: float) -> tuple[Attempt, ...]:
+    """Every try of the finished exchange ``ex``, in the order they were made: the ended ones,
+    then the current one (its outcome "" or the gateway's error code, e.g. upstream_timeout)."""
+    past = ex.past_attempts
+    attempt = ex.attempt
+    if attempt is None or attempt is ex.last_ended:
+        return past
+    start = attempt.t_start or (past[-1][2] if past else ex.t_start)
+    labels = ex.attempt_labels
+    instance = attempt.instance
+    current = (
+        instance.address if instance is not None else ex.instance_address,
+        start,
+        attempt.t_done or now,
+        labels.get(attempt, "") if labels is not None else "",
+        ex.error_code,
+    )
+    return (*past, current) if past else (current,)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from gateway.proxy.body import REPLAY_LIMIT, RequestBody
 
 if TYPE_CHECKING:
+    from gateway.filters.api import Attempt
     from gateway.idempotency.policy import Recorder
     from gateway.proxy.attempt import UpstreamAttempt
     from gateway.proxy.responses import RequestRejected
@@ -75,6 +76,12 @@ class Exchange:
     # and until the next one it is that failed try, without connection or instance.
     attempt: UpstreamAttempt | None = None
     hedge: UpstreamAttempt | None = None  # a second try racing ``attempt`` (failover._hedge)
+    # Tries that ended before the exchange (attempt.record_try; failure paths only), and the
+    # last of them, so the current try is not given twice.
+    past_attempts: tuple[Attempt, ...] = ()
+    last_ended: UpstreamAttempt | None = None
+    # What RequestInfo.retry_head returned for tries after the first (failover._retry_head).
+    attempt_labels: dict[UpstreamAttempt, str] | None = None
     head = b""
     status = 0
     interim = False

@@ -15,7 +15,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from gateway.proxy.attempt import UpstreamAttempt
+from gateway.proxy.attempt import UpstreamAttempt, record_try
 from gateway.proxy.downstream import Downstream
 from gateway.proxy.responses import RequestRejected
 from gateway.resilience.backoff import parse_retry_after
@@ -58,7 +58,7 @@ class Failover(_Base):
     ) -> None:
         ex = attempt.ex
         if attempt is ex.hedge:
-            self._drop_hedge(ex)  # the hedge failed; the first try goes on alone
+            self._drop_hedge(ex, RESET)  # the hedge failed; the first try goes on alone
             return
         if attempt is not ex.attempt:
             return
@@ -66,7 +66,7 @@ class Failover(_Base):
             # The first try failed while a hedge is in flight: the hedge carries on alone.
             if attempt.instance is not None and ex.upstream is not None:
                 ex.upstream.record_outcome(attempt.instance, False, True)
-            self._promote_hedge(ex, abort_primary=False)
+            self._promote_hedge(ex, abort_primary=False, outcome=RESET)
             return
         if (
             conn.used
@@ -101,13 +101,13 @@ class Failover(_Base):
     ) -> None:
         ex = attempt.ex
         if attempt is ex.hedge:
-            self._drop_hedge(ex)
+            self._drop_hedge(ex, RESET)
             return
         if attempt is not ex.attempt:
             return
         if ex.hedge is not None and not ex.response_started:
             conn.discard()
-            self._promote_hedge(ex, abort_primary=False)
+            self._promote_hedge(ex, abort_primary=False, outcome=RESET)
             return
         if not ex.response_started:
             conn.discard()
@@ -162,6 +162,10 @@ class Failover(_Base):
         attempt.conn = None
         attempt.read_deadline = 0.0
         attempt.release()
+        outcome = kind if kind != STATUS else str(status)
+        record_try(
+            ex, attempt, instance.address, time.perf_counter(), outcome, kind != CONNECT_FAILURE
+        )
         ex.tried += (instance,)
         ex.status = 0
         ex.interim = False
@@ -182,7 +186,20 @@ class Failover(_Base):
         if attempt is not None:
             if failed is not None:
                 attempt.t_start = failed.t_start  # upstream time runs on until it is attached
+            self._retry_head(ex, attempt)
             self._connect(attempt)
+
+    def _retry_head(self, ex: Exchange, attempt: UpstreamAttempt) -> None:
+        """A try after the first: a filter may change the head for it (RequestInfo.retry_head:
+        tracing gives each try its own span id)."""
+        filters = self.filters
+        if filters is not None and filters.exchange is ex:
+            retry_head = filters.request.retry_head
+            if retry_head is not None:
+                ex.head, label = retry_head(ex.head)
+                if ex.attempt_labels is None:
+                    ex.attempt_labels = {}
+                ex.attempt_labels[attempt] = label
 
     def _pick(
         self, ex: Exchange, upstream: Upstream, exclude: tuple[Instance, ...]
@@ -233,6 +250,7 @@ class Failover(_Base):
         hedge = ex.hedge = UpstreamAttempt(self, ex, instance)
         # Its clock starts with the try it races: its latency is what the client waits.
         hedge.t_start = primary.t_start
+        self._retry_head(ex, hedge)  # (the first try's head is sent: ex.head is the hedge's)
         pool: InstancePool = instance.pool  # type: ignore[assignment]  # see relay._connect
         conn = pool.acquire()
         if conn is not None:
@@ -266,12 +284,19 @@ class Failover(_Base):
         else:
             self._cancel_hedge(ex)  # the first try answered first
 
-    def _promote_hedge(self, ex: Exchange, *, abort_primary: bool) -> None:
-        """The hedge becomes the exchange's try; the first try is abandoned."""
+    def _promote_hedge(
+        self, ex: Exchange, *, abort_primary: bool, outcome: str = "cancelled"
+    ) -> None:
+        """The hedge becomes the exchange's try; the first try is abandoned (``outcome``: why,
+        for RequestInfo.attempts)."""
         primary = ex.attempt
         hedge = ex.hedge
         assert hedge is not None
         if primary is not None:
+            if primary.instance is not None:
+                record_try(
+                    ex, primary, primary.instance.address, time.perf_counter(), outcome, True
+                )
             if abort_primary:
                 primary.abandon()
             else:
@@ -286,10 +311,12 @@ class Failover(_Base):
         if upstream is not None:
             hedge.read_deadline = time.monotonic() + upstream.read_timeout
 
-    def _drop_hedge(self, ex: Exchange) -> None:
+    def _drop_hedge(self, ex: Exchange, outcome: str = "cancelled") -> None:
         hedge = ex.hedge
         if hedge is not None:
             ex.hedge = None
+            if hedge.conn is not None and hedge.instance is not None:  # it was sent
+                record_try(ex, hedge, hedge.instance.address, time.perf_counter(), outcome, True)
             hedge.abandon()
 
     def _cancel_hedge(self, ex: Exchange) -> None:
@@ -318,7 +345,8 @@ class Failover(_Base):
 
     def _upstream_timeout(self, ex: Exchange, reason: str, *, retryable: bool = True) -> None:
         if retryable and ex.hedge is not None and not ex.response_started:
-            self._promote_hedge(ex, abort_primary=True)  # the first try timed out, not the hedge
+            # The first try timed out, not the hedge.
+            self._promote_hedge(ex, abort_primary=True, outcome=TIMEOUT)
             return
         attempt = ex.attempt
         if attempt is not None:

@@ -17,6 +17,7 @@ from gateway.accesslog import iso_time
 from gateway.filters.api import SUSPENDED, FilterChain, LocalReply, RequestInfo
 from gateway.proxy import headers as hdr
 from gateway.proxy import responses
+from gateway.proxy.attempt import exchange_attempts
 from gateway.proxy.body import REPLAY_LIMIT
 from gateway.proxy.downstream import Downstream
 from gateway.proxy.exchange import Exchange
@@ -527,6 +528,7 @@ class RequestPhases(_Base):
         if filters is not None:
             self.filters = None
             if filters.chain.wants_log:
+                filters.request.attempts = exchange_attempts(ex, now)
                 filters.chain.on_log(filters.request, status, total)  # never raises (the chain's)
         access_log = server.access_log
         if access_log is not None:

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from gateway.ratelimit import Decision, LimitSpec, RedisStore, RouteLimiter
 from tests.integration.backends import AppBackend
 from tests.integration.conftest import GatewayProcess
+from tests.metrics_text import metric_value
 from tests.system.redis_fixture import RedisServer, redis_server
 from tests.system.test_ratelimit_gateways import Load
 from tests.system.test_ratelimit_redis import Recorder, wait_until
@@ -125,6 +126,42 @@ def test_a_busy_key_costs_few_script_calls(
         gateway.stop()
     assert statuses == [200] * 500
     assert calls <= 500 / 5, calls  # one script call per request without leasing
+
+
+def test_lease_counters_on_metrics_add_up_over_workers(
+    tmp_path: Path, redis_server: RedisServer, backend: AppBackend
+) -> None:
+    """gateway_ratelimit_lease_*_total: what the workers' leases took from Redis and gave back,
+    summed on the supervisor's /metrics."""
+    (gateway,) = start_gateways(
+        tmp_path, redis_server, backend, 1, {"rate": "100000/s", "burst": 100_000}, workers=2
+    )
+    try:
+        before = redis_server.command_calls("evalsha")
+        for _ in range(4):  # new connections: both workers get requests
+            connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
+            for _ in range(150):
+                connection.request("GET", "/echo/rl")
+                response = connection.getresponse()
+                response.read()
+                assert response.status == 200
+            connection.close()
+        text = gateway.metrics_text()
+        calls = metric_value(text, "gateway_ratelimit_lease_calls_total")
+        granted = metric_value(text, "gateway_ratelimit_lease_tokens_granted_total")
+        assert calls is not None and granted is not None
+        # Lease entries ride in script calls; at least one, at most a few per call.
+        assert 0 < calls <= 4 * (redis_server.command_calls("evalsha") - before), calls
+        assert granted > 0
+        # Idle for more than the 1 s lease ttl: unused tokens go back and are counted.
+        deadline = time.monotonic() + 15
+        while not metric_value(
+            gateway.metrics_text(), "gateway_ratelimit_lease_tokens_returned_total"
+        ):
+            assert time.monotonic() < deadline, "no returned lease tokens on /metrics"
+            time.sleep(0.1)
+    finally:
+        gateway.stop()
 
 
 @pytest.fixture

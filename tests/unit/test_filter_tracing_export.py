@@ -77,7 +77,12 @@ def test_on_log_records_the_gateway_span_of_a_sampled_request() -> None:
     trace_id, span_id, parent, start, end = span[:5]
     sent = dict(req.headers)[b"traceparent"].decode()
     assert (trace_id, parent) == (TRACE, PARENT)
-    assert sent == f"00-{TRACE}-{span_id}-01"  # the upstream's parent is the gateway span
+    assert span_id == req.vars["span_id"]
+    # The upstream's parent is the first try's span (a child of the gateway span; the data
+    # plane gives on_log the tries, none here), as Envoy sends it.
+    assert sent == f"00-{TRACE}-{req.vars['attempt_span_id']}-01"
+    assert req.vars["attempt_span_id"] != span_id
+    assert req.retry_head is not None
     assert before <= end <= time.time_ns() and end - start == 250_000_000
     assert span[-1] == 502
 

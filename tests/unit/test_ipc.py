@@ -39,6 +39,8 @@ TO_WORKER: list[ipc.ToWorker] = [
     ipc.health_message("users", "10.0.0.1:9001", False),
     ipc.eject_message("users", "10.0.0.1:9001", 99.25),
     ipc.metrics_request(7),
+    ipc.jwks_message("https://issuer.example/jwks.json", {"keys": [{"kty": "EC"}]}, 12.5),
+    ipc.jwks_message("https://issuer.example/jwks.json", None, 0.0),
 ]
 TO_SUPERVISOR: list[ipc.ToSupervisor] = [
     ipc.ready_message(1, 4242, "cd" * 32),
@@ -46,6 +48,7 @@ TO_SUPERVISOR: list[ipc.ToSupervisor] = [
     ipc.reject_message(3, "gateway.yaml:4: routes.0.upstream: unknown upstream 'x'"),
     ipc.metrics_reply(4, {"version": 2, "requests": [["r", "u", "GET", "200", 5]]}),
     ipc.eject_message("users", "10.0.0.1:9001", 99.0),
+    ipc.jwks_refresh_message("https://issuer.example/jwks.json", True, 30.0, 600.0, 5.0),
 ]
 
 
@@ -76,6 +79,34 @@ def test_integer_until_is_a_float() -> None:
     parsed = ipc.parse_to_supervisor(b'{"op":"eject","upstream":"u","address":"a:1","until":7}')
     assert parsed == {"op": "eject", "upstream": "u", "address": "a:1", "until": 7.0}
     assert isinstance(parsed["until"], float)
+
+
+def test_a_never_fetched_jwks_time_survives_json() -> None:
+    # -inf (no fetch yet) has no JSON form: orjson writes null, the parser reads -inf back.
+    parsed = ipc.parse_to_worker(wire(ipc.jwks_message("u", None, -float("inf"))))
+    assert parsed == {"op": "jwks", "url": "u", "jwks": None, "fetched_at": -float("inf")}
+
+
+@pytest.mark.parametrize(
+    ("frame", "problem"),
+    [
+        (
+            b'{"op": "jwks_refresh", "url": "u", "unknown_kid": 1, "min_refresh": 1,'
+            b' "cache_ttl": 1, "timeout": 1}',
+            "true or false",
+        ),
+        (
+            b'{"op": "jwks_refresh", "url": "u", "unknown_kid": true, "min_refresh": "1s",'
+            b' "cache_ttl": 1, "timeout": 1}',
+            "'min_refresh' must be a number",
+        ),
+        (b'{"op": "jwks_refresh", "unknown_kid": true}', "without 'url'"),
+    ],
+)
+def test_malformed_jwks_refresh(frame: bytes, problem: str) -> None:
+    with pytest.raises(BadMessage) as raised:
+        ipc.parse_to_supervisor(frame)
+    assert problem in str(raised.value)
 
 
 def test_discovered_rows_from_instances() -> None:
@@ -115,6 +146,8 @@ MALFORMED_TO_WORKER = [
         "must be a number",
     ),
     (b'{"op": "discovered", "discovered": {}, "unhealthy": []}', "without 'ejected'"),
+    (b'{"op": "jwks", "url": "u", "jwks": [], "fetched_at": 1}', "'jwks' must be an object"),
+    (b'{"op": "jwks", "url": "u", "jwks": null}', "without 'fetched_at'"),
 ]
 
 

@@ -332,3 +332,25 @@ def test_observations_land_in_the_exported_lists_after_declare_and_merge() -> No
         (("route", "s"),): 15.0,
         (("route", "t"),): 5.0,
     }
+
+
+def test_process_counters_are_read_from_sources_exported_and_summed() -> None:
+    counts = {"trace_spans_exported": 3, "ratelimit_lease_calls": 1}
+    worker = GatewayMetrics()
+    worker.count_from(lambda: counts)
+    worker.count_from(lambda: {"trace_spans_exported": 2})
+    counts["trace_spans_exported"] = 5  # read at export time, not at registration
+    state = json.loads(json.dumps(worker.export_state()))
+    assert state["process_counters"] == {"trace_spans_exported": 7, "ratelimit_lease_calls": 1}
+    total = GatewayMetrics()
+    total.merge_state(state)
+    total.merge_state(state)
+    text = generate_latest(make_registry(total)).decode()
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert values["gateway_trace_spans_exported_total"] == 14
+    assert values["gateway_ratelimit_lease_calls_total"] == 2
+    assert values["gateway_trace_export_failures_total"] == 0  # every one, at zero when unused
