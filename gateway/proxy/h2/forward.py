@@ -42,7 +42,13 @@ from gateway.proxy.h2.headers import (
 from gateway.proxy.headers import valid_request_id
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
 from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS
-from gateway.resilience.retry import GATEWAY_STATUSES, GRPC_UNAVAILABLE, IDEMPOTENT_METHODS, RESET
+from gateway.resilience.retry import (
+    GATEWAY_STATUSES,
+    GRPC_UNAVAILABLE,
+    IDEMPOTENT_METHODS,
+    RESET,
+    TIMEOUT,
+)
 
 if TYPE_CHECKING:
     from gateway.proxy.h2.bridge import StreamOwner
@@ -100,6 +106,8 @@ class NativeStream:
         "path",
         "policy",
         "pool",
+        "read_deadline",
+        "read_timeout",
         "request_body",
         "request_ended",
         "request_headers",
@@ -166,6 +174,10 @@ class NativeStream:
         self.bytes_in = 0
         self.bytes_out = 0
         self.deadline_timer: asyncio.TimerHandle | None = None
+        # Upstream read timeout of the current try (monotonic; 0: not running), checked by the
+        # connection's sweep (check_idle) as the HTTP/1.1 path checks its read deadline.
+        self.read_deadline = 0.0
+        self.read_timeout = 0.0  # the upstream's timeouts.read
 
     # -- start ----------------------------------------------------------------------------------
     def start(self, headers: Headers, end_stream: bool) -> bool:
@@ -265,6 +277,7 @@ class NativeStream:
             metrics.ratelimit(route.name, "dry_run" if decision.dry_run else "allowed")
         upstream = snapshot.upstreams[route.upstream]
         self.upstream = upstream
+        self.read_timeout = upstream.read_timeout
         breaker = upstream.breaker
         if breaker.max_requests and breaker.requests >= breaker.max_requests:
             breaker.requests_overflow += 1
@@ -368,6 +381,7 @@ class NativeStream:
                 stream.send_trailers(self.trailers_in)
             elif body:
                 stream.send_data(b"", end=True)
+            self._start_read_timer()
 
     # -- downstream events (from H2ServerConnection) -----------------------------------------
     def request_data(self, data: bytes, flow_length: int) -> None:
@@ -405,6 +419,7 @@ class NativeStream:
             stream.send_trailers(self.trailers_in)
         else:
             stream.send_data(b"", end=True)
+        self._start_read_timer()
 
     def window_opened(self) -> None:
         out = self.out
@@ -423,7 +438,19 @@ class NativeStream:
         self._ack_upstream()  # (resume_writing: the socket takes bytes again)
 
     def check_idle(self) -> None:
-        pass  # (deadlines have their own timer)
+        """(Each sweep of the connection, ``TICK``.) The upstream read timeout of this try."""
+        deadline = self.read_deadline
+        if not deadline:
+            return
+        owner = self.owner
+        now = owner.server.clock
+        if now <= deadline or self.finished or self.stream is None:
+            return
+        if self.out or owner.write_paused:
+            # The client is the slow party (the upstream waits for our acknowledgements).
+            self.read_deadline = now + self.read_timeout
+            return
+        self._read_timed_out()
 
     def client_gone(self) -> None:
         """The client reset the stream, or its connection is gone: cancel upstream too."""
@@ -443,6 +470,9 @@ class NativeStream:
     def on_response_headers(self, status: int, headers: Headers) -> None:
         if self.finished:
             return
+        if self.read_deadline:
+            # The per-try timeout ends with the head; the read timeout runs between events.
+            self.read_deadline = self.owner.server.clock + self.read_timeout
         self.status = status
         self.t_upstream_done = time.perf_counter()
         fields: Headers = [(b":status", b"%d" % status)]
@@ -462,6 +492,8 @@ class NativeStream:
     def on_data(self, chunk: bytes) -> None:
         if self.finished:
             return
+        if self.read_deadline:
+            self.read_deadline = self.owner.server.clock + self.read_timeout
         self.retry_grpc = False  # a response message: never retried after this
         if self.held_head is not None:
             self._send_head(self.held_head)
@@ -492,6 +524,7 @@ class NativeStream:
         if self.finished:
             return
         self.stream = None
+        self.read_deadline = 0.0
         if self.trailers is None and self._retry_unavailable():
             return
         self._response_done()
@@ -513,6 +546,7 @@ class NativeStream:
         if self.finished:
             return
         self.stream = None
+        self.read_deadline = 0.0
         if not never_processed and not self.headers_out:
             # As the HTTP/1.1 path counts a reset before the response started. A never-processed
             # stream (REFUSED_STREAM, a GOAWAY's) is the server declining cleanly: not counted.
@@ -541,6 +575,7 @@ class NativeStream:
         if self.finished:
             return
         self.stream = None
+        self.read_deadline = 0.0
         if not isinstance(error, PoolUnavailable):  # (full or closed pool: not the instance)
             self._outcome(False, True)
         # Nothing was sent: a retry cannot duplicate the request, whatever its method.
@@ -557,6 +592,43 @@ class NativeStream:
         self._ack_client(self.held_acks)
         self.held_acks = 0
         self.owner.schedule_flush()
+
+    # -- read and per-try timeouts -------------------------------------------------------------
+    def _start_read_timer(self) -> None:
+        """The try's request is all sent: the upstream has ``retry.per_try_timeout`` (when
+        shorter than ``timeouts.read``) for its response head, as on the HTTP/1.1 path
+        (relay._start_read_timer); after it, ``timeouts.read`` between events."""
+        if self.stream is None or self.finished:
+            return
+        first_read = self.read_timeout
+        policy = self.policy
+        if policy is not None and policy.per_try_timeout and policy.per_try_timeout < first_read:
+            first_read = policy.per_try_timeout
+        self.read_deadline = time.monotonic() + first_read
+
+    def _read_timed_out(self) -> None:
+        """No upstream event within the read (or per-try) timeout: a gateway failure; another
+        try when the policy has ``timeout`` and no response head or message went out yet,
+        else 504 (DEADLINE_EXCEEDED for gRPC, or a reset once the body started)."""
+        self.read_deadline = 0.0
+        self._outcome(False, True)
+        policy = self.policy
+        if (
+            not self.headers_out
+            and policy is not None
+            and TIMEOUT in policy.retry_kinds
+            and self._may_retry()
+            and self._idempotent()
+        ):
+            stream, self.stream = self.stream, None
+            if stream is not None:
+                stream.reset(_CANCEL)
+            self.held_head = None
+            self.grpc_status = None
+            self.status = 0
+            if self._retry(TIMEOUT):
+                return
+        self._error(504, "upstream_timeout", "upstream read timeout")
 
     # -- retries ------------------------------------------------------------------------------
     def _may_retry(self) -> bool:
