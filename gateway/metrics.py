@@ -187,6 +187,9 @@ class GatewayMetrics:
         # counts them, and the HTTP/1.1 share is derived at scrape time (total minus these), so
         # the HTTP/1.1 path pays nothing for gateway_downstream_requests_total{protocol}.
         self.h2_requests = 0
+        # (side, direction, frame, code) -> RST_STREAM / GOAWAY frames on HTTP/2 connections
+        # (gateway/proxy/h2/errors.py: fixed label sets, 120 series at most).
+        self.http2_errors: dict[tuple[str, str, str, str], int] = {}
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -510,6 +513,7 @@ class GatewayMetrics:
             self._filter_errors_family(),
             self._grpc_requests_family(),
             self._downstream_requests_family(),
+            self._http2_errors_family(),
         ]
 
     # -- multi-process aggregation ---------------------------------------------------------
@@ -547,6 +551,7 @@ class GatewayMetrics:
             "filter_errors": [[r, f, n] for (r, f), n in list(self.filter_errors.items())],
             "grpc_requests": [[r, u, c, n] for (r, u, c), n in list(self.grpc_requests.items())],
             "h2_requests": self.h2_requests,
+            "http2_errors": [[*key, n] for key, n in list(self.http2_errors.items())],
         }
 
     def merge_state(self, state: dict[str, Any]) -> None:
@@ -622,6 +627,9 @@ class GatewayMetrics:
             grpc_key = (route, upstream, code)
             self.grpc_requests[grpc_key] = self.grpc_requests.get(grpc_key, 0) + count
         self.h2_requests += state.get("h2_requests", 0)
+        for side, direction, frame, code, count in state.get("http2_errors", ()):
+            h2_key = (side, direction, frame, code)
+            self.http2_errors[h2_key] = self.http2_errors.get(h2_key, 0) + count
 
     # -- gRPC (gateway/proxy/h2/forward.py; not on the HTTP/1.1 path) -----------------------
 
@@ -639,6 +647,24 @@ class GatewayMetrics:
         )
         for (route, upstream, code), count in list(self.grpc_requests.items()):
             family.add_metric([route, upstream, code], count)
+        return family
+
+    def http2_error(self, side: str, direction: str, frame: str, code: str) -> None:
+        """A RST_STREAM or GOAWAY frame sent or received (gateway/proxy/h2/errors.py)."""
+        key = (side, direction, frame, code)
+        self.http2_errors[key] = self.http2_errors.get(key, 0) + 1
+
+    def _http2_errors_family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "gateway_http2_errors_total",
+            "RST_STREAM and GOAWAY frames on HTTP/2 connections, by side (downstream: client"
+            " connections, upstream: connections to h2c/h2 upstreams), direction (sent,"
+            " received), frame and RFC 9113 error code (UNKNOWN for another value). A GOAWAY"
+            " with NO_ERROR (a graceful close) is not counted.",
+            labels=["side", "direction", "frame", "code"],
+        )
+        for key, count in list(self.http2_errors.items()):
+            family.add_metric(list(key), count)
         return family
 
     def _downstream_requests_family(self) -> CounterMetricFamily:
@@ -702,6 +728,7 @@ class _GatewayCollector:
         ("gateway_filter_errors", "counter"),
         ("gateway_grpc_requests", "counter"),
         ("gateway_downstream_requests", "counter"),
+        ("gateway_http2_errors", "counter"),
     )
 
     def __init__(self, metrics: GatewayMetrics) -> None:

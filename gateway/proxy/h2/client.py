@@ -40,7 +40,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import h2.config
 import h2.connection
@@ -51,6 +51,10 @@ from h2.errors import ErrorCodes
 
 from gateway.config.model import UpstreamHttp2Config
 from gateway.pools import PoolFactory
+from gateway.proxy.h2.errors import UPSTREAM, CountingH2Connection, ErrorCounter
+
+if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
 
 # on_reset's error_code when the connection ended under the stream (no HTTP/2 code applies).
 CONNECTION_LOST = -1
@@ -112,7 +116,7 @@ class _GoawayTolerantStateMachine(h2.connection.H2ConnectionStateMachine):
     }
 
 
-class _ClientH2(h2.connection.H2Connection):
+class _ClientH2(CountingH2Connection):
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
         self.state_machine = _GoawayTolerantStateMachine()
@@ -243,6 +247,7 @@ class H2ClientConnection(asyncio.Protocol):
     def __init__(self, pool: H2InstancePool) -> None:
         self.pool = pool
         self.h2 = _ClientH2(_H2_CONFIG)
+        self.h2.error_counter = pool.error_counter
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.ready = False  # the server's SETTINGS arrived: max_streams is known
@@ -673,6 +678,9 @@ class H2InstancePool:
         # What a connection being opened is expected to carry: the last server's limit.
         self.expected_streams = 100
         self.connections_opened = 0  # total, for tests and the admin view
+        # RST_STREAM / GOAWAY counts (gateway_http2_errors_total{side="upstream"}); its metrics
+        # are bound by the first stream of the data plane (``bind_metrics``).
+        self.error_counter = ErrorCounter(UPSTREAM)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -881,6 +889,10 @@ class H2InstancePool:
     # translated to one stream: gateway/proxy/h2/from_h1.py.
     def acquire(self) -> None:
         return None
+
+    def bind_metrics(self, metrics: GatewayMetrics, upstream: str = "") -> None:
+        """Where its connections count RST_STREAM and GOAWAY frames (the first stream's)."""
+        self.error_counter.metrics = metrics
 
     def connect(self, callback: Callable[[Any, BaseException | None], None]) -> None:
         from gateway.proxy.h2.from_h1 import connect_translated

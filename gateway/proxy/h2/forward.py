@@ -363,6 +363,8 @@ class NativeStream:
         self.attempt += 1
         pool: H2InstancePool = instance.pool  # type: ignore[assignment]  # h2 upstreams' pools
         self.pool = pool
+        if pool.error_counter.metrics is None:
+            pool.bind_metrics(self.owner.server.metrics)
         self.t_try = time.perf_counter()
         if not self.t_upstream:
             self.t_upstream = self.t_try
