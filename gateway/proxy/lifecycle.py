@@ -41,6 +41,9 @@ class RequestPhases(_Base):
     """Route, filter request, admit, select peer; and the end of an exchange."""
 
     __slots__ = ()
+    # The access log's "protocol": HTTP/2 streams through the bridge say "h2"
+    # (gateway/proxy/h2/bridge.py), as native streams do.
+    log_protocol = "http1"
 
     def _dispatch(self, ex: Exchange) -> None:
         if ex.error is not None:
@@ -554,6 +557,7 @@ class RequestPhases(_Base):
                 "request_id": (ex.request_id or b"").decode("ascii", "replace"),
                 "client": self.peer_ip,
                 "listener": self.listener.name,
+                "protocol": self.log_protocol,
                 "method": ex.method_name,
                 "path": ex.url.decode("latin-1"),
                 "route": ex.route_name,

@@ -257,7 +257,6 @@ class NativeStream:
                 self._error(400, "invalid_target", str(exc))
                 return True
             url = new_path + (b"?" + query if query else b"")
-        self.path = url
         peer_ip = _peer_ip(owner)
         peer_trusted = peer_ip in snapshot.trusted_proxies
         limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
