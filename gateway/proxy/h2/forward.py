@@ -31,19 +31,16 @@ from typing import TYPE_CHECKING
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
 
-from gateway.accesslog import iso_time
 from gateway.proxy import grpc, responses
 from gateway.proxy.h2.client import PoolUnavailable
-from gateway.proxy.h2.headers import (
-    CONNECTION_SPECIFIC,
-    MalformedRequest,
-    request_head,
-)
+from gateway.proxy.h2.headers import CONNECTION_SPECIFIC, MalformedRequest, request_head
+from gateway.proxy.h2.native_report import peer_ip as _peer_ip
+from gateway.proxy.h2.native_report import record_response, report
+from gateway.proxy.h2.native_request import ClientFields, forwarded_fields
 from gateway.proxy.headers import valid_request_id
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
 from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS
 from gateway.resilience.retry import (
-    GATEWAY_STATUSES,
     GRPC_UNAVAILABLE,
     IDEMPOTENT_METHODS,
     RESET,
@@ -62,22 +59,11 @@ log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
 
-_KNOWN_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
-)
 # Response fields that mean nothing on an HTTP/2 stream (RFC 9113 §8.2.2).
 _RESPONSE_DROP = CONNECTION_SPECIFIC | {b"te"}
-# Request fields not forwarded: hop-by-hop, or rebuilt here.
-_REQUEST_DROP = CONNECTION_SPECIFIC | {b"host", b"x-request-id"}
 
 _NO_ERROR = int(ErrorCodes.NO_ERROR)
 _CANCEL = int(ErrorCodes.CANCEL)
-
-# grpc-status codes that passive health counts as 5xx, as the HTTP status outlier detection
-# sees (Envoy's mapping, gRPC's http-grpc-status-mapping.md the other way round): UNKNOWN,
-# INTERNAL, DATA_LOSS, UNIMPLEMENTED 500/501; UNAVAILABLE 503 and DEADLINE_EXCEEDED 504 are
-# gateway failures too. Any other code is an answer, not a failure of the instance.
-_GRPC_FAILURE_STATUS = {b"2": 500, b"13": 500, b"15": 500, b"12": 501, b"14": 503, b"4": 504}
 
 
 class NativeStream:
@@ -181,8 +167,9 @@ class NativeStream:
 
     # -- start ----------------------------------------------------------------------------------
     def start(self, headers: Headers, end_stream: bool) -> bool:
-        """Route the stream. False: its upstream is HTTP/1.1 (the bridge takes it; nothing was
-        sent). True: this object owns the stream (it may already be answered)."""
+        """Route the stream. False: it is for the bridge (an HTTP/1.1 upstream, filters, or a
+        request the bridge answers; nothing was sent). True: this object owns the stream (it
+        may already be answered)."""
         owner = self.owner
         snapshot: Snapshot = owner.server.snapshot
         try:
@@ -191,30 +178,9 @@ class NativeStream:
             return False  # (the bridge resets it with PROTOCOL_ERROR and counts it)
         if sum(len(n) + len(v) + 32 for n, v in headers) > owner.settings.max_header_list_size:
             return False  # (the bridge answers 431)
-        authority: bytes | None = None
-        scheme = b"http"
-        regular: Headers = []
-        content_type = b""
-        grpc_timeout: bytes | None = None
-        for name, value in headers:
-            if name[:1] == b":":
-                if name == b":authority":
-                    authority = value
-                elif name == b":scheme":
-                    scheme = value
-                continue
-            if name == b"host":
-                if authority is None:
-                    authority = value
-                continue
-            if name == b"content-type":
-                content_type = value
-            elif name == b"grpc-timeout":
-                grpc_timeout = value
-            regular.append((name, value))
+        fields = ClientFields(headers)
         self.method = method = head.method
-        method_name = method.decode("latin-1")
-        self.is_grpc = grpc.is_grpc(content_type)
+        self.is_grpc = grpc.is_grpc(fields.content_type)
         self.request_ended = end_stream
         try:
             url, _path, path_text, query, target_authority = parse_target(
@@ -223,21 +189,14 @@ class NativeStream:
         except InvalidTarget:
             return False  # (the bridge answers 400)
         if target_authority is not None:
-            authority = target_authority
-        host_text = authority.decode("latin-1") if authority is not None else ""
-        sni = ""
-        transport = owner.transport
-        if transport is not None:
-            ssl_object = transport.get_extra_info("ssl_object")
-            if ssl_object is not None:
-                sni = getattr(ssl_object, "gateway_sni", None) or ""
+            fields.authority = target_authority
         route = snapshot.routes.match(
-            method_name,
-            host_text,
+            method.decode("latin-1"),
+            fields.authority.decode("latin-1") if fields.authority is not None else "",
             path_text,
             query.decode("latin-1") if query else "",
-            regular,
-            sni,
+            fields.regular,
+            _sni(owner),
         )
         self.path = head.path
         if route is None:
@@ -259,14 +218,51 @@ class NativeStream:
             url = new_path + (b"?" + query if query else b"")
         peer_ip = _peer_ip(owner)
         peer_trusted = peer_ip in snapshot.trusted_proxies
+        admitted = self._admit(snapshot, route, peer_ip, peer_trusted, fields.regular, query)
+        if admitted is not None:
+            return admitted
+        upstream = self.upstream
+        assert upstream is not None
+        out, request_id = forwarded_fields(fields.regular, peer_ip, peer_trusted, fields.scheme)
+        if not request_id or not valid_request_id(request_id):
+            request_id = owner.server.request_ids.next()
+        self.request_id = request_id
+        out.append((b"x-request-id", request_id))
+        authority = fields.authority
+        if route.host_rewrite:
+            authority = route.host_rewrite.encode("latin-1")
+        self.request_headers = [
+            (b":method", method),
+            (b":scheme", b"https" if upstream.config.protocol == "h2" else b"http"),
+            (b":authority", authority or b""),
+            (b":path", url),
+            *out,
+        ]
+        if not self._arm_deadline(fields.grpc_timeout, route.timeout or None):
+            return True
+        self._try()
+        return True
+
+    def _admit(
+        self,
+        snapshot: Snapshot,
+        route: Route,
+        peer_ip: str,
+        peer_trusted: bool,
+        regular: Headers,
+        query: bytes,
+    ) -> bool | None:
+        """The route's local rate limit, then the upstream's breaker (``max_requests``) and
+        retry policy. None: admitted (``upstream`` and ``policy`` set, the breaker's and the
+        budget's counts taken); True: answered (429, 503); False: for the bridge (a
+        Redis-backed limit is decided on its path)."""
+        metrics = self.owner.server.metrics
         limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
         if limiter is not None:
-            # Local decisions only: a Redis-backed limit is decided by the bridge's path.
             if limiter.uses_redis:
                 self.route = None
                 return False
             decision = limiter.check_local(time.monotonic(), peer_ip, peer_trusted, regular, query)
-            metrics = owner.server.metrics
             if decision.holds_slot:
                 self.limiter = limiter  # given back in _complete
             if not decision.allowed:
@@ -280,7 +276,7 @@ class NativeStream:
         breaker = upstream.breaker
         if breaker.max_requests and breaker.requests >= breaker.max_requests:
             breaker.requests_overflow += 1
-            owner.server.metrics.breaker_overflow(upstream.name, "requests")
+            metrics.breaker_overflow(upstream.name, "requests")
             self._error(503, "circuit_open", f"upstream '{upstream.name}' is at max_requests")
             return True
         breaker.requests += 1
@@ -294,54 +290,23 @@ class NativeStream:
         self.retry_grpc = (
             policy is not None and self.is_grpc and GRPC_UNAVAILABLE in policy.retry_kinds
         )
-        # Headers toward the upstream: the client's, without connection-specific fields,
-        # with X-Forwarded-For / X-Forwarded-Proto / X-Request-Id as the HTTP/1.1 path adds.
-        request_id = b""
-        forwarded_for: bytes | None = None
-        out: Headers = []
-        for name, value in regular:
-            if name in _REQUEST_DROP:
-                if name == b"x-request-id":
-                    request_id = value
-                continue
-            if name == b"x-forwarded-for":
-                if peer_trusted:
-                    forwarded_for = value
-                continue
-            if name == b"x-forwarded-proto" and peer_trusted:
-                continue
-            out.append((name, value))
-        if not request_id or not valid_request_id(request_id):
-            request_id = owner.server.request_ids.next()
-        self.request_id = request_id
-        client = peer_ip.encode("ascii")
-        out.append(
-            (b"x-forwarded-for", forwarded_for + b", " + client if forwarded_for else client)
-        )
-        out.append((b"x-forwarded-proto", scheme))
-        out.append((b"x-request-id", request_id))
-        if route.host_rewrite:
-            authority = route.host_rewrite.encode("latin-1")
-        self.request_headers = [
-            (b":method", method),
-            (b":scheme", b"https" if upstream.config.protocol == "h2" else b"http"),
-            (b":authority", authority or b""),
-            (b":path", url),
-            *out,
-        ]
+        return None
+
+    def _arm_deadline(self, grpc_timeout: bytes | None, route_timeout: float | None) -> bool:
+        """``grpc-timeout`` capped by the route's timeout becomes the stream's deadline timer.
+        False: answered instead (a malformed ``grpc-timeout``, or one already past)."""
         try:
-            deadline = grpc.request_deadline(grpc_timeout, route.timeout or None)
+            deadline = grpc.request_deadline(grpc_timeout, route_timeout)
         except grpc.GrpcTimeoutError as exc:
             self._error(400, "invalid_grpc_timeout", str(exc))
-            return True
+            return False
         if deadline is not None:
             if deadline <= 0:
                 self._error(504, "deadline_exceeded", "the request's deadline passed")
-                return True
+                return False
             self.deadline_timer = asyncio.get_running_loop().call_later(
                 deadline, self._deadline_passed
             )
-        self._try()
         return True
 
     def _try(self) -> None:
@@ -811,25 +776,7 @@ class NativeStream:
             upstream.record_outcome(instance, success, gateway_failure)
 
     def _response_done(self) -> None:
-        """The try's response is complete: its latency for the balancer and /admin, and its
-        status (grpc-status for gRPC, mapped to HTTP) for outlier detection."""
-        instance = self.instance
-        upstream = self.upstream
-        if instance is None or upstream is None:
-            return
-        sample = time.perf_counter() - self.t_try
-        previous = instance.latency
-        instance.latency = sample if not previous else previous * 0.8 + sample * 0.2
-        if upstream.latency_samples is not None:
-            upstream.latency_samples.append(sample)
-        if upstream.observes_latency:
-            upstream.balancer.observe(instance, sample, time.monotonic())  # type: ignore[attr-defined]
-        status = self.status
-        if self.grpc_status is not None and self.is_grpc:
-            status = _GRPC_FAILURE_STATUS.get(self.grpc_status, 200)
-        if status >= 500 or instance.failing:
-            # Successes matter to outlier detection only when they end a failure streak.
-            upstream.record_outcome(instance, status < 500, status in GATEWAY_STATUSES)
+        record_response(self)  # (latency, passive health: native_report.py)
 
     # -- the end: count, log, give back -----------------------------------------------------
     def _complete(self, status: int) -> None:
@@ -853,61 +800,15 @@ class NativeStream:
         upstream = self.upstream
         if upstream is not None:
             upstream.breaker.requests -= 1
-        server = owner.server
-        now = time.perf_counter()
-        total = now - self.t_start
-        upstream_time: float | None = None
-        if self.t_upstream:
-            upstream_time = (self.t_upstream_done or now) - self.t_upstream
-        method_name = self.method.decode("latin-1")
-        route_name = self.route.name if self.route is not None else ""
-        upstream_name = upstream.name if upstream is not None else ""
-        server.metrics.h2_requests += 1  # (gateway_downstream_requests_total{protocol="h2"})
-        server.metrics.observe_request(
-            route_name,
-            upstream_name,
-            method_name if method_name in _KNOWN_METHODS else "OTHER",
-            status,
-            total,
-            upstream_time,
-            total - (upstream_time or 0.0),
-            self.bytes_in,
-            self.bytes_out,
-        )
-        if self.is_grpc:
-            server.metrics.grpc_request(
-                route_name, upstream_name, grpc.grpc_code_label(self.grpc_status)
-            )
-        access_log = server.access_log
-        if access_log is not None:
-            instance = self.tried[-1] if self.tried else None
-            access_log.record(
-                {
-                    "time": iso_time(time.time()),
-                    "request_id": self.request_id.decode("ascii", "replace"),
-                    "client": _peer_ip(owner),
-                    "listener": owner.listener.name,
-                    "method": method_name,
-                    "path": self.path.decode("latin-1"),
-                    "route": route_name,
-                    "upstream": upstream_name,
-                    "instance": instance.address if instance is not None else None,
-                    "status": status,
-                    "grpc_status": (
-                        self.grpc_status.decode("latin-1") if self.grpc_status is not None else None
-                    ),
-                    "protocol": "h2",
-                    "bytes_in": self.bytes_in,
-                    "bytes_out": self.bytes_out,
-                    "duration": round(total, 6),
-                    "upstream_duration": None if upstream_time is None else round(upstream_time, 6),
-                    "retries": max(self.attempt - 1, 0),
-                    "error": self.error_code or None,
-                }
-            )
+        report(self, status)
 
 
-def _peer_ip(owner: StreamOwner) -> str:
+def _sni(owner: StreamOwner) -> str:
+    """The server name a TLS client asked for (routes may match on it); "" on h2c."""
     transport = owner.transport
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    return peer[0] if peer else "0.0.0.0"
+    if transport is None:
+        return ""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return ""
+    return getattr(ssl_object, "gateway_sni", None) or ""
