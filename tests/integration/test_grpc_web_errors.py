@@ -63,6 +63,14 @@ def setup(start_gateway: Any) -> Iterator[Setup]:
                     "filters": [CORS, {"grpc_web": {}}],
                 },
                 {
+                    # No filters: HTTP/2 streams are exchanged natively (forward.py).
+                    "name": "native-limited",
+                    "match": {"path": {"prefix": "/nlimited/"}},
+                    "upstream": "grpc",
+                    "rewrite": {"strip_prefix": "/nlimited"},
+                    "rate_limit": {"rate": "1/min", "burst": 1},
+                },
+                {
                     "name": "slow",
                     "match": {"path": {"exact": f"/{ECHO}/Wait"}},
                     "upstream": "grpc",
@@ -166,4 +174,25 @@ def test_http2_client_through_the_bridge(setup: Setup, tmp_path: Path) -> None:
     assert head.startswith("http/2 200")
     assert "grpc-status: 14\r\n" in head
     assert "content-type: application/grpc-web\r\n" in head
+    assert (tmp_path / "out").read_bytes() == b""
+
+
+def test_native_stream_error_for_a_grpc_web_client(setup: Setup, tmp_path: Path) -> None:
+    """A route without filters: an HTTP/2 stream goes the native way, whose own errors (here
+    its local rate limit) answer a gRPC-Web client in its content type too."""
+    # Bodiless (END_STREAM on HEADERS): an answer decided before a body arrived would end
+    # with RST_STREAM(NO_ERROR) (RFC 9113 §8.1), which curl reports as an error.
+    command = [
+        "curl", "-sS", "--http2-prior-knowledge", "-D", "-", "-o", str(tmp_path / "out"),
+        "-X", "POST", "-H", "content-type: application/grpc-web-text",
+        f"{setup.url}/nlimited/{ECHO}/Unary",
+    ]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, timeout=30, check=False)
+    assert first.returncode == 0, first.stderr
+    result = subprocess.run(command, capture_output=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    head = result.stdout.decode().lower()
+    assert head.startswith("http/2 200")
+    assert "grpc-status: 8\r\n" in head  # RESOURCE_EXHAUSTED
+    assert "content-type: application/grpc-web-text\r\n" in head
     assert (tmp_path / "out").read_bytes() == b""

@@ -74,6 +74,7 @@ class NativeStream:
         "attempt",
         "bytes_in",
         "bytes_out",
+        "content_type",
         "deadline_timer",
         "end_sent",
         "error_code",
@@ -152,6 +153,7 @@ class NativeStream:
         self.end_sent = False
         self.finished = False
         self.is_grpc = False
+        self.content_type = b""  # the client's (a gRPC-Web client's errors: _error)
         self.retry_grpc = False
         self.messages_out = False  # a response DATA byte went to the client
         self.status = 0
@@ -180,6 +182,7 @@ class NativeStream:
             return False  # (the bridge answers 431)
         fields = ClientFields(headers)
         self.method = method = head.method
+        self.content_type = fields.content_type
         self.is_grpc = grpc.is_grpc(fields.content_type)
         self.request_ended = end_stream
         try:
@@ -710,7 +713,8 @@ class NativeStream:
         self._complete(self.status or 502)
 
     def _error(self, status: int, code: str, message: str) -> None:
-        """A response the gateway makes: Trailers-Only for gRPC, a JSON error otherwise."""
+        """A response the gateway makes: Trailers-Only for gRPC (and gRPC-Web, in its content
+        type), a JSON error otherwise."""
         if self.finished:
             return
         stream = self.stream
@@ -737,10 +741,17 @@ class NativeStream:
         if not self.request_id:
             self.request_id = self.owner.server.request_ids.next()
         request_id = self.request_id
-        if self.is_grpc:
+        web_type = (
+            None
+            if self.is_grpc or not self.content_type
+            else grpc.grpc_web_client_type([(b"content-type", self.content_type)])
+        )
+        if self.is_grpc or web_type is not None:
             grpc_code = grpc.gateway_error_status(status)
             self.grpc_status = b"%d" % grpc_code
             fields = grpc.trailers_only(grpc_code, message, [(b"x-request-id", request_id)])
+            if web_type is not None:  # gRPC-Web: the same, in the client's content type
+                fields[1] = (b"content-type", web_type)
             self._send(lambda conn: conn.send_headers(self.stream_id, fields, end_stream=True))
         else:
             body = responses.error_body(status, code, message, request_id)
