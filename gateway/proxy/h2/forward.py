@@ -37,14 +37,13 @@ from gateway.proxy.h2.headers import CONNECTION_SPECIFIC, MalformedRequest, requ
 from gateway.proxy.h2.native_report import peer_ip as _peer_ip
 from gateway.proxy.h2.native_report import record_response, report
 from gateway.proxy.h2.native_request import ClientFields, forwarded_fields
+from gateway.proxy.h2.native_tries import NativeTries
 from gateway.proxy.headers import valid_request_id
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
 from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS
 from gateway.resilience.retry import (
     GRPC_UNAVAILABLE,
-    IDEMPOTENT_METHODS,
     RESET,
-    TIMEOUT,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +65,7 @@ _NO_ERROR = int(ErrorCodes.NO_ERROR)
 _CANCEL = int(ErrorCodes.CANCEL)
 
 
-class NativeStream:
+class NativeStream(NativeTries):
     """One downstream HTTP/2 stream proxied to an HTTP/2 upstream; the ``StreamListener`` of
     its upstream stream (one at a time: each retry opens a new one)."""
 
@@ -406,21 +405,6 @@ class NativeStream:
     def update_producer(self) -> None:
         self._ack_upstream()  # (resume_writing: the socket takes bytes again)
 
-    def check_idle(self) -> None:
-        """(Each sweep of the connection, ``TICK``.) The upstream read timeout of this try."""
-        deadline = self.read_deadline
-        if not deadline:
-            return
-        owner = self.owner
-        now = owner.server.clock
-        if now <= deadline or self.finished or self.stream is None:
-            return
-        if self.out or owner.write_paused:
-            # The client is the slow party (the upstream waits for our acknowledgements).
-            self.read_deadline = now + self.read_timeout
-            return
-        self._read_timed_out()
-
     def client_gone(self) -> None:
         """The client reset the stream, or its connection is gone: cancel upstream too."""
         if self.finished:
@@ -562,87 +546,6 @@ class NativeStream:
         self.held_acks = 0
         self.owner.schedule_flush()
 
-    # -- read and per-try timeouts -------------------------------------------------------------
-    def _start_read_timer(self) -> None:
-        """The try's request is all sent: the upstream has ``retry.per_try_timeout`` (when
-        shorter than ``timeouts.read``) for its response head, as on the HTTP/1.1 path
-        (relay._start_read_timer); after it, ``timeouts.read`` between events."""
-        if self.stream is None or self.finished:
-            return
-        first_read = self.read_timeout
-        policy = self.policy
-        if policy is not None and policy.per_try_timeout and policy.per_try_timeout < first_read:
-            first_read = policy.per_try_timeout
-        self.read_deadline = time.monotonic() + first_read
-
-    def _read_timed_out(self) -> None:
-        """No upstream event within the read (or per-try) timeout: a gateway failure; another
-        try when the policy has ``timeout`` and no response head or message went out yet,
-        else 504 (DEADLINE_EXCEEDED for gRPC, or a reset once the body started)."""
-        self.read_deadline = 0.0
-        self._outcome(False, True)
-        policy = self.policy
-        if (
-            not self.headers_out
-            and policy is not None
-            and TIMEOUT in policy.retry_kinds
-            and self._may_retry()
-            and self._idempotent()
-        ):
-            stream, self.stream = self.stream, None
-            if stream is not None:
-                stream.reset(_CANCEL)
-            self.held_head = None
-            self.grpc_status = None
-            self.status = 0
-            if self._retry(TIMEOUT):
-                return
-        self._error(504, "upstream_timeout", "upstream read timeout")
-
-    # -- retries ------------------------------------------------------------------------------
-    def _may_retry(self) -> bool:
-        policy = self.policy
-        return (
-            policy is not None
-            and self.attempt < policy.attempts
-            and not self.messages_out
-            and self.request_body is not None  # (the body so far can be sent again)
-        )
-
-    def _replayable(self) -> bool:
-        return self.request_body is not None
-
-    def _idempotent(self) -> bool:
-        policy = self.policy
-        assert policy is not None
-        return self.method in IDEMPOTENT_METHODS or policy.allow_non_idempotent or self.is_grpc
-
-    def _retry_unavailable(self) -> bool:
-        """grpc-status 14 before any message went out, and the policy says so: try again."""
-        if not self.retry_grpc or self.grpc_status != b"14" or not self._may_retry():
-            return False
-        if not self._replayable():
-            return False
-        self._outcome(False, True)  # UNAVAILABLE: a 503 to outlier detection
-        if self.stream is not None:
-            stream, self.stream = self.stream, None
-            stream.reset(_CANCEL)
-        self.held_head = None
-        self.grpc_status = None
-        self.status = 0
-        return self._retry(GRPC_UNAVAILABLE)
-
-    def _retry(self, reason: str) -> bool:
-        upstream = self.upstream
-        assert upstream is not None
-        metrics = self.owner.server.metrics
-        if not upstream.budget.try_acquire(time.monotonic()):
-            metrics.retry(upstream.name, "budget_exhausted")
-            return False
-        metrics.retry(upstream.name, reason)
-        self._try()
-        return True
-
     # -- downstream output --------------------------------------------------------------------
     def _send(self, action: object) -> None:
         conn = self.owner.conn
@@ -779,13 +682,6 @@ class NativeStream:
             self._error(504, "deadline_exceeded", "the request's deadline passed")
 
     # -- passive health: what the HTTP/1.1 path feeds (relay.py, failover.py) ----------------
-    def _outcome(self, success: bool, gateway_failure: bool) -> None:
-        """One try's outcome to outlier detection (``Upstream.record_outcome``)."""
-        instance = self.instance
-        upstream = self.upstream
-        if instance is not None and upstream is not None:
-            upstream.record_outcome(instance, success, gateway_failure)
-
     def _response_done(self) -> None:
         record_response(self)  # (latency, passive health: native_report.py)
 
