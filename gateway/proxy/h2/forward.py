@@ -22,18 +22,17 @@ not paused. Neither side buffers more than one window.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
 from typing import TYPE_CHECKING
 
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError, StreamClosedError
 
 from gateway.proxy import grpc, responses
 from gateway.proxy.h2.client import PoolUnavailable
 from gateway.proxy.h2.headers import CONNECTION_SPECIFIC, MalformedRequest, request_head
+from gateway.proxy.h2.native_output import NativeOutput
 from gateway.proxy.h2.native_report import peer_ip as _peer_ip
 from gateway.proxy.h2.native_report import record_response, report
 from gateway.proxy.h2.native_request import ClientFields, forwarded_fields
@@ -65,7 +64,7 @@ _NO_ERROR = int(ErrorCodes.NO_ERROR)
 _CANCEL = int(ErrorCodes.CANCEL)
 
 
-class NativeStream(NativeTries):
+class NativeStream(NativeOutput, NativeTries):
     """One downstream HTTP/2 stream proxied to an HTTP/2 upstream; the ``StreamListener`` of
     its upstream stream (one at a time: each retry opens a new one)."""
 
@@ -389,19 +388,6 @@ class NativeStream(NativeTries):
             stream.send_data(b"", end=True)
         self._start_read_timer()
 
-    def window_opened(self) -> None:
-        out = self.out
-        while out:
-            data = out[0]
-            sent = self._push(data)
-            if sent < len(data):
-                out[0] = data[sent:]
-                break
-            out.popleft()
-        self._ack_upstream()
-        if not out:
-            self._end_if_sent()
-
     def update_producer(self) -> None:
         self._ack_upstream()  # (resume_writing: the socket takes bytes again)
 
@@ -545,75 +531,6 @@ class NativeStream(NativeTries):
         self._ack_client(self.held_acks)
         self.held_acks = 0
         self.owner.schedule_flush()
-
-    # -- downstream output --------------------------------------------------------------------
-    def _send(self, action: object) -> None:
-        conn = self.owner.conn
-        with contextlib.suppress(StreamClosedError, ProtocolError):
-            action(conn)  # type: ignore[operator]
-        self.owner.schedule_flush()
-
-    def _send_head(self, fields: Headers) -> None:
-        self.held_head = None
-        self.headers_out = True
-        self._send(lambda conn: conn.send_headers(self.stream_id, fields))
-
-    def _push(self, data: bytes) -> int:
-        conn = self.owner.conn
-        try:
-            window = conn.local_flow_control_window(self.stream_id)
-        except (StreamClosedError, ProtocolError):
-            return len(data)
-        if window <= 0:
-            return 0
-        size = min(len(data), window)
-        frame = conn.max_outbound_frame_size
-        view = memoryview(data)
-        offset = 0
-        while offset < size:
-            end = min(offset + frame, size)
-            conn.send_data(self.stream_id, bytes(view[offset:end]))
-            offset = end
-        self.unacked_up += size
-        return size
-
-    def _ack_upstream(self) -> None:
-        """Give the upstream window back for what went to the client, unless the client's
-        socket is paused (the bytes would pile up in its buffer)."""
-        if self.unacked_up and not self.owner.write_paused:
-            stream = self.stream
-            if stream is not None:
-                stream.acknowledge(self.unacked_up)
-            self.unacked_up = 0
-
-    def _ack_client(self, flow_length: int) -> None:
-        if flow_length and not self.finished:
-            with contextlib.suppress(StreamClosedError, ProtocolError):
-                self.owner.conn.acknowledge_received_data(flow_length, self.stream_id)
-
-    def _end_if_sent(self) -> None:
-        if not self.response_ended or self.out or self.end_sent or self.finished:
-            return
-        self.end_sent = True
-        trailers = self.trailers
-        if trailers is not None:
-            self._send(lambda conn: conn.send_headers(self.stream_id, trailers, end_stream=True))
-        else:
-            self._send(lambda conn: conn.end_stream(self.stream_id))
-        self._finish_stream()
-
-    def _finish_stream(self) -> None:
-        if not self.request_ended:
-            # RFC 9113 §8.1: a response complete before the request was: stop the body.
-            self._send(lambda conn: conn.reset_stream(self.stream_id, ErrorCodes.NO_ERROR))
-        self._complete(self.status)
-
-    def _reset_client(self, code: int) -> None:
-        if self.finished:
-            return
-        self.out.clear()
-        self._send(lambda conn: conn.reset_stream(self.stream_id, code))
-        self._complete(self.status or 502)
 
     def _error(self, status: int, code: str, message: str) -> None:
         """A response the gateway makes: Trailers-Only for gRPC (and gRPC-Web, in its content
