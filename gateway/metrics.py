@@ -235,6 +235,9 @@ class GatewayMetrics:
         # PROCESS_COUNTERS: merged from other processes' states, plus the live sources.
         self.process_counters: dict[str, int] = {}
         self._counter_sources: list[CounterSource] = []
+        # (side, direction, frame, code) -> RST_STREAM / GOAWAY frames on HTTP/2 connections
+        # (gateway/proxy/h2/errors.py: fixed label sets, 120 series at most).
+        self.http2_errors: dict[tuple[str, str, str, str], int] = {}
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -578,6 +581,7 @@ class GatewayMetrics:
             self._grpc_requests_family(),
             self._downstream_requests_family(),
             *self._process_families(),
+            self._http2_errors_family(),
         ]
 
     # -- multi-process aggregation ---------------------------------------------------------
@@ -616,6 +620,7 @@ class GatewayMetrics:
             "grpc_requests": [[r, u, c, n] for (r, u, c), n in list(self.grpc_requests.items())],
             "h2_requests": self.h2_requests,
             "process_counters": self._process_totals(),
+            "http2_errors": [[*key, n] for key, n in list(self.http2_errors.items())],
         }
 
     def merge_state(self, state: dict[str, Any]) -> None:
@@ -694,6 +699,9 @@ class GatewayMetrics:
         counters = self.process_counters
         for key, count in state.get("process_counters", {}).items():
             counters[key] = counters.get(key, 0) + count
+        for side, direction, frame, code, count in state.get("http2_errors", ()):
+            h2_key = (side, direction, frame, code)
+            self.http2_errors[h2_key] = self.http2_errors.get(h2_key, 0) + count
 
     # -- gRPC (gateway/proxy/h2/forward.py; not on the HTTP/1.1 path) -----------------------
 
@@ -711,6 +719,24 @@ class GatewayMetrics:
         )
         for (route, upstream, code), count in list(self.grpc_requests.items()):
             family.add_metric([route, upstream, code], count)
+        return family
+
+    def http2_error(self, side: str, direction: str, frame: str, code: str) -> None:
+        """A RST_STREAM or GOAWAY frame sent or received (gateway/proxy/h2/errors.py)."""
+        key = (side, direction, frame, code)
+        self.http2_errors[key] = self.http2_errors.get(key, 0) + 1
+
+    def _http2_errors_family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "gateway_http2_errors_total",
+            "RST_STREAM and GOAWAY frames on HTTP/2 connections, by side (downstream: client"
+            " connections, upstream: connections to h2c/h2 upstreams), direction (sent,"
+            " received), frame and RFC 9113 error code (UNKNOWN for another value). A GOAWAY"
+            " with NO_ERROR (a graceful close) is not counted.",
+            labels=["side", "direction", "frame", "code"],
+        )
+        for key, count in list(self.http2_errors.items()):
+            family.add_metric(list(key), count)
         return family
 
     def _downstream_requests_family(self) -> CounterMetricFamily:
@@ -775,6 +801,7 @@ class _GatewayCollector:
         ("gateway_grpc_requests", "counter"),
         ("gateway_downstream_requests", "counter"),
         *((name, "counter") for name, _ in PROCESS_COUNTERS.values()),
+        ("gateway_http2_errors", "counter"),
     )
 
     def __init__(self, metrics: GatewayMetrics) -> None:

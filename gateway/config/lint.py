@@ -86,6 +86,7 @@ def lint_config(
     for i, route in enumerate(config.routes):
         _strip_prefix(out, i, route)
         _route_timeouts(out, i, route, config.upstreams.get(route.upstream))
+        _grpc_web_upstream(out, i, route, config.upstreams.get(route.upstream))
     used = {route.upstream for route in config.routes}
     # traffic_split filters send requests to the upstreams they name, wherever they are.
     for spec in (
@@ -267,11 +268,36 @@ def _route_timeouts(
         )
 
 
+def _grpc_web_upstream(
+    out: _Collector, i: int, route: RouteConfig, upstream: UpstreamConfig | None
+) -> None:
+    # grpc_web turns a request into gRPC, which needs HTTP/2 to the upstream (trailers); over
+    # HTTP/1.1 no gRPC server takes it. A warning, not an error: the route may serve other
+    # requests, and a traffic_split filter may send the calls elsewhere.
+    if upstream is None or upstream.protocol != "http1":
+        return
+    for j, spec in enumerate(route.filters):
+        if spec.kind == "grpc_web":
+            out.warn(
+                ("routes", i, "filters", j),
+                f"grpc_web on a route to upstream '{route.upstream}', which speaks HTTP/1.1:"
+                " gRPC-Web calls need a gRPC upstream (upstreams.NAME.protocol: h2c or h2)",
+            )
+
+
 # --- upstreams --------------------------------------------------------------------------------
 
 
 def _upstream(out: _Collector, name: str, upstream: UpstreamConfig, used: set[str]) -> None:
     base: Path = ("upstreams", name)
+    if upstream.protocol == "http1":
+        for j, spec in enumerate(upstream.filters):
+            if spec.kind == "grpc_web":
+                out.warn(
+                    (*base, "filters", j),
+                    "grpc_web on an upstream that speaks HTTP/1.1: gRPC-Web calls need a gRPC"
+                    " upstream (protocol: h2c or h2)",
+                )
     if name not in used:
         out.warn(base, f"upstream {name!r} is not used by any route")
     outlier = upstream.outlier

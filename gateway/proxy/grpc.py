@@ -22,6 +22,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.proxy.filtering import FilterState
 
 
 class GrpcStatus(IntEnum):
@@ -226,3 +230,73 @@ def grpc_code_label(grpc_status: bytes | str | int | None) -> str:
     if isinstance(grpc_status, str):
         grpc_status = grpc_status.encode("latin-1", "replace")
     return _CODE_LABELS.get(grpc_status.strip(), INVALID_LABEL)
+
+
+# -- gRPC-Web errors ---------------------------------------------------------------------------
+
+_WEB_TYPE = b"application/grpc-web"
+# Fields of a gateway-made gRPC-Web error that response filters may not replace: the gateway
+# frames it, and the status is the point of it.
+_WEB_ERROR_FIXED = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"grpc-status", b"grpc-message"}
+)
+
+
+def grpc_web_client_type(
+    headers: Iterable[tuple[bytes, bytes]], marked: object = None
+) -> bytes | None:
+    """The gRPC-Web content type a client sent (lowercase, no parameters), or None when the
+    request is not gRPC-Web. ``marked``: what the ``grpc_web`` filter left in
+    ``request.vars`` (it rewrote the header to ``application/grpc``), when it ran."""
+    if isinstance(marked, str):
+        return marked.encode("latin-1")
+    for name, value in headers:
+        if name == b"content-type" or name.lower() == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            if media.startswith(_WEB_TYPE):
+                rest = media[len(_WEB_TYPE) :]
+                if not rest or rest.startswith((b"+", b"-text")):
+                    return media
+            return None
+    return None
+
+
+def grpc_web_error(
+    web_type: bytes,
+    http_status: int,
+    message: str,
+    request_id: bytes,
+    *,
+    keep_alive: bool,
+    http10: bool,
+    extra_headers: bytes = b"",
+    filters: FilterState | None = None,
+) -> bytes:
+    """A gateway-made error as a whole gRPC-Web Trailers-Only response (PROTOCOL-WEB.md:
+    trailers may come with the head, and no body): HTTP 200, the client's gRPC-Web content
+    type, the ``grpc-status`` of ``gateway_error_status(http_status)`` and ``grpc-message``.
+    The route's response-headers filters (``filters``, when they ran for the request) see it
+    as they see an upstream's answer, so ``cors`` adds what a browser needs to read it."""
+    code = gateway_error_status(http_status)
+    fields: list[tuple[bytes, bytes]] = [(b"content-type", web_type), (b"x-request-id", request_id)]
+    if filters is not None and filters.chain.wants_response_headers:
+        from gateway.filters.api import ResponseInfo
+
+        response = ResponseInfo(filters.request, 200, fields)
+        filters.chain.on_response_headers(response)
+        fields = response.headers
+    head = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ngrpc-status: %d\r\ngrpc-message: %s\r\n"
+        % (int(code), encode_grpc_message(message))
+    ]
+    if not keep_alive:
+        head.append(b"connection: close\r\n")
+    elif http10:
+        head.append(b"connection: keep-alive\r\n")
+    if extra_headers:
+        head.append(extra_headers)
+    for name, value in fields:
+        if name.lower() not in _WEB_ERROR_FIXED:
+            head.append(b"%s: %s\r\n" % (name, value))
+    head.append(b"\r\n")
+    return b"".join(head)

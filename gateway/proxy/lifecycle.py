@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.accesslog import iso_time
 from gateway.filters.api import SUSPENDED, FilterChain, LocalReply, RequestInfo
+from gateway.filters.grpc_web import GRPC_WEB_VAR
+from gateway.proxy import grpc, responses
 from gateway.proxy import headers as hdr
-from gateway.proxy import responses
 from gateway.proxy.attempt import exchange_attempts
 from gateway.proxy.body import REPLAY_LIMIT
 from gateway.proxy.downstream import Downstream
@@ -41,6 +42,9 @@ class RequestPhases(_Base):
     """Route, filter request, admit, select peer; and the end of an exchange."""
 
     __slots__ = ()
+    # The access log's "protocol": HTTP/2 streams through the bridge say "h2"
+    # (gateway/proxy/h2/bridge.py), as native streams do.
+    log_protocol = "http1"
 
     def _dispatch(self, ex: Exchange) -> None:
         if ex.error is not None:
@@ -466,18 +470,36 @@ class RequestPhases(_Base):
         ex.error_code = error.code
         if error.headers:
             extra_headers += error.headers
-        self.out.append(
-            responses.error_head(
-                status,
-                len(body),
-                request_id,
-                keep_alive=keep_alive,
-                http10=ex.version == "1.0",
-                extra_headers=extra_headers,
-            )
+        filters = self.filters
+        web_type = grpc.grpc_web_client_type(
+            ex.headers, filters.request.vars.get(GRPC_WEB_VAR) if filters is not None else None
         )
-        if not ex.is_head:
-            self.out.append(body)
+        if web_type is not None:  # a gRPC-Web client reads grpc-status, not a page (grpc.md)
+            self.out.append(
+                grpc.grpc_web_error(
+                    web_type,
+                    status,
+                    error.message,
+                    request_id,
+                    keep_alive=keep_alive,
+                    http10=ex.version == "1.0",
+                    extra_headers=extra_headers,
+                    filters=filters,
+                )
+            )
+        else:
+            self.out.append(
+                responses.error_head(
+                    status,
+                    len(body),
+                    request_id,
+                    keep_alive=keep_alive,
+                    http10=ex.version == "1.0",
+                    extra_headers=extra_headers,
+                )
+            )
+            if not ex.is_head:
+                self.out.append(body)
         ex.response_started = True
         ex.response_complete = True
         self.flush_to_client()
@@ -537,6 +559,7 @@ class RequestPhases(_Base):
                 "request_id": (ex.request_id or b"").decode("ascii", "replace"),
                 "client": self.peer_ip,
                 "listener": self.listener.name,
+                "protocol": self.log_protocol,
                 "method": ex.method_name,
                 "path": ex.url.decode("latin-1"),
                 "route": ex.route_name,

@@ -531,3 +531,34 @@ routes:
     assert "20s is not longer than the route timeout (30s)" in warning.message
     longer = text.replace("lock_timeout: 20s", "lock_timeout: 60s")
     assert not [w for w in warnings_of(longer) if "lock_timeout" in w.path]
+
+
+def test_grpc_web_to_an_http1_upstream_warns() -> None:
+    text = HEAD + (
+        "  grpc:\n"
+        "    instances: [127.0.0.1:7004]\n"
+        "    filters: [{grpc_web: {}}]\n"
+        "routes:\n"
+        "  - name: web\n"
+        "    upstream: users\n"
+        "    filters:\n"
+        "      - cors: {allow_origins: ['https://app.example']}\n"
+        "      - grpc_web: {}\n"
+        "  - {name: g, match: {path: {prefix: /g/}}, upstream: grpc}\n"
+    )
+    found = {(w.path, w.line): w.message for w in warnings_of(text) if "grpc_web" in w.message}
+    assert set(found) == {("routes[0].filters[1]", 16), ("upstreams.grpc.filters[0]", 10)}
+    assert "upstream 'users', which speaks HTTP/1.1" in found[("routes[0].filters[1]", 16)]
+    assert "protocol: h2c or h2" in found[("upstreams.grpc.filters[0]", 10)]
+
+
+def test_grpc_web_to_an_http2_upstream_does_not_warn() -> None:
+    text = HEAD + (
+        "  grpc:\n"
+        "    instances: [127.0.0.1:7004]\n"
+        "    protocol: h2c\n"
+        "    filters: [{grpc_web: {}}]\n"
+        "routes:\n"
+        "  - {name: web, upstream: grpc, filters: [{grpc_web: {}}]}\n"
+    )
+    assert [w for w in warnings_of(text) if "grpc_web" in w.message] == []

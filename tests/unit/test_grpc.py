@@ -15,6 +15,8 @@ from gateway.proxy.grpc import (
     encode_grpc_message,
     gateway_error_status,
     grpc_code_label,
+    grpc_web_client_type,
+    grpc_web_error,
     http_to_grpc_status,
     is_grpc,
     parse_grpc_timeout,
@@ -236,3 +238,55 @@ def test_grpc_code_label(value: bytes | str | int | None, label: str) -> None:
 
 def test_grpc_code_labels_are_bounded() -> None:
     assert len(GRPC_CODE_LABELS) == 18 and len(set(GRPC_CODE_LABELS)) == 18
+
+
+# -- gRPC-Web errors ---------------------------------------------------------------------------
+
+
+WEB = b"application/grpc-web"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "marked", "expected"),
+    [
+        (b"content-type", WEB, None, WEB),
+        (b"content-type", b"Application/gRPC-Web+proto; x=1", None, WEB + b"+proto"),
+        (b"content-type", WEB + b"-text", None, WEB + b"-text"),
+        (b"Content-Type", WEB + b"-text+json", None, WEB + b"-text+json"),
+        (b"content-type", WEB + b"foo", None, None),
+        (b"content-type", b"application/grpc", None, None),
+        (b"content-type", b"application/json", None, None),
+        (b"accept", WEB, None, None),
+        # The grpc_web filter rewrote the header; its mark is what the client sent.
+        (b"content-type", b"application/grpc", "application/grpc-web-text", WEB + b"-text"),
+    ],
+)
+def test_grpc_web_client_type(
+    name: bytes, value: bytes, marked: str | None, expected: bytes | None
+) -> None:
+    assert grpc_web_client_type([(name, value)], marked) == expected
+
+
+def test_grpc_web_error_is_trailers_only() -> None:
+    head = grpc_web_error(
+        b"application/grpc-web-text",
+        429,
+        "rate limit exceeded: 100%",
+        b"rid",
+        keep_alive=False,
+        http10=False,
+        extra_headers=b"retry-after: 1\r\n",
+    )
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK"
+    assert head.endswith(b"\r\n\r\n")
+    fields = dict(line.split(b": ", 1) for line in lines[1:] if line)
+    assert fields == {
+        b"content-length": b"0",
+        b"grpc-status": b"8",  # RESOURCE_EXHAUSTED
+        b"grpc-message": b"rate limit exceeded: 100%25",
+        b"connection": b"close",
+        b"retry-after": b"1",
+        b"content-type": b"application/grpc-web-text",
+        b"x-request-id": b"rid",
+    }

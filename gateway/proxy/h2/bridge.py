@@ -73,13 +73,15 @@ _STREAM_CLIENT: type[ClientConnection] | None = None
 def _stream_client() -> type[ClientConnection]:
     """``ClientConnection`` whose request counts as an HTTP/2 one
     (``gateway_downstream_requests_total{protocol="h2"}``), where it is observed: the
-    HTTP/1.1 path itself counts nothing for the label."""
+    HTTP/1.1 path itself counts nothing for the label; its access-log line says
+    ``"protocol": "h2"``."""
     global _STREAM_CLIENT
     if _STREAM_CLIENT is None:
         from gateway.proxy.listener import ClientConnection
 
         class StreamClient(ClientConnection):
             __slots__ = ()
+            log_protocol = "h2"  # (its access-log line)
 
             def _observe(self, ex: Exchange, status: int) -> None:
                 self.server.metrics.h2_requests += 1

@@ -22,27 +22,28 @@ not paused. Neither side buffers more than one window.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
 from typing import TYPE_CHECKING
 
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError, StreamClosedError
 
-from gateway.accesslog import iso_time
 from gateway.proxy import grpc, responses
 from gateway.proxy.h2.client import PoolUnavailable
-from gateway.proxy.h2.headers import (
-    CONNECTION_SPECIFIC,
-    MalformedRequest,
-    request_head,
-)
+from gateway.proxy.h2.headers import CONNECTION_SPECIFIC, MalformedRequest, request_head
+from gateway.proxy.h2.native_output import NativeOutput
+from gateway.proxy.h2.native_report import peer_ip as _peer_ip
+from gateway.proxy.h2.native_report import record_response, report
+from gateway.proxy.h2.native_request import ClientFields, forwarded_fields
+from gateway.proxy.h2.native_tries import NativeTries
 from gateway.proxy.headers import valid_request_id
 from gateway.proxy.normalize import InvalidTarget, normalize_rewritten, parse_target
 from gateway.proxy.responses import REFUSAL_MESSAGES, REFUSAL_RESULTS
-from gateway.resilience.retry import GATEWAY_STATUSES, GRPC_UNAVAILABLE, IDEMPOTENT_METHODS, RESET
+from gateway.resilience.retry import (
+    GRPC_UNAVAILABLE,
+    RESET,
+)
 
 if TYPE_CHECKING:
     from gateway.proxy.h2.bridge import StreamOwner
@@ -56,25 +57,14 @@ log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
 
-_KNOWN_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
-)
 # Response fields that mean nothing on an HTTP/2 stream (RFC 9113 §8.2.2).
 _RESPONSE_DROP = CONNECTION_SPECIFIC | {b"te"}
-# Request fields not forwarded: hop-by-hop, or rebuilt here.
-_REQUEST_DROP = CONNECTION_SPECIFIC | {b"host", b"x-request-id"}
 
 _NO_ERROR = int(ErrorCodes.NO_ERROR)
 _CANCEL = int(ErrorCodes.CANCEL)
 
-# grpc-status codes that passive health counts as 5xx, as the HTTP status outlier detection
-# sees (Envoy's mapping, gRPC's http-grpc-status-mapping.md the other way round): UNKNOWN,
-# INTERNAL, DATA_LOSS, UNIMPLEMENTED 500/501; UNAVAILABLE 503 and DEADLINE_EXCEEDED 504 are
-# gateway failures too. Any other code is an answer, not a failure of the instance.
-_GRPC_FAILURE_STATUS = {b"2": 500, b"13": 500, b"15": 500, b"12": 501, b"14": 503, b"4": 504}
 
-
-class NativeStream:
+class NativeStream(NativeOutput, NativeTries):
     """One downstream HTTP/2 stream proxied to an HTTP/2 upstream; the ``StreamListener`` of
     its upstream stream (one at a time: each retry opens a new one)."""
 
@@ -82,6 +72,7 @@ class NativeStream:
         "attempt",
         "bytes_in",
         "bytes_out",
+        "content_type",
         "deadline_timer",
         "end_sent",
         "error_code",
@@ -100,6 +91,8 @@ class NativeStream:
         "path",
         "policy",
         "pool",
+        "read_deadline",
+        "read_timeout",
         "request_body",
         "request_ended",
         "request_headers",
@@ -158,6 +151,7 @@ class NativeStream:
         self.end_sent = False
         self.finished = False
         self.is_grpc = False
+        self.content_type = b""  # the client's (a gRPC-Web client's errors: _error)
         self.retry_grpc = False
         self.messages_out = False  # a response DATA byte went to the client
         self.status = 0
@@ -166,11 +160,16 @@ class NativeStream:
         self.bytes_in = 0
         self.bytes_out = 0
         self.deadline_timer: asyncio.TimerHandle | None = None
+        # Upstream read timeout of the current try (monotonic; 0: not running), checked by the
+        # connection's sweep (check_idle) as the HTTP/1.1 path checks its read deadline.
+        self.read_deadline = 0.0
+        self.read_timeout = 0.0  # the upstream's timeouts.read
 
     # -- start ----------------------------------------------------------------------------------
     def start(self, headers: Headers, end_stream: bool) -> bool:
-        """Route the stream. False: its upstream is HTTP/1.1 (the bridge takes it; nothing was
-        sent). True: this object owns the stream (it may already be answered)."""
+        """Route the stream. False: it is for the bridge (an HTTP/1.1 upstream, filters, or a
+        request the bridge answers; nothing was sent). True: this object owns the stream (it
+        may already be answered)."""
         owner = self.owner
         snapshot: Snapshot = owner.server.snapshot
         try:
@@ -179,30 +178,10 @@ class NativeStream:
             return False  # (the bridge resets it with PROTOCOL_ERROR and counts it)
         if sum(len(n) + len(v) + 32 for n, v in headers) > owner.settings.max_header_list_size:
             return False  # (the bridge answers 431)
-        authority: bytes | None = None
-        scheme = b"http"
-        regular: Headers = []
-        content_type = b""
-        grpc_timeout: bytes | None = None
-        for name, value in headers:
-            if name[:1] == b":":
-                if name == b":authority":
-                    authority = value
-                elif name == b":scheme":
-                    scheme = value
-                continue
-            if name == b"host":
-                if authority is None:
-                    authority = value
-                continue
-            if name == b"content-type":
-                content_type = value
-            elif name == b"grpc-timeout":
-                grpc_timeout = value
-            regular.append((name, value))
+        fields = ClientFields(headers)
         self.method = method = head.method
-        method_name = method.decode("latin-1")
-        self.is_grpc = grpc.is_grpc(content_type)
+        self.content_type = fields.content_type
+        self.is_grpc = grpc.is_grpc(fields.content_type)
         self.request_ended = end_stream
         try:
             url, _path, path_text, query, target_authority = parse_target(
@@ -211,21 +190,14 @@ class NativeStream:
         except InvalidTarget:
             return False  # (the bridge answers 400)
         if target_authority is not None:
-            authority = target_authority
-        host_text = authority.decode("latin-1") if authority is not None else ""
-        sni = ""
-        transport = owner.transport
-        if transport is not None:
-            ssl_object = transport.get_extra_info("ssl_object")
-            if ssl_object is not None:
-                sni = getattr(ssl_object, "gateway_sni", None) or ""
+            fields.authority = target_authority
         route = snapshot.routes.match(
-            method_name,
-            host_text,
+            method.decode("latin-1"),
+            fields.authority.decode("latin-1") if fields.authority is not None else "",
             path_text,
             query.decode("latin-1") if query else "",
-            regular,
-            sni,
+            fields.regular,
+            _sni(owner),
         )
         self.path = head.path
         if route is None:
@@ -245,17 +217,53 @@ class NativeStream:
                 self._error(400, "invalid_target", str(exc))
                 return True
             url = new_path + (b"?" + query if query else b"")
-        self.path = url
         peer_ip = _peer_ip(owner)
         peer_trusted = peer_ip in snapshot.trusted_proxies
+        admitted = self._admit(snapshot, route, peer_ip, peer_trusted, fields.regular, query)
+        if admitted is not None:
+            return admitted
+        upstream = self.upstream
+        assert upstream is not None
+        out, request_id = forwarded_fields(fields.regular, peer_ip, peer_trusted, fields.scheme)
+        if not request_id or not valid_request_id(request_id):
+            request_id = owner.server.request_ids.next()
+        self.request_id = request_id
+        out.append((b"x-request-id", request_id))
+        authority = fields.authority
+        if route.host_rewrite:
+            authority = route.host_rewrite.encode("latin-1")
+        self.request_headers = [
+            (b":method", method),
+            (b":scheme", b"https" if upstream.config.protocol == "h2" else b"http"),
+            (b":authority", authority or b""),
+            (b":path", url),
+            *out,
+        ]
+        if not self._arm_deadline(fields.grpc_timeout, route.timeout or None):
+            return True
+        self._try()
+        return True
+
+    def _admit(
+        self,
+        snapshot: Snapshot,
+        route: Route,
+        peer_ip: str,
+        peer_trusted: bool,
+        regular: Headers,
+        query: bytes,
+    ) -> bool | None:
+        """The route's local rate limit, then the upstream's breaker (``max_requests``) and
+        retry policy. None: admitted (``upstream`` and ``policy`` set, the breaker's and the
+        budget's counts taken); True: answered (429, 503); False: for the bridge (a
+        Redis-backed limit is decided on its path)."""
+        metrics = self.owner.server.metrics
         limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
         if limiter is not None:
-            # Local decisions only: a Redis-backed limit is decided by the bridge's path.
             if limiter.uses_redis:
                 self.route = None
                 return False
             decision = limiter.check_local(time.monotonic(), peer_ip, peer_trusted, regular, query)
-            metrics = owner.server.metrics
             if decision.holds_slot:
                 self.limiter = limiter  # given back in _complete
             if not decision.allowed:
@@ -265,10 +273,11 @@ class NativeStream:
             metrics.ratelimit(route.name, "dry_run" if decision.dry_run else "allowed")
         upstream = snapshot.upstreams[route.upstream]
         self.upstream = upstream
+        self.read_timeout = upstream.read_timeout
         breaker = upstream.breaker
         if breaker.max_requests and breaker.requests >= breaker.max_requests:
             breaker.requests_overflow += 1
-            owner.server.metrics.breaker_overflow(upstream.name, "requests")
+            metrics.breaker_overflow(upstream.name, "requests")
             self._error(503, "circuit_open", f"upstream '{upstream.name}' is at max_requests")
             return True
         breaker.requests += 1
@@ -282,54 +291,23 @@ class NativeStream:
         self.retry_grpc = (
             policy is not None and self.is_grpc and GRPC_UNAVAILABLE in policy.retry_kinds
         )
-        # Headers toward the upstream: the client's, without connection-specific fields,
-        # with X-Forwarded-For / X-Forwarded-Proto / X-Request-Id as the HTTP/1.1 path adds.
-        request_id = b""
-        forwarded_for: bytes | None = None
-        out: Headers = []
-        for name, value in regular:
-            if name in _REQUEST_DROP:
-                if name == b"x-request-id":
-                    request_id = value
-                continue
-            if name == b"x-forwarded-for":
-                if peer_trusted:
-                    forwarded_for = value
-                continue
-            if name == b"x-forwarded-proto" and peer_trusted:
-                continue
-            out.append((name, value))
-        if not request_id or not valid_request_id(request_id):
-            request_id = owner.server.request_ids.next()
-        self.request_id = request_id
-        client = peer_ip.encode("ascii")
-        out.append(
-            (b"x-forwarded-for", forwarded_for + b", " + client if forwarded_for else client)
-        )
-        out.append((b"x-forwarded-proto", scheme))
-        out.append((b"x-request-id", request_id))
-        if route.host_rewrite:
-            authority = route.host_rewrite.encode("latin-1")
-        self.request_headers = [
-            (b":method", method),
-            (b":scheme", b"https" if upstream.config.protocol == "h2" else b"http"),
-            (b":authority", authority or b""),
-            (b":path", url),
-            *out,
-        ]
+        return None
+
+    def _arm_deadline(self, grpc_timeout: bytes | None, route_timeout: float | None) -> bool:
+        """``grpc-timeout`` capped by the route's timeout becomes the stream's deadline timer.
+        False: answered instead (a malformed ``grpc-timeout``, or one already past)."""
         try:
-            deadline = grpc.request_deadline(grpc_timeout, route.timeout or None)
+            deadline = grpc.request_deadline(grpc_timeout, route_timeout)
         except grpc.GrpcTimeoutError as exc:
             self._error(400, "invalid_grpc_timeout", str(exc))
-            return True
+            return False
         if deadline is not None:
             if deadline <= 0:
                 self._error(504, "deadline_exceeded", "the request's deadline passed")
-                return True
+                return False
             self.deadline_timer = asyncio.get_running_loop().call_later(
                 deadline, self._deadline_passed
             )
-        self._try()
         return True
 
     def _try(self) -> None:
@@ -350,6 +328,8 @@ class NativeStream:
         self.attempt += 1
         pool: H2InstancePool = instance.pool  # type: ignore[assignment]  # h2 upstreams' pools
         self.pool = pool
+        if pool.error_counter.metrics is None:
+            pool.bind_metrics(self.owner.server.metrics)
         self.t_try = time.perf_counter()
         if not self.t_upstream:
             self.t_upstream = self.t_try
@@ -368,6 +348,7 @@ class NativeStream:
                 stream.send_trailers(self.trailers_in)
             elif body:
                 stream.send_data(b"", end=True)
+            self._start_read_timer()
 
     # -- downstream events (from H2ServerConnection) -----------------------------------------
     def request_data(self, data: bytes, flow_length: int) -> None:
@@ -405,25 +386,10 @@ class NativeStream:
             stream.send_trailers(self.trailers_in)
         else:
             stream.send_data(b"", end=True)
-
-    def window_opened(self) -> None:
-        out = self.out
-        while out:
-            data = out[0]
-            sent = self._push(data)
-            if sent < len(data):
-                out[0] = data[sent:]
-                break
-            out.popleft()
-        self._ack_upstream()
-        if not out:
-            self._end_if_sent()
+        self._start_read_timer()
 
     def update_producer(self) -> None:
         self._ack_upstream()  # (resume_writing: the socket takes bytes again)
-
-    def check_idle(self) -> None:
-        pass  # (deadlines have their own timer)
 
     def client_gone(self) -> None:
         """The client reset the stream, or its connection is gone: cancel upstream too."""
@@ -443,6 +409,9 @@ class NativeStream:
     def on_response_headers(self, status: int, headers: Headers) -> None:
         if self.finished:
             return
+        if self.read_deadline:
+            # The per-try timeout ends with the head; the read timeout runs between events.
+            self.read_deadline = self.owner.server.clock + self.read_timeout
         self.status = status
         self.t_upstream_done = time.perf_counter()
         fields: Headers = [(b":status", b"%d" % status)]
@@ -462,6 +431,8 @@ class NativeStream:
     def on_data(self, chunk: bytes) -> None:
         if self.finished:
             return
+        if self.read_deadline:
+            self.read_deadline = self.owner.server.clock + self.read_timeout
         self.retry_grpc = False  # a response message: never retried after this
         if self.held_head is not None:
             self._send_head(self.held_head)
@@ -492,6 +463,7 @@ class NativeStream:
         if self.finished:
             return
         self.stream = None
+        self.read_deadline = 0.0
         if self.trailers is None and self._retry_unavailable():
             return
         self._response_done()
@@ -513,6 +485,7 @@ class NativeStream:
         if self.finished:
             return
         self.stream = None
+        self.read_deadline = 0.0
         if not never_processed and not self.headers_out:
             # As the HTTP/1.1 path counts a reset before the response started. A never-processed
             # stream (REFUSED_STREAM, a GOAWAY's) is the server declining cleanly: not counted.
@@ -541,6 +514,7 @@ class NativeStream:
         if self.finished:
             return
         self.stream = None
+        self.read_deadline = 0.0
         if not isinstance(error, PoolUnavailable):  # (full or closed pool: not the instance)
             self._outcome(False, True)
         # Nothing was sent: a retry cannot duplicate the request, whatever its method.
@@ -558,121 +532,9 @@ class NativeStream:
         self.held_acks = 0
         self.owner.schedule_flush()
 
-    # -- retries ------------------------------------------------------------------------------
-    def _may_retry(self) -> bool:
-        policy = self.policy
-        return (
-            policy is not None
-            and self.attempt < policy.attempts
-            and not self.messages_out
-            and self.request_body is not None  # (the body so far can be sent again)
-        )
-
-    def _replayable(self) -> bool:
-        return self.request_body is not None
-
-    def _idempotent(self) -> bool:
-        policy = self.policy
-        assert policy is not None
-        return self.method in IDEMPOTENT_METHODS or policy.allow_non_idempotent or self.is_grpc
-
-    def _retry_unavailable(self) -> bool:
-        """grpc-status 14 before any message went out, and the policy says so: try again."""
-        if not self.retry_grpc or self.grpc_status != b"14" or not self._may_retry():
-            return False
-        if not self._replayable():
-            return False
-        self._outcome(False, True)  # UNAVAILABLE: a 503 to outlier detection
-        if self.stream is not None:
-            stream, self.stream = self.stream, None
-            stream.reset(_CANCEL)
-        self.held_head = None
-        self.grpc_status = None
-        self.status = 0
-        return self._retry(GRPC_UNAVAILABLE)
-
-    def _retry(self, reason: str) -> bool:
-        upstream = self.upstream
-        assert upstream is not None
-        metrics = self.owner.server.metrics
-        if not upstream.budget.try_acquire(time.monotonic()):
-            metrics.retry(upstream.name, "budget_exhausted")
-            return False
-        metrics.retry(upstream.name, reason)
-        self._try()
-        return True
-
-    # -- downstream output --------------------------------------------------------------------
-    def _send(self, action: object) -> None:
-        conn = self.owner.conn
-        with contextlib.suppress(StreamClosedError, ProtocolError):
-            action(conn)  # type: ignore[operator]
-        self.owner.schedule_flush()
-
-    def _send_head(self, fields: Headers) -> None:
-        self.held_head = None
-        self.headers_out = True
-        self._send(lambda conn: conn.send_headers(self.stream_id, fields))
-
-    def _push(self, data: bytes) -> int:
-        conn = self.owner.conn
-        try:
-            window = conn.local_flow_control_window(self.stream_id)
-        except (StreamClosedError, ProtocolError):
-            return len(data)
-        if window <= 0:
-            return 0
-        size = min(len(data), window)
-        frame = conn.max_outbound_frame_size
-        view = memoryview(data)
-        offset = 0
-        while offset < size:
-            end = min(offset + frame, size)
-            conn.send_data(self.stream_id, bytes(view[offset:end]))
-            offset = end
-        self.unacked_up += size
-        return size
-
-    def _ack_upstream(self) -> None:
-        """Give the upstream window back for what went to the client, unless the client's
-        socket is paused (the bytes would pile up in its buffer)."""
-        if self.unacked_up and not self.owner.write_paused:
-            stream = self.stream
-            if stream is not None:
-                stream.acknowledge(self.unacked_up)
-            self.unacked_up = 0
-
-    def _ack_client(self, flow_length: int) -> None:
-        if flow_length and not self.finished:
-            with contextlib.suppress(StreamClosedError, ProtocolError):
-                self.owner.conn.acknowledge_received_data(flow_length, self.stream_id)
-
-    def _end_if_sent(self) -> None:
-        if not self.response_ended or self.out or self.end_sent or self.finished:
-            return
-        self.end_sent = True
-        trailers = self.trailers
-        if trailers is not None:
-            self._send(lambda conn: conn.send_headers(self.stream_id, trailers, end_stream=True))
-        else:
-            self._send(lambda conn: conn.end_stream(self.stream_id))
-        self._finish_stream()
-
-    def _finish_stream(self) -> None:
-        if not self.request_ended:
-            # RFC 9113 §8.1: a response complete before the request was: stop the body.
-            self._send(lambda conn: conn.reset_stream(self.stream_id, ErrorCodes.NO_ERROR))
-        self._complete(self.status)
-
-    def _reset_client(self, code: int) -> None:
-        if self.finished:
-            return
-        self.out.clear()
-        self._send(lambda conn: conn.reset_stream(self.stream_id, code))
-        self._complete(self.status or 502)
-
     def _error(self, status: int, code: str, message: str) -> None:
-        """A response the gateway makes: Trailers-Only for gRPC, a JSON error otherwise."""
+        """A response the gateway makes: Trailers-Only for gRPC (and gRPC-Web, in its content
+        type), a JSON error otherwise."""
         if self.finished:
             return
         stream = self.stream
@@ -699,10 +561,17 @@ class NativeStream:
         if not self.request_id:
             self.request_id = self.owner.server.request_ids.next()
         request_id = self.request_id
-        if self.is_grpc:
+        web_type = (
+            None
+            if self.is_grpc or not self.content_type
+            else grpc.grpc_web_client_type([(b"content-type", self.content_type)])
+        )
+        if self.is_grpc or web_type is not None:
             grpc_code = grpc.gateway_error_status(status)
             self.grpc_status = b"%d" % grpc_code
             fields = grpc.trailers_only(grpc_code, message, [(b"x-request-id", request_id)])
+            if web_type is not None:  # gRPC-Web: the same, in the client's content type
+                fields[1] = (b"content-type", web_type)
             self._send(lambda conn: conn.send_headers(self.stream_id, fields, end_stream=True))
         else:
             body = responses.error_body(status, code, message, request_id)
@@ -730,33 +599,8 @@ class NativeStream:
             self._error(504, "deadline_exceeded", "the request's deadline passed")
 
     # -- passive health: what the HTTP/1.1 path feeds (relay.py, failover.py) ----------------
-    def _outcome(self, success: bool, gateway_failure: bool) -> None:
-        """One try's outcome to outlier detection (``Upstream.record_outcome``)."""
-        instance = self.instance
-        upstream = self.upstream
-        if instance is not None and upstream is not None:
-            upstream.record_outcome(instance, success, gateway_failure)
-
     def _response_done(self) -> None:
-        """The try's response is complete: its latency for the balancer and /admin, and its
-        status (grpc-status for gRPC, mapped to HTTP) for outlier detection."""
-        instance = self.instance
-        upstream = self.upstream
-        if instance is None or upstream is None:
-            return
-        sample = time.perf_counter() - self.t_try
-        previous = instance.latency
-        instance.latency = sample if not previous else previous * 0.8 + sample * 0.2
-        if upstream.latency_samples is not None:
-            upstream.latency_samples.append(sample)
-        if upstream.observes_latency:
-            upstream.balancer.observe(instance, sample, time.monotonic())  # type: ignore[attr-defined]
-        status = self.status
-        if self.grpc_status is not None and self.is_grpc:
-            status = _GRPC_FAILURE_STATUS.get(self.grpc_status, 200)
-        if status >= 500 or instance.failing:
-            # Successes matter to outlier detection only when they end a failure streak.
-            upstream.record_outcome(instance, status < 500, status in GATEWAY_STATUSES)
+        record_response(self)  # (latency, passive health: native_report.py)
 
     # -- the end: count, log, give back -----------------------------------------------------
     def _complete(self, status: int) -> None:
@@ -780,61 +624,15 @@ class NativeStream:
         upstream = self.upstream
         if upstream is not None:
             upstream.breaker.requests -= 1
-        server = owner.server
-        now = time.perf_counter()
-        total = now - self.t_start
-        upstream_time: float | None = None
-        if self.t_upstream:
-            upstream_time = (self.t_upstream_done or now) - self.t_upstream
-        method_name = self.method.decode("latin-1")
-        route_name = self.route.name if self.route is not None else ""
-        upstream_name = upstream.name if upstream is not None else ""
-        server.metrics.h2_requests += 1  # (gateway_downstream_requests_total{protocol="h2"})
-        server.metrics.observe_request(
-            route_name,
-            upstream_name,
-            method_name if method_name in _KNOWN_METHODS else "OTHER",
-            status,
-            total,
-            upstream_time,
-            total - (upstream_time or 0.0),
-            self.bytes_in,
-            self.bytes_out,
-        )
-        if self.is_grpc:
-            server.metrics.grpc_request(
-                route_name, upstream_name, grpc.grpc_code_label(self.grpc_status)
-            )
-        access_log = server.access_log
-        if access_log is not None:
-            instance = self.tried[-1] if self.tried else None
-            access_log.record(
-                {
-                    "time": iso_time(time.time()),
-                    "request_id": self.request_id.decode("ascii", "replace"),
-                    "client": _peer_ip(owner),
-                    "listener": owner.listener.name,
-                    "method": method_name,
-                    "path": self.path.decode("latin-1"),
-                    "route": route_name,
-                    "upstream": upstream_name,
-                    "instance": instance.address if instance is not None else None,
-                    "status": status,
-                    "grpc_status": (
-                        self.grpc_status.decode("latin-1") if self.grpc_status is not None else None
-                    ),
-                    "protocol": "h2",
-                    "bytes_in": self.bytes_in,
-                    "bytes_out": self.bytes_out,
-                    "duration": round(total, 6),
-                    "upstream_duration": None if upstream_time is None else round(upstream_time, 6),
-                    "retries": max(self.attempt - 1, 0),
-                    "error": self.error_code or None,
-                }
-            )
+        report(self, status)
 
 
-def _peer_ip(owner: StreamOwner) -> str:
+def _sni(owner: StreamOwner) -> str:
+    """The server name a TLS client asked for (routes may match on it); "" on h2c."""
     transport = owner.transport
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    return peer[0] if peer else "0.0.0.0"
+    if transport is None:
+        return ""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return ""
+    return getattr(ssl_object, "gateway_sni", None) or ""

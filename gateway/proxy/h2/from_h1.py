@@ -254,6 +254,8 @@ class TranslatedStream:
         self.attempt = attempt
         owner = self.owner = cast("ClientConnection", attempt.client)
         ex = self.ex = attempt.ex
+        if self.h2pool.error_counter.metrics is None:  # (gateway_http2_errors_total)
+            self.h2pool.bind_metrics(owner.server.metrics)
         filters = owner.filters
         if filters is not None and ex is not None:
             mode = filters.request.vars.get(GRPC_WEB_VAR)

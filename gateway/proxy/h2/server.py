@@ -43,6 +43,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, SettingsFrame
 
 from gateway.proxy.h2.bridge import StreamBridge
+from gateway.proxy.h2.errors import DOWNSTREAM, GOAWAY, SENT, CountingH2Connection, ErrorCounter
 from gateway.proxy.h2.forward import NativeStream
 from gateway.proxy.h2.headers import count_error
 
@@ -116,7 +117,7 @@ class _CappedFrameBuffer(h2.frame_buffer.FrameBuffer):
         return super()._update_header_buffer(f)
 
 
-class _Connection(h2.connection.H2Connection):
+class _Connection(CountingH2Connection):
     """h2's connection, without its per-stream O(open streams) count: h2 walks every stream
     it holds on each new one (to refuse streams over its limit, which we do ourselves). Closed
     streams are still purged from ``streams``, once their number doubled."""
@@ -152,8 +153,9 @@ class H2ServerConnection(asyncio.Protocol):
         self.pings = RateCap(settings.max_pings_per_second)
         self.settings_frames = RateCap(settings.max_settings_per_second)
         self.peer_ip = ""
-        conn: h2.connection.H2Connection = _Connection(_H2_CONFIG)
-        self.conn = conn
+        conn = _Connection(_H2_CONFIG)
+        conn.error_counter = self.error_counter = ErrorCounter(DOWNSTREAM, server.metrics)
+        self.conn: h2.connection.H2Connection = conn
         # h2's limits (looser: see the module docstring); the SETTINGS frame we send carries
         # the configured ones.
         conn.local_settings = h2.settings.Settings(
@@ -412,6 +414,8 @@ class H2ServerConnection(asyncio.Protocol):
         frame.last_stream_id = self.last_stream_id
         frame.error_code = error
         self.transport.write(frame.serialize())
+        if error:
+            self.error_counter.count(SENT, GOAWAY, error)
 
     def calm_down(self, reason: str) -> None:
         """A flood cap was passed: drop the replies h2 queued for it, GOAWAY
