@@ -494,8 +494,13 @@ class RequestPhases(_Base):
             ex.retry_timer.cancel()
             ex.retry_timer = None
         attempt = ex.attempt
-        if ex.hedge is not None or (attempt is not None and attempt.hedge_timer is not None):
-            self._cancel_hedge(ex)
+        if attempt is not None:
+            if ex.hedge is not None or attempt.hedge_timer is not None:
+                self._cancel_hedge(ex)
+            # The exchange and its try point at each other: cut that here, where every exchange
+            # ends, so reference counting frees both (a cycle per request would be left to the
+            # cyclic collector, whose passes cost the hot path). ``attempt`` serves what follows.
+            ex.attempt = None
         if ex.limiter is not None:
             ex.limiter.release()
             ex.limiter = None

@@ -358,7 +358,10 @@ class ResponsePhases(_Base):
             conn.owner = None
             conn.close()
             ex.keep_alive = False
-        attempt.release()
+        instance = attempt.instance
+        if instance is not None:  # attempt.release, inlined: a call less per request
+            instance.active_requests -= 1
+            attempt.instance = None
         if ex.request_complete or not ex.keep_alive:
             self._finish(ex)
 
