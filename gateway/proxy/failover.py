@@ -57,6 +57,8 @@ class Failover(_Base):
         self, attempt: UpstreamAttempt, conn: UpstreamConnection, exc: Exception | None
     ) -> None:
         ex = attempt.ex
+        if self.active is not ex:
+            return  # a try of an exchange that is over
         if attempt is ex.hedge:
             self._drop_hedge(ex)  # the hedge failed; the first try goes on alone
             return
@@ -100,6 +102,8 @@ class Failover(_Base):
         self, attempt: UpstreamAttempt, conn: UpstreamConnection, reason: str
     ) -> None:
         ex = attempt.ex
+        if self.active is not ex:
+            return
         if attempt is ex.hedge:
             self._drop_hedge(ex)
             return

@@ -4,8 +4,9 @@
 upstream request (``_connect``, ``_attach``, ``_send_pending``) → response headers
 (``on_response_head``; the filters' response phase) → response body (``on_response_body``) →
 done (``_response_done``), or the switch to a tunnel (``on_upstream_upgrade``). The upstream
-connection reports to its ``UpstreamAttempt``, which calls these with itself as the first
-argument. They see the connection as a ``downstream.Downstream``.
+connection calls these (``upstream.UpstreamEvents``) with the ``UpstreamAttempt`` it is lent to
+as the first argument; an event of a try whose exchange is over (not ``self.active``) is
+ignored. They see the connection as a ``downstream.Downstream``.
 """
 
 from __future__ import annotations
@@ -177,6 +178,8 @@ class ResponsePhases(_Base):
         upstream_keep_alive: bool,
     ) -> None:
         ex = attempt.ex
+        if self.active is not ex:
+            return
         if ex.hedge is not None or attempt.hedge_timer is not None:
             self._race_won(ex, attempt)
         upstream = ex.upstream
@@ -286,6 +289,8 @@ class ResponsePhases(_Base):
 
     def on_response_body(self, attempt: UpstreamAttempt, body: bytes) -> None:
         ex = attempt.ex
+        if self.active is not ex:
+            return
         filters = self.filters
         if filters is not None and filters.body_hook:
             body = self._filter_body(ex, filters, body, False)
@@ -307,6 +312,8 @@ class ResponsePhases(_Base):
 
     def on_response_message_complete(self, attempt: UpstreamAttempt) -> None:
         ex = attempt.ex
+        if self.active is not ex:
+            return
         if ex.interim:
             ex.interim = False
             return
@@ -322,6 +329,8 @@ class ResponsePhases(_Base):
     def on_response_complete(self, attempt: UpstreamAttempt) -> None:
         """Close-delimited response ended with the upstream connection."""
         ex = attempt.ex
+        if self.active is not ex:
+            return
         filters = self.filters
         if filters is not None and filters.body_hook:
             self._filter_body_end(ex, filters)
