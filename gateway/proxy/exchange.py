@@ -85,7 +85,6 @@ class Exchange:
     deadline = 0.0  # the route's timeout
     # Retries (RFC 9110 §9.2.2 decides which methods may be repeated).
     retry: RetryPolicy | None = None
-    retry_method_ok = False
     tries = 1
     hash_key: bytes | None = None
     tried: tuple[Instance, ...] = ()  # instances whose try failed: retries avoid them

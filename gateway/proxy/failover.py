@@ -144,7 +144,11 @@ class Failover(_Base):
         replayable = ex.body is None or ex.body.replayable
         if not policy.should_retry(ex.tries, kind, status, False, replayable):
             return False
-        if not (ex.retry_method_ok or policy.safe_for_any_method(kind)):
+        if not (
+            ex.idempotent
+            or policy.method_retryable(ex.method, False)
+            or policy.safe_for_any_method(kind)
+        ):
             return False
         if kind == CONNECT_FAILURE:
             # Nothing reached the instance: retry at once elsewhere, outside the budget (the
