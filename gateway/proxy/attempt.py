@@ -31,6 +31,7 @@ class UpstreamAttempt:
     """One try: an instance, then a connection to it, and the events of that connection."""
 
     __slots__ = (
+        "address",
         "client",
         "conn",
         "ex",
@@ -53,6 +54,9 @@ class UpstreamAttempt:
         self.t_start = 0.0  # perf_counter when the request went out on a connection
         self.t_done = 0.0  # perf_counter when the response was complete
         self.hedge_timer: asyncio.TimerHandle | None = None  # a primary try's hedge delay
+        # The instance it was sent to, for the access log: set when the try is attached (a retry
+        # starts with the address of the try before it, as the log reported it until then).
+        self.address = ""
 
     def release(self) -> None:
         """Give the instance's active-request slot back (idempotent)."""

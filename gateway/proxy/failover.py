@@ -190,6 +190,7 @@ class Failover(_Base):
         if attempt is not None:
             if failed is not None:
                 attempt.t_start = failed.t_start  # upstream time runs on until it is attached
+                attempt.address = failed.address
             self._connect(attempt)
 
     def _pick(
@@ -289,7 +290,7 @@ class Failover(_Base):
         ex.attempt = hedge
         ex.hedge = None
         if hedge.instance is not None:
-            ex.instance_address = hedge.instance.address
+            hedge.address = hedge.instance.address
         upstream = ex.upstream
         if upstream is not None:
             hedge.read_deadline = time.monotonic() + upstream.read_timeout

@@ -547,7 +547,7 @@ class RequestPhases(_Base):
                 "path": ex.url.decode("latin-1"),
                 "route": ex.route_name,
                 "upstream": ex.upstream_name,
-                "instance": ex.instance_address,
+                "instance": attempt.address if attempt is not None else "",
                 "status": status,
                 "bytes_in": ex.body_bytes,
                 "bytes_out": ex.bytes_out,

@@ -118,7 +118,7 @@ class ResponsePhases(_Base):
         conn.begin_exchange(attempt, ex.is_head)
         instance = attempt.instance
         if instance is not None:
-            ex.instance_address = instance.address
+            attempt.address = instance.address
         attempt.conn = conn
         attempt.t_start = time.perf_counter()
         upstream = ex.upstream

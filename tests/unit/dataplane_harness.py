@@ -402,6 +402,12 @@ class Client:
                 )
         return found
 
+    def exchange(self) -> Any:
+        """The exchange under way (the object itself: it stays alive while the test holds it)."""
+        ex = self.protocol.active
+        assert ex is not None, "no exchange under way"
+        return ex
+
     def exchange_ref(self) -> weakref.ref[Any]:
         """A weak reference to the exchange under way (it must die once answered)."""
         ex = self.protocol.active

@@ -124,3 +124,16 @@ def test_keep_alive_requests_on_a_pooled_connection_leave_no_cycle() -> None:
             end.respond(response(200, b"ok"))
             assert len(c.responses()) == n
             assert exchange() is None
+
+
+def test_a_plain_get_sets_few_enough_exchange_fields_for_inline_values() -> None:
+    """CPython 3.11 keeps at most 29 fields of a class's objects inline (the first objects fix
+    which); past that every exchange gets a dict, which slows each of its field accesses."""
+    with Harness(config(instances=INSTANCES[:1])) as h:
+        [end] = h.pooled(INSTANCES[0])
+        c = h.client()
+        c.send(request("GET", "/"))
+        exchange = c.exchange()
+        end.respond(response(200, b"ok"))
+        assert [r.status for r in c.responses()] == [200]
+        assert len(vars(exchange)) <= 29, sorted(vars(exchange))
