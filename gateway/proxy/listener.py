@@ -872,9 +872,12 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
             method = self._method_hook(ex, method)
         ex.method = method
         ex.method_name = method.decode("ascii")
-        ex.version = version = parser.get_http_version()
+        version = parser.get_http_version()
+        if version != "1.1":  # (defaults are not stored: exchange.py, lifecycle._forward)
+            ex.version = version
         ex.keep_alive = parser.should_keep_alive()
-        ex.is_head = method == b"HEAD"
+        if method == b"HEAD":
+            ex.is_head = True
         upgrading = parser.should_upgrade()
         # Framing checks llhttp leaves to us. RFC 9112 §3.2: exactly one Host in HTTP/1.1.
         if ex.host_count > 1 or (ex.host_count == 0 and version == "1.1"):
@@ -911,7 +914,9 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
                     self.chunked_walk = [ex]
                 else:
                     self.chunked_walk.append(ex)
-        if not upgrading or ex.error is not None or b"upgrade" not in ex.conn_tokens:
+        if ex.upgrade is not None and (
+            not upgrading or ex.error is not None or b"upgrade" not in ex.conn_tokens
+        ):
             ex.upgrade = None
         self.head_deadline = 0.0
         if self.active is None and self.pending_error is None:

@@ -4,7 +4,8 @@ An exchange and its tries point at each other while it runs (``Exchange.attempt`
 attempt's exchange); if that cycle outlived the exchange, every request would leave garbage for
 the cyclic collector, whose gen0 passes then cost the hot path (docs/instructions.md). So the
 cycle tests run with the collector off and assert that the exchange is gone once it ended,
-however it ended. The last test keeps a plain GET's exchange within CPython's inline fields.
+however it ended. The last test keeps a plain GET's or POST's exchange within CPython's inline
+fields.
 """
 
 from __future__ import annotations
@@ -126,13 +127,18 @@ def test_keep_alive_requests_on_a_pooled_connection_leave_no_cycle() -> None:
             assert exchange() is None
 
 
-def test_a_plain_get_sets_few_enough_exchange_fields_for_inline_values() -> None:
+@pytest.mark.parametrize(
+    ("method", "body"), [("GET", b""), ("POST", b"x" * 1024)], ids=["get", "post"]
+)
+def test_a_plain_exchange_sets_few_enough_fields_for_inline_values(
+    method: str, body: bytes
+) -> None:
     """CPython 3.11 keeps at most 29 fields of a class's objects inline (the first objects fix
     which); past that every exchange gets a dict, which slows each of its field accesses."""
     with Harness(config(instances=INSTANCES[:1])) as h:
         [end] = h.pooled(INSTANCES[0])
         c = h.client()
-        c.send(request("GET", "/"))
+        c.send(request(method, "/", body=body))
         exchange = c.exchange()
         end.respond(response(200, b"ok"))
         assert [r.status for r in c.responses()] == [200]
