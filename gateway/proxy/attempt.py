@@ -32,6 +32,7 @@ class UpstreamAttempt:
 
     __slots__ = (
         "address",
+        "bytes_out",
         "client",
         "conn",
         "ex",
@@ -57,6 +58,9 @@ class UpstreamAttempt:
         # The instance it was sent to, for the access log: set when the try is attached (a retry
         # starts with the address of the try before it, as the log reported it until then).
         self.address = ""
+        # Response body bytes of this try relayed to the client (only the try that answers
+        # relays any: a retried response is dropped, a race is decided at the head).
+        self.bytes_out = 0
 
     def release(self) -> None:
         """Give the instance's active-request slot back (idempotent)."""

@@ -103,7 +103,6 @@ class Exchange:
     limiter: RouteLimiter | None = None  # holds a max_in_flight slot to give back
     ratelimit = ""  # the rate-limit decision, for the access log
     ratelimit_headers = b""  # RateLimit header lines for the admitted response
-    bytes_out = 0  # response body bytes relayed to the client
     error_code = ""  # why the gateway answered itself (no_route, upstream_timeout, ...)
     method_prefix = b""  # the bytes of this read when it ended inside the method (split token)
     # Chunked body walker (framing bytes are measured: llhttp reports no extensions).

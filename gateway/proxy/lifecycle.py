@@ -519,6 +519,7 @@ class RequestPhases(_Base):
             upstream_time = None
             overhead = total
         method = ex.method_name if ex.method_name in KNOWN_METHODS else "OTHER"
+        bytes_out = attempt.bytes_out if attempt is not None else 0
         server = self.server
         server.metrics.observe_request(
             ex.route_name,
@@ -529,7 +530,7 @@ class RequestPhases(_Base):
             upstream_time,
             overhead,
             ex.body_bytes,
-            ex.bytes_out,
+            bytes_out,
         )
         filters = self.filters
         if filters is not None:
@@ -550,7 +551,7 @@ class RequestPhases(_Base):
                 "instance": attempt.address if attempt is not None else "",
                 "status": status,
                 "bytes_in": ex.body_bytes,
-                "bytes_out": ex.bytes_out,
+                "bytes_out": bytes_out,
                 "duration": round(total, 6),
                 "upstream_duration": None if upstream_time is None else round(upstream_time, 6),
                 "retries": ex.tries - 1,

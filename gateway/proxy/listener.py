@@ -914,9 +914,7 @@ class ClientConnection(RequestPhases, ResponsePhases, Failover, asyncio.Protocol
                     self.chunked_walk = [ex]
                 else:
                     self.chunked_walk.append(ex)
-        if ex.upgrade is not None and (
-            not upgrading or ex.error is not None or b"upgrade" not in ex.conn_tokens
-        ):
+        if not upgrading or ex.error is not None or b"upgrade" not in ex.conn_tokens:
             ex.upgrade = None
         self.head_deadline = 0.0
         if self.active is None and self.pending_error is None:

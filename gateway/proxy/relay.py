@@ -43,11 +43,11 @@ class ResponsePhases(_Base):
         assert response is not None
         return state.chain.on_response_body(response, body, end)
 
-    def _filter_body_end(self, ex: Exchange, state: FilterState) -> None:
+    def _filter_body_end(self, ex: Exchange, attempt: UpstreamAttempt, state: FilterState) -> None:
         """The last call of on_response_body: its bytes go out before the end of the body."""
         tail = self._filter_body(ex, state, b"", True)
         if tail:
-            ex.bytes_out += len(tail)
+            attempt.bytes_out += len(tail)
             if self.keyed and ex.recorder is not None:
                 ex.recorder.on_body(tail)
             if ex.response_frame == FRAME_RAW:
@@ -306,7 +306,7 @@ class ResponsePhases(_Base):
             if not body:
                 return  # (an empty chunk would end a chunked body)
         frame = ex.response_frame
-        ex.bytes_out += len(body)
+        attempt.bytes_out += len(body)
         if self.keyed and ex.recorder is not None:
             ex.recorder.on_body(body)
         if frame == FRAME_RAW:
@@ -330,7 +330,7 @@ class ResponsePhases(_Base):
             return  # the parser raises HttpParserUpgrade next; on_upstream_upgrade takes over
         filters = self.filters
         if filters is not None and filters.body_hook:
-            self._filter_body_end(ex, filters)
+            self._filter_body_end(ex, attempt, filters)
         if ex.response_frame == FRAME_CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self._response_done(ex, attempt)
@@ -342,7 +342,7 @@ class ResponsePhases(_Base):
             return
         filters = self.filters
         if filters is not None and filters.body_hook:
-            self._filter_body_end(ex, filters)
+            self._filter_body_end(ex, attempt, filters)
         if ex.response_frame == FRAME_CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self._response_done(ex, attempt)
