@@ -3,12 +3,16 @@
 An exchange makes one attempt per try: the first, each retry (``failover._try_failed``), and a
 hedge racing the first (``failover._hedge``). The attempt owns what belongs to that try: the
 instance (and its ``active_requests`` slot), the upstream connection, the read deadline, the
-hedge timer of a primary try and the try's timings. It is what the ``UpstreamConnection`` talks
-to (it implements ``upstream.UpstreamEvents``) and hands each event on to the downstream's
-phases with itself as the argument, so the phases never ask which connection an event came
-from. Which of two racing attempts wins is decided in one place, ``Failover._race_won``.
+hedge timer of a primary try and the try's timings. It is what an ``UpstreamConnection`` is lent
+to (``upstream.UpstreamTry``); the connection reports each event to the try's downstream
+(``client``: the phases of relay.py and failover.py) with the try as the first argument, so the
+phases never ask which connection an event came from, and the phases tell a stale try (its
+exchange over) by its ``ex``. Which of two racing attempts wins is decided in one place,
+``Failover._race_won``.
 
-Cost: one object with slots per try; a plain GET makes exactly one.
+Cost: one object with slots per try; a plain GET makes exactly one. The events do not pass
+through it (a forwarding call per event cost ~1% of a small GET), and the exchange lets go of
+it when it ends (``RequestPhases._observe``), so the pair is freed without the cyclic GC.
 
 Tries that end before their exchange (a retried failure, a lost hedge race) are kept as plain
 ``Attempt`` tuples in ``Exchange.past_attempts`` (``record_try``: failure paths only), so that
@@ -25,7 +29,6 @@ if TYPE_CHECKING:
     from gateway.filters.api import Attempt
     from gateway.proxy.downstream import Downstream
     from gateway.proxy.exchange import Exchange
-    from gateway.proxy.headers import ResponseHead
     from gateway.proxy.upstream import InstancePool, UpstreamConnection
     from gateway.snapshot import Instance
 
@@ -34,6 +37,8 @@ class UpstreamAttempt:
     """One try: an instance, then a connection to it, and the events of that connection."""
 
     __slots__ = (
+        "address",
+        "bytes_out",
         "client",
         "conn",
         "ex",
@@ -56,6 +61,12 @@ class UpstreamAttempt:
         self.t_start = 0.0  # perf_counter when the request went out on a connection
         self.t_done = 0.0  # perf_counter when the response was complete
         self.hedge_timer: asyncio.TimerHandle | None = None  # a primary try's hedge delay
+        # The instance it was sent to, for the access log: set when the try is attached (a retry
+        # starts with the address of the try before it, as the log reported it until then).
+        self.address = ""
+        # Response body bytes of this try relayed to the client (only the try that answers
+        # relays any: a retried response is dropped, a race is decided at the head).
+        self.bytes_out = 0
 
     def release(self) -> None:
         """Give the instance's active-request slot back (idempotent)."""
@@ -72,53 +83,6 @@ class UpstreamAttempt:
             conn.discard()
         self.read_deadline = 0.0
         self.release()
-
-    # -- upstream.UpstreamEvents: what the connection reports -------------------------------
-    # An abandoned attempt's connection has no owner any more (``discard``, ``pool.release``),
-    # so events only come from live attempts; the ``active`` test guards the exchange's end.
-    def on_response_head(
-        self, conn: UpstreamConnection, status: int, head: ResponseHead, keep_alive: bool
-    ) -> None:
-        client = self.client
-        if client.active is self.ex:
-            client.on_response_head(self, status, head, keep_alive)
-
-    def on_response_body(self, body: bytes) -> None:
-        client = self.client
-        if client.active is self.ex:
-            client.on_response_body(self, body)
-
-    def on_response_message_complete(self, conn: UpstreamConnection) -> None:
-        client = self.client
-        if client.active is self.ex:
-            client.on_response_message_complete(self)
-
-    def on_response_complete(self, conn: UpstreamConnection) -> None:
-        client = self.client
-        if client.active is self.ex:
-            client.on_response_complete(self)
-
-    def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
-        client = self.client
-        if client.active is self.ex:
-            client.on_upstream_lost(self, conn, exc)
-
-    def on_upstream_failed(self, conn: UpstreamConnection, reason: str) -> None:
-        client = self.client
-        if client.active is self.ex:
-            client.on_upstream_failed(self, conn, reason)
-
-    def on_upstream_upgrade(self, conn: UpstreamConnection, tail: bytes) -> None:
-        self.client.on_upstream_upgrade(self, conn, tail)
-
-    def flush_to_client(self) -> None:
-        self.client.flush_to_client()
-
-    def pause_client_reading(self) -> None:
-        self.client.pause_client_reading()
-
-    def resume_client_reading(self) -> None:
-        self.client.resume_client_reading()
 
     def bind_pool(self, pool: InstancePool) -> None:
         """Where the pool counts protocol errors (its first exchange tells it)."""
@@ -138,18 +102,19 @@ def record_try(
     ex.last_ended = attempt
 
 
-def exchange_attempts(ex: Exchange, now: float) -> tuple[Attempt, ...]:
+def exchange_attempts(
+    ex: Exchange, attempt: UpstreamAttempt | None, now: float
+) -> tuple[Attempt, ...]:
     """Every try of the finished exchange ``ex``, in the order they were made: the ended ones,
-    then the current one (its outcome "" or the gateway's error code, e.g. upstream_timeout)."""
+    then the current one, ``attempt`` (its outcome "" or the gateway's error code, e.g.
+    upstream_timeout; the exchange has already let go of it: ``RequestPhases._observe``)."""
     past = ex.past_attempts
-    attempt = ex.attempt
     if attempt is None or attempt is ex.last_ended:
         return past
     start = attempt.t_start or (past[-1][2] if past else ex.t_start)
     labels = ex.attempt_labels
-    instance = attempt.instance
     current = (
-        instance.address if instance is not None else ex.instance_address,
+        attempt.address,
         start,
         attempt.t_done or now,
         labels.get(attempt, "") if labels is not None else "",

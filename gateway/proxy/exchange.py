@@ -92,7 +92,6 @@ class Exchange:
     deadline = 0.0  # the route's timeout
     # Retries (RFC 9110 §9.2.2 decides which methods may be repeated).
     retry: RetryPolicy | None = None
-    retry_method_ok = False
     tries = 1
     hash_key: bytes | None = None
     tried: tuple[Instance, ...] = ()  # instances whose try failed: retries avoid them
@@ -111,8 +110,6 @@ class Exchange:
     limiter: RouteLimiter | None = None  # holds a max_in_flight slot to give back
     ratelimit = ""  # the rate-limit decision, for the access log
     ratelimit_headers = b""  # RateLimit header lines for the admitted response
-    bytes_out = 0  # response body bytes relayed to the client
-    instance_address = ""
     error_code = ""  # why the gateway answered itself (no_route, upstream_timeout, ...)
     method_prefix = b""  # the bytes of this read when it ended inside the method (split token)
     # Chunked body walker (framing bytes are measured: llhttp reports no extensions).

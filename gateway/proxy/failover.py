@@ -57,6 +57,8 @@ class Failover(_Base):
         self, attempt: UpstreamAttempt, conn: UpstreamConnection, exc: Exception | None
     ) -> None:
         ex = attempt.ex
+        if self.active is not ex:
+            return  # a try of an exchange that is over
         if attempt is ex.hedge:
             self._drop_hedge(ex, RESET)  # the hedge failed; the first try goes on alone
             return
@@ -100,6 +102,8 @@ class Failover(_Base):
         self, attempt: UpstreamAttempt, conn: UpstreamConnection, reason: str
     ) -> None:
         ex = attempt.ex
+        if self.active is not ex:
+            return
         if attempt is ex.hedge:
             self._drop_hedge(ex, RESET)
             return
@@ -140,7 +144,11 @@ class Failover(_Base):
         replayable = ex.body is None or ex.body.replayable
         if not policy.should_retry(ex.tries, kind, status, False, replayable):
             return False
-        if not (ex.retry_method_ok or policy.safe_for_any_method(kind)):
+        if not (
+            ex.idempotent
+            or policy.method_retryable(ex.method, False)
+            or policy.safe_for_any_method(kind)
+        ):
             return False
         if kind == CONNECT_FAILURE:
             # Nothing reached the instance: retry at once elsewhere, outside the budget (the
@@ -186,6 +194,7 @@ class Failover(_Base):
         if attempt is not None:
             if failed is not None:
                 attempt.t_start = failed.t_start  # upstream time runs on until it is attached
+                attempt.address = failed.address
             self._retry_head(ex, attempt)
             self._connect(attempt)
 
@@ -306,7 +315,7 @@ class Failover(_Base):
         ex.attempt = hedge
         ex.hedge = None
         if hedge.instance is not None:
-            ex.instance_address = hedge.instance.address
+            hedge.address = hedge.instance.address
         upstream = ex.upstream
         if upstream is not None:
             hedge.read_deadline = time.monotonic() + upstream.read_timeout

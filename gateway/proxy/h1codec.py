@@ -322,9 +322,12 @@ class RequestCodec(_Base):
             method = self._method_hook(ex, method)
         ex.method = method
         ex.method_name = method.decode("ascii")
-        ex.version = version = parser.get_http_version()
+        version = parser.get_http_version()
+        if version != "1.1":  # (defaults are not stored: exchange.py, lifecycle._forward)
+            ex.version = version
         ex.keep_alive = parser.should_keep_alive()
-        ex.is_head = method == b"HEAD"
+        if method == b"HEAD":
+            ex.is_head = True
         upgrading = parser.should_upgrade()
         # Framing checks llhttp leaves to us. RFC 9112 §3.2: exactly one Host in HTTP/1.1.
         if ex.host_count > 1 or (ex.host_count == 0 and version == "1.1"):

@@ -4,8 +4,9 @@
 upstream request (``_connect``, ``_attach``, ``_send_pending``) → response headers
 (``on_response_head``; the filters' response phase) → response body (``on_response_body``) →
 done (``_response_done``), or the switch to a tunnel (``on_upstream_upgrade``). The upstream
-connection reports to its ``UpstreamAttempt``, which calls these with itself as the first
-argument. They see the connection as a ``downstream.Downstream``.
+connection calls these (``upstream.UpstreamEvents``) with the ``UpstreamAttempt`` it is lent to
+as the first argument; an event of a try whose exchange is over (not ``self.active``) is
+ignored. They see the connection as a ``downstream.Downstream``.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ class ResponsePhases(_Base):
         assert response is not None
         return state.chain.on_response_body(response, body, end)
 
-    def _filter_body_end(self, ex: Exchange, state: FilterState) -> None:
+    def _filter_body_end(self, ex: Exchange, attempt: UpstreamAttempt, state: FilterState) -> None:
         """The last call of on_response_body: its bytes go out before the end of the body."""
         tail = self._filter_body(ex, state, b"", True)
         if tail:
-            ex.bytes_out += len(tail)
+            attempt.bytes_out += len(tail)
             if self.keyed and ex.recorder is not None:
                 ex.recorder.on_body(tail)
             if ex.response_frame == FRAME_RAW:
@@ -117,7 +118,7 @@ class ResponsePhases(_Base):
         conn.begin_exchange(attempt, ex.is_head)
         instance = attempt.instance
         if instance is not None:
-            ex.instance_address = instance.address
+            attempt.address = instance.address
         attempt.conn = conn
         attempt.t_start = time.perf_counter()
         upstream = ex.upstream
@@ -125,7 +126,13 @@ class ResponsePhases(_Base):
         if self.writing_paused:
             conn.pause_reading()  # the client still has not read what it was sent before
         elif ex.request_complete:
-            self._start_read_timer(attempt)
+            # _start_read_timer, inlined (a call less per GET).
+            first_read = upstream.read_timeout
+            policy = ex.retry
+            per_try = policy.per_try_timeout if policy is not None else 0.0
+            if per_try and per_try < first_read:
+                first_read = per_try
+            attempt.read_deadline = time.monotonic() + first_read
         # else: the upstream waits for the client's body; its timer starts when that is sent.
         if (
             upstream.hedge_delay
@@ -145,9 +152,12 @@ class ResponsePhases(_Base):
             conn.transport.writelines([ex.head, *pending])
             self._update_reading()
         else:
-            conn.send(ex.head)
+            transport = conn.transport  # conn.send, inlined
+            if transport is not None:
+                transport.write(ex.head)
 
     def _start_read_timer(self, attempt: UpstreamAttempt) -> None:
+        # (Inlined in _attach: keep the two alike.)
         ex = attempt.ex
         upstream = ex.upstream
         assert upstream is not None
@@ -177,6 +187,8 @@ class ResponsePhases(_Base):
         upstream_keep_alive: bool,
     ) -> None:
         ex = attempt.ex
+        if self.active is not ex:
+            return
         if ex.hedge is not None or attempt.hedge_timer is not None:
             self._race_won(ex, attempt)
         upstream = ex.upstream
@@ -286,13 +298,15 @@ class ResponsePhases(_Base):
 
     def on_response_body(self, attempt: UpstreamAttempt, body: bytes) -> None:
         ex = attempt.ex
+        if self.active is not ex:
+            return
         filters = self.filters
         if filters is not None and filters.body_hook:
             body = self._filter_body(ex, filters, body, False)
             if not body:
                 return  # (an empty chunk would end a chunked body)
         frame = ex.response_frame
-        ex.bytes_out += len(body)
+        attempt.bytes_out += len(body)
         if self.keyed and ex.recorder is not None:
             ex.recorder.on_body(body)
         if frame == FRAME_RAW:
@@ -307,6 +321,8 @@ class ResponsePhases(_Base):
 
     def on_response_message_complete(self, attempt: UpstreamAttempt) -> None:
         ex = attempt.ex
+        if self.active is not ex:
+            return
         if ex.interim:
             ex.interim = False
             return
@@ -314,7 +330,7 @@ class ResponsePhases(_Base):
             return  # the parser raises HttpParserUpgrade next; on_upstream_upgrade takes over
         filters = self.filters
         if filters is not None and filters.body_hook:
-            self._filter_body_end(ex, filters)
+            self._filter_body_end(ex, attempt, filters)
         if ex.response_frame == FRAME_CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self._response_done(ex, attempt)
@@ -322,9 +338,11 @@ class ResponsePhases(_Base):
     def on_response_complete(self, attempt: UpstreamAttempt) -> None:
         """Close-delimited response ended with the upstream connection."""
         ex = attempt.ex
+        if self.active is not ex:
+            return
         filters = self.filters
         if filters is not None and filters.body_hook:
-            self._filter_body_end(ex, filters)
+            self._filter_body_end(ex, attempt, filters)
         if ex.response_frame == FRAME_CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self._response_done(ex, attempt)
@@ -358,7 +376,10 @@ class ResponsePhases(_Base):
             conn.owner = None
             conn.close()
             ex.keep_alive = False
-        attempt.release()
+        instance = attempt.instance
+        if instance is not None:  # attempt.release, inlined: a call less per request
+            instance.active_requests -= 1
+            attempt.instance = None
         if ex.request_complete or not ex.keep_alive:
             self._finish(ex)
 

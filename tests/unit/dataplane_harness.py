@@ -27,6 +27,7 @@ import asyncio
 import heapq
 import itertools
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -46,6 +47,8 @@ CLIENT_PEER = ("192.0.2.10", 40000)
 ACCEPT = "accept"  # the connect succeeds on the next loop turn
 REFUSE = "refuse"  # the connect fails with ConnectionRefusedError on the next loop turn
 HANG = "hang"  # the connect never settles by itself: connect timeout, or the test decides
+
+OnConnected = Callable[[UpstreamConnection | None, BaseException | None], Any]
 
 
 # -- clock and loop ------------------------------------------------------------------------------
@@ -70,6 +73,7 @@ class FakeTimer:
 
     def cancel(self) -> None:
         self._cancelled = True
+        self._args = ()  # as asyncio's handles do: a cancelled timer keeps nothing alive
 
     def cancelled(self) -> bool:
         return self._cancelled
@@ -399,6 +403,18 @@ class Client:
                 )
         return found
 
+    def exchange(self) -> Any:
+        """The exchange under way (the object itself: it stays alive while the test holds it)."""
+        ex = self.protocol.active
+        assert ex is not None, "no exchange under way"
+        return ex
+
+    def exchange_ref(self) -> weakref.ref[Any]:
+        """A weak reference to the exchange under way (it must die once answered)."""
+        ex = self.protocol.active
+        assert ex is not None, "no exchange under way"
+        return weakref.ref(ex)
+
     def responses(self, head_requests: int = 0) -> list[Response]:
         return parse_responses(self.transport.data, head_requests)
 
@@ -504,39 +520,46 @@ class PendingConnect:
         self,
         harness: Harness,
         pool: InstancePool,
-        on_done: Callable[[UpstreamConnection | None, BaseException | None], Any],
+        on_done: OnConnected,
     ) -> None:
         self.harness = harness
         self.pool = pool
         self.address = f"{pool.host}:{pool.port}"
-        self.on_done = on_done
+        self.on_done: OnConnected | None = on_done
         self.settled = False
         self._timeout = harness.loop.call_later(pool.connect_timeout, self.time_out)
 
-    def _settle(self) -> bool:
-        if self.settled:
-            return False
+    def _settle(self) -> OnConnected | None:
+        """The callback to call, once: then it is let go, as a finished connect task lets go of
+        its frame (what it holds must not outlive the exchange because of the harness)."""
+        on_done = self.on_done
+        if on_done is None:
+            return None
+        self.on_done = None
         self.settled = True
         self._timeout.cancel()
         self.pool.connecting -= 1
-        return True
+        return on_done
 
     def accept(self) -> UpstreamEnd:
-        if not self._settle():
+        on_done = self._settle()
+        if on_done is None:
             raise AssertionError("this connect has already settled")
         end = self.harness._open_upstream(self.pool)
-        self.on_done(end.conn, None)
+        on_done(end.conn, None)
         self.harness.run()
         return end
 
     def refuse(self, error: BaseException | None = None) -> None:
-        if self._settle():
-            self.on_done(None, error or ConnectionRefusedError(111, "Connection refused"))
+        on_done = self._settle()
+        if on_done is not None:
+            on_done(None, error or ConnectionRefusedError(111, "Connection refused"))
             self.harness.run()
 
     def time_out(self) -> None:
-        if self._settle():
-            self.on_done(None, TimeoutError())
+        on_done = self._settle()
+        if on_done is not None:
+            on_done(None, TimeoutError())
 
 
 def _upstreams_of(snapshot: Snapshot) -> list[Upstream]:

@@ -62,11 +62,13 @@ class FakeServer:
 
 
 class FakeOwner:
-    """The client side as the upstream connection sees it; records what it is told."""
+    """The try a connection is lent to and the client side it reports to, in one (what the
+    connection calls ``owner`` and ``owner.client``); records what it is told."""
 
     def __init__(self) -> None:
         self.server = FakeServer()
         self.active = FakeExchange()
+        self.conn: UpstreamConnection | None = None
         self.heads: list[int] = []
         self.body = b""
         self.completed = 0
@@ -74,28 +76,37 @@ class FakeOwner:
         self.lost = 0
         self.status = 0
 
-    def on_response_head(self, conn: UpstreamConnection, status: int, head: Any, ka: bool) -> None:
+    @property
+    def client(self) -> FakeOwner:
+        return self
+
+    def on_response_head(self, attempt: FakeOwner, status: int, head: Any, ka: bool) -> None:
         self.heads.append(status)
         self.status = status
         if status >= 200:
-            conn.reusable = ka
+            assert attempt.conn is not None
+            attempt.conn.reusable = ka
 
-    def on_response_body(self, body: bytes) -> None:
+    def on_response_body(self, attempt: FakeOwner, body: bytes) -> None:
         self.body += body
 
-    def on_response_message_complete(self, conn: UpstreamConnection) -> None:
+    def on_response_message_complete(self, attempt: FakeOwner) -> None:
         if self.status < 200:
             return  # a 1xx ended; the listener waits for the final response
         self.completed += 1
+        conn = attempt.conn
+        assert conn is not None
         conn.pool.release(conn)  # what the listener does with a finished exchange
 
-    def on_response_complete(self, conn: UpstreamConnection) -> None:
+    def on_response_complete(self, attempt: FakeOwner) -> None:
         self.completed += 1
 
-    def on_upstream_failed(self, conn: UpstreamConnection, reason: str) -> None:
+    def on_upstream_failed(self, attempt: FakeOwner, conn: UpstreamConnection, reason: str) -> None:
         self.failed.append(reason)
 
-    def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+    def on_upstream_lost(
+        self, attempt: FakeOwner, conn: UpstreamConnection, exc: Exception | None
+    ) -> None:
         self.lost += 1
 
     def flush_to_client(self) -> None:
@@ -110,6 +121,7 @@ def connect(head_only: bool = False) -> tuple[UpstreamConnection, FakeOwner, Ins
     conn = UpstreamConnection(pool)
     conn.connection_made(FakeTransport())  # type: ignore[arg-type]
     owner = FakeOwner()
+    owner.conn = conn
     conn.begin_exchange(owner, head_only)  # type: ignore[arg-type]
     return conn, owner, pool
 
