@@ -410,7 +410,7 @@ class GatewayMetrics:
         n = len(bounds)
         for labels, hist in items:
             cumulative: list[tuple[str, float]] = []
-            acc: float = 0
+            acc = 0.0  # a float from the start: mypyc keeps float locals unboxed
             for i in range(n + 1):
                 acc += hist[i]
                 cumulative.append((les[i], acc))

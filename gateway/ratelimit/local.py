@@ -26,6 +26,7 @@ from typing import Protocol
 __all__ = ["DEFAULT_MAX_KEYS", "BucketStore", "LocalStore"]
 
 DEFAULT_MAX_KEYS = 100_000  # per limit; ~130 bytes per key with a str key of an IPv4 address
+EXPIRE_BUDGET = 10_000  # keys looked at per expire() call
 
 
 class BucketStore(Protocol):
@@ -37,7 +38,8 @@ class BucketStore(Protocol):
 
     def peek(self, key: str | bytes) -> float | None: ...
 
-    def expire(self, now: float, budget: int = ...) -> int: ...
+    # A real default, not `...`: mypyc compiles this stub too, and `...` is not an int.
+    def expire(self, now: float, budget: int = EXPIRE_BUDGET) -> int: ...
 
 
 class LocalStore:
@@ -106,7 +108,7 @@ class LocalStore:
     def peek(self, key: str | bytes) -> float | None:
         return self._tats.get(key)
 
-    def expire(self, now: float, budget: int = 10_000) -> int:
+    def expire(self, now: float, budget: int = EXPIRE_BUDGET) -> int:
         """Drop idle keys (TAT in the past) from the cold end; at most ``budget`` per call so a
         periodic sweep never stalls the loop. Returns how many were dropped."""
         tats = self._tats

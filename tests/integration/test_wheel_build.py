@@ -34,9 +34,16 @@ _MODES = (
 pytestmark = pytest.mark.timeout(240)
 
 
-def _wheel(tmp_path: Path, env: dict[str, str]) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def _wheel(
+    tmp_path: Path, env: dict[str, str], without_mypy: bool = False
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
     source = tmp_path / "src"
     shutil.copytree(ROOT, source, ignore=_NOT_SOURCES)
+    if without_mypy:  # the isolated build environment then has no mypyc
+        pyproject = source / "pyproject.toml"
+        text = pyproject.read_text()
+        assert ', "mypy>=1.10"]' in text
+        pyproject.write_text(text.replace(', "mypy>=1.10"]', "]", 1))
     out = tmp_path / "wheels"
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-w", str(out), "-v"],
@@ -97,9 +104,7 @@ def test_the_wheel_carries_the_compiled_modules(tmp_path: Path) -> None:
     assert last_line == f"compiled modules not in use: {compiled.PURE_ENV}=1"
 
 
-def test_without_a_compiler_the_wheel_is_pure_python(tmp_path: Path) -> None:
-    wheel, done = _wheel(tmp_path, {"CC": str(tmp_path / "no-such-cc")})
-    assert "gateway builds pure Python only: no C compiler" in done.stdout + done.stderr
+def _assert_pure_wheel(wheel: Path, tmp_path: Path) -> None:
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
@@ -108,5 +113,34 @@ def test_without_a_compiler_the_wheel_is_pure_python(tmp_path: Path) -> None:
     modes, last_line = _modes_of_unpacked(wheel, tmp_path / "site", pure=False)
     assert modes == dict.fromkeys(compiled.COMPILED_MODULES, "pure")
     assert last_line == (
+        "compiled modules not in use: not built (make compile, or pip install . with a C compiler)"
+    )
+
+
+def test_without_a_compiler_the_wheel_is_pure_python(tmp_path: Path) -> None:
+    wheel, done = _wheel(tmp_path, {"CC": str(tmp_path / "no-such-cc")})
+    assert "gateway builds pure Python only: no C compiler" in done.stdout + done.stderr
+    _assert_pure_wheel(wheel, tmp_path)
+
+
+def test_without_mypyc_the_wheel_is_pure_python(tmp_path: Path) -> None:
+    wheel, done = _wheel(tmp_path, {}, without_mypy=True)
+    assert "gateway builds pure Python only: mypyc is not installed" in done.stdout + done.stderr
+    _assert_pure_wheel(wheel, tmp_path)
+    # What `gateway version` prints from that install: every hot-path module pure, and why.
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    env.pop(compiled.PURE_ENV, None)
+    version = subprocess.run(
+        [sys.executable, "-m", "gateway", "version"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert version[0] == __import__("gateway").__version__
+    for module in compiled.COMPILED_MODULES:
+        assert f"{module}: pure" in version
+    assert version[-1] == (
         "compiled modules not in use: not built (make compile, or pip install . with a C compiler)"
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.metrics import GatewayMetrics
 from loadtest import report
 from loadtest.backend import BackendProtocol
 from loadtest.harness import SCENARIOS, parse_duration_s, parse_list
@@ -372,3 +373,21 @@ def test_tls_scenarios_configure_gateway_and_nginx_alike(tmp_path: Path) -> None
     conf = nginx_proxy_conf(tmp_path, 8443, 9000, tls=tls)
     assert "listen 127.0.0.1:8443 backlog=4096 ssl;" in conf
     assert "ssl_certificate /c/cert.pem;" in conf and "ssl_session_tickets off;" in conf
+
+
+def test_bench_dataplane_runs_without_metrics_recording() -> None:
+    # --compare-metrics must work when GatewayMetrics is compiled (a native class, whose
+    # methods cannot be replaced on an instance): the no-op comes from a wrapper instead.
+    from loadtest import bench_dataplane
+
+    recorded = GatewayMetrics()
+    wrapper = bench_dataplane.NoRecording(recorded)
+    wrapper.observe_request("r", "u", "GET", 200, 0.1, 0.1, 0.0)
+    wrapper.connections_open += 1
+    assert recorded.requests == {} and recorded.connections_open == 1
+
+    async def both() -> tuple[float, float]:
+        return bench_dataplane.run(50, metrics=True), bench_dataplane.run(50, metrics=False)
+
+    with_metrics, without = asyncio.run(both())
+    assert with_metrics > 0 and without > 0
