@@ -697,8 +697,9 @@ class GatewayMetrics:
             self.grpc_requests[grpc_key] = self.grpc_requests.get(grpc_key, 0) + count
         self.h2_requests += state.get("h2_requests", 0)
         counters = self.process_counters
-        for key, count in state.get("process_counters", {}).items():
-            counters[key] = counters.get(key, 0) + count
+        # (own names: mypyc types a variable once per function, and ``key`` is a tuple above)
+        for counter_name, counter_count in state.get("process_counters", {}).items():
+            counters[counter_name] = counters.get(counter_name, 0) + counter_count
         for side, direction, frame, code, count in state.get("http2_errors", ()):
             h2_key = (side, direction, frame, code)
             self.http2_errors[h2_key] = self.http2_errors.get(h2_key, 0) + count
