@@ -331,7 +331,8 @@ def test_watch_picks_up_an_edit(
     assert status_of(gateway, "/extra2") == 404
     write_config(gateway, version_config(2, app_backend, app_backend_2, extra))
     wait_for(lambda: status_of(gateway, "/extra2") == 200, "the edit was not picked up")
-    assert "config reloaded (file change)" in gateway.log()
+    # A worker may serve the new route before the supervisor has logged the whole reload.
+    wait_for(lambda: "config reloaded (file change)" in gateway.log(), "no reload log line")
     # A bad edit is reported once and changes nothing.
     gateway.config_path.write_text(gateway.config_path.read_text() + "nonsense: [\n")
     wait_for(
