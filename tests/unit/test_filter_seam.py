@@ -46,12 +46,14 @@ class TestChain:
         route: str = "main",
     ) -> None:
         self.route = route
+        self.wants_request_headers = True
         self.wants_request_body = on_request_chunk is not None
         self.on_request_chunk = on_request_chunk
         self.request_chunks: list[tuple[bytes, bool]] = []
         self.wants_response_headers = on_response is not None
         self.wants_response_body = on_body is not None
         self.wants_log = True
+        self.request_phase_only = False
         self.outcome = outcome
         self.on_request = on_request
         self.on_response = on_response
@@ -62,10 +64,10 @@ class TestChain:
         self.logged: list[int] = []
         self.chunks: list[tuple[bytes, bool]] = []
 
-    def on_request_headers(self, request: RequestInfo, resume: Resume) -> Any:
+    def on_request_headers(self, request: RequestInfo, resume: Resume | None = None) -> Any:
         self.calls.append("request_headers")
         self.requests.append(request)
-        self.resume = resume
+        self.resume = resume if resume is not None else request.resume  # type: ignore[attr-defined]
         if self.on_request is not None:
             self.on_request(request)
         return self.outcome
