@@ -136,6 +136,19 @@ SCENARIOS: dict[str, Scenario] = {
             filters=({"python": {"class": "loadtest.bench_filters:EmptyFilter"}},),
             proxies=("gateway",),  # the cost of the gateway's filter seam
         ),
+        Scenario(
+            "filter-headers",
+            "the small GET on a route with a headers filter (one request and one response set)",
+            filters=(
+                {
+                    "headers": {
+                        "request": {"set": {"x-client": "{client_ip}"}},
+                        "response": {"set": {"x-gateway": "bench"}},
+                    }
+                },
+            ),
+            proxies=("gateway",),
+        ),
     )
 }
 

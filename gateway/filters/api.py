@@ -4,7 +4,8 @@ The data plane knows only the names in this module. A route's filters are compil
 ``FilterChain`` per route (``Snapshot.filters``, keyed by route name, empty when no route has
 filters), and the request lifecycle calls the chain at its phases:
 
-    request headers ─▶ route ─▶ chain.on_request_headers ─▶ admit (limits) ─▶ select peer ─▶
+    request headers ─▶ route ─▶ chain.on_request_headers (if chain.wants_request_headers) ─▶
+    admit (limits) ─▶ select peer ─▶
     upstream request (chain.on_request_body per chunk, if chain.wants_request_body) ─▶
     response headers (chain.on_response_headers, if chain.wants_response_headers) ─▶
     response body (chain.on_response_body per chunk, if chain.wants_response_body) ─▶
@@ -137,15 +138,21 @@ class FilterChain(Protocol):
     """One route's compiled filters, in order. The data plane calls only these members."""
 
     route: str
+    wants_request_headers: bool
     wants_request_body: bool
     wants_response_headers: bool
     wants_response_body: bool
     wants_log: bool
+    # No hook after on_request_headers: once that phase passed without choosing an upstream or
+    # setting vars, the data plane treats the rest of the exchange as a route without filters.
+    request_phase_only: bool
 
     def on_request_headers(
-        self, request: RequestInfo, resume: Resume
+        self, request: RequestInfo, resume: Resume | None = None
     ) -> LocalReply | _Suspended | None:
-        """``None``: go on; a ``LocalReply``: answer with it; ``SUSPENDED``: wait for resume."""
+        """``None``: go on; a ``LocalReply``: answer with it; ``SUSPENDED``: wait for resume.
+        Called only if ``wants_request_headers``. Without ``resume`` the chain calls the
+        request's own ``resume`` method (the data plane's request has one)."""
         ...
 
     def on_request_body(self, request: RequestInfo, chunk: bytes, end: bool) -> bytes:

@@ -28,6 +28,7 @@ key id) so that the others pay nothing.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
@@ -130,6 +131,9 @@ def overridden_hooks(cls: type[Filter]) -> dict[str, bool]:
 # --- header helpers: names are lowercase bytes in the list; str is accepted and encoded ------
 
 
+_UNSAFE = re.compile(rb"[\r\n\x00]")
+
+
 def _name(name: bytes | str) -> bytes:
     return name.lower() if isinstance(name, bytes) else name.lower().encode("ascii")
 
@@ -137,7 +141,7 @@ def _name(name: bytes | str) -> bytes:
 def _value(value: bytes | str) -> bytes:
     raw = value if isinstance(value, bytes) else value.encode("latin-1")
     # RFC 9110 §5.5: CR, LF and NUL never belong in a field value (header injection).
-    if b"\r" in raw or b"\n" in raw or b"\x00" in raw:
+    if _UNSAFE.search(raw) is not None:
         raise ValueError(f"header value {raw!r} contains CR, LF or NUL")
     return raw
 

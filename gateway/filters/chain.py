@@ -91,13 +91,17 @@ class Chain:
         "_log",
         "_request",
         "_request_body",
+        "_request_hooks",
         "_response",
         "_response_body",
+        "_single_request_hook",
         "_tasks",
         "filters",
+        "request_phase_only",
         "route",
         "wants_log",
         "wants_request_body",
+        "wants_request_headers",
         "wants_response_body",
         "wants_response_headers",
     )
@@ -132,14 +136,19 @@ class Chain:
             if "on_log" in hooks:
                 log_hooks.append((item.name, item.on_log))
         self._request = tuple(request)
+        self._request_hooks = tuple(hook for _, hook in request)  # the per-request loop's
+        # The usual chain has one request hook: called without a loop.
+        self._single_request_hook = request[0][1] if len(request) == 1 else None
         self._request_body = tuple(request_body)
         self._response = tuple(reversed(response))
         self._response_body = tuple(reversed(response_body))
         self._log = tuple(log_hooks)
+        self.wants_request_headers = bool(request)
         self.wants_request_body = bool(request_body)
         self.wants_response_headers = bool(response or response_body)
         self.wants_response_body = bool(response_body)
         self.wants_log = bool(log_hooks)
+        self.request_phase_only = not (request_body or response or response_body or log_hooks)
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_logged: dict[str, float] = {}
 
@@ -149,25 +158,42 @@ class Chain:
     # --- request phase --------------------------------------------------------------------
 
     def on_request_headers(
-        self, request: RequestInfo, resume: Resume
+        self, request: RequestInfo, resume: Resume | None = None
     ) -> LocalReply | _Suspended | None:
-        for index, (name, hook) in enumerate(self._request):
-            try:
+        hooks = self._request_hooks
+        hook = self._single_request_hook
+        try:
+            if hook is not None:
                 result = hook(request)
-            except Exception:
-                return self._failed(name, "on_request_headers")
-            if result is not None:
-                if isinstance(result, LocalReply):
-                    return result
-                return self._suspend(index, name, result, request, resume)
-        return None
+                if result is None:
+                    return None
+            else:
+                for hook in hooks:
+                    result = hook(request)
+                    if result is not None:
+                        break
+                else:
+                    return None
+        except Exception:
+            # ``hook`` is the one that raised: found by identity only now (no counter per hook).
+            return self._failed(self._request[_position(hooks, hook)][0], "on_request_headers")
+        if isinstance(result, LocalReply):
+            return result
+        index = _position(hooks, hook)
+        return self._suspend(index, self._request[index][0], result, request, resume)
 
     def _suspend(
-        self, index: int, name: str, result: object, request: RequestInfo, resume: Resume
+        self, index: int, name: str, result: object, request: RequestInfo, resume: Resume | None
     ) -> LocalReply | _Suspended:
         awaitable = result.awaitable if isinstance(result, Pending) else result
         if not inspect_awaitable(awaitable):
             return self._failed(name, "on_request_headers", f"returned {result!r}")
+        if resume is None:
+            # The data plane's request (FilterState) carries its own resume.
+            resume = getattr(request, "resume", None)
+            if resume is None:
+                _discard(awaitable)
+                return self._failed(name, "on_request_headers", "suspended without a resume")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # called outside the event loop: nothing could ever resume it
@@ -279,6 +305,10 @@ class Chain:
                 log.exception("route %s: filter %s failed in %s", self.route, name, hook)
             else:
                 log.error("route %s: filter %s %s in %s", self.route, name, why, hook)
+
+
+def _position(hooks: tuple[Any, ...], hook: object) -> int:
+    return next(index for index, item in enumerate(hooks) if item is hook)
 
 
 def _discard(awaitable: object) -> None:

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gateway.accesslog import iso_time
-from gateway.filters.api import SUSPENDED, FilterChain, LocalReply, RequestInfo
+from gateway.filters.api import SUSPENDED, FilterChain, LocalReply
 from gateway.filters.grpc_web import GRPC_WEB_VAR
 from gateway.proxy import grpc, responses
 from gateway.proxy import headers as hdr
@@ -147,46 +147,56 @@ class RequestPhases(_Base):
     ) -> None:
         """The route has filters: run their request-headers phase, then admit (or answer
         with the filters' LocalReply, or wait for an asynchronous filter to resume)."""
-        # A chunked request's header list drops what is appended after the head (trailers):
-        # the filters get a plain list, and the head fields are what they leave in it.
-        headers = list(ex.headers) if ex.chunked else ex.headers
-        # The request id as _forward makes it (validated once: _forward trusts it after this).
-        request_id = ex.request_id
-        if request_id is None or not hdr.valid_request_id(request_id):
-            request_id = ex.request_id = self.server.request_ids.next()
-        info = RequestInfo(  # positional: measurably cheaper than ten keywords per request
-            ex.method_name,
-            path_text,
-            query.decode("latin-1") if query else "",
-            host.decode("latin-1") if host is not None else "",
-            headers,
-            self.peer_ip,
-            route.name,
-            request_id.decode("ascii"),
-            "http/1.0" if ex.version == "1.0" else "http/1.1",
-            self.listener.tls is not None,
-        )
-        state = self.filters = FilterState(chain, info, self, ex)
-        outcome = chain.on_request_headers(info, state.resume)
+        # The request filters see, slot by slot (no __init__ frame): what costs more than a
+        # store (the header list, decoded strings, vars, the request id) is made when a hook
+        # reads it.
+        state = FilterState()  # self.filters only if the exchange needs it after this phase
+        state.chain = chain
+        state.conn = self
+        state.exchange = ex
+        state.path = path_text
+        state.raw_host = host
+        state.raw_query = query
+        state.upstream = state.header_list = state.var_dict = state.overrides = None
+        state.retry_head = None
+        state.attempts = ()  # (filled before on_log)
+        outcome = chain.on_request_headers(state) if chain.wants_request_headers else None
         if outcome is None:
             # _request_filtered inlined for the common synchronous pass (one call less).
-            state.decided = True
-            headers = info.headers  # a hook may have replaced the list
-            ex.headers = HeadFields(headers) if ex.chunked else headers
-            if chain.wants_request_body:
-                filter_held_body(state, ex)
+            headers = state.header_list  # None: no hook read the list, it goes up as it came
+            if headers is not None:
+                ex.headers = HeadFields(headers) if ex.chunked else headers
+            # A chain with no later hook whose filters chose no upstream and set no vars leaves
+            # nothing to read later: the exchange goes on as a plain route's (_forward makes
+            # its request id, unless a hook read it).
+            if not chain.request_phase_only or state.upstream is not None or state.var_dict:
+                self.filters = state
+                state.request_body = state.body_hook = False
+                self._check_request_id(ex)
+                if chain.wants_request_body:
+                    filter_held_body(state, ex)
             limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
             if limiter is not None:
                 self._admit(ex, limiter, snapshot, route, url, host, path, query)
             else:
                 self._forward(ex, snapshot, route, url, host, path, query)
-        elif outcome is SUSPENDED:
+            return
+        self.filters = state
+        state.request_body = state.body_hook = False
+        self._check_request_id(ex)
+        if outcome is SUSPENDED:
             # Parked like a Redis rate-limit decision: ``state.resume`` continues (the chain
             # calls it from the event loop, never before this returned).
             state.forward = (snapshot, route, url, host, path, query)
         else:
             reply = outcome if isinstance(outcome, LocalReply) else None
             self._request_filtered(ex, state, reply, snapshot, route, url, host, path, query)
+
+    def _check_request_id(self, ex: Exchange) -> None:
+        """The request id as _forward makes it (_forward trusts a filtered route's)."""
+        request_id = ex.request_id
+        if request_id is None or not hdr.valid_request_id(request_id):
+            ex.request_id = self.server.request_ids.next()
 
     def _request_filtered(
         self,
@@ -200,14 +210,14 @@ class RequestPhases(_Base):
         path: bytes,
         query: bytes,
     ) -> None:
-        if state.decided:
-            return
-        state.decided = True
+        """The request phase is over (a late or second resume never gets here: FilterState
+        drops it)."""
         if reply is not None:
             self._local_reply(ex, reply)
             return
-        headers = state.request.headers  # what the filters made of them goes upstream
-        ex.headers = HeadFields(headers) if ex.chunked else headers
+        headers = state.header_list  # what the filters made of them goes upstream
+        if headers is not None:
+            ex.headers = HeadFields(headers) if ex.chunked else headers
         if state.chain.wants_request_body:
             filter_held_body(state, ex)
         limiter = snapshot.limiters.get(route.name) if snapshot.limiters else None
@@ -348,15 +358,13 @@ class RequestPhases(_Base):
                 if not idempotency.begin(self, ex, (ex, snapshot, route, url, host, path, query)):
                     return  # claimed at the store first (or answered: 4xx, replay)
         filters = self.filters
-        if filters is not None and filters.request.upstream is not None:
+        if filters is not None and filters.upstream is not None:
             # A request-phase filter chose another upstream (traffic splitting).
-            chosen = snapshot.upstreams.get(filters.request.upstream)
+            chosen = snapshot.upstreams.get(filters.upstream)
             if chosen is None:
                 self._respond_error(
                     ex,
-                    RequestRejected(
-                        500, "filter_error", f"no upstream '{filters.request.upstream}'"
-                    ),
+                    RequestRejected(500, "filter_error", f"no upstream '{filters.upstream}'"),
                 )
                 return
             upstream = chosen
@@ -559,8 +567,8 @@ class RequestPhases(_Base):
         if filters is not None:
             self.filters = None
             if filters.chain.wants_log:
-                filters.request.attempts = exchange_attempts(ex, attempt, now)
-                filters.chain.on_log(filters.request, status, total)  # never raises (the chain's)
+                filters.attempts = exchange_attempts(ex, attempt, now)
+                filters.chain.on_log(filters, status, total)  # never raises (the chain's)
         if ex.last_ended is not None or ex.attempt_labels is not None:
             # Retried or hedged: these point at tries, which point back at ``ex`` (record_try).
             ex.last_ended = None
@@ -587,8 +595,8 @@ class RequestPhases(_Base):
                 "rate_limit": ex.ratelimit or None,
                 "error": ex.error_code or None,
             }
-            if filters is not None and filters.request.vars:
-                found = filters.request.vars
+            if filters is not None and filters.var_dict:
+                found = filters.var_dict
                 for key in ("consumer", "trace_id"):  # what filters may add to the log
                     if key in found:
                         entry[key] = found[key]

@@ -16,6 +16,7 @@ from gateway.filters.api import (
     ResponseInfo,
     Resume,
 )
+from gateway.filters.base import Filter, set_header
 from gateway.filters.chain import Chain
 from gateway.filters.mirror import MirrorFilter
 from tests.unit.dataplane_harness import NOTHING_IN_FLIGHT, Harness, config, request, response
@@ -46,12 +47,14 @@ class TestChain:
         route: str = "main",
     ) -> None:
         self.route = route
+        self.wants_request_headers = True
         self.wants_request_body = on_request_chunk is not None
         self.on_request_chunk = on_request_chunk
         self.request_chunks: list[tuple[bytes, bool]] = []
         self.wants_response_headers = on_response is not None
         self.wants_response_body = on_body is not None
         self.wants_log = True
+        self.request_phase_only = False
         self.outcome = outcome
         self.on_request = on_request
         self.on_response = on_response
@@ -62,10 +65,10 @@ class TestChain:
         self.logged: list[int] = []
         self.chunks: list[tuple[bytes, bool]] = []
 
-    def on_request_headers(self, request: RequestInfo, resume: Resume) -> Any:
+    def on_request_headers(self, request: RequestInfo, resume: Resume | None = None) -> Any:
         self.calls.append("request_headers")
         self.requests.append(request)
-        self.resume = resume
+        self.resume = resume if resume is not None else request.resume  # type: ignore[attr-defined]
         if self.on_request is not None:
             self.on_request(request)
         return self.outcome
@@ -568,3 +571,100 @@ def test_mirror_copies_a_post_body_up_to_its_bound(
         assert [a.status for a in c.responses()] == [200]
         assert mirror.copies == ([("POST", "/pay?x=1", body)] if mirrored else [])
         assert mirror.dropped == (0 if mirrored else 1)
+
+
+# --- what a route with real Chains skips (issue 18: the seam's cost) ------------------------
+
+
+class LogOnly(Filter):
+    name = "log-only"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[object] = []
+        self.logged: list[int] = []
+
+    def on_request_headers(self, request: RequestInfo) -> None:  # switched off per instance
+        self.requests.append(request)
+
+    def on_log(self, request: RequestInfo, status: int, duration_s: float) -> None:
+        self.logged.append(status)
+
+
+class Reader(Filter):
+    """Reads every field; changes nothing."""
+
+    name = "reader"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[object, ...]] = []
+
+    def on_request_headers(self, request: RequestInfo) -> None:
+        self.seen.append(
+            (request.method, request.path, request.host, request.client_ip, list(request.headers))
+        )
+
+
+class Stamp(Filter):
+    """Sets one request field and appends one response field."""
+
+    name = "stamp"
+
+    def on_request_headers(self, request: RequestInfo) -> None:
+        set_header(request.headers, "x-stamp", request.client_ip)
+
+    def on_response_headers(self, response: ResponseInfo) -> None:
+        response.headers.append((b"x-stamped", b"yes"))
+
+
+def install_chain(h: Harness, *filters: Filter) -> Chain:
+    chain = Chain("main", filters)
+    install(h, chain)  # type: ignore[arg-type]
+    return chain
+
+
+def test_a_filter_with_only_on_log_is_never_called_for_the_request_headers() -> None:
+    only_log = LogOnly()
+    only_log.on_request_headers = Filter.on_request_headers.__get__(only_log)  # type: ignore[method-assign]
+    with Harness(config()) as h:
+        chain = install_chain(h, only_log)
+        assert not chain.wants_request_headers and chain.wants_log
+        c = h.client()
+        c.send(request())
+        h.upstream().respond(response(200, b"ok"))
+        assert [a.status for a in c.responses()] == [200]
+        assert only_log.requests == [] and only_log.logged == [200]
+
+
+def test_a_chain_that_changes_nothing_forwards_the_request_head_unchanged() -> None:
+    sent = request("GET", "/a", headers=(("X-Odd-Case", "  spaced  "), ("Accept", "*/*")))
+    heads: list[bytes] = []
+    for filters in ((), (Reader(),)):
+        with Harness(config()) as h:
+            if filters:
+                chain = install_chain(h, *filters)
+                assert chain.request_phase_only
+            c = h.client()
+            c.send(sent)
+            u = h.upstream()
+            heads.append(u.request_head().split(b"\r\nx-request-id:")[0])
+            u.respond(response(200, b"ok"))
+            assert [a.status for a in c.responses()] == [200]
+            # A request-phase-only chain leaves nothing on the connection for later phases.
+            assert c.protocol.filters is None
+    assert heads[0] == heads[1]
+
+
+def test_a_header_a_filter_sets_is_forwarded_and_an_appended_response_field_relayed() -> None:
+    with Harness(config()) as h:
+        install_chain(h, Stamp())
+        c = h.client()
+        c.send(request())
+        u = h.upstream()
+        assert u.request_headers()[b"x-stamp"] == c.transport.peer[0].encode()
+        u.respond(response(200, b"hello", headers=(("X-Odd-Case", "  spaced  "),)))
+        [answer] = c.responses()
+        assert (answer.status, answer.body, answer.header(b"x-stamped")) == (200, b"hello", b"yes")
+        # The received fields are relayed as received (the plain route's bytes), the new one added.
+        assert b"X-Odd-Case:   spaced  \r\n" in c.received()
