@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
+from mypy_extensions import mypyc_attr
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -154,6 +155,8 @@ def _new_hist(nbounds: int) -> list[float]:
     return [0] * (nbounds + 1) + [0.0]
 
 
+# Interpreted subclasses: loadtest.bench_dataplane.NoRecording (no per-request recording).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class GatewayMetrics:
     """Cheap per-request recording; conversion to Prometheus families happens at scrape time."""
 

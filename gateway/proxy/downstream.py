@@ -1,13 +1,14 @@
 """The downstream seam: what the lifecycle phases need of the client side, written once.
 
-The phases (``lifecycle.RequestPhases``, ``relay.ResponsePhases``, ``failover.Failover``) are
-mixins of the HTTP/1.1 ``ClientConnection``. Each of them sees the connection as a
-``Downstream`` (its base for the type checker only: at run time the mixins derive from
-``object`` and add no slots, so a call costs what it cost before). ``Downstream`` is the
-interface a client-side codec implements to drive the same phases, and the one an HTTP/2
-stream would implement (docs/architecture.md, "The downstream seam"): the state the phases read
-and write, the codec's own operations (``flush_to_client``, reading pause/resume, ``_finish``),
-and the phases' methods, which the mixins provide to each other.
+The phases (``lifecycle.RequestPhases``, ``failover.Failover``, ``relay.ResponsePhases``) and
+the HTTP/1.1 parts (``h1codec.RequestCodec``, ``flowcontrol.FlowControl``) are one chain of
+classes that ends in ``ClientConnection``, each the base of the next, starting from
+``Downstream`` (one chain rather than mixins: mypyc compiles it, and gives a native class one
+base). ``Downstream`` is the interface a client-side codec implements to drive the same phases,
+and the one an HTTP/2 stream would implement (docs/architecture.md, "The downstream seam"): the
+state the phases read and write (its slots are here), the codec's own operations
+(``flush_to_client``, reading pause/resume, ``_finish``), and the phases' methods, which the
+classes of the chain provide to each other.
 
 ``Server`` is what they use of the server (``ProxyServer``: server.py imports listener.py, which
 imports the mixins, so they cannot import it).
@@ -54,9 +55,34 @@ class Downstream:
     """One client-side connection (or stream) as the lifecycle phases see it.
 
     A typed base rather than a ``Protocol``: the mixins assign some of these attributes, and
-    mypy checks such assignments against a base class's declarations, not a protocol's. No
-    ``__slots__`` here: ``ClientConnection`` has the slots, and mypy would check the mixins'.
+    mypy checks such assignments against a base class's declarations, not a protocol's. The
+    base of the phases' classes and ``ClientConnection`` (one chain: mypyc compiles it, and a
+    native class has one base), so it has the slots of the state it declares.
     """
+
+    __slots__ = (
+        "active",
+        "client_cert",
+        "closed",
+        "filters",
+        "keyed",
+        "listener",
+        "out",
+        "parsing",
+        "peer_ip",
+        "peer_trusted",
+        "queue",
+        "reading_paused",
+        "server",
+        "sni",
+        "tls_entry",
+        "transport",
+        "tunnel",
+        "tunnel_pending",
+        "upgrade_pending",
+        "upstream_write_paused",
+        "writing_paused",
+    )
 
     # -- state the phases read and write ----------------------------------------------------
     server: Server

@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from gateway.proxy.attempt import UpstreamAttempt, record_try
-from gateway.proxy.downstream import Downstream
+from gateway.proxy.lifecycle import RequestPhases
 from gateway.proxy.responses import RequestRejected
 from gateway.resilience.backoff import parse_retry_after
 from gateway.resilience.retry import (
@@ -32,10 +32,6 @@ if TYPE_CHECKING:
     from gateway.proxy.upstream import InstancePool, UpstreamConnection
     from gateway.snapshot import Instance, Upstream
 
-    _Base = Downstream
-else:
-    _Base = object  # the interface is for the type checker: no base class at run time
-
 
 def _retry_after(fields: bytes) -> float | None:
     """Seconds from a Retry-After field (RFC 9110 §10.2.3) in a raw header block, if any."""
@@ -47,7 +43,7 @@ def _retry_after(fields: bytes) -> float | None:
     return parse_retry_after(fields[at + 12 : end].strip(), time.time())
 
 
-class Failover(_Base):
+class Failover(RequestPhases):
     """Retries, hedges and upstream failures of the active exchange (mixed into
     ``ClientConnection``, which has the slots)."""
 

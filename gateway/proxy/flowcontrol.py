@@ -12,20 +12,12 @@ on an upstream, since the upstream read timer starts only once the whole request
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from gateway.proxy.body import PENDING_BODY_LIMIT
+from gateway.proxy.h1codec import RequestCodec
 from gateway.proxy.responses import RequestRejected
 
-if TYPE_CHECKING:
-    from gateway.proxy.h1codec import H1Downstream
 
-    _Base = H1Downstream
-else:
-    _Base = object  # the interface is for the type checker: no base class at run time
-
-
-class FlowControl(_Base):
+class FlowControl(RequestCodec):
     """Backpressure both ways and the connection's deadlines (mixed into ``ClientConnection``,
     which has the slots)."""
 

@@ -20,7 +20,6 @@ import httptools
 from gateway.proxy import filtering
 from gateway.proxy import headers as hdr
 from gateway.proxy.body import RequestBody
-from gateway.proxy.downstream import Downstream
 from gateway.proxy.exchange import CW_DONE, CW_START, Exchange
 from gateway.proxy.h1 import (
     CW_DESYNC,
@@ -53,45 +52,65 @@ from gateway.proxy.h1 import (
     reset_walk,
     walk_framing,
 )
+from gateway.proxy.relay import ResponsePhases
 from gateway.proxy.responses import RequestRejected
 
 if TYPE_CHECKING:
     from gateway.config.model import LimitsConfig
 
-    class H1Downstream(Downstream):
-        """What the HTTP/1.1 mixins (``RequestCodec``, ``flowcontrol.FlowControl``) use of
-        ``ClientConnection`` beyond the downstream seam (its ``__init__`` sets them)."""
 
-        parser: httptools.HttpRequestParser
-        limits: LimitsConfig  # the snapshot's at accept: a reload applies to new connections
-        to_dispatch: bool  # the active exchange waits for the end of this read to go upstream
-        pending_error: RequestRejected | None  # answered after the active exchange
-        head_deadline: float
-        idle_deadline: float
-        body_deadline: float
-        send_deadline: float
-        head_received: int
-        head_limit: int
-        head_tail: bytes
-        chunked_walk: list[Exchange] | None
-        underscores: int
-        allowed_methods: frozenset[str] | None
-        method_carry: bytes | None
-        real_method: bytes | None
-        method_hook: bool
+# At module level (not for the type checker only) because mypyc compiles it: the native base of
+# ClientConnection, which holds the state the mixins (mypyc traits) share.
+class H1Downstream(ResponsePhases):
+    """What the HTTP/1.1 mixins (``RequestCodec``, ``flowcontrol.FlowControl``) use of
+    ``ClientConnection`` beyond the downstream seam (its ``__init__`` sets them)."""
 
-        def is_idle(self) -> bool:
-            raise NotImplementedError
+    __slots__ = (
+        "allowed_methods",
+        "body_deadline",
+        "chunked_walk",
+        "head_deadline",
+        "head_limit",
+        "head_received",
+        "head_tail",
+        "idle_deadline",
+        "limits",
+        "method_carry",
+        "method_hook",
+        "parser",
+        "pending_error",
+        "real_method",
+        "send_deadline",
+        "to_dispatch",
+        "underscores",
+    )
 
-        def close_idle(self) -> None: ...
-        def _reject_parsing(self, rejected: RequestRejected) -> None: ...
+    parser: httptools.HttpRequestParser
+    limits: LimitsConfig  # the snapshot's at accept: a reload applies to new connections
+    to_dispatch: bool  # the active exchange waits for the end of this read to go upstream
+    pending_error: RequestRejected | None  # answered after the active exchange
+    head_deadline: float
+    idle_deadline: float
+    body_deadline: float
+    send_deadline: float
+    head_received: int
+    head_limit: int
+    head_tail: bytes
+    chunked_walk: list[Exchange] | None
+    underscores: int
+    allowed_methods: frozenset[str] | None
+    method_carry: bytes | None
+    real_method: bytes | None
+    method_hook: bool
 
-    _Base = H1Downstream
-else:
-    _Base = object  # the interface is for the type checker: no base class at run time
+    def is_idle(self) -> bool:
+        raise NotImplementedError
+
+    def close_idle(self) -> None: ...
+    def _reject_parsing(self, rejected: RequestRejected) -> None: ...
 
 
-class RequestCodec(_Base):
+class RequestCodec(H1Downstream):
     """httptools callbacks, chunked walk, extension-method refeed and parse errors (mixed
     into ``ClientConnection``, which has the slots)."""
 
@@ -283,7 +302,11 @@ class RequestCodec(_Base):
             if action == UNDERSCORE_REJECT:
                 raise RequestRejected(400, "bad_request", "header field name with '_'")
             if action == UNDERSCORE_ALLOW and not hdr.underscore_lookalike(name):
-                ex.headers.append((name, value))
+                headers = ex.headers
+                if type(headers) is HeadFields:
+                    headers.trailer((name, value))
+                else:
+                    headers.append((name, value))
             return
         special = SPECIAL_HEADERS.get(name)
         if special is not None:
@@ -311,7 +334,12 @@ class RequestCodec(_Base):
                     ex.body_hash = hashlib.sha256()  # the fingerprint may cover the body
                 else:
                     ex.idem_keys.append(value)
-        ex.headers.append((name, value))
+        headers = ex.headers
+        if type(headers) is HeadFields:
+            # A trailer field. Called by name: compiled, ``append`` on a list is ``list.append``.
+            headers.trailer((name, value))
+        else:
+            headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         ex = self.parsing

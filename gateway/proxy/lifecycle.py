@@ -33,12 +33,8 @@ if TYPE_CHECKING:
     from gateway.routing import Route
     from gateway.snapshot import Snapshot
 
-    _Base = Downstream
-else:
-    _Base = object  # the interface is for the type checker: no base class at run time
 
-
-class RequestPhases(_Base):
+class RequestPhases(Downstream):
     """Route, filter request, admit, select peer; and the end of an exchange."""
 
     __slots__ = ()

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING
 
 from gateway.proxy import filtering
 from gateway.proxy import headers as hdr
-from gateway.proxy.downstream import Downstream
 from gateway.proxy.exchange import FRAME_CHUNKED, FRAME_NONE, FRAME_RAW, Exchange
-from gateway.proxy.failover import _retry_after
+from gateway.proxy.failover import Failover, _retry_after
 from gateway.proxy.filtering import FilterState
 from gateway.proxy.tunnel import Tunnel
 from gateway.proxy.upstream import UNEXPECTED_SWITCHING_PROTOCOLS, InstancePool, UpstreamConnection
@@ -28,12 +27,8 @@ from gateway.resilience.retry import CONNECT_FAILURE, GATEWAY_STATUSES, STATUS
 if TYPE_CHECKING:
     from gateway.proxy.attempt import UpstreamAttempt
 
-    _Base = Downstream
-else:
-    _Base = object  # the interface is for the type checker: no base class at run time
 
-
-class ResponsePhases(_Base):
+class ResponsePhases(Failover):
     """Upstream request, response headers, response body, done."""
 
     __slots__ = ()

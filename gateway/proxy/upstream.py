@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, cast
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from gateway.pools import set_pool_factory
 from gateway.proxy.headers import parse_response_head
@@ -464,6 +465,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+# An OSError subclass cannot be a mypyc native class.
+@mypyc_attr(native_class=False)
 class UpstreamTLSError(ConnectionError):
     """A TLS handshake with an instance failed; the message says why in plain words."""
 
@@ -474,6 +477,8 @@ class UpstreamTLSError(ConnectionError):
         self.ssl_error = error
 
 
+# Interpreted subclasses: the sans-IO test harness settles connects itself.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class InstancePool:
     """Idle keep-alive connections to one instance, most recently used first."""
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from gateway import pools as pools_module
 from gateway.config import load_config_text
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import server as server_module
@@ -591,7 +592,7 @@ class Harness:
         self._config_yaml = config_yaml
         self._patches = [
             _Patch(time, "monotonic", self.clock.monotonic),
-            _Patch(InstancePool, "connect", self._connect_method()),
+            _Patch(pools_module, "_factory", self._pool_factory()),
         ]
         self._ports = itertools.count(50_000)
         self._opened = False
@@ -632,8 +633,17 @@ class Harness:
             for patch in reversed(self._patches):
                 setattr(patch.target, patch.name, patch.saved)
 
-    def _connect_method(self) -> Callable[..., PendingConnect]:
+    def _pool_factory(self) -> Callable[..., InstancePool]:
+        """Pools whose connects the harness settles (a subclass: the compiled data plane calls
+        the pool's own ``connect``, which a patch of the class would not reach)."""
         harness = self
+
+        class HarnessPool(InstancePool):
+            def connect(  # type: ignore[override]
+                self,
+                on_done: Callable[[UpstreamConnection | None, BaseException | None], Any],
+            ) -> PendingConnect:
+                return connect(self, on_done)
 
         def connect(
             pool: InstancePool,
@@ -649,7 +659,7 @@ class Harness:
                 harness.loop.call_soon(pending.refuse)
             return pending
 
-        return connect
+        return HarnessPool
 
     def _open_upstream(self, pool: InstancePool) -> UpstreamEnd:
         conn = UpstreamConnection(pool)

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     import h2.connection
 
     from gateway.config.model import Http2Config
-    from gateway.proxy.exchange import Exchange
     from gateway.proxy.listener import ClientConnection
     from gateway.proxy.server import ProxyServer
     from gateway.tls.accept import ListenerState
@@ -67,28 +66,13 @@ class StreamOwner(Protocol):
 
 
 _LOCAL_REASONS = {431: b"request header fields too large"}
-_STREAM_CLIENT: type[ClientConnection] | None = None
 
 
 def _stream_client() -> type[ClientConnection]:
-    """``ClientConnection`` whose request counts as an HTTP/2 one
-    (``gateway_downstream_requests_total{protocol="h2"}``), where it is observed: the
-    HTTP/1.1 path itself counts nothing for the label; its access-log line says
-    ``"protocol": "h2"``."""
-    global _STREAM_CLIENT
-    if _STREAM_CLIENT is None:
-        from gateway.proxy.listener import ClientConnection
+    """``listener.StreamClient``: imported on first use (listener.py imports this package)."""
+    from gateway.proxy.listener import StreamClient
 
-        class StreamClient(ClientConnection):
-            __slots__ = ()
-            log_protocol = "h2"  # (its access-log line)
-
-            def _observe(self, ex: Exchange, status: int) -> None:
-                self.server.metrics.h2_requests += 1
-                super()._observe(ex, status)
-
-        _STREAM_CLIENT = StreamClient
-    return _STREAM_CLIENT
+    return StreamClient
 
 
 class _StreamTransport(asyncio.Transport):
