@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
+from gateway.proxy.responses import connection_field
+
 if TYPE_CHECKING:
     from gateway.proxy.filtering import FilterState
 
@@ -289,10 +291,7 @@ def grpc_web_error(
         b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ngrpc-status: %d\r\ngrpc-message: %s\r\n"
         % (int(code), encode_grpc_message(message))
     ]
-    if not keep_alive:
-        head.append(b"connection: close\r\n")
-    elif http10:
-        head.append(b"connection: keep-alive\r\n")
+    head.append(connection_field(keep_alive, http10))
     if extra_headers:
         head.append(extra_headers)
     for name, value in fields:

@@ -104,14 +104,19 @@ def error_head(
         b"content-length: %d\r\nx-request-id: %s\r\n"
         % (status, reason(status), body_length, request_id)
     ]
-    if not keep_alive:
-        head.append(b"connection: close\r\n")
-    elif http10:
-        head.append(b"connection: keep-alive\r\n")
+    head.append(connection_field(keep_alive, http10))
     if extra_headers:
         head.append(extra_headers)
     head.append(b"\r\n")
     return b"".join(head)
+
+
+def connection_field(keep_alive: bool, http10: bool) -> bytes:
+    """The Connection line of a gateway-made response: close, keep-alive for an HTTP/1.0
+    client that keeps the connection (RFC 9112 §9.3), else none (HTTP/1.1 persists)."""
+    if not keep_alive:
+        return b"connection: close\r\n"
+    return b"connection: keep-alive\r\n" if http10 else b""
 
 
 def refusal_response(request_id: bytes, reason_code: str) -> bytes:
@@ -170,9 +175,6 @@ def local_reply_head(
         lines.append(b"x-request-id: %s\r\n" % request_id)
     if status >= 200 and status not in (204, 304):
         lines.append(b"content-length: %d\r\n" % body_length)
-    if not keep_alive:
-        lines.append(b"connection: close\r\n")
-    elif http10:
-        lines.append(b"connection: keep-alive\r\n")
+    lines.append(connection_field(keep_alive, http10))
     lines.append(b"\r\n")
     return b"".join(lines)
