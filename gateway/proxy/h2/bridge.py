@@ -38,6 +38,7 @@ from gateway.proxy.h2.headers import (
     request_head,
     response_fields,
 )
+from gateway.proxy.h2.window import send_within_window
 
 if TYPE_CHECKING:
     import h2.connection
@@ -347,26 +348,7 @@ class StreamBridge:
 
     def _push(self, data: bytes) -> int:
         """Send as much of ``data`` as the windows allow; how much was sent."""
-        conn = self.h2conn.conn
-        try:
-            window = conn.local_flow_control_window(self.stream_id)
-        except (StreamClosedError, ProtocolError):
-            return len(data)  # (the stream is gone: nothing is owed to it)
-        size = len(data)
-        if window <= 0:
-            return 0
-        frame = conn.max_outbound_frame_size
-        if size <= window and size <= frame:
-            conn.send_data(self.stream_id, data)
-            return size
-        size = min(size, window)
-        view = memoryview(data)
-        offset = 0
-        while offset < size:
-            end = min(offset + frame, size)
-            conn.send_data(self.stream_id, bytes(view[offset:end]))
-            offset = end
-        return size
+        return send_within_window(self.h2conn.conn, self.stream_id, data)
 
     def window_opened(self) -> None:
         out = self.out

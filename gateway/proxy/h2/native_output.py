@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
 
+from gateway.proxy.h2.window import send_within_window
+
 if TYPE_CHECKING:
     from collections import deque
 
@@ -72,21 +74,7 @@ class NativeOutput(_Base):
         self._send(lambda conn: conn.send_headers(self.stream_id, fields))
 
     def _push(self, data: bytes) -> int:
-        conn = self.owner.conn
-        try:
-            window = conn.local_flow_control_window(self.stream_id)
-        except (StreamClosedError, ProtocolError):
-            return len(data)
-        if window <= 0:
-            return 0
-        size = min(len(data), window)
-        frame = conn.max_outbound_frame_size
-        view = memoryview(data)
-        offset = 0
-        while offset < size:
-            end = min(offset + frame, size)
-            conn.send_data(self.stream_id, bytes(view[offset:end]))
-            offset = end
+        size = send_within_window(self.owner.conn, self.stream_id, data)
         self.unacked_up += size
         return size
 
