@@ -1,6 +1,7 @@
 """Real backends on loopback for integration tests, each in its own thread and event loop.
 
 - ``AppBackend``: an aiohttp application (echo, status, slow, stream, sink, websocket...).
+- ``ThreadedApp``: the base of a test's own small aiohttp service (auth, JWKS, OTLP, mirror).
 - ``RawBackend``: a plain asyncio server whose reply is a function of the bytes it received,
   recording every byte, for framing tests and "the upstream saw nothing" assertions.
 """
@@ -30,6 +31,34 @@ class LoopThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+
+
+class ThreadedApp:
+    """An aiohttp application on 127.0.0.1 (a free port), served from its own loop thread.
+    A subclass sets its own fields, then calls ``super().__init__()``, and adds its handlers
+    in ``add_routes`` (run on that loop)."""
+
+    client_max_size = 1024**2
+
+    def __init__(self) -> None:
+        self.thread = LoopThread()
+        self.port: int = self.thread.call(self._start())
+
+    def add_routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    async def _start(self) -> int:
+        app = web.Application(client_max_size=self.client_max_size)
+        self.add_routes(app)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return int(self.runner.addresses[0][1])
+
+    def close(self) -> None:
+        self.thread.call(self.runner.cleanup())
+        self.thread.stop()
 
 
 def _payload(size: int) -> bytes:

@@ -16,27 +16,20 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.integration.backends import AppBackend, LoopThread
+from tests.integration.backends import AppBackend, ThreadedApp
 from tests.integration.conftest import GatewayProcess
 
 
-class AuthService:
+class AuthService(ThreadedApp):
     """Answers 204 with an X-User for ``Bearer good``, 401 with a challenge otherwise; keeps
     the headers of every subrequest."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, str]] = []
-        self.thread = LoopThread()
-        self.port = self.thread.call(self._start())
+        super().__init__()
 
-    async def _start(self) -> int:
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/check", self._check)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        return int(self.runner.addresses[0][1])
 
     async def _check(self, request: web.Request) -> web.Response:
         self.seen.append({name.lower(): value for name, value in request.headers.items()})
@@ -45,10 +38,6 @@ class AuthService:
         return web.Response(
             status=401, text="who are you?\n", headers={"WWW-Authenticate": 'Bearer realm="auth"'}
         )
-
-    def close(self) -> None:
-        self.thread.call(self.runner.cleanup())
-        self.thread.stop()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from gateway.filters.api_key import hash_key
-from tests.integration.backends import AppBackend, LoopThread
+from tests.integration.backends import AppBackend, ThreadedApp
 from tests.integration.conftest import GatewayProcess, read_response
 from tests.metrics_text import metric_value
 
@@ -34,32 +34,21 @@ SIGNING_KEY = ec.generate_private_key(ec.SECP256R1())
 ISSUER = "https://issuer.example"
 
 
-class JwksServer:
+class JwksServer(ThreadedApp):
     """The issuer's JWKS endpoint, on its own loop thread; counts fetches."""
 
     def __init__(self) -> None:
         self.fetches = 0
         jwk = ECAlgorithm.to_jwk(SIGNING_KEY.public_key(), as_dict=True)
         self.jwks = {"keys": [{**jwk, "kid": "k1", "use": "sig"}]}
-        self.thread = LoopThread()
-        self.port = self.thread.call(self._start())
+        super().__init__()
 
-    async def _start(self) -> int:
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/jwks.json", self._jwks)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        return int(self.runner.addresses[0][1])
 
     async def _jwks(self, request: web.Request) -> web.Response:
         self.fetches += 1
         return web.json_response(self.jwks)
-
-    def close(self) -> None:
-        self.thread.call(self.runner.cleanup())
-        self.thread.stop()
 
 
 @pytest.fixture(scope="module")

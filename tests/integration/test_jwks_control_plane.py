@@ -19,7 +19,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from tests.integration.backends import AppBackend, LoopThread
+from tests.integration.backends import AppBackend, ThreadedApp
 from tests.integration.conftest import GatewayProcess
 from tests.metrics_text import metric_value
 
@@ -29,23 +29,16 @@ WORKERS = 3
 KEYS = {kid: ec.generate_private_key(ec.SECP256R1()) for kid in ("k1", "k2", "k3")}
 
 
-class RotatingJwks:
+class RotatingJwks(ThreadedApp):
     """The issuer's JWKS endpoint: ``publish`` changes the key set; counts fetches."""
 
     def __init__(self) -> None:
         self.fetches = 0
         self.kids = ["k1"]
-        self.thread = LoopThread()
-        self.port = self.thread.call(self._start())
+        super().__init__()
 
-    async def _start(self) -> int:
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/jwks.json", self._jwks)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        return int(self.runner.addresses[0][1])
 
     async def _jwks(self, request: web.Request) -> web.Response:
         self.fetches += 1
@@ -54,10 +47,6 @@ class RotatingJwks:
             for kid in self.kids
         ]
         return web.json_response({"keys": keys})
-
-    def close(self) -> None:
-        self.thread.call(self.runner.cleanup())
-        self.thread.stop()
 
 
 @pytest.fixture

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.integration.backends import AppBackend, LoopThread
+from tests.integration.backends import AppBackend, ThreadedApp
 from tests.integration.conftest import GatewayProcess, free_port
 
 MAX_BODY = 4096
 
 
-class MirrorServer:
+class MirrorServer(ThreadedApp):
     """Records every copy; with ``hold`` set, answers nothing until ``release``."""
 
     def __init__(self) -> None:
@@ -30,20 +30,13 @@ class MirrorServer:
         self.arrived = 0  # copies whose handler started (held ones included)
         self.hold = False
         self._lock = threading.Lock()
-        self.thread = LoopThread()
-        self.port = self.thread.call(self._start())
+        super().__init__()
 
-    async def _start(self) -> int:
+    def add_routes(self, app: web.Application) -> None:
         import asyncio
 
         self._gate = asyncio.Event()
-        app = web.Application(client_max_size=1024**2)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        return int(self.runner.addresses[0][1])
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()

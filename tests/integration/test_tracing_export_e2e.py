@@ -17,7 +17,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.integration.backends import AppBackend, LoopThread
+from tests.integration.backends import AppBackend, LoopThread, ThreadedApp
 from tests.integration.conftest import GatewayProcess, free_port
 from tests.metrics_text import metric_value
 
@@ -25,22 +25,15 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
 
 
-class OtlpReceiver:
+class OtlpReceiver(ThreadedApp):
     """OTLP/HTTP traces endpoint on its own loop thread; keeps every decoded body."""
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
-        self.thread = LoopThread()
-        self.port = self.thread.call(self._start())
+        super().__init__()
 
-    async def _start(self) -> int:
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/traces", self._traces)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        return int(self.runner.addresses[0][1])
 
     async def _traces(self, request: web.Request) -> web.Response:
         assert request.content_type == "application/json"
@@ -55,10 +48,6 @@ class OtlpReceiver:
             for scope in resource["scopeSpans"]
             for span in scope["spans"]
         ]
-
-    def close(self) -> None:
-        self.thread.call(self.runner.cleanup())
-        self.thread.stop()
 
 
 @pytest.fixture(scope="module")
