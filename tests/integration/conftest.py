@@ -6,6 +6,7 @@ the common one (``gateway``) is shared by every test that does not need special 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -170,6 +171,26 @@ def start_gateway(
     yield start
     for process in started:
         process.stop()
+
+
+def filtered_echo_route(
+    name: str, prefix: str, filters: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    """A route to upstream ``app`` under ``prefix`` with ``filters``, rewritten onto the echo
+    backend's ``/echo`` (the filter end-to-end tests)."""
+    return {
+        "name": name,
+        "match": {"path": {"prefix": prefix}},
+        "upstream": "app",
+        "filters": filters,
+        "rewrite": {"strip_prefix": prefix, "prefix": "/echo"},
+        **extra,
+    }
+
+
+def echoed_headers(body: bytes) -> dict[str, str]:
+    """The request headers the echo backend saw, by lowercase name."""
+    return {name.lower(): value for name, value in json.loads(body)["headers"]}
 
 
 def default_config(app: AppBackend, app2: AppBackend, raw: RawBackend) -> dict[str, Any]:

@@ -11,13 +11,12 @@ import json
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import web
 
 from tests.integration.backends import AppBackend, ThreadedApp
-from tests.integration.conftest import GatewayProcess
+from tests.integration.conftest import GatewayProcess, echoed_headers, filtered_echo_route
 
 
 class AuthService(ThreadedApp):
@@ -47,16 +46,6 @@ def auth_service() -> Iterator[AuthService]:
     service.close()
 
 
-def _route(name: str, prefix: str, filters: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "match": {"path": {"prefix": prefix}},
-        "upstream": "app",
-        "filters": filters,
-        "rewrite": {"strip_prefix": prefix, "prefix": "/echo"},
-    }
-
-
 @pytest.fixture(scope="module")
 def gateway(
     start_gateway: Callable[..., GatewayProcess],
@@ -67,7 +56,7 @@ def gateway(
         {
             "upstreams": {"app": {"instances": [f"127.0.0.1:{app_backend.port}"]}},
             "routes": [
-                _route(
+                filtered_echo_route(
                     "guarded",
                     "/guarded",
                     [
@@ -81,7 +70,7 @@ def gateway(
                         }
                     ],
                 ),
-                _route(
+                filtered_echo_route(
                     "squeezed",
                     "/squeezed",
                     [{"compress": {"min_bytes": 0, "algorithms": ["zstd", "br", "gzip"]}}],
@@ -95,10 +84,6 @@ def _curl(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["curl", "-s", *args], capture_output=True, check=True, timeout=30)
 
 
-def _echoed_headers(body: bytes) -> dict[str, str]:
-    return {name.lower(): value for name, value in json.loads(body)["headers"]}
-
-
 def test_forward_auth_lets_an_admitted_request_through_with_the_chosen_header(
     gateway: GatewayProcess, auth_service: AuthService, app_backend: AppBackend
 ) -> None:
@@ -106,7 +91,7 @@ def test_forward_auth_lets_an_admitted_request_through_with_the_chosen_header(
         "-H", "Authorization: Bearer good", "-H", "X-User: spoofed",
         gateway.base_url + "/guarded/a?q=admitted",
     )  # fmt: skip
-    echoed = _echoed_headers(admitted.stdout)
+    echoed = echoed_headers(admitted.stdout)
     assert echoed["x-user"] == "u-42"  # the auth service's value replaces the client's
     assert "x-internal" not in echoed  # not in response_headers: not copied
     # The backend is shared by the session's gateways: look for this request's own path.

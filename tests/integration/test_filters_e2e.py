@@ -25,7 +25,12 @@ from jwt.algorithms import ECAlgorithm
 
 from gateway.filters.api_key import hash_key
 from tests.integration.backends import AppBackend, ThreadedApp
-from tests.integration.conftest import GatewayProcess, read_response
+from tests.integration.conftest import (
+    GatewayProcess,
+    echoed_headers,
+    filtered_echo_route,
+    read_response,
+)
 from tests.metrics_text import metric_value
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,17 +68,6 @@ def access_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("filters-log") / "access.log"
 
 
-def _route(name: str, prefix: str, filters: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "match": {"path": {"prefix": prefix}},
-        "upstream": "app",
-        "filters": filters,
-        "rewrite": {"strip_prefix": prefix, "prefix": "/echo"},
-        **extra,
-    }
-
-
 @pytest.fixture(scope="module")
 def filtered(
     start_gateway: Callable[..., GatewayProcess],
@@ -91,12 +85,12 @@ def filtered(
             },
             "filters": [{"headers": {"response": {"set": {"x-served-by": "gateway"}}}}],
             "routes": [
-                _route(
+                filtered_echo_route(
                     "keys",
                     "/keys",
                     [{"api_key": {"keys": {"alice": hash_key("alice-key")}, "query": "api_key"}}],
                 ),
-                _route(
+                filtered_echo_route(
                     "tokens",
                     "/tokens",
                     [
@@ -111,7 +105,7 @@ def filtered(
                         }
                     ],
                 ),
-                _route(
+                filtered_echo_route(
                     "browser",
                     "/browser",
                     [
@@ -126,7 +120,7 @@ def filtered(
                         {"compress": {"min_bytes": 0, "algorithms": ["gzip"]}},
                     ],
                 ),
-                _route(
+                filtered_echo_route(
                     "rules",
                     "/rules",
                     [
@@ -140,8 +134,10 @@ def filtered(
                         }
                     ],
                 ),
-                _route("blocked", "/blocked", [{"ip_filter": {"deny": ["127.0.0.0/8"]}}]),
-                _route(
+                filtered_echo_route(
+                    "blocked", "/blocked", [{"ip_filter": {"deny": ["127.0.0.0/8"]}}]
+                ),
+                filtered_echo_route(
                     "tenants",
                     "/tenants",
                     [
@@ -154,12 +150,12 @@ def filtered(
                         }
                     ],
                 ),
-                _route(
+                filtered_echo_route(
                     "broken",
                     "/broken",
                     [{"python": {"class": "tests.integration.test_filters_e2e:Exploding"}}],
                 ),
-                _route(
+                filtered_echo_route(
                     "traced",
                     "/traced",
                     [
@@ -203,10 +199,6 @@ def _get(
         return error.code, _fields(error.headers), error.read()
 
 
-def _echoed(body: bytes) -> dict[str, str]:
-    return {k.lower(): v for k, v in json.loads(body)["headers"]}
-
-
 def test_api_key_with_curl(filtered: GatewayProcess, access_log: Path) -> None:
     url = filtered.base_url + "/keys/x"
     refused = subprocess.run(
@@ -223,10 +215,10 @@ def test_api_key_with_curl(filtered: GatewayProcess, access_log: Path) -> None:
         check=True,
         timeout=30,
     )
-    echoed = _echoed(admitted.stdout)
+    echoed = echoed_headers(admitted.stdout)
     assert echoed["x-consumer"] == "alice" and "x-api-key" not in echoed
     status, _, body = _get(filtered, "/keys/x?api_key=alice-key")
-    assert status == 200 and _echoed(body)["x-consumer"] == "alice"
+    assert status == 200 and echoed_headers(body)["x-consumer"] == "alice"
     deadline = time.monotonic() + 10
     while True:
         lines = access_log.read_text().splitlines() if access_log.exists() else []
@@ -247,7 +239,7 @@ def test_jwt_with_a_jwks_url(filtered: GatewayProcess, jwks_server: JwksServer) 
     assert status == 401 and headers["www-authenticate"] == 'Bearer realm="gateway"'
     for _ in range(3):
         status, _, body = _get(filtered, "/tokens/a", {"authorization": f"Bearer {_token()}"})
-        assert status == 200 and _echoed(body)["x-user"] == "user-7"
+        assert status == 200 and echoed_headers(body)["x-user"] == "user-7"
     assert jwks_server.fetches == 1  # fetched once, then cached
     status, headers, _ = _get(
         filtered, "/tokens/a", {"authorization": f"Bearer {_token(exp=int(time.time()) - 3600)}"}
@@ -290,12 +282,12 @@ def test_browser_style_cors_preflight_is_answered_by_the_gateway(
 
 def test_header_rules_ip_filter_and_a_third_party_filter(filtered: GatewayProcess) -> None:
     status, _, body = _get(filtered, "/rules/x", {"x-debug": "1", "x-route": "spoofed"})
-    echoed = _echoed(body)
+    echoed = echoed_headers(body)
     assert status == 200 and "x-debug" not in echoed
     assert echoed["x-client"] == "127.0.0.1" and echoed["x-route"] == "rules"
     assert _get(filtered, "/blocked/x")[0] == 403
     status, _, body = _get(filtered, "/tenants/x", {"host": "acme.api.example"})
-    assert status == 200 and _echoed(body)["x-tenant"] == "acme"
+    assert status == 200 and echoed_headers(body)["x-tenant"] == "acme"
     assert _get(filtered, "/tenants/x", {"host": "initech.api.example"})[0] == 403
 
 
@@ -314,19 +306,21 @@ def test_reload_applies_new_filters(
         return {
             "upstreams": {"app": {"instances": [f"127.0.0.1:{app_backend.port}"]}},
             "routes": [
-                _route("r", "/v", [{"headers": {"request": {"set": {"x-version": value}}}}])
+                filtered_echo_route(
+                    "r", "/v", [{"headers": {"request": {"set": {"x-version": value}}}}]
+                )
             ],
         }
 
     gateway = start_gateway(config("one"))
-    assert _echoed(_get(gateway, "/v/x")[2])["x-version"] == "one"
+    assert echoed_headers(_get(gateway, "/v/x")[2])["x-version"] == "one"
     full = yaml.safe_load(gateway.config_path.read_text())
     full.update(config("two"))
     gateway.config_path.write_text(yaml.safe_dump(full, sort_keys=False))
     request = urllib.request.Request(gateway.admin_url + "/admin/reload", method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
-    assert _echoed(_get(gateway, "/v/x")[2])["x-version"] == "two"
+    assert echoed_headers(_get(gateway, "/v/x")[2])["x-version"] == "two"
 
 
 def test_tracing_and_traffic_split(filtered: GatewayProcess, access_log: Path) -> None:
@@ -334,7 +328,7 @@ def test_tracing_and_traffic_split(filtered: GatewayProcess, access_log: Path) -
     status, headers, body = _get(filtered, "/traced/x", {"traceparent": parent})
     assert status == 200
     assert json.loads(body)["backend"] == "app-2"  # every request to the weight-1 upstream
-    sent = _echoed(body)["traceparent"]
+    sent = echoed_headers(body)["traceparent"]
     assert sent.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-") and sent.endswith("-01")
     assert sent != parent  # the gateway's own span
     assert headers["x-trace-id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
