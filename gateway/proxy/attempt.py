@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from gateway.filters.api import Attempt
     from gateway.proxy.downstream import Downstream
     from gateway.proxy.exchange import Exchange
-    from gateway.proxy.upstream import InstancePool, UpstreamConnection
+    from gateway.proxy.upstream import InstancePool, UpstreamLink
     from gateway.snapshot import Instance
 
 
@@ -55,7 +55,7 @@ class UpstreamAttempt:
         # Holds one of the instance's active_requests (taken by whoever made the attempt) until
         # ``release``; None once given back.
         self.instance: Instance | None = instance
-        self.conn: UpstreamConnection | None = None
+        self.conn: UpstreamLink | None = None
         # The upstream owes us bytes by then (0: it does not, e.g. it waits for the client).
         self.read_deadline = 0.0
         self.t_start = 0.0  # perf_counter when the request went out on a connection

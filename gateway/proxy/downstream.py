@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from gateway.proxy.headers import RequestIds, ResponseHead
     from gateway.proxy.responses import RequestRejected
     from gateway.proxy.tunnel import Tunnel
-    from gateway.proxy.upstream import UpstreamConnection
+    from gateway.proxy.upstream import UpstreamConnection, UpstreamLink
     from gateway.snapshot import Instance, Snapshot, Upstream
     from gateway.tls.accept import ListenerState
     from gateway.tls.contexts import CertEntry
@@ -146,7 +146,7 @@ class Downstream:
         self, attempt: UpstreamAttempt, conn: UpstreamConnection, exc: Exception | None
     ) -> None: ...
     def on_upstream_failed(
-        self, attempt: UpstreamAttempt, conn: UpstreamConnection, reason: str
+        self, attempt: UpstreamAttempt, conn: UpstreamLink, reason: str
     ) -> None: ...
     def _pick(
         self, ex: Exchange, upstream: Upstream, exclude: tuple[Instance, ...]
@@ -164,14 +164,14 @@ class Downstream:
         kind: str,
         status: int = 0,
         retry_after: float | None = None,
-        drop: UpstreamConnection | None = None,
+        drop: UpstreamLink | None = None,
     ) -> bool:
         raise NotImplementedError
 
     def _race_won(self, ex: Exchange, attempt: UpstreamAttempt) -> None: ...
     def _hedge(self, attempt: UpstreamAttempt) -> None: ...
     def _cancel_hedge(self, ex: Exchange) -> None: ...
-    def _upstream_failure(self, ex: Exchange, conn: UpstreamConnection, reason: str) -> None: ...
+    def _upstream_failure(self, ex: Exchange, conn: UpstreamLink, reason: str) -> None: ...
     def _upstream_timeout(self, ex: Exchange, reason: str, *, retryable: bool = True) -> None: ...
     def _upstream_error(self, ex: Exchange, status: int, code: str, message: str) -> None: ...
     def _release_instance(self, ex: Exchange) -> None: ...

@@ -29,7 +29,7 @@ from gateway.resilience.retry import (
 
 if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
-    from gateway.proxy.upstream import InstancePool, UpstreamConnection
+    from gateway.proxy.upstream import UpstreamConnection, UpstreamLink, UpstreamPool
     from gateway.snapshot import Instance, Upstream
 
 
@@ -95,7 +95,7 @@ class Failover(RequestPhases):
         self._upstream_failure(ex, conn, reason)
 
     def on_upstream_failed(
-        self, attempt: UpstreamAttempt, conn: UpstreamConnection, reason: str
+        self, attempt: UpstreamAttempt, conn: UpstreamLink, reason: str
     ) -> None:
         ex = attempt.ex
         if self.active is not ex:
@@ -122,7 +122,7 @@ class Failover(RequestPhases):
         kind: str,
         status: int = 0,
         retry_after: float | None = None,
-        drop: UpstreamConnection | None = None,
+        drop: UpstreamLink | None = None,
     ) -> bool:
         """The current try failed before any response byte reached the client. Record it for
         outlier detection and, when the policy, the method, the body, the budget and the route
@@ -256,26 +256,26 @@ class Failover(RequestPhases):
         # Its clock starts with the try it races: its latency is what the client waits.
         hedge.t_start = primary.t_start
         self._retry_head(ex, hedge)  # (the first try's head is sent: ex.head is the hedge's)
-        pool: InstancePool = instance.pool  # type: ignore[assignment]  # see relay._connect
+        pool: UpstreamPool = instance.pool  # type: ignore[assignment]  # see relay._connect
         conn = pool.acquire()
         if conn is not None:
             self._attach_hedge(hedge, conn)
             return
 
-        def connected(conn: UpstreamConnection | None, error: BaseException | None) -> None:
+        def connected(conn: UpstreamLink | None, error: BaseException | None) -> None:
             if conn is None:
                 if ex.hedge is hedge:
                     hedge.release()
                     ex.hedge = None
                 return
             if self.active is not ex or self.closed or ex.hedge is not hedge:
-                pool.release(conn)  # never used: clean
+                conn.pool.release(conn)  # never used: clean
                 return
             self._attach_hedge(hedge, conn)
 
         pool.connect(connected)
 
-    def _attach_hedge(self, hedge: UpstreamAttempt, conn: UpstreamConnection) -> None:
+    def _attach_hedge(self, hedge: UpstreamAttempt, conn: UpstreamLink) -> None:
         ex = hedge.ex
         conn.begin_exchange(hedge, ex.is_head)
         hedge.conn = conn
@@ -344,7 +344,7 @@ class Failover(RequestPhases):
             query=query,
         )
 
-    def _upstream_failure(self, ex: Exchange, conn: UpstreamConnection, reason: str) -> None:
+    def _upstream_failure(self, ex: Exchange, conn: UpstreamLink, reason: str) -> None:
         conn.discard()
         self._upstream_error(ex, 502, "upstream_failure", reason)
 

@@ -21,11 +21,12 @@ from gateway.proxy.exchange import FRAME_CHUNKED, FRAME_NONE, FRAME_RAW, Exchang
 from gateway.proxy.failover import Failover, _retry_after
 from gateway.proxy.filtering import FilterState
 from gateway.proxy.tunnel import Tunnel
-from gateway.proxy.upstream import UNEXPECTED_SWITCHING_PROTOCOLS, InstancePool, UpstreamConnection
+from gateway.proxy.upstream import UNEXPECTED_SWITCHING_PROTOCOLS
 from gateway.resilience.retry import CONNECT_FAILURE, GATEWAY_STATUSES, STATUS
 
 if TYPE_CHECKING:
     from gateway.proxy.attempt import UpstreamAttempt
+    from gateway.proxy.upstream import UpstreamConnection, UpstreamLink, UpstreamPool
 
 
 class ResponsePhases(Failover):
@@ -55,9 +56,10 @@ class ResponsePhases(Failover):
         instance = attempt.instance
         assert instance is not None
         # ``instance.pool`` is typed as the snapshot's ConnectionPool protocol (gateway/pools.py):
-        # every pool is an InstancePool, built by the factory this package registers. The
-        # ``type: ignore`` says so for free, where a cast() would be a call.
-        pool: InstancePool = instance.pool  # type: ignore[assignment]
+        # every pool is an InstancePool or an H2InstancePool, built by the factories this
+        # package registers. The ``type: ignore`` says so for free, where a cast() would be a
+        # call (and a protocol, not InstancePool: compiled code would check the class).
+        pool: UpstreamPool = instance.pool  # type: ignore[assignment]
         conn = pool.acquire()
         if conn is not None:
             self._attach(attempt, conn)
@@ -83,14 +85,14 @@ class ResponsePhases(Failover):
             )
             return
 
-        def connected(conn: UpstreamConnection | None, error: BaseException | None) -> None:
+        def connected(conn: UpstreamLink | None, error: BaseException | None) -> None:
             breaker.release_pending()
             if conn is None:
                 if self.active is ex and not self.closed:
                     self._connect_failed(ex, error)
                 return
             if self.active is not ex or self.closed:
-                pool.release(conn)  # never used: clean and safe to pool
+                conn.pool.release(conn)  # never used: clean and safe to pool
                 attempt.release()  # (idempotent: connection_lost gave it back)
                 return
             self._attach(attempt, conn)
@@ -108,7 +110,7 @@ class ResponsePhases(Failover):
                 ex, 502, "upstream_connect_failure", f"cannot connect to upstream: {error}"
             )
 
-    def _attach(self, attempt: UpstreamAttempt, conn: UpstreamConnection) -> None:
+    def _attach(self, attempt: UpstreamAttempt, conn: UpstreamLink) -> None:
         ex = attempt.ex
         conn.begin_exchange(attempt, ex.is_head)
         instance = attempt.instance
@@ -368,7 +370,6 @@ class ResponsePhases(Failover):
         else:
             # The upstream answered before the whole request body arrived: that connection is
             # mid-message, and so is the client's; both close after this response.
-            conn.owner = None
             conn.close()
             ex.keep_alive = False
         instance = attempt.instance

@@ -106,7 +106,7 @@ class UpstreamEvents(Protocol[_Try]):
     def on_upstream_lost(
         self, attempt: _Try, conn: UpstreamConnection, exc: Exception | None
     ) -> None: ...
-    def on_upstream_failed(self, attempt: _Try, conn: UpstreamConnection, reason: str) -> None: ...
+    def on_upstream_failed(self, attempt: _Try, conn: UpstreamLink, reason: str) -> None: ...
     def on_upstream_upgrade(self, attempt: _Try, conn: UpstreamConnection, tail: bytes) -> None: ...
     def flush_to_client(self) -> None: ...
     def pause_client_reading(self) -> None: ...
@@ -119,6 +119,64 @@ class UpstreamTry(Protocol):
     @property
     def client(self) -> UpstreamEvents[Self]: ...
     def bind_pool(self, pool: InstancePool) -> None: ...
+
+
+_Link = TypeVar("_Link", contravariant=True)
+
+
+class LinkTransport(Protocol):
+    """Where the phases write a request: an ``asyncio.Transport`` (``TranslatedStream`` is
+    its own)."""
+
+    def write(self, data: bytes, /) -> None: ...
+    def writelines(self, pieces: list[bytes], /) -> None: ...
+
+
+class LinkPool(Protocol[_Link]):
+    """Where a connection goes back when its exchange is done (``InstancePool``)."""
+
+    def release(self, conn: _Link, /) -> None: ...
+
+
+class UpstreamLink(Protocol):
+    """The connection of a try as the phases drive it (``UpstreamAttempt.conn``, and the
+    ``conn`` of the failure paths): an ``UpstreamConnection``, or the
+    ``h2.from_h1.TranslatedStream`` that carries an HTTP/1.1 exchange as an HTTP/2 stream.
+
+    A protocol, not the class: compiled (mypyc), a value stored or passed as an
+    ``UpstreamConnection`` is checked to be one, and the stream is not. Events that only an
+    ``UpstreamConnection`` reports (``on_upstream_lost``, ``on_upstream_upgrade``) keep the
+    class."""
+
+    @property
+    def used(self) -> bool:
+        """Has carried an exchange before: a failure may mean it went stale while idle."""
+        ...
+
+    @property
+    def transport(self) -> LinkTransport | None: ...
+    @property
+    def pool(self) -> LinkPool[Self]: ...
+    def begin_exchange(self, owner: UpstreamTry, head_only: bool) -> None: ...
+    def send(self, data: bytes) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def protocol_error(self, reason: str) -> None: ...
+    def discard(self) -> None:
+        """Given up mid-message: aborted, its events go nowhere."""
+
+    def close(self) -> None:
+        """Done with, though the request was not all sent: closed, its events go nowhere."""
+
+
+class UpstreamPool(Protocol):
+    """An instance's pool as the phases take connections from it (``InstancePool``, or
+    ``h2.client.H2InstancePool``, which answers with a ``TranslatedStream``)."""
+
+    def acquire(self) -> UpstreamLink | None: ...
+    def connect(
+        self, on_done: Callable[[UpstreamLink | None, BaseException | None], Any], /
+    ) -> object: ...
 
 
 class LeftoverData(Exception):
@@ -453,6 +511,7 @@ class UpstreamConnection(asyncio.Protocol):
             transport.write(data)
 
     def close(self) -> None:
+        self.owner = None  # (a connection that carries on is released, not closed)
         self.reusable = False
         self.state = CLOSED
         if self.transport is not None:

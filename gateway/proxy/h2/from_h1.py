@@ -4,8 +4,8 @@ An HTTP/1.1 request (or an HTTP/2 stream the bridge carries: routes with filters
 limits) whose instance has an ``H2InstancePool`` runs every phase of the HTTP/1.1 path:
 route, filters, admit, select peer (breaker, balancer, retry policy), and then ``relay._connect``
 asks the pool for a connection. ``H2InstancePool.connect`` answers with a ``TranslatedStream``:
-an object shaped like the ``UpstreamConnection`` the HTTP/1.1 phases drive (``send``,
-``pause_reading``, ``discard``, ``pool.release`` …) that carries the one exchange as one
+an ``upstream.UpstreamLink``, the connection surface the HTTP/1.1 phases drive (``send``,
+``pause_reading``, ``discard``, ``pool.release`` …), that carries the one exchange as one
 ``H2Stream``. So the response phases (filters, framing, metrics, access log), the failover
 (retries, timeouts, ``record_outcome``) and the backpressure of the HTTP/1.1 path apply as
 they are; this module only translates.
@@ -37,7 +37,8 @@ they are; this module only translates.
 from __future__ import annotations
 
 import binascii
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from gateway.filters.grpc_web import GRPC_WEB_VAR, TEXT_TYPE
 from gateway.proxy.exchange import FRAME_CHUNKED, FRAME_NONE
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from gateway.proxy.exchange import Exchange
     from gateway.proxy.h2.client import H2InstancePool, Headers
     from gateway.proxy.listener import ClientConnection
+    from gateway.proxy.upstream import UpstreamTry
 
 # RFC 9113 §8.2.2: fields that are connection-specific in HTTP/1.1 and malformed in HTTP/2.
 _REQUEST_DROP = frozenset(
@@ -203,8 +205,8 @@ def _decode(data: bytes) -> bytes:
 
 
 class TranslatedStream:
-    """One HTTP/1.1 exchange carried as one HTTP/2 stream, with the surface of
-    ``UpstreamConnection`` that the HTTP/1.1 phases use (``pool.release`` is ``release``)."""
+    """One HTTP/1.1 exchange carried as one HTTP/2 stream: an ``upstream.UpstreamLink``, the
+    surface of a connection that the HTTP/1.1 phases use (``pool.release`` is ``release``)."""
 
     __slots__ = (
         "attempt",
@@ -241,7 +243,7 @@ class TranslatedStream:
         self.decoder: Base64Stream | None = None
         self.encoder: Base64Stream | None = None
 
-    # -- the UpstreamConnection surface the HTTP/1.1 phases use ------------------------------
+    # -- upstream.UpstreamLink: the connection surface the HTTP/1.1 phases use --------------
     @property
     def pool(self) -> TranslatedStream:
         return self  # relay._response_done: ``conn.pool.release(conn)``
@@ -250,13 +252,13 @@ class TranslatedStream:
     def transport(self) -> TranslatedStream:
         return self  # relay._attach/_send_pending: ``conn.transport.writelines(...)``
 
-    def begin_exchange(self, attempt: UpstreamAttempt, head_only: bool) -> None:
-        self.attempt = attempt
-        owner = self.owner = cast("ClientConnection", attempt.client)
+    def begin_exchange(self, owner: UpstreamTry, head_only: bool) -> None:
+        attempt = self.attempt = cast("UpstreamAttempt", owner)  # (the phases' only kind)
+        client = self.owner = cast("ClientConnection", attempt.client)
         ex = self.ex = attempt.ex
         if self.h2pool.error_counter.metrics is None:  # (gateway_http2_errors_total)
-            self.h2pool.bind_metrics(owner.server.metrics)
-        filters = owner.filters
+            self.h2pool.bind_metrics(client.server.metrics)
+        filters = client.filters
         if filters is not None and ex is not None:
             mode = filters.request.vars.get(GRPC_WEB_VAR)
             if isinstance(mode, str):
@@ -367,8 +369,7 @@ class TranslatedStream:
         if ex is None or ex is not self.ex:
             return None
         attempt = self.attempt
-        conn: object = attempt.conn if attempt is not None else None
-        if conn is not self:  # (typed as the UpstreamConnection this stands in for)
+        if attempt is None or attempt.conn is not self:
             return None
         return owner
 
@@ -472,7 +473,7 @@ class TranslatedStream:
             reason = "upstream HTTP/2 connection lost"
         else:
             reason = f"upstream reset the HTTP/2 stream (error code {error_code})"
-        owner.on_upstream_failed(self._attempt(), self, reason)  # type: ignore[arg-type]
+        owner.on_upstream_failed(self._attempt(), self, reason)
         owner.flush_to_client()
 
     def on_connect_error(self, error: BaseException) -> None:
@@ -484,9 +485,7 @@ class TranslatedStream:
         assert ex is not None
         if not self._primary(ex):  # a hedge: the first try goes on alone
             owner.on_upstream_failed(
-                self._attempt(),
-                self,  # type: ignore[arg-type]
-                f"cannot connect to upstream: {error}",
+                self._attempt(), self, f"cannot connect to upstream: {error}"
             )
             return
         self.owner = None
@@ -503,10 +502,12 @@ class TranslatedStream:
             owner.resume_client_reading()
 
 
-def connect_translated(pool: H2InstancePool, callback: object) -> None:
+def connect_translated(
+    pool: H2InstancePool, callback: Callable[[Any, BaseException | None], object]
+) -> None:
     """``H2InstancePool.connect`` for the HTTP/1.1 data plane: a ``TranslatedStream`` at once
     (the HTTP/2 connection is opened, or shared, when the request head is sent)."""
-    pool.loop.call_soon(callback, TranslatedStream(pool), None)  # type: ignore[arg-type]
+    pool.loop.call_soon(callback, TranslatedStream(pool), None)
 
 
 __all__ = [
