@@ -76,7 +76,8 @@ test-only: $(STAMP) compile
 	GATEWAY_PURE_PYTHON=1 $(BIN)/pytest -q tests/unit/test_headers.py tests/unit/test_normalize.py \
 	  tests/unit/test_upstream_framing.py tests/unit/test_request_body.py tests/unit/test_metrics.py \
 	  tests/unit/test_routing.py tests/unit/test_balancers.py tests/unit/test_balancers_hash.py \
-	  tests/unit/test_ratelimit_limiter.py tests/unit/test_compiled.py -k "not _compiled_"
+	  tests/unit/test_ratelimit_limiter.py tests/unit/test_compiled.py tests/unit/test_dataplane_lifetime.py \
+	  -k "not _compiled_"
 
 # mypyc compiles gateway.compiled.COMPILED_MODULES (seconds); needs gcc and the Python headers
 # (make system installs them on Debian).

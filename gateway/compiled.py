@@ -32,10 +32,9 @@ __all__ = ["COMPILED_MODULES", "build", "build_problem", "install", "module_mode
 
 # The per-request modules mypyc compiles, each kept because it lowered the instructions per
 # request (docs/instructions.md, "Compiled hot path: which modules pay", "The data plane
-# compiled"). The data plane (listener ... connlimit) pays only as one group: with any of it
-# interpreted, each event crosses the boundary into native classes. Left out on purpose:
-# - gateway/proxy/exchange.py: its lifetime tests take weak references to an exchange, which a
-#   native class does not support;
+# compiled"). The data plane (listener ... connlimit, and the Exchange every phase reads and
+# writes) pays only as one group: with any of it interpreted, each event crosses the boundary
+# into native classes. Left out on purpose:
 # - gateway/proxy/filtering.py and gateway/filters: under restructuring;
 # - gateway/proxy/h2: the HTTP/2 side (h2/from_h1.TranslatedStream reaches the compiled phases
 #   as an upstream.UpstreamLink, a protocol, so compiled code does not check its class);
@@ -76,6 +75,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "gateway.proxy.responses",
     "gateway.proxy.tunnel",
     "gateway.proxy.connlimit",
+    "gateway.proxy.exchange",
 )
 
 PURE_ENV = "GATEWAY_PURE_PYTHON"

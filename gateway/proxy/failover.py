@@ -94,9 +94,7 @@ class Failover(RequestPhases):
         reason = f"upstream connection lost: {exc}" if exc else "upstream closed the connection"
         self._upstream_failure(ex, conn, reason)
 
-    def on_upstream_failed(
-        self, attempt: UpstreamAttempt, conn: UpstreamLink, reason: str
-    ) -> None:
+    def on_upstream_failed(self, attempt: UpstreamAttempt, conn: UpstreamLink, reason: str) -> None:
         ex = attempt.ex
         if self.active is not ex:
             return

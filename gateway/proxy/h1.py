@@ -179,18 +179,16 @@ def walk_framing(
 
 
 def reset_walk(ex: Exchange) -> None:
-    """Back to the start, after a walk from a wrong candidate position."""
-    for name in (
-        "cw_state",
-        "cw_line",
-        "cw_prefix",
-        "cw_left",
-        "cw_crlf",
-        "cw_extensions",
-        "cw_trailer",
-        "cw_body_mark",
-    ):
-        ex.__dict__.pop(name, None)
+    """Back to the start, after a walk from a wrong candidate position (the defaults of
+    ``Exchange``, assigned: compiled, an exchange has no ``__dict__`` to drop them from)."""
+    ex.cw_state = CW_START
+    ex.cw_line = 0
+    ex.cw_prefix = b""
+    ex.cw_left = 0
+    ex.cw_crlf = 0
+    ex.cw_extensions = 0
+    ex.cw_trailer = 0
+    ex.cw_body_mark = 0
 
 
 class HeldMethodParser:

@@ -27,7 +27,6 @@ import asyncio
 import heapq
 import itertools
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -409,12 +408,6 @@ class Client:
         ex = self.protocol.active
         assert ex is not None, "no exchange under way"
         return ex
-
-    def exchange_ref(self) -> weakref.ref[Any]:
-        """A weak reference to the exchange under way (it must die once answered)."""
-        ex = self.protocol.active
-        assert ex is not None, "no exchange under way"
-        return weakref.ref(ex)
 
     def responses(self, head_requests: int = 0) -> list[Response]:
         return parse_responses(self.transport.data, head_requests)

@@ -4,8 +4,9 @@ An exchange and its tries point at each other while it runs (``Exchange.attempt`
 attempt's exchange); if that cycle outlived the exchange, every request would leave garbage for
 the cyclic collector, whose gen0 passes then cost the hot path (docs/instructions.md). So the
 cycle tests run with the collector off and assert that the exchange is gone once it ended,
-however it ended. The last test keeps a plain GET's or POST's exchange within CPython's inline
-fields.
+however it ended. They count the live ``Exchange`` objects the collector tracks (a compiled,
+native exchange supports no weak references, but it is tracked until it is freed). The last
+test keeps a plain GET's or POST's exchange within CPython's inline fields.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from gateway import compiled
+from gateway.proxy.exchange import Exchange
 from tests.unit.dataplane_harness import (
     HANG,
     Client,
@@ -27,6 +30,11 @@ from tests.unit.dataplane_harness import (
 INSTANCES = ("10.0.0.1:80", "10.0.0.2:80")
 PAST_HEDGE_DELAY = 0.06
 RETRY_WAIT = 0.3  # longer than the retry backoff's cap (0.25 s)
+
+
+def live_exchanges() -> int:
+    """The ``Exchange`` objects that exist (the collector tracks every one, compiled or not)."""
+    return sum(1 for tracked in gc.get_objects() if type(tracked) is Exchange)
 
 
 @pytest.fixture
@@ -105,11 +113,12 @@ def test_a_finished_exchange_leaves_no_reference_cycle(ending: str) -> None:
         if connect:
             h.default_connect = connect
         c = h.client()
+        before = live_exchanges()
         c.send(request("GET", "/"))
-        exchange = c.exchange_ref()
+        assert live_exchanges() == before + 1
         end(h, c)
         h.advance(1.0)  # timers of the ended exchange (hedge delay, backoff) fall due or go
-        assert exchange() is None, "the finished exchange is only reachable through a cycle"
+        assert live_exchanges() == before, "the finished exchange lives on in a cycle"
 
 
 @pytest.mark.usefixtures("no_cyclic_gc")
@@ -118,13 +127,14 @@ def test_keep_alive_requests_on_a_pooled_connection_leave_no_cycle() -> None:
     with Harness(config(instances=INSTANCES[:1])) as h:
         [end] = h.pooled(INSTANCES[0])
         c = h.client()
+        before = live_exchanges()
         for n in range(1, 4):
             c.send(request("GET", f"/{n}"))
-            exchange = c.exchange_ref()
+            assert live_exchanges() == before + 1
             assert h.upstream() is end
             end.respond(response(200, b"ok"))
             assert len(c.responses()) == n
-            assert exchange() is None
+            assert live_exchanges() == before
 
 
 @pytest.mark.parametrize(
@@ -135,6 +145,9 @@ def test_a_plain_exchange_sets_few_enough_fields_for_inline_values(
 ) -> None:
     """CPython 3.11 keeps at most 29 fields of a class's objects inline (the first objects fix
     which); past that every exchange gets a dict, which slows each of its field accesses."""
+    if compiled.module_modes()["gateway.proxy.exchange"] == "compiled":
+        # (make test's pure-mode pass runs it)
+        pytest.skip("a compiled Exchange is a C struct: it has no fields dict to keep small")
     with Harness(config(instances=INSTANCES[:1])) as h:
         [end] = h.pooled(INSTANCES[0])
         c = h.client()

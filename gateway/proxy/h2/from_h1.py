@@ -484,9 +484,7 @@ class TranslatedStream:
         ex = self.ex
         assert ex is not None
         if not self._primary(ex):  # a hedge: the first try goes on alone
-            owner.on_upstream_failed(
-                self._attempt(), self, f"cannot connect to upstream: {error}"
-            )
+            owner.on_upstream_failed(self._attempt(), self, f"cannot connect to upstream: {error}")
             return
         self.owner = None
         owner._connect_failed(ex, error)
